@@ -1,0 +1,360 @@
+"""The hpcserve command line: up, status, scale, down, render, reconcile.
+
+Each changing command is one reconcile step with a new desired state (reconcile.py); the CLI only
+parses arguments, takes the deployment lock, waits where asked, and prints. Errors are one line
+on stderr with an exit code from hpcserve.errors (2 bad input, 3 Slurm, 4 HAProxy, 5 timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import filelock
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, sbatch
+from . import config as config_mod
+from .config import Deployment
+from .endpoints import Backend, Health, observe
+from .errors import HpcserveError, SlurmError, WaitTimeout
+from .haproxy import config as haproxy_config
+from .haproxy import runtime
+from .haproxy.process import HAProxy
+from .reconcile import Outcome, Reconciler, describe
+from .slurm import CLIScheduler
+from .state import Desired, StateDir
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class Context:
+    """What every command gets: the deployment file's path and how to print."""
+
+    def __init__(self, file: Path, as_json: bool):
+        self.file = file
+        self.as_json = as_json
+        self._deployment: Deployment | None = None
+
+    @property
+    def deployment(self) -> Deployment:
+        if self._deployment is None:
+            self._deployment = config_mod.load(self.file)
+        return self._deployment
+
+    def reconciler(self) -> Reconciler:
+        return Reconciler(self.deployment, CLIScheduler())
+
+    def say(self, line: str) -> None:
+        """Progress and changes go to stderr, so --json output on stdout stays clean."""
+        err.print(line)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path),
+              default="hpcserve.yaml", envvar="HPCSERVE_FILE", show_default=True, show_envvar=True,
+              help="The deployment file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout for scripts.")
+@click.version_option(__version__, prog_name="hpcserve")
+@click.pass_context
+def cli(click_ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Serve LLMs from a Slurm GPU cluster behind one OpenAI-compatible HAProxy endpoint.
+
+    \b
+    Exit codes: 0 done, 1 failure, 2 bad deployment file or arguments,
+    3 Slurm unreachable or refusing, 4 HAProxy failure, 5 a wait timed out.
+    """
+    click_ctx.obj = Context(file, as_json)
+
+
+def _locked(ctx: Context, action: Callable[[], Outcome], timeout: float = 600.0) -> Outcome:
+    state = StateDir(ctx.deployment.state_dir)
+    try:
+        with state.lock(timeout=timeout):
+            outcome = action()
+    except filelock.Timeout:
+        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+    for line in describe(outcome):
+        ctx.say(line)
+    return outcome
+
+
+def _step(ctx: Context, desired: Desired) -> Outcome:
+    reconciler = ctx.reconciler()
+    return _locked(ctx, lambda: reconciler.step(desired))
+
+
+@cli.command()
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until every model has a ready backend.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              help="Seconds to wait for ready backends (queue wait plus model load).")
+@pass_ctx
+def up(ctx: Context, wait: bool, timeout: float) -> None:
+    """Start the pool: submit the jobs, start HAProxy, wait for ready backends.
+
+    Sets the desired replicas of every model to the deployment file's `replicas`. Running it
+    again is harmless: only what is missing is submitted.
+    """
+    deployment = ctx.deployment
+    desired = Desired(up=True, replicas={m.name: m.replicas for m in deployment.models})
+    outcome = _step(ctx, desired)
+    if wait:
+        outcome = _wait_ready(ctx, desired, outcome, timeout)
+    _print_summary(ctx, outcome, f"pool is up: {deployment.url}")
+
+
+@cli.command()
+@click.argument("replicas", type=click.IntRange(min=0, max=1024))
+@click.option("--model", "model_name", help="The model to scale (needed when there are several).")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="Wait until the model has REPLICAS ready backends.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              help="Seconds to wait with --wait.")
+@pass_ctx
+def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeout: float) -> None:
+    """Grow or shrink the pool of one model to REPLICAS backend jobs."""
+    deployment = ctx.deployment
+    if model_name is None:
+        if len(deployment.models) > 1:
+            raise click.UsageError("--model is needed: the deployment has models "
+                                   + ", ".join(m.name for m in deployment.models))
+        model_name = deployment.models[0].name
+    deployment.model(model_name)  # raises ConfigError for an unknown name
+    current = StateDir(deployment.state_dir).read_desired()
+    if not current.up:
+        raise HpcserveError("the deployment is down; start it with `hpcserve up` first")
+    desired = Desired(up=True, replicas={**current.replicas, model_name: replicas})
+    outcome = _step(ctx, desired)
+    if wait:
+        outcome = _wait_ready(ctx, desired, outcome, timeout, model_name=model_name, count=replicas)
+    _print_summary(ctx, outcome, f"{model_name}: {replicas} replica(s) wanted")
+
+
+@cli.command()
+@click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+              help="Seconds to wait for the jobs to end after scancel.")
+@pass_ctx
+def down(ctx: Context, timeout: float) -> None:
+    """Stop the pool: stop HAProxy, cancel every job, wait until they have ended."""
+    current = StateDir(ctx.deployment.state_dir).read_desired()
+    outcome = _step(ctx, Desired(up=False, replicas=current.replicas))
+    deadline = time.monotonic() + timeout
+    scheduler = CLIScheduler()
+    while True:
+        active = [j for j in scheduler.jobs(sbatch.job_name_prefix(ctx.deployment)) if not j.state.ended]
+        if not active:
+            break
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"{len(active)} job(s) still ending after {timeout:g} s: "
+                              + ", ".join(j.job_id for j in active))
+        time.sleep(1)
+    _print_summary(ctx, outcome, "pool is down: no job and no HAProxy left")
+
+
+@cli.command()
+@pass_ctx
+def reconcile(ctx: Context) -> None:
+    """Repair the pool toward its desired state once (what a cron job runs)."""
+    desired = StateDir(ctx.deployment.state_dir).read_desired()
+    outcome = _step(ctx, desired)
+    _print_summary(ctx, outcome, "reconciled" if describe(outcome) else "nothing to change")
+
+
+@cli.command()
+@click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
+@pass_ctx
+def render(ctx: Context, what: str) -> None:
+    """Print the sbatch script(s) and haproxy.cfg that `up` would use, touching nothing."""
+    deployment = ctx.deployment
+    documents: dict[str, str] = {}
+    if what in ("all", "sbatch"):
+        for model in deployment.models:
+            documents[f"sbatch:{model.name}"] = sbatch.render(deployment, model)
+    if what in ("all", "haproxy"):
+        documents["haproxy.cfg"] = haproxy_config.render(deployment, [])
+    if ctx.as_json:
+        click.echo(json.dumps(documents, indent=2))
+        return
+    for title, text in documents.items():
+        if len(documents) > 1:
+            click.echo(f"# ===== {title} =====")
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@pass_ctx
+def status(ctx: Context) -> None:
+    """Show the pool: jobs, endpoints, health, slots, HAProxy sessions. Exit 3 if Slurm is down."""
+    deployment = ctx.deployment
+    state = StateDir(deployment.state_dir)
+    desired = state.read_desired()
+    haproxy = HAProxy(deployment, "")
+    slurm_error = None
+    backends: list[Backend] = []
+    try:
+        key = state.key_file.read_text().strip() if state.key_file.exists() else None
+        backends = observe(deployment, CLIScheduler(), key=key, slots=True)
+    except SlurmError as exc:
+        slurm_error = str(exc)
+    stats = {}
+    if haproxy.running():
+        try:
+            stats = {s.server: s for s in runtime.show_stat(haproxy.paths.admin_socket)}
+        except HpcserveError:
+            pass
+    report = _status_report(deployment, desired, haproxy, backends, stats, slurm_error)
+    if ctx.as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    if slurm_error:
+        sys.exit(SlurmError.exit_code)
+
+
+def _status_report(deployment, desired, haproxy, backends, stats, slurm_error) -> dict:
+    rows = []
+    for b in backends:
+        if b.health is Health.ENDED:
+            continue
+        s = stats.get(f"job{b.job.job_id}")
+        rows.append({
+            "job_id": b.job.job_id, "model": b.model, "state": b.job.state.value, "node": b.job.node,
+            "endpoint": b.endpoint, "health": b.health.value,
+            "slots_busy": b.slots_busy, "slots_total": b.slots_total,
+            "time_left_s": b.job.time_left_s, "reason": b.job.reason,
+            "haproxy_status": s.status if s else None, "sessions": s.sessions if s else None,
+            "queued": s.queued if s else None, "served": s.total if s else None,
+        })
+    models = {}
+    for m in deployment.models:
+        mine = [r for r in rows if r["model"] == m.name]
+        models[m.name] = {"desired": desired.replicas_of(m.name), "jobs": len(mine),
+                          "ready": sum(1 for r in mine if r["health"] == Health.READY.value)}
+    return {"deployment": deployment.name, "url": deployment.url, "up": desired.up,
+            "haproxy": {"running": haproxy.running(), "pid": haproxy.pid()},
+            "models": models, "backends": rows, "slurm_error": slurm_error}
+
+
+def _print_status(report: dict) -> None:
+    h = report["haproxy"]
+    out.print(f"deployment [bold]{report['deployment']}[/]: {'up' if report['up'] else 'down'}, "
+              f"URL {report['url']}, HAProxy {'running (pid %s)' % h['pid'] if h['running'] else 'not running'}")
+    for name, m in report["models"].items():
+        out.print(f"  model {name}: {m['ready']} ready of {m['jobs']} job(s), {m['desired']} wanted")
+    if report["slurm_error"]:
+        err.print(f"[red]Slurm is not answering:[/] {report['slurm_error']}")
+        return
+    if not report["backends"]:
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("JOB", "MODEL", "STATE", "NODE", "ENDPOINT", "HEALTH", "SLOTS", "SESS", "QUEUE",
+                   "SERVED", "TIME LEFT"):
+        table.add_column(column)
+    for r in report["backends"]:
+        slots = f"{r['slots_busy']}/{r['slots_total']}" if r["slots_total"] is not None else "-"
+        table.add_row(r["job_id"], r["model"], r["state"], r["node"] or r["reason"], r["endpoint"] or "-",
+                      r["health"], slots, _dash(r["sessions"]), _dash(r["queued"]), _dash(r["served"]),
+                      _duration(r["time_left_s"]))
+    out.print(table)
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    text = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}-{text}" if days else text
+
+
+def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float,
+                model_name: str | None = None, count: int = 1) -> Outcome:
+    """Step until each wanted model (or `model_name`) has `count` ready backends (1 for up).
+
+    Raises:
+        WaitTimeout: not ready within `timeout` seconds (the jobs stay; the pool keeps coming up).
+        HpcserveError: a job submitted by this command ended before becoming ready.
+    """
+    deployment = ctx.deployment
+    submitted = {job_id for _, job_id in outcome.submitted}
+    wanted = {m.name: (count if model_name else 1) for m in deployment.models
+              if (model_name is None or m.name == model_name) and desired.replicas_of(m.name) > 0}
+    deadline = time.monotonic() + timeout
+    last = ""
+    with err.status("waiting for ready backends", spinner="dots") as spinner:
+        while True:
+            ready = {name: sum(1 for b in outcome.backends if b.model == name and b.health is Health.READY
+                               and b.job.job_id not in {c.job_id for c in outcome.plan.cancel})
+                     for name in wanted}
+            if all(ready[name] >= n for name, n in wanted.items()):
+                return outcome
+            failed = [b for b in outcome.backends if b.job.job_id in submitted and b.health is Health.ENDED]
+            if failed:
+                b = failed[0]
+                log = sbatch.log_dir(deployment) / f"job-{b.job.job_id}.out"
+                raise HpcserveError(f"job {b.job.job_id} ({b.model}) ended {b.job.state.value} before it "
+                                    f"was ready; see {log}")
+            progress = ", ".join(f"{name} {ready[name]}/{n} ready ({_phase(outcome.backends, name)})"
+                                 for name, n in wanted.items())
+            spinner.update(f"waiting: {progress}")
+            if progress != last and not err.is_terminal:
+                ctx.say(f"waiting: {progress}")
+            last = progress
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"no ready backend within {timeout:g} s ({progress}); the jobs stay "
+                                  "queued, see `hpcserve status`")
+            time.sleep(2)
+            outcome = _step(ctx, desired)
+            submitted |= {job_id for _, job_id in outcome.submitted}
+
+
+def _phase(backends: tuple[Backend, ...], model: str) -> str:
+    counts: dict[str, int] = {}
+    for b in backends:
+        if b.model == model and b.health is not Health.ENDED:
+            counts[b.health.value] = counts.get(b.health.value, 0) + 1
+    return ", ".join(f"{n} {h}" for h, n in sorted(counts.items())) or "no job"
+
+
+def _print_summary(ctx: Context, outcome: Outcome, message: str) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps({
+            "message": message, "url": ctx.deployment.url,
+            "submitted": [{"model": m, "job_id": j} for m, j in outcome.submitted],
+            "cancelled": [{"job_id": c.job_id, "model": c.model, "reason": c.reason} for c in outcome.plan.cancel],
+            "servers": [{"name": s.name, "model": s.model, "endpoint": f"{s.address}:{s.port}"}
+                        for s in outcome.plan.servers],
+        }, indent=2))
+    else:
+        out.print(message)
+
+
+def main() -> None:
+    """Console entry point: run the CLI, turning hpcserve errors into one line and an exit code."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("hpcserve: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except HpcserveError as exc:
+        err.print(f"hpcserve: error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("hpcserve: interrupted; the pool is as the last step left it (`hpcserve status`)")
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""HAProxy: the config (config), the process (process) and its sockets (runtime)."""

@@ -1,0 +1,209 @@
+"""Running the deployment's HAProxy: validate, start, reload, stop. Unprivileged, master-worker.
+
+Facts relied on (HAProxy 2.6 management guide and tests on this machine, ../shared/DESIGN.md):
+`haproxy -c -f FILE` validates a config without binding; `-W -D -S SOCK` runs a daemonised master
+whose CLI takes `reload` and `show proc`; a failed reload is silent in 2.6 except for the master's
+"[failed: N]" counter, so every reload is checked there and rolled back; the reload keeps
+in-flight streams on the old worker until they end or hard-stop-after expires; `-c` does not
+catch a port already in use, so that is checked before starting.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import time
+
+import psutil
+
+from .. import proc
+from ..config import Deployment
+from ..errors import CommandError, HAProxyError
+from ..state import write_private
+from . import runtime
+from .config import Paths, paths
+
+KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
+
+
+class HAProxy:
+    """The HAProxy of one deployment.
+
+    Args:
+        deployment: the deployment (bind address, port, binary, state directory).
+        backend_key: the key HAProxy adds to every forwarded request (passed through its
+            environment, never its command line or config file).
+    """
+
+    def __init__(self, deployment: Deployment, backend_key: str):
+        self.deployment = deployment
+        self.paths: Paths = paths(deployment)
+        self._argv0 = shlex.split(deployment.haproxy.command)
+        self._env = {**os.environ, KEY_ENV: backend_key}
+
+    @property
+    def log_file(self):
+        return self.deployment.state_dir / "logs" / "haproxy.log"
+
+    def pid(self) -> int | None:
+        """The master's pid if this deployment's HAProxy runs, else None."""
+        try:
+            pid = int(self.paths.pid_file.read_text().split()[0])
+            process = psutil.Process(pid)
+            if str(self.paths.config) in process.cmdline() and process.status() != psutil.STATUS_ZOMBIE:
+                return pid
+        except (OSError, ValueError, IndexError, psutil.Error):
+            pass
+        return None
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    def live_config(self) -> str | None:
+        """The config HAProxy was last given, or None before the first start."""
+        try:
+            return self.paths.config.read_text()
+        except FileNotFoundError:
+            return None
+
+    def validate(self, text: str) -> None:
+        """Check `text` with `haproxy -c` (in a private temporary file).
+
+        Raises:
+            HAProxyError: HAProxy rejects it; the message carries HAProxy's first alert.
+        """
+        candidate = self.paths.root / "haproxy.cfg.new"
+        write_private(candidate, text)
+        self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
+        try:
+            proc.run([*self._argv0, "-c", "-q", "-f", str(candidate)], env=self._env, timeout=30)
+        except CommandError as exc:
+            alerts = [line for line in (exc.stderr + exc.stdout).splitlines() if "ALERT" in line]
+            raise HAProxyError(f"haproxy rejected the new config, the running one stays: "
+                               f"{(alerts or [str(exc)])[0].strip()}") from None
+        finally:
+            candidate.unlink(missing_ok=True)
+
+    def apply(self, text: str) -> bool:
+        """Make `text` the running config: validate it, then start HAProxy or reload it.
+
+        Returns:
+            True when something changed (a start or a reload), False when `text` is what runs.
+        Raises:
+            HAProxyError: validation, start or reload failed; the previous config is back in
+                place (and running, if it was).
+        """
+        running = self.running()
+        if running and text == self.live_config():
+            return False
+        self.validate(text)
+        previous = self.live_config()
+        write_private(self.paths.config, text)
+        try:
+            self.reload() if running else self.start()
+        except HAProxyError:
+            if previous is None:
+                self.paths.config.unlink(missing_ok=True)
+            else:
+                write_private(self.paths.config, previous)
+                if running:
+                    self._try_reload()
+            raise
+        return True
+
+    def start(self) -> None:
+        """Start the master (daemonised) with the config file in place.
+
+        Raises:
+            HAProxyError: the frontend port is in use, or haproxy failed to start.
+        """
+        bind, port = self.deployment.haproxy.bind, self.deployment.haproxy.port
+        check_port_free(bind, port)
+        self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
+        argv = [*self._argv0, "-W", "-D", "-S", f"{self.paths.master_socket},mode,600",
+                "-p", str(self.paths.pid_file), "-f", str(self.paths.config)]
+        try:
+            proc.run(argv, env=self._env, timeout=30, output=self.log_file)
+        except CommandError as exc:
+            alerts = [line for line in exc.stderr.splitlines() if "ALERT" in line]
+            raise HAProxyError(f"haproxy did not start: {(alerts or [str(exc)])[-1].strip()} "
+                               f"(see {self.log_file})") from None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.running() and self.paths.master_socket.exists():
+                return
+            time.sleep(0.1)
+        raise HAProxyError(f"haproxy started but its master is not answering (see {self.log_file})")
+
+    def reload(self, timeout: float = 15.0) -> None:
+        """Reload the running master with the config file, and check that the reload took.
+
+        Server states are saved first (server-state-file), so drain and maint survive it.
+
+        Raises:
+            HAProxyError: the master reported a failed reload, or none happened within `timeout` s.
+        """
+        before = runtime.show_proc(self.paths.master_socket)
+        self.save_server_state()
+        runtime.command(self.paths.master_socket, "reload")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                now = runtime.show_proc(self.paths.master_socket)
+            except HAProxyError:
+                continue  # the master re-executes itself: its socket is briefly away
+            if now.failed_reloads > before.failed_reloads:
+                raise HAProxyError(f"haproxy reload failed, the previous config stays (see {self.log_file})")
+            if now.reloads > before.reloads and now.workers >= 1:
+                return
+        raise HAProxyError(f"haproxy did not reload within {timeout:g} s (see {self.log_file})")
+
+    def _try_reload(self) -> None:
+        try:
+            self.reload()
+        except HAProxyError:
+            pass  # the old worker still serves the old config; the caller reports the first error
+
+    def save_server_state(self) -> None:
+        """Write the current worker's server states to the server-state-file (best effort)."""
+        try:
+            state = runtime.command(self.paths.admin_socket, "show servers state")
+        except HAProxyError:
+            return
+        if state.startswith("1\n"):
+            write_private(self.paths.server_state_file, state)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop HAProxy: soft stop (finish what is in flight), then terminate after `timeout` s."""
+        pid = self.pid()
+        if pid is None:
+            return
+        master = psutil.Process(pid)
+        family = [master, *master.children(recursive=True)]
+        master.send_signal(signal.SIGUSR1)
+        _, alive = psutil.wait_procs(family, timeout=timeout)
+        for process in alive:
+            process.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=5)
+        for process in alive:
+            process.kill()
+        for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket):
+            path.unlink(missing_ok=True)
+
+
+def check_port_free(bind: str, port: int) -> None:
+    """Raise HAProxyError if something already listens on `bind`:`port`.
+
+    SO_REUSEADDR is set so that connections in TIME_WAIT do not count; a listener does.
+    """
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind if bind not in ("*", "") else "0.0.0.0", port))
+        except OSError as exc:
+            raise HAProxyError(f"haproxy.port: {bind}:{port} is not available ({exc.strerror}); "
+                               "choose another port in the deployment file") from None

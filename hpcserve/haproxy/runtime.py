@@ -1,0 +1,105 @@
+"""HAProxy's runtime API and master CLI over their UNIX sockets.
+
+Source: HAProxy 2.6 management guide, sections 9.3 (runtime API: "show stat", "show servers
+state") and 9.4 (master CLI: "show proc", "reload"). A command is one line; the answer ends when
+HAProxy closes the connection after we close our side.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import re
+import socket
+from pathlib import Path
+
+from ..errors import HAProxyError
+
+
+def command(socket_path: Path, line: str, timeout: float = 5.0) -> str:
+    """Send one command to an HAProxy socket and return its whole answer.
+
+    Raises:
+        HAProxyError: the socket is missing, refuses, or does not answer within `timeout` seconds.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(socket_path))
+            sock.sendall(line.encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError as exc:
+        raise HAProxyError(f"HAProxy socket {socket_path}: {exc.strerror or exc}") from None
+    return b"".join(chunks).decode(errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStats:
+    """One server's counters from `show stat`.
+
+    Attributes:
+        backend, server: names in haproxy.cfg.
+        status: "UP", "DOWN", "DRAIN", "MAINT", "no check", ...
+        sessions: current sessions (scur): requests being served now.
+        queued: requests waiting in this server's queue (qcur).
+        total: sessions served since the worker started (stot).
+    """
+
+    backend: str
+    server: str
+    status: str
+    sessions: int
+    queued: int
+    total: int
+
+
+def show_stat(socket_path: Path) -> list[ServerStats]:
+    """Per-server counters of the current worker (servers only, not frontends or backend totals).
+
+    Raises:
+        HAProxyError: the runtime API did not answer.
+    """
+    text = command(socket_path, "show stat").lstrip("# ")
+    rows = csv.DictReader(io.StringIO(text))
+    stats = []
+    for row in rows:
+        if row.get("svname") in (None, "FRONTEND", "BACKEND"):
+            continue
+        stats.append(ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
+                                 sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),
+                                 total=_int(row.get("stot"))))
+    return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    """The master's view (`show proc`): its reload count, failed reloads, and live workers."""
+
+    reloads: int
+    failed_reloads: int
+    workers: int
+
+
+def show_proc(master_socket: Path) -> ProcInfo:
+    """Parse the master CLI's `show proc`.
+
+    Raises:
+        HAProxyError: the master did not answer or printed no master line.
+    """
+    text = command(master_socket, "show proc")
+    master = re.search(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", text, re.MULTILINE)
+    if not master:
+        raise HAProxyError(f"unexpected answer to 'show proc': {text[:200]!r}")
+    workers = len(re.findall(r"^\d+\s+worker\s", text, re.MULTILINE))
+    return ProcInfo(reloads=int(master.group(1)), failed_reloads=int(master.group(2)), workers=workers)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0

@@ -1,0 +1,55 @@
+"""The one helper that runs outside commands (Slurm CLI, haproxy): argv lists, never a shell."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import CommandError
+
+
+def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
+        env: Mapping[str, str] | None = None, check: bool = True,
+        output: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `argv` and return its result, text mode.
+
+    Args:
+        argv: the command and its arguments; no shell is involved, so nothing needs quoting.
+        input: text written to its stdin, or None for no stdin.
+        timeout: seconds before it is killed.
+        env: the full environment for the command, or None to inherit ours.
+        check: raise on a non-zero exit status (stderr alone is never taken as failure).
+        output: append stdout and stderr to this file instead of capturing them. Needed for a
+            command that leaves a daemon behind (haproxy -D): the daemon would hold our pipes open.
+            The error's stderr is then the file's last lines.
+
+    Raises:
+        CommandError: it could not be started, timed out, or (with check) exited non-zero; the
+            error carries argv, returncode, stdout and stderr.
+    """
+    try:
+        if output is None:
+            result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                                    env=dict(env) if env is not None else None,
+                                    stdin=None if input is not None else subprocess.DEVNULL)
+        else:
+            with open(output, "a") as sink:
+                result = subprocess.run(argv, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, text=True,
+                                        timeout=timeout, env=dict(env) if env is not None else None)
+            result.stderr = "\n".join(output.read_text(errors="replace").splitlines()[-20:])
+            result.stdout = ""
+    except FileNotFoundError as exc:
+        raise CommandError(argv, None, "", "", why=f"not found ({exc.filename})") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(argv, None, _text(exc.stdout), _text(exc.stderr),
+                           why=f"no answer within {timeout:g} s") from exc
+    if check and result.returncode != 0:
+        raise CommandError(argv, result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")

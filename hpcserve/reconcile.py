@@ -1,0 +1,113 @@
+"""One reconcile step: observe the pool, plan, apply. The only place that changes anything.
+
+Order of the apply, chosen so that a failure at any point loses nothing:
+1. observe (squeue, /health). If Slurm does not answer, stop here: nothing was changed, and the
+   HAProxy membership stays as it is (a failure of squeue never empties the pool);
+2. persist the desired state (the intent survives a crash from here on);
+3. HAProxy: validate the new config, then start or reload; on failure the old config keeps running
+   and no job is touched;
+4. cancel surplus jobs, which HAProxy no longer routes to;
+5. submit missing jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from . import sbatch
+from .config import Deployment
+from .endpoints import Backend, observe
+from .haproxy import config as haproxy_config
+from .haproxy.process import HAProxy
+from .plan import Plan, plan
+from .slurm import Scheduler
+from .state import Desired, StateDir, write_private
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a step saw and did.
+
+    Attributes:
+        backends: the observed backends (before the step's own changes).
+        plan: the plan it applied.
+        submitted: (model, job id) of each job it submitted.
+        haproxy_changed: HAProxy was started, reloaded or stopped.
+    """
+
+    backends: tuple[Backend, ...]
+    plan: Plan
+    submitted: tuple[tuple[str, str], ...]
+    haproxy_changed: bool
+
+
+class Reconciler:
+    """Applies desired state to one deployment.
+
+    Args:
+        deployment: the validated deployment file.
+        scheduler: the Slurm adapter.
+    """
+
+    def __init__(self, deployment: Deployment, scheduler: Scheduler):
+        self.deployment = deployment
+        self.scheduler = scheduler
+        self.state = StateDir(deployment.state_dir)
+
+    @property
+    def _membership_file(self):
+        return self.state.root / "servers.json"
+
+    def in_rotation(self) -> frozenset[str]:
+        """Job ids of the servers written into the live HAProxy config by the last step."""
+        try:
+            return frozenset(json.loads(self._membership_file.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return frozenset()
+
+    def haproxy(self) -> HAProxy:
+        return HAProxy(self.deployment, self.state.backend_key())
+
+    def step(self, desired: Desired) -> Outcome:
+        """Observe, plan and apply once toward `desired` (see the module docstring for the order).
+
+        Raises:
+            SlurmError: Slurm did not answer; nothing was changed.
+            HAProxyError: the new HAProxy config was refused; no job was touched.
+            ConfigError: the state directory cannot be created.
+        """
+        self.state.ensure()
+        key = self.state.backend_key()
+        backends = observe(self.deployment, self.scheduler, key=key)
+        the_plan = plan(self.deployment, desired, backends, self.in_rotation())
+        self.state.write_desired(desired)
+
+        haproxy = HAProxy(self.deployment, key)
+        changed = False
+        if the_plan.haproxy_running:
+            changed = haproxy.apply(haproxy_config.render(self.deployment, list(the_plan.servers)))
+            write_private(self._membership_file, json.dumps(sorted(s.job_id for s in the_plan.servers)) + "\n")
+        elif haproxy.running():
+            haproxy.stop()
+            self._membership_file.unlink(missing_ok=True)
+            changed = True
+
+        self.scheduler.cancel([c.job_id for c in the_plan.cancel])
+        submitted = []
+        for model_name in the_plan.submit:
+            script = sbatch.render(self.deployment, self.deployment.model(model_name))
+            write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", script)
+            submitted.append((model_name, self.scheduler.submit(script)))
+        return Outcome(tuple(backends), the_plan, tuple(submitted), changed)
+
+
+def describe(outcome: Outcome) -> list[str]:
+    """One human line per change the step made (empty when it changed nothing)."""
+    lines = [f"submitted job {job_id} for model {model}" for model, job_id in outcome.submitted]
+    lines += [f"cancelled job {c.job_id} ({c.reason})" for c in outcome.plan.cancel]
+    if outcome.haproxy_changed:
+        lines.append(f"HAProxy now routes to {len(outcome.plan.servers)} server(s)"
+                     if outcome.plan.haproxy_running else "HAProxy stopped")
+    return lines
+

@@ -1,0 +1,126 @@
+"""The deployment's state directory: desired state, backend key, lock. Private to its owner.
+
+Everything hpcserve must remember between commands lives here (Slurm holds the rest), so a crashed
+command loses nothing: files are replaced atomically (write to a temporary file, fsync, rename) and
+created 0600 inside a 0700 directory, because the backend key and HAProxy's sockets are secrets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+import filelock
+
+from .errors import ConfigError, HpcserveError
+
+
+@dataclasses.dataclass(frozen=True)
+class Desired:
+    """What the user asked for.
+
+    Attributes:
+        up: the deployment should serve (False after `down`).
+        replicas: model name -> number of backend jobs wanted.
+    """
+
+    up: bool = False
+    replicas: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def replicas_of(self, model: str) -> int:
+        """Jobs wanted for `model`: 0 when the deployment is down or the model unknown."""
+        return self.replicas.get(model, 0) if self.up else 0
+
+
+class StateDir:
+    """The files of one deployment under `root` (no I/O until a method is called)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @property
+    def desired_file(self) -> Path:
+        return self.root / "desired.json"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "backend.key"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "lock"
+
+    def ensure(self) -> None:
+        """Create the directory (0700) and its logs/ and sbatch/ folders.
+
+        Raises:
+            ConfigError: it cannot be created (the message names state_dir).
+        """
+        try:
+            for path in (self.root, self.root / "logs", self.root / "sbatch"):
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"state_dir: cannot create {self.root} ({exc.strerror})") from None
+
+    def lock(self, timeout: float = 600.0) -> filelock.FileLock:
+        """An exclusive lock on the deployment: one command changes it at a time.
+
+        Use as a context manager; it raises filelock.Timeout after `timeout` seconds.
+        """
+        self.ensure()
+        return filelock.FileLock(str(self.lock_file), timeout=timeout, mode=0o600)
+
+    def read_desired(self) -> Desired:
+        """The desired state, or Desired() (down, no replicas) when none was written yet.
+
+        Raises:
+            HpcserveError: the file exists but is not what hpcserve writes.
+        """
+        try:
+            data = json.loads(self.desired_file.read_text())
+            return Desired(up=bool(data["up"]), replicas={str(k): int(v) for k, v in data["replicas"].items()})
+        except FileNotFoundError:
+            return Desired()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HpcserveError(f"{self.desired_file}: unreadable desired state ({exc}); "
+                                "fix or remove it and run the command again") from None
+
+    def write_desired(self, desired: Desired) -> None:
+        """Replace the desired state atomically."""
+        write_private(self.desired_file, json.dumps(dataclasses.asdict(desired), indent=2, sort_keys=True) + "\n")
+
+    def backend_key(self) -> str:
+        """The deployment's backend key, created (random, 256 bits, 0600) on first use."""
+        self.ensure()
+        try:
+            return self.key_file.read_text().strip()
+        except FileNotFoundError:
+            pass
+        key = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another command created it first: use theirs
+            return self.key_file.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically with mode 0600 (temporary file in the same folder, rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

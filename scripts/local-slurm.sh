@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# A real Slurm cluster of several GPU nodes on this one host, for trying hpcserve without a cluster
+# and for its tests.
+#
+#   scripts/local-slurm.sh install   # Debian packages: slurm-wlm, munge (needs root)
+#   scripts/local-slurm.sh start     # munge, slurmctld, one slurmd per node; waits until nodes are idle
+#   scripts/local-slurm.sh stop      # stops every daemon it started
+#   scripts/local-slurm.sh status    # sinfo
+#   scripts/local-slurm.sh env       # prints the export line that points clients at it
+#
+# How it works (verified on Debian bookworm, Slurm 22.05): several `slurmd -N NAME` daemons share the
+# host through NodeHostname=localhost and one port each; GPUs are gres backed by empty files, so
+# Slurm schedules them but sets no CUDA_VISIBLE_DEVICES. Settings: HPCSERVE_SLURM_DIR (where the
+# config, logs and spool live, default /tmp/hpcserve-slurm), HPCSERVE_SLURM_NODES (default 4).
+set -euo pipefail
+
+dir="${HPCSERVE_SLURM_DIR:-/tmp/hpcserve-slurm}"
+nodes="${HPCSERVE_SLURM_NODES:-4}"
+conf="$dir/slurm.conf"
+
+log() { printf 'local-slurm: %s\n' "$*" >&2; }
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        log "this needs root (it installs packages or runs slurmd); run it with sudo"
+        exit 1
+    fi
+}
+
+install() {
+    need_root
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
+        log "slurm-wlm and munge are installed"
+        return
+    fi
+    log "installing slurm-wlm and munge (Debian packages)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+}
+
+write_config() {
+    mkdir -p "$dir/spool/ctld" "$dir/log" "$dir/gpus"
+    for i in $(seq 1 "$nodes"); do mkdir -p "$dir/spool/gpu$i"; done
+    for g in 0 1 2 3 4 5 6 7; do : >"$dir/gpus/nvidia$g"; done
+    local last_port=$((17000 + nodes))
+    cat >"$conf" <<EOF
+# Written by hpcserve scripts/local-slurm.sh: $nodes GPU nodes on one host.
+ClusterName=hpcserve-local
+SlurmctldHost=localhost
+SlurmctldPort=16817
+SlurmdPort=17001
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=$dir/spool/ctld
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+MinJobAge=120
+KillWait=10
+GresTypes=gpu
+NodeName=gpu[1-$nodes] NodeHostname=localhost Port=[17001-$last_port] CPUs=16 RealMemory=64000 Gres=gpu:a100:8 State=UNKNOWN
+PartitionName=gpu Nodes=gpu[1-$nodes] Default=YES MaxTime=INFINITE State=UP
+EOF
+    cat >"$dir/gres.conf" <<EOF
+NodeName=gpu[1-$nodes] Name=gpu Type=a100 File=$dir/gpus/nvidia[0-7]
+EOF
+}
+
+start() {
+    need_root
+    install
+    write_config
+    export SLURM_CONF="$conf"
+    if ! pgrep -x munged >/dev/null; then
+        log "starting munge"
+        service munge start >/dev/null 2>&1 || { mkdir -p /run/munge && chown munge: /run/munge 2>/dev/null; runuser -u munge -- munged; }
+    fi
+    if ! pgrep -f "slurmctld -f $conf" >/dev/null; then
+        log "starting slurmctld"
+        slurmctld -f "$conf"
+    fi
+    for i in $(seq 1 "$nodes"); do
+        if ! pgrep -f "slurmd -f $conf -N gpu$i\$" >/dev/null; then
+            slurmd -f "$conf" -N "gpu$i"
+        fi
+    done
+    log "waiting for $nodes idle nodes"
+    for _ in $(seq 1 60); do
+        local idle
+        idle=$(sinfo --noheader -N -t idle,mixed,allocated -o '%N' 2>/dev/null | sort -u | wc -l || true)
+        if [ "$idle" -ge "$nodes" ]; then
+            log "ready: $nodes nodes gpu[1-$nodes], 8 a100 gres each; export SLURM_CONF=$conf"
+            return
+        fi
+        sleep 1
+    done
+    log "nodes did not come up; see $dir/log"
+    sinfo >&2 || true
+    exit 1
+}
+
+stop() {
+    export SLURM_CONF="$conf"
+    pkill -f "slurmd -f $conf" 2>/dev/null || true
+    pkill -f "slurmctld -f $conf" 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        pgrep -f "slurm(ctld|d) -f $conf" >/dev/null || { log "stopped"; return; }
+        sleep 0.5
+    done
+    pkill -9 -f "slurm(ctld|d) -f $conf" 2>/dev/null || true
+    log "stopped (killed)"
+}
+
+case "${1:-}" in
+    install) install ;;
+    start) start ;;
+    stop) stop ;;
+    status) SLURM_CONF="$conf" sinfo ;;
+    env) printf 'export SLURM_CONF=%q\n' "$conf" ;;
+    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

