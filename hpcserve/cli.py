@@ -8,6 +8,7 @@ on stderr with an exit code from hpcserve.errors (2 bad input, 3 Slurm, 4 HAProx
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,8 +31,9 @@ from .reconcile import Outcome, Reconciler, describe
 from .slurm import CLIScheduler
 from .state import Desired, StateDir
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
+# Piped into a file or another program, rich would cut the table at 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 class Context:
@@ -344,17 +346,19 @@ def _print_summary(ctx: Context, outcome: Outcome, message: str) -> None:
 
 def main() -> None:
     """Console entry point: run the CLI, turning hpcserve errors into one line and an exit code."""
+    # Files hpcserve creates (and, through sbatch's umask propagation, the jobs' logs) are private.
+    os.umask(0o077)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        err.print("hpcserve: aborted")
+        click.echo("hpcserve: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except HpcserveError as exc:
-        err.print(f"hpcserve: error: {exc}", markup=False)
+        click.echo(f"hpcserve: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("hpcserve: interrupted; the pool is as the last step left it (`hpcserve status`)")
+        click.echo("hpcserve: interrupted; the pool is as the last step left it (`hpcserve status`)", err=True)
         sys.exit(130)

@@ -196,8 +196,12 @@ def load(path: str | os.PathLike[str]) -> Deployment:
     return parse(raw, base=path.resolve().parent, source=str(path))
 
 
-def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment") -> Deployment:
-    """Validate a deployment given as a dict (see `load`); `base` resolves relative paths."""
+def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment",
+          check_files: bool = True) -> Deployment:
+    """Validate a deployment given as a dict (see `load`); `base` resolves relative paths.
+
+    `check_files=False` skips the existence checks, for rendering a site's example elsewhere.
+    """
     data = dict(raw)
     if "state_dir" not in data and isinstance(data.get("name"), str):
         data["state_dir"] = str(default_state_dir(data["name"]))
@@ -206,7 +210,8 @@ def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment") -> Dep
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     deployment = _absolute(deployment, base)
-    _check_files(deployment, source)
+    if check_files:
+        _check_files(deployment, source)
     return deployment
 
 

@@ -3,11 +3,12 @@
 Order of the apply, chosen so that a failure at any point loses nothing:
 1. observe (squeue, /health). If Slurm does not answer, stop here: nothing was changed, and the
    HAProxy membership stays as it is (a failure of squeue never empties the pool);
-2. persist the desired state (the intent survives a crash from here on);
-3. HAProxy: validate the new config, then start or reload; on failure the old config keeps running
+2. HAProxy: validate the new config, then start or reload; on failure the old config keeps running
    and no job is touched;
-4. cancel surplus jobs, which HAProxy no longer routes to;
-5. submit missing jobs.
+3. cancel surplus jobs, which HAProxy no longer routes to;
+4. submit missing jobs;
+5. persist the desired state, only now: a command that failed leaves the state files as they were,
+   and the next step converges toward the desired state that was last applied in full.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class Reconciler:
         key = self.state.backend_key()
         backends = observe(self.deployment, self.scheduler, key=key)
         the_plan = plan(self.deployment, desired, backends, self.in_rotation())
-        self.state.write_desired(desired)
 
         haproxy = HAProxy(self.deployment, key)
         changed = False
@@ -99,6 +99,7 @@ class Reconciler:
             script = sbatch.render(self.deployment, self.deployment.model(model_name))
             write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", script)
             submitted.append((model_name, self.scheduler.submit(script)))
+        self.state.write_desired(desired)
         return Outcome(tuple(backends), the_plan, tuple(submitted), changed)
 
 

@@ -5,6 +5,7 @@
 #   scripts/local-slurm.sh install   # Debian packages: slurm-wlm, munge (needs root)
 #   scripts/local-slurm.sh start     # munge, slurmctld, one slurmd per node; waits until nodes are idle
 #   scripts/local-slurm.sh stop      # stops every daemon it started
+#   scripts/local-slurm.sh stop-controller  # stops slurmctld only (jobs keep running); `start` brings it back
 #   scripts/local-slurm.sh status    # sinfo
 #   scripts/local-slurm.sh env       # prints the export line that points clients at it
 #
@@ -125,11 +126,21 @@ stop() {
     log "stopped (killed)"
 }
 
+stop_controller() {
+    pkill -f "slurmctld -f $conf" 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        pgrep -f "slurmctld -f $conf" >/dev/null || { log "slurmctld stopped"; return; }
+        sleep 0.5
+    done
+    pkill -9 -f "slurmctld -f $conf" 2>/dev/null || true
+}
+
 case "${1:-}" in
     install) install ;;
+    stop-controller) stop_controller ;;
     start) start ;;
     stop) stop ;;
     status) SLURM_CONF="$conf" sinfo ;;
     env) printf 'export SLURM_CONF=%q\n' "$conf" ;;
-    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -78,7 +78,7 @@ class HAProxy:
         write_private(candidate, text)
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
         try:
-            proc.run([*self._argv0, "-c", "-q", "-f", str(candidate)], env=self._env, timeout=30)
+            proc.run([*self._argv0, "-c", "-f", str(candidate)], env=self._env, timeout=30)
         except CommandError as exc:
             alerts = [line for line in (exc.stderr + exc.stdout).splitlines() if "ALERT" in line]
             raise HAProxyError(f"haproxy rejected the new config, the running one stays: "

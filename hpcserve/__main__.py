@@ -1,0 +1,5 @@
+"""`python -m hpcserve` is the hpcserve command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# From a fresh Debian machine to a served, load-balanced llama.cpp pool in one command:
+# installs everything (scripts/setup.sh), starts a 4-node GPU Slurm cluster on this host, runs
+# `hpcserve up` with examples/local.yaml (2 llama-server jobs with the real gemma3-270m model behind
+# HAProxy on 127.0.0.1:8000), sends one chat completion through HAProxy, and shows the pool.
+# The pool keeps running; stop it with: .venv/bin/hpcserve -f examples/local.yaml down
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+scripts/local-slurm.sh start
+eval "$(scripts/local-slurm.sh env)"
+hpcserve=(.venv/bin/hpcserve -f examples/local.yaml)
+"${hpcserve[@]}" up
+url="$("${hpcserve[@]}" --json status | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["url"])')"
+echo "POST $url/chat/completions"
+curl -sS --fail-with-body "$url/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "gemma3-270m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}'
+echo
+"${hpcserve[@]}" status
+cat <<MSG
+
+The pool is up: point any OpenAI client at $url (export $(scripts/local-slurm.sh env | cut -d' ' -f2) first
+to use hpcserve by hand). Stop everything with:
+    .venv/bin/hpcserve -f examples/local.yaml down && scripts/local-slurm.sh stop
+MSG

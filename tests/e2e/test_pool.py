@@ -1,0 +1,239 @@
+"""End to end on real parts: the hpcserve CLI, the local Slurm cluster, llama-server with the real
+model, HAProxy, and the openai client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import LLAMA_SERVER, ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pool:
+    """A deployment in a temporary folder, driven through the real `hpcserve` command."""
+
+    def __init__(self, tmp_path: Path, model: Path, env: dict[str, str], replicas: int = 2):
+        self.name = f"e2e-{uuid.uuid4().hex[:6]}"
+        self.model_name = f"gemma-{self.name}"
+        self.dir = tmp_path
+        self.env = env
+        self.raw = {
+            "name": self.name,
+            "state_dir": str(tmp_path / "state"),
+            "models": [{"name": self.model_name, "gguf": str(model), "command": str(LLAMA_SERVER),
+                        "replicas": replicas, "context_size": 1024, "parallel": 2, "cpus": 1,
+                        "memory": "1G", "gpus": {"type": "a100", "count": 1}}],
+            "slurm": {"partition": "gpu", "time_limit": "00:30:00"},
+            "haproxy": {"port": free_port(), "check_interval": 1},
+        }
+        self.file = self.write(self.raw)
+
+    def write(self, raw: dict, name: str = "hpcserve.yaml") -> Path:
+        path = self.dir / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    def run(self, *args: str, file: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(file or self.file), *args],
+                              capture_output=True, text=True, env=env or self.env, timeout=timeout)
+
+    def ok(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        result = self.run(*args, **kwargs)
+        assert result.returncode == 0, f"hpcserve {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def status(self) -> dict:
+        return json.loads(self.ok("--json", "status").stdout)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.raw['haproxy']['port']}/v1",
+                             api_key="unused", max_retries=0, timeout=120)
+
+    def active_jobs(self) -> list[str]:
+        out = subprocess.run(["squeue", "--me", "--noheader", "-o", "%i %j %T"], capture_output=True,
+                             text=True, env=self.env, check=True).stdout
+        return [line.split()[0] for line in out.splitlines()
+                if f"hpcserve:{self.name}:" in line and line.split()[2] in ("PENDING", "RUNNING", "CONFIGURING")]
+
+    def haproxy_processes(self) -> list[psutil.Process]:
+        config = str(self.dir / "state" / "haproxy.cfg")
+        return [p for p in psutil.process_iter(["cmdline"]) if config in (p.info["cmdline"] or [])]
+
+    def llama_processes(self) -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if self.model_name in (p.info["cmdline"] or [])]
+
+    def cleanup(self) -> None:
+        self.run("down", "--timeout", "60")
+
+
+@pytest.fixture
+def pool_factory(tmp_path, real_model, slurm_env, haproxy_bin):
+    pools = []
+
+    def make(replicas: int = 2, subdir: str = "a") -> Pool:
+        folder = tmp_path / subdir
+        folder.mkdir()
+        pool = Pool(folder, real_model, slurm_env, replicas)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.cleanup()
+
+
+def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: int = 16):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    if not stream:
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                 stream=True))
+    return chunks
+
+
+def test_up_chat_scale_down(pool_factory):
+    pool = pool_factory(replicas=2)
+    up = pool.ok("up", "--timeout", "240")
+    assert f"pool is up: http://127.0.0.1:{pool.raw['haproxy']['port']}/v1" in up.stdout
+
+    status = pool.status()
+    assert status["models"][pool.model_name] == {"desired": 2, "jobs": 2, "ready": 2} or \
+        status["models"][pool.model_name]["jobs"] == 2
+    client = pool.client()
+
+    reply = chat(client, pool.model_name)
+    assert reply.model == pool.model_name and reply.usage.completion_tokens > 0
+    chunks = chat(client, pool.model_name, stream=True)
+    assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    # Wait until HAProxy routes to both, then load both: leastconn with maxconn 2 spreads the work.
+    deadline = time.monotonic() + 60
+    while len([b for b in pool.status()["backends"] if b["haproxy_status"] == "UP"]) < 2:
+        assert time.monotonic() < deadline, pool.status()
+        time.sleep(1)
+    with ThreadPoolExecutor(8) as executor:
+        replies = list(executor.map(lambda _: chat(client, pool.model_name, max_tokens=24), range(8)))
+    assert all(r.usage.completion_tokens > 0 for r in replies)
+    served = {b["job_id"]: b["served"] for b in pool.status()["backends"]}
+    assert len(served) == 2 and all(n and n > 0 for n in served.values()), served
+
+    # Scale to 1: one job leaves rotation and is cancelled; requests still succeed.
+    pool.ok("scale", "1")
+    status = pool.status()
+    assert status["models"][pool.model_name]["desired"] == 1 and len(pool.active_jobs()) == 1
+    assert chat(client, pool.model_name).usage.completion_tokens > 0
+
+    pool.ok("scale", "2", "--wait", "--timeout", "240")
+    status = pool.status()
+    assert status["models"][pool.model_name]["ready"] == 2 and len(pool.active_jobs()) == 2
+
+    # Repeating a command is harmless: nothing new is submitted.
+    again = pool.ok("--json", "up", "--timeout", "60")
+    assert json.loads(again.stdout)["submitted"] == []
+    assert len(pool.active_jobs()) == 2
+
+    down = pool.ok("down", "--timeout", "60")
+    assert "pool is down" in down.stdout
+    assert pool.active_jobs() == []
+    assert pool.haproxy_processes() == []
+    deadline = time.monotonic() + 30
+    while pool.llama_processes():
+        assert time.monotonic() < deadline, "llama-server left running after down"
+        time.sleep(0.5)
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a failed command: its last stderr line, and no traceback anywhere."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("hpcserve: error: "), result.stderr
+    return lines[-1]
+
+
+def test_failures_leave_jobs_and_haproxy_untouched(pool_factory, tmp_path):
+    pool = pool_factory(replicas=1)
+    pool.ok("up", "--timeout", "240")
+    jobs = pool.active_jobs()
+    config = (pool.dir / "state" / "haproxy.cfg").read_text()
+    desired = (pool.dir / "state" / "desired.json").read_text()
+    haproxy_pid = pool.status()["haproxy"]["pid"]
+    client = pool.client()
+
+    def untouched():
+        assert pool.active_jobs() == jobs
+        assert (pool.dir / "state" / "haproxy.cfg").read_text() == config
+        assert (pool.dir / "state" / "desired.json").read_text() == desired
+        assert [p.pid for p in pool.haproxy_processes() if p.pid == haproxy_pid] == [haproxy_pid]
+        assert chat(client, pool.model_name).usage.completion_tokens > 0
+
+    # A bad deployment file: exit 2, one line naming the field.
+    broken = pool.write({**pool.raw, "colour": "blue"}, "broken.yaml")
+    result = pool.run("scale", "3", file=broken)
+    assert result.returncode == 2 and "colour: unknown key" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    untouched()
+
+    # A missing model file: exit 2 before anything is submitted.
+    missing = pool.write({**pool.raw, "models": [{**pool.raw["models"][0], "gguf": str(tmp_path / "gone.gguf")}]},
+                         "missing.yaml")
+    result = pool.run("up", file=missing)
+    assert result.returncode == 2 and "models[0].gguf: expected an existing GGUF file" in result.stderr
+    untouched()
+
+    # A config HAProxy refuses (a broken site template): exit 4, the running config stays.
+    site = pool.dir / "site-templates"
+    site.mkdir()
+    (site / "haproxy.cfg.j2").write_text("global\n    no-such-keyword\n")
+    refused = pool.write({**pool.raw, "templates_dir": str(site)}, "refused.yaml")
+    result = pool.run("scale", "2", file=refused)
+    assert result.returncode == 4 and "haproxy rejected the new config" in error_line(result)
+    untouched()
+
+    # The frontend port taken: a second deployment on the same port fails with exit 4 and submits nothing.
+    other = pool_factory(replicas=1, subdir="b")
+    other.raw["haproxy"]["port"] = pool.raw["haproxy"]["port"]
+    other.file = other.write(other.raw)
+    result = other.run("up", "--timeout", "30")
+    assert result.returncode == 4 and "is not available" in error_line(result)
+    assert other.active_jobs() == []
+    untouched()
+
+    # slurmctld stopped: commands fail with exit 3 and change nothing; serving goes on.
+    script = ROOT / "scripts" / "local-slurm.sh"
+    subprocess.run([str(script), "stop-controller"], check=True, capture_output=True)
+    try:
+        result = pool.run("scale", "2", timeout=120)
+        assert result.returncode == 3 and "squeue" in error_line(result)
+        assert chat(client, pool.model_name).usage.completion_tokens > 0
+        result = pool.run("--json", "status", timeout=120)
+        assert result.returncode == 3
+        report = json.loads(result.stdout)
+        assert report["slurm_error"] and report["haproxy"]["pid"] == haproxy_pid
+        assert (pool.dir / "state" / "haproxy.cfg").read_text() == config
+    finally:
+        subprocess.run([str(script), "start"], check=True, capture_output=True)
+    untouched()

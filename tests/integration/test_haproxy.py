@@ -1,0 +1,104 @@
+"""The deployment's HAProxy with the real haproxy binary: validate, start, reload, roll back, stop."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import psutil
+import pytest
+
+from hpcserve import config
+from hpcserve.errors import HAProxyError
+from hpcserve.haproxy import config as haproxy_config
+from hpcserve.haproxy import runtime
+from hpcserve.haproxy.config import Server
+from hpcserve.haproxy.process import HAProxy
+from tests.conftest import minimal
+
+pytestmark = pytest.mark.haproxy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def proxy(haproxy_bin, gguf, tmp_path):
+    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port()}), base=tmp_path)
+    d.state_dir.mkdir(mode=0o700)
+    (d.state_dir / "logs").mkdir()
+    h = HAProxy(d, "test-key")
+    yield h
+    h.stop(timeout=5)
+
+
+def test_start_reload_stop(proxy):
+    d = proxy.deployment
+    assert proxy.apply(haproxy_config.render(d, []))
+    assert proxy.running()
+    response = httpx.get(f"http://127.0.0.1:{d.haproxy.port}/v1/models")
+    assert response.status_code == 503  # no server in rotation yet
+
+    assert not proxy.apply(haproxy_config.render(d, []))  # unchanged: no reload
+    before = runtime.show_proc(proxy.paths.master_socket).reloads
+    assert proxy.apply(haproxy_config.render(d, [Server("m", "7", "127.0.0.1", 9)]))
+    assert runtime.show_proc(proxy.paths.master_socket).reloads == before + 1
+    assert [s.server for s in runtime.show_stat(proxy.paths.admin_socket)] == ["job7"]
+
+    pid = proxy.pid()
+    proxy.stop(timeout=5)
+    assert not proxy.running() and not psutil.pid_exists(pid)
+
+
+def test_private_files(proxy):
+    proxy.apply(haproxy_config.render(proxy.deployment, []))
+    for path in (proxy.paths.config, proxy.paths.master_socket, proxy.paths.admin_socket):
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_invalid_config_is_refused_and_the_running_one_stays(proxy):
+    d = proxy.deployment
+    good = haproxy_config.render(d, [Server("m", "7", "127.0.0.1", 9)])
+    proxy.apply(good)
+    pid = proxy.pid()
+    with pytest.raises(HAProxyError, match="haproxy rejected the new config, the running one stays: .*ALERT"):
+        proxy.apply(good + "\nbackend broken\n    balance no-such-algorithm\n")
+    assert proxy.live_config() == good and proxy.pid() == pid
+    assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health").status_code in (503, 404)
+
+
+def test_port_taken_is_reported_before_starting(proxy):
+    d = proxy.deployment
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", d.haproxy.port))
+        other.listen()
+        with pytest.raises(HAProxyError, match=rf"haproxy.port: 127.0.0.1:{d.haproxy.port} is not available"):
+            proxy.apply(haproxy_config.render(d, []))
+    assert not proxy.running() and proxy.live_config() is None
+
+
+def test_the_key_is_in_haproxys_environment_not_its_files_or_argv(proxy):
+    proxy.apply(haproxy_config.render(proxy.deployment, []))
+    master = psutil.Process(proxy.pid())
+    assert all("test-key" not in arg for arg in master.cmdline())
+    assert "test-key" not in proxy.live_config()
+    assert master.environ().get("HPCSERVE_BACKEND_KEY") == "test-key"
+
+
+def test_a_reload_that_fails_is_detected_and_rolled_back(proxy):
+    """`haproxy -c` cannot see a taken port; the reload then fails silently except in `show proc`."""
+    d = proxy.deployment
+    good = haproxy_config.render(d, [])
+    proxy.apply(good)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        moved = d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"port": taken})})
+        with pytest.raises(HAProxyError, match="reload failed"):
+            proxy.apply(haproxy_config.render(moved, []))
+    assert proxy.live_config() == good and proxy.running()
+    assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/v1/models").status_code == 503

@@ -1,0 +1,91 @@
+"""The pure reconcile plan: from desired and observed state to submit/cancel/membership."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcserve import config
+from hpcserve.endpoints import Backend, Health, parse_endpoint
+from hpcserve.plan import plan
+from hpcserve.slurm import Job, JobState
+from hpcserve.state import Desired
+from tests.conftest import minimal
+
+
+@pytest.fixture
+def deployment(gguf, tmp_path):
+    raw = minimal(gguf, tmp_path)
+    raw["models"] = [{"name": "a", "gguf": str(gguf), "parallel": 4}, {"name": "b", "gguf": str(gguf)}]
+    return config.parse(raw, base=tmp_path)
+
+
+def backend(job_id: int, model: str = "a", health: Health = Health.READY, time_left: int | None = 3600) -> Backend:
+    state = {Health.PENDING: JobState.PENDING, Health.ENDED: JobState.COMPLETED}.get(health, JobState.RUNNING)
+    job = Job(str(job_id), f"hpcserve:t:{model}", state, None if health is Health.PENDING else "gpu1",
+              "", 7200, time_left, "None")
+    ready_ish = health in (Health.READY, Health.LOADING, Health.UNREACHABLE)
+    return Backend(job, model, address="n1" if ready_ish else None, port=5000 + job_id if ready_ish else None,
+                   health=health)
+
+
+def test_up_from_nothing_submits_every_replica(deployment):
+    p = plan(deployment, Desired(up=True, replicas={"a": 2, "b": 1}), [])
+    assert sorted(p.submit) == ["a", "a", "b"] and p.cancel == () and p.servers == () and p.haproxy_running
+
+
+def test_reached_state_plans_nothing(deployment):
+    backends = [backend(1), backend(2), backend(3, "b")]
+    p = plan(deployment, Desired(up=True, replicas={"a": 2, "b": 1}), backends)
+    assert not p.changes_jobs
+    assert [(s.name, s.id, s.port, s.model) for s in p.servers] == [
+        ("job1", 1, 5001, "a"), ("job2", 2, 5002, "a"), ("job3", 3, 5003, "b")]
+
+
+def test_pending_and_loading_jobs_count_toward_replicas_but_not_membership(deployment):
+    backends = [backend(1), backend(2, health=Health.PENDING), backend(3, health=Health.LOADING),
+                backend(4, health=Health.STARTING)]
+    p = plan(deployment, Desired(up=True, replicas={"a": 4}), backends)
+    assert p.submit == () and [s.job_id for s in p.servers] == ["1"]
+
+
+def test_ended_jobs_are_replaced(deployment):
+    backends = [backend(1), backend(2, health=Health.ENDED)]
+    p = plan(deployment, Desired(up=True, replicas={"a": 2}), backends)
+    assert p.submit == ("a",) and p.cancel == ()
+
+
+def test_scale_down_cancels_idle_jobs_before_serving_ones(deployment):
+    backends = [backend(1, time_left=100), backend(2, time_left=5000), backend(3, health=Health.LOADING),
+                backend(4, health=Health.PENDING), backend(5, health=Health.PENDING)]
+    cancelled = lambda n: [c.job_id for c in plan(deployment, Desired(up=True, replicas={"a": n}), backends).cancel]
+    assert cancelled(4) == ["5"]                      # newest pending first
+    assert cancelled(2) == ["5", "4", "3"]            # then what is still loading
+    assert cancelled(1) == ["5", "4", "3", "1"]       # then the ready one closest to its time limit
+    p = plan(deployment, Desired(up=True, replicas={"a": 1}), backends)
+    assert [s.job_id for s in p.servers] == ["2"]     # cancelled servers leave rotation in the same step
+
+
+def test_down_cancels_everything_and_stops_haproxy(deployment):
+    backends = [backend(1), backend(2, "b", Health.PENDING)]
+    p = plan(deployment, Desired(up=False, replicas={"a": 1, "b": 1}), backends)
+    assert sorted(c.job_id for c in p.cancel) == ["1", "2"] and p.servers == () and not p.haproxy_running
+    assert {c.reason for c in p.cancel} == {"deployment is down"}
+
+
+def test_jobs_of_a_removed_model_are_cancelled(deployment):
+    p = plan(deployment, Desired(up=True, replicas={"a": 0}), [backend(7, "gone")])
+    assert [(c.job_id, c.reason) for c in p.cancel] == [("7", "model no longer in the deployment file")]
+
+
+def test_a_server_in_rotation_survives_one_failed_probe(deployment):
+    backends = [backend(1, health=Health.UNREACHABLE), backend(2, health=Health.UNREACHABLE)]
+    p = plan(deployment, Desired(up=True, replicas={"a": 2}), backends, in_rotation=frozenset({"1"}))
+    assert [s.job_id for s in p.servers] == ["1"] and p.submit == ()
+
+
+@pytest.mark.parametrize("comment, endpoint", [
+    ("endpoint=gpu1:8080", ("gpu1", 8080)), ("x=1 endpoint=10.0.0.5:41234", ("10.0.0.5", 41234)),
+    ("", None), ("endpoint=gpu1", None), ("endpoint=gpu1:99999", None), ("myendpoint=a:1", None),
+])
+def test_parse_endpoint(comment, endpoint):
+    assert parse_endpoint(comment) == endpoint

@@ -1,0 +1,116 @@
+"""Rendered sbatch scripts and haproxy.cfg: golden files, shell quoting, strict templates.
+
+The golden files are the ready-to-read examples in sbatch/ and haproxy/, rendered from
+examples/reference-site.yaml; regenerate them with HPCSERVE_UPDATE_GOLDEN=1 after a template change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+
+from hpcserve import config, sbatch
+from hpcserve.haproxy import config as haproxy_config
+from hpcserve.haproxy.config import Server
+from tests.conftest import ROOT, minimal
+
+EXAMPLE = ROOT / "examples" / "reference-site.yaml"
+
+
+def reference_site() -> config.Deployment:
+    return config.parse(yaml.safe_load(EXAMPLE.read_text()), base=EXAMPLE.parent, check_files=False)
+
+
+def check_golden(path: Path, text: str) -> None:
+    if os.environ.get("HPCSERVE_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.read_text() == text, f"{path} differs from the rendering; HPCSERVE_UPDATE_GOLDEN=1 updates it"
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_sbatch_golden(index):
+    d = reference_site()
+    model = d.models[index]
+    check_golden(ROOT / "sbatch" / f"reference-site-{model.name}.sbatch", sbatch.render(d, model))
+
+
+def test_haproxy_golden():
+    d = reference_site()
+    servers = [Server("llama-3.1-70b-instruct", "81234", "10.1.0.11", 41877),
+               Server("llama-3.1-70b-instruct", "81235", "10.1.0.12", 38021),
+               Server("qwen2.5-7b-instruct", "81240", "10.1.0.13", 40111)]
+    check_golden(ROOT / "haproxy" / "reference-site.cfg", haproxy_config.render(d, servers))
+
+
+def test_sbatch_has_every_requested_directive():
+    d = reference_site()
+    script = sbatch.render(d, d.models[0])
+    for directive in ("--job-name=hpcserve:research-llm:llama-3.1-70b-instruct", "--gres=gpu:a100:2",
+                      "--cpus-per-task=16", "--mem=128G", "--time=2-00:00:00", "--partition=gpu",
+                      "--account=llm-service", "--qos=long", "--constraint=a100", "--requeue",
+                      "--mail-type=FAIL"):
+        assert f"#SBATCH {directive}\n" in script
+    assert "module load llama.cpp/cuda-12.4\n" in script
+
+
+def test_no_gres_line_for_a_cpu_only_model(gguf, tmp_path):
+    raw = minimal(gguf, tmp_path)
+    raw["models"][0]["gpus"] = {"count": 0}
+    d = config.parse(raw, base=tmp_path)
+    assert "--gres" not in sbatch.render(d, d.models[0])
+
+
+def test_hostile_values_reach_llama_server_verbatim(tmp_path):
+    """Every value is shell-quoted: spaces, $(...), ; and quotes arrive as one argument each."""
+    folder = tmp_path / "my models $(touch PWNED); x"
+    folder.mkdir()
+    gguf = folder / "it's.gguf"
+    gguf.write_bytes(b"GGUF")
+    raw = minimal(gguf, tmp_path)
+    raw["models"][0]["extra_args"] = ["--system-prompt", "be nice; rm -rf / `id`", "--x=\"$HOME\""]
+    raw["models"][0]["command"] = "llama-server --flag 'two words'"
+    d = config.parse(raw, base=tmp_path)
+    script = sbatch.render(d, d.models[0])
+    block = re.search(r"^server_argv=\(\n.*?^\)\n", script, re.MULTILINE | re.DOTALL).group(0)
+    result = subprocess.run(["bash", "-c", block + 'printf "%s\\n" "${server_argv[@]}"'],
+                            capture_output=True, text=True, cwd=tmp_path, check=True)
+    args = result.stdout.splitlines()
+    assert args[:3] == ["llama-server", "--flag", "two words"]
+    assert args[args.index("--model") + 1] == str(gguf)
+    assert args[-3:] == ["--system-prompt", "be nice; rm -rf / `id`", "--x=\"$HOME\""]
+    assert not (tmp_path / "PWNED").exists()
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_the_key_never_appears_in_the_script(gguf, tmp_path):
+    d = config.parse(minimal(gguf, tmp_path), base=tmp_path)
+    script = sbatch.render(d, d.models[0])
+    assert "LLAMA_API_KEY=\"$(< \"$key_file\")\"" in script and "--api-key" not in script
+
+
+def test_site_template_overrides_and_undefined_values_fail(gguf, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / sbatch.TEMPLATE).write_text("#!/bin/bash\n# site {{ model.name }}\n")
+    raw = minimal(gguf, tmp_path, templates_dir=str(site))
+    d = config.parse(raw, base=tmp_path)
+    assert sbatch.render(d, d.models[0]) == "#!/bin/bash\n# site m\n"
+    (site / sbatch.TEMPLATE).write_text("#!/bin/bash\n{{ no_such_value }}\n")
+    with pytest.raises(jinja2.UndefinedError):
+        sbatch.render(d, d.models[0])
+
+
+def test_haproxy_config_is_stable_and_sorted(gguf, tmp_path):
+    d = config.parse(minimal(gguf, tmp_path), base=tmp_path)
+    a = [Server("m", "12", "n1", 1), Server("m", "9", "n2", 2)]
+    text = haproxy_config.render(d, a)
+    assert text == haproxy_config.render(d, list(reversed(a)))
+    assert text.index("server job9 ") < text.index("server job12 ")
+    assert "server job12 n1:1 id 12\n" in text
+    assert "maxconn 4 " in text and "option http-no-delay" in text and "balance leastconn" in text
