@@ -90,9 +90,29 @@ def _locked(ctx: Context, action: Callable[[], Outcome], timeout: float = 600.0)
     return outcome
 
 
-def _step(ctx: Context, desired: Desired) -> Outcome:
+def _step(ctx: Context, desired: Desired, drain_timeout: float | None = None) -> Outcome:
     reconciler = ctx.reconciler()
-    return _locked(ctx, lambda: reconciler.step(desired))
+    return _locked(ctx, lambda: reconciler.step(desired, drain_timeout))
+
+
+def _finish_drains(ctx: Context, desired: Desired, outcome: Outcome, drain_timeout: float | None) -> Outcome:
+    """Step until no server drains: each is cancelled once idle or at its deadline (plan.py)."""
+    with err.status("draining", spinner="dots") as spinner:
+        while outcome.plan.draining:
+            sessions = outcome.sessions or {}
+            progress = ", ".join(f"job {job_id} ({sessions.get(job_id, '?')} session(s), "
+                                 f"{max(0, deadline - time.time()):.0f} s left)"
+                                 for job_id, deadline in sorted(outcome.plan.draining.items()))
+            spinner.update(f"draining: {progress}")
+            time.sleep(1)
+            outcome = _step(ctx, desired, drain_timeout)
+    return outcome
+
+
+drain_option = click.option(
+    "--drain-timeout", type=click.FloatRange(min=0), default=None,
+    help="Seconds a leaving server may finish its requests before scancel "
+         "[default: the deployment's haproxy.drain_timeout].")
 
 
 @cli.command()
@@ -109,7 +129,7 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
     """
     deployment = ctx.deployment
     desired = Desired(up=True, replicas={m.name: m.replicas for m in deployment.models})
-    outcome = _step(ctx, desired)
+    outcome = _finish_drains(ctx, desired, _step(ctx, desired), None)
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout)
     _print_summary(ctx, outcome, f"pool is up: {deployment.url}")
@@ -122,9 +142,15 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
               help="Wait until the model has REPLICAS ready backends.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
               help="Seconds to wait with --wait.")
+@drain_option
 @pass_ctx
-def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeout: float) -> None:
-    """Grow or shrink the pool of one model to REPLICAS backend jobs."""
+def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeout: float,
+          drain_timeout: float | None) -> None:
+    """Grow or shrink the pool of one model to REPLICAS backend jobs.
+
+    Shrinking drains first: a leaving server takes no new request, finishes the ones it has (or
+    reaches --drain-timeout), and only then is its job cancelled.
+    """
     deployment = ctx.deployment
     if model_name is None:
         if len(deployment.models) > 1:
@@ -136,7 +162,7 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
     if not current.up:
         raise HpcserveError("the deployment is down; start it with `hpcserve up` first")
     desired = Desired(up=True, replicas={**current.replicas, model_name: replicas})
-    outcome = _step(ctx, desired)
+    outcome = _finish_drains(ctx, desired, _step(ctx, desired, drain_timeout), drain_timeout)
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout, model_name=model_name, count=replicas)
     _print_summary(ctx, outcome, f"{model_name}: {replicas} replica(s) wanted")
@@ -145,11 +171,15 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
 @cli.command()
 @click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for the jobs to end after scancel.")
+@drain_option
+@click.option("--now", is_flag=True, help="Do not drain: cancel at once, cutting requests in flight.")
 @pass_ctx
-def down(ctx: Context, timeout: float) -> None:
-    """Stop the pool: stop HAProxy, cancel every job, wait until they have ended."""
+def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -> None:
+    """Stop the pool: drain the servers, stop HAProxy, cancel every job, wait until they have ended."""
     current = StateDir(ctx.deployment.state_dir).read_desired()
-    outcome = _step(ctx, Desired(up=False, replicas=current.replicas))
+    desired = Desired(up=False, replicas=current.replicas)
+    drain_timeout = 0 if now else drain_timeout
+    outcome = _finish_drains(ctx, desired, _step(ctx, desired, drain_timeout), drain_timeout)
     deadline = time.monotonic() + timeout
     scheduler = CLIScheduler()
     while True:
@@ -164,11 +194,12 @@ def down(ctx: Context, timeout: float) -> None:
 
 
 @cli.command()
+@drain_option
 @pass_ctx
-def reconcile(ctx: Context) -> None:
-    """Repair the pool toward its desired state once (what a cron job runs)."""
+def reconcile(ctx: Context, drain_timeout: float | None) -> None:
+    """Repair the pool toward its desired state once (what a cron job runs); drains advance one step."""
     desired = StateDir(ctx.deployment.state_dir).read_desired()
-    outcome = _step(ctx, desired)
+    outcome = _step(ctx, desired, drain_timeout)
     _print_summary(ctx, outcome, "reconciled" if describe(outcome) else "nothing to change")
 
 

@@ -120,6 +120,24 @@ class HAProxy(_Strict):
     check_interval: float = Field(default=2, gt=0, description="seconds between /health checks")
     hard_stop_after: float = Field(default=3600, gt=0,
                                    description="seconds an old worker may keep streams after a reload")
+    drain_timeout: float = Field(default=300, ge=0,
+                                 description="seconds a leaving server may finish its requests before scancel")
+    retry_after: int = Field(default=10, ge=1, description="Retry-After seconds in a 503 answer")
+    stats_port: int | None = Field(default=None, ge=1025, le=65535,
+                                   description="127.0.0.1 port for /stats and Prometheus /metrics; default port + 1")
+    api_keys_file: Path | None = Field(default=None,
+                                       description="file of frontend API keys, one per line; none = open")
+
+    @property
+    def stats_port_or_default(self) -> int:
+        """The stats/Prometheus port: `stats_port`, or the frontend port + 1."""
+        return self.stats_port if self.stats_port is not None else self.port + 1
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> HAProxy:
+        if self.stats_port_or_default == self.port:
+            raise ValueError("stats_port must differ from port")
+        return self
 
 
 class Deployment(_Strict):
@@ -228,11 +246,23 @@ def _absolute(deployment: Deployment, base: Path) -> Deployment:
         models.append(model.model_copy(update={"gguf": resolve(model.gguf),
                                                "command": shlex.join(argv)}))
     templates_dir = resolve(deployment.templates_dir) if deployment.templates_dir else None
+    haproxy = deployment.haproxy
+    if haproxy.api_keys_file is not None:
+        haproxy = haproxy.model_copy(update={"api_keys_file": resolve(haproxy.api_keys_file)})
     return deployment.model_copy(update={"state_dir": resolve(deployment.state_dir), "models": models,
-                                         "templates_dir": templates_dir})
+                                         "templates_dir": templates_dir, "haproxy": haproxy})
 
 
 def _check_files(deployment: Deployment, source: str) -> None:
+    keys = deployment.haproxy.api_keys_file
+    if keys is not None:
+        try:
+            read_api_keys(keys)
+        except OSError as exc:
+            raise ConfigError(f"{source}: haproxy.api_keys_file: expected a readable file of keys, "
+                              f"{keys}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{source}: haproxy.api_keys_file: {exc}") from None
     if deployment.templates_dir and not deployment.templates_dir.is_dir():
         raise ConfigError(f"{source}: templates_dir: expected a folder of templates, "
                           f"{deployment.templates_dir} is not one")
@@ -244,6 +274,23 @@ def _check_files(deployment: Deployment, source: str) -> None:
         if "/" in program and not (os.path.isfile(program) and os.access(program, os.X_OK)):
             raise ConfigError(f"{source}: models[{i}].command: expected an executable llama-server, "
                               f"{program} is not an executable file")
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """The frontend API keys in `path`: one per line; blank lines and lines starting with # skipped.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it holds no key, or a key with whitespace or quotes in it.
+    """
+    keys = [line.strip() for line in path.read_text().splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ValueError(f"expected at least one key in {path}")
+    for key in keys:
+        if re.search(r"[\s'\"\\]", key):
+            raise ValueError(f"a key in {path} contains whitespace or quotes")
+    return keys
 
 
 _TYPE_WORDS = {

@@ -4,7 +4,9 @@ A job announces "endpoint=HOST:PORT" in its comment once llama-server listens (s
 template). Ready means llama-server's /health answered 200; RUNNING alone is not ready, because
 llama-server listens (and answers 503) while it is still loading its model (llama.cpp server
 README, GET /health). The address HAProxy uses is the node's NodeAddr from sinfo, which is how the
-cluster reaches a node; the announced host is the fallback.
+cluster reaches a node (the announced host is the fallback), resolved here to an IP address:
+HAProxy resolves names in its config file at start, but a server added through the runtime API
+with a name gets no address without a `resolvers` section (seen with HAProxy 2.6).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import dataclasses
 import enum
 import re
+import socket
 
 import httpx
 
@@ -89,6 +92,7 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
     needs_address = any(ep and job.state is JobState.RUNNING for job, ep in
                         ((j, announced[j.job_id]) for j in jobs))
     node_addr = scheduler.node_addresses() if needs_address else {}
+    resolved: dict[str, str | None] = {}
     backends = []
     for job in sorted(jobs, key=lambda j: int(j.job_id) if j.job_id.isdigit() else 0):
         model = model_of(deployment, job.name)
@@ -102,9 +106,23 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
         elif endpoint is None:
             backends.append(Backend(job, model, health=Health.STARTING))
         else:
-            address = node_addr.get(job.node or "", "") or endpoint[0]
-            backends.append(Backend(job, model, address=address, port=endpoint[1], health=Health.UNREACHABLE))
+            host = node_addr.get(job.node or "", "") or endpoint[0]
+            if host not in resolved:
+                resolved[host] = resolve(host)
+            address = resolved[host]
+            backends.append(Backend(job, model, address=address, port=endpoint[1] if address else None,
+                                    health=Health.UNREACHABLE))
     return asyncio.run(_probe_all(backends, key, probe_timeout, slots))
+
+
+def resolve(host: str) -> str | None:
+    """The IP address of `host` (IPv4 preferred: llama-server listens on 0.0.0.0), or None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)[0][4][0]
+        except (OSError, IndexError):
+            continue
+    return None
 
 
 async def _probe_all(backends: list[Backend], key: str | None, timeout: float, slots: bool) -> list[Backend]:

@@ -8,6 +8,7 @@ the next one (the Kubernetes controller pattern, ../shared/DESIGN.md).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from .config import Deployment
 from .endpoints import Backend, Health
@@ -31,14 +32,17 @@ class Plan:
     Attributes:
         submit: one model name per job to submit.
         cancel: jobs to take out of rotation and cancel.
-        servers: the HAProxy membership after the step: every ready backend not being cancelled.
-        haproxy_running: HAProxy should run (the deployment is up).
+        servers: the HAProxy membership after the step: every ready backend not being cancelled,
+            those leaving the pool marked draining.
+        draining: job id -> deadline (epoch seconds) of every server draining after the step.
+        haproxy_running: HAProxy should run (the deployment is up, or servers are still draining).
     """
 
     submit: tuple[str, ...]
     cancel: tuple[Cancel, ...]
     servers: tuple[Server, ...]
     haproxy_running: bool
+    draining: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def changes_jobs(self) -> bool:
@@ -58,7 +62,8 @@ def _cancel_order(backend: Backend) -> tuple[int, float]:
 
 
 def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
-         in_rotation: frozenset[str] = frozenset()) -> Plan:
+         in_rotation: frozenset[str] = frozenset(), *, draining: Mapping[str, float] | None = None,
+         sessions: Mapping[str, int] | None = None, now: float = 0.0, drain_timeout: float = 0.0) -> Plan:
     """The plan that moves `backends` (observed) toward `desired`.
 
     Args:
@@ -69,34 +74,61 @@ def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
             runs even if one probe failed (a busy server may answer slowly): HAProxy's own health
             checks take a dead one out of rotation within a few intervals, and a reload for every
             missed probe would pile up old workers.
+        draining: job id -> drain deadline (epoch s) of servers already draining (the last plan's).
+        sessions: job id -> current HAProxy sessions of its server ({} when HAProxy is not running);
+            None when unknown, and then a drain lasts until its deadline.
+        now: the current time (epoch s).
+        drain_timeout: seconds a leaving server may finish its requests; 0 cancels at once.
+
+    A surplus job that serves (in rotation) is drained first: it stays in HAProxy with weight 0
+    and is cancelled once a later step sees it with no session, or at its deadline. A job that
+    serves nobody yet (pending, loading) is cancelled at once. Draining jobs are the first
+    surplus, so the choice is stable from step to step; scaling back up ends their drain.
 
     Returns:
         A Plan. Jobs of models that left the deployment file are cancelled.
     """
+    draining = draining or {}
+    new_draining: dict[str, float] = {}
     submit: list[str] = []
     cancel: list[Cancel] = []
     models = {m.name for m in deployment.models}
     active = [b for b in backends if b.job.state.active]
 
+    def serving(b: Backend) -> bool:
+        return (b.address is not None and b.port is not None and b.model in models
+                and (b.health is Health.READY or (b.job.job_id in in_rotation and b.health is Health.UNREACHABLE)))
+
+    def leave(b: Backend, reason: str) -> None:
+        job_id = b.job.job_id
+        if not (serving(b) and job_id in in_rotation) or drain_timeout <= 0:
+            cancel.append(Cancel(job_id, b.model, reason))
+        elif job_id in draining and (now >= draining[job_id]
+                                     or (sessions is not None and sessions.get(job_id, 0) == 0)):
+            why = "drain deadline passed" if now >= draining[job_id] else "drained"
+            cancel.append(Cancel(job_id, b.model, f"{reason}, {why}"))
+        else:
+            new_draining[job_id] = draining.get(job_id, now + drain_timeout)
+
     for backend in active:
         if backend.model not in models:
-            cancel.append(Cancel(backend.job.job_id, backend.model, "model no longer in the deployment file"))
+            leave(backend, "model no longer in the deployment file")
 
     for model in deployment.models:
         want = desired.replicas_of(model.name)
-        mine = sorted((b for b in active if b.model == model.name), key=_cancel_order)
+        mine = sorted((b for b in active if b.model == model.name),
+                      key=lambda b: (b.job.job_id not in draining, _cancel_order(b)))
         if len(mine) < want:
             submit.extend([model.name] * (want - len(mine)))
         reason = "deployment is down" if not desired.up else f"scaling {model.name} to {want}"
         for backend in mine[:max(0, len(mine) - want)]:
-            cancel.append(Cancel(backend.job.job_id, model.name, reason))
+            leave(backend, reason)
 
     cancelled = {c.job_id for c in cancel}
     servers = tuple(sorted(
-        Server(model=b.model, job_id=b.job.job_id, address=b.address, port=b.port)
-        for b in active
-        if (b.health is Health.READY or (b.job.job_id in in_rotation and b.health is Health.UNREACHABLE))
-        and b.job.job_id not in cancelled and b.model in models
-        and b.address is not None and b.port is not None
+        Server(model=b.model, job_id=b.job.job_id, address=b.address, port=b.port,
+               draining=b.job.job_id in new_draining)
+        for b in active if serving(b) and b.job.job_id not in cancelled
     ))
-    return Plan(submit=tuple(submit), cancel=tuple(cancel), servers=servers, haproxy_running=desired.up)
+    return Plan(submit=tuple(submit), cancel=tuple(cancel), servers=servers,
+                haproxy_running=desired.up or bool(new_draining), draining=new_draining)

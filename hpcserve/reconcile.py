@@ -5,9 +5,10 @@ Order of the apply, chosen so that a failure at any point loses nothing:
    HAProxy membership stays as it is (a failure of squeue never empties the pool);
 2. HAProxy: validate the new config, then start or reload; on failure the old config keeps running
    and no job is touched;
-3. cancel surplus jobs, which HAProxy no longer routes to;
+3. cancel surplus jobs, which HAProxy no longer routes to: a serving job is first drained (kept
+   with weight 0) and cancelled by a later step once its sessions reach zero or its deadline passes;
 4. submit missing jobs;
-5. persist the desired state, only now: a command that failed leaves the state files as they were,
+5. persist the desired state and the drains, only now: a command that failed leaves the state files as they were,
    and the next step converges toward the desired state that was last applied in full.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections.abc import Mapping
 
 from . import sbatch
 from .config import Deployment
@@ -34,13 +37,16 @@ class Outcome:
         backends: the observed backends (before the step's own changes).
         plan: the plan it applied.
         submitted: (model, job id) of each job it submitted.
-        haproxy_changed: HAProxy was started, reloaded or stopped.
+        haproxy_change: "started", "reloaded", "runtime" (membership changed through the runtime
+            API), "stopped" or "unchanged".
+        sessions: job id -> HAProxy sessions of its server before the step (None if unknown).
     """
 
     backends: tuple[Backend, ...]
     plan: Plan
     submitted: tuple[tuple[str, str], ...]
-    haproxy_changed: bool
+    haproxy_change: str
+    sessions: Mapping[str, int] | None = None
 
 
 class Reconciler:
@@ -70,9 +76,13 @@ class Reconciler:
     def haproxy(self) -> HAProxy:
         return HAProxy(self.deployment, self.state.backend_key())
 
-    def step(self, desired: Desired) -> Outcome:
+    def step(self, desired: Desired, drain_timeout: float | None = None) -> Outcome:
         """Observe, plan and apply once toward `desired` (see the module docstring for the order).
 
+        Args:
+            desired: the desired state.
+            drain_timeout: seconds a leaving server may finish its requests before scancel;
+                None = the deployment's haproxy.drain_timeout, 0 = cancel at once.
         Raises:
             SlurmError: Slurm did not answer; nothing was changed.
             HAProxyError: the new HAProxy config was refused; no job was touched.
@@ -81,17 +91,26 @@ class Reconciler:
         self.state.ensure()
         key = self.state.backend_key()
         backends = observe(self.deployment, self.scheduler, key=key)
-        the_plan = plan(self.deployment, desired, backends, self.in_rotation())
-
         haproxy = HAProxy(self.deployment, key)
-        changed = False
+        sessions = haproxy.server_sessions()
+        the_plan = plan(self.deployment, desired, backends, self.in_rotation(),
+                        draining=self.state.read_draining(), sessions=sessions,
+                        now=time.time(),
+                        drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout)
+
+        change = "unchanged"
         if the_plan.haproxy_running:
-            changed = haproxy.apply(haproxy_config.render(self.deployment, list(the_plan.servers)))
-            write_private(self._membership_file, json.dumps(sorted(s.job_id for s in the_plan.servers)) + "\n")
+            keys = haproxy_config.frontend_keys(self.deployment)
+            if keys is not None:
+                write_private(haproxy.paths.frontend_keys_file, keys)
+            servers = list(the_plan.servers)
+            change = haproxy.update(haproxy_config.render(self.deployment, servers),
+                                    haproxy_config.render(self.deployment, []), servers)
+            write_private(self._membership_file, json.dumps(sorted(s.job_id for s in servers)) + "\n")
         elif haproxy.running():
             haproxy.stop()
             self._membership_file.unlink(missing_ok=True)
-            changed = True
+            change = "stopped"
 
         self.scheduler.cancel([c.job_id for c in the_plan.cancel])
         submitted = []
@@ -99,16 +118,21 @@ class Reconciler:
             script = sbatch.render(self.deployment, self.deployment.model(model_name))
             write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", script)
             submitted.append((model_name, self.scheduler.submit(script)))
+        self.state.write_draining(the_plan.draining)
         self.state.write_desired(desired)
-        return Outcome(tuple(backends), the_plan, tuple(submitted), changed)
+        return Outcome(tuple(backends), the_plan, tuple(submitted), change, sessions)
 
 
 def describe(outcome: Outcome) -> list[str]:
     """One human line per change the step made (empty when it changed nothing)."""
     lines = [f"submitted job {job_id} for model {model}" for model, job_id in outcome.submitted]
     lines += [f"cancelled job {c.job_id} ({c.reason})" for c in outcome.plan.cancel]
-    if outcome.haproxy_changed:
-        lines.append(f"HAProxy now routes to {len(outcome.plan.servers)} server(s)"
-                     if outcome.plan.haproxy_running else "HAProxy stopped")
+    if outcome.haproxy_change == "stopped":
+        lines.append("HAProxy stopped")
+    elif outcome.haproxy_change != "unchanged":
+        serving = [s for s in outcome.plan.servers if not s.draining]
+        draining = len(outcome.plan.servers) - len(serving)
+        lines.append(f"HAProxy {outcome.haproxy_change}: {len(serving)} server(s) in rotation"
+                     + (f", {draining} draining" if draining else ""))
     return lines
 

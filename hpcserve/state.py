@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import filelock
@@ -93,6 +94,24 @@ class StateDir:
     def write_desired(self, desired: Desired) -> None:
         """Replace the desired state atomically."""
         write_private(self.desired_file, json.dumps(dataclasses.asdict(desired), indent=2, sort_keys=True) + "\n")
+
+    @property
+    def draining_file(self) -> Path:
+        return self.root / "draining.json"
+
+    def read_draining(self) -> dict[str, float]:
+        """Job id -> drain deadline (epoch seconds) of the servers being drained ({} when none)."""
+        try:
+            return {str(k): float(v) for k, v in json.loads(self.draining_file.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise HpcserveError(f"{self.draining_file}: unreadable drain state ({exc}); "
+                                "fix or remove it and run the command again") from None
+
+    def write_draining(self, draining: Mapping[str, float]) -> None:
+        """Replace the drain state atomically."""
+        write_private(self.draining_file, json.dumps(dict(sorted(draining.items())), indent=2) + "\n")
 
     def backend_key(self) -> str:
         """The deployment's backend key, created (random, 256 bits, 0600) on first use."""

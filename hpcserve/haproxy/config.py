@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 from .. import templates
-from ..config import Deployment, Model
+from ..config import Deployment, Model, read_api_keys
 
 TEMPLATE = "haproxy.cfg.j2"
 
@@ -21,12 +22,14 @@ class Server:
             server-state files and hashing keep meaning across changes of the pool.
         address: host or IP HAProxy connects to (the node's NodeAddr).
         port: the TCP port llama-server bound.
+        draining: the server is leaving: it finishes its sessions and takes no new request.
     """
 
     model: str
     job_id: str
     address: str
     port: int
+    draining: bool = False
 
     @property
     def name(self) -> str:
@@ -42,6 +45,18 @@ class Server:
 def backend_name(model: Model) -> str:
     """The HAProxy backend of a model: "model_" + its name."""
     return f"model_{model.name}"
+
+
+def server_options(deployment: Deployment, model: Model) -> str:
+    """The options of every server of `model`, in haproxy.cfg (default-server) and in runtime
+    `add server` alike (HAProxy 2.6 management guide: dynamic servers do not use default-server).
+
+    /health checks every check_interval, 3 failures to leave and 2 successes to return; maxconn =
+    llama-server's slots, so waiting requests queue in HAProxy; observe layer4 lets connection
+    errors on live traffic speed up the checks without ever cutting a session.
+    """
+    return (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise 2 "
+            f"maxconn {model.parallel} observe layer4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +87,26 @@ class Paths:
     def server_state_file(self) -> Path:
         return self.root / "haproxy.state"
 
+    @property
+    def frontend_keys_file(self) -> Path:
+        """The frontend keys as HAProxy matches them ("Bearer KEY" per line), written by hpcserve."""
+        return self.root / "frontend-keys.lst"
+
 
 def paths(deployment: Deployment) -> Paths:
     """The HAProxy files of `deployment`."""
     return Paths(deployment.state_dir)
+
+
+def frontend_keys(deployment: Deployment) -> str | None:
+    """The text of the frontend keys file, or None when the frontend is open.
+
+    Raises:
+        OSError, ValueError: the deployment's api_keys_file cannot be read (see config.read_api_keys).
+    """
+    if deployment.haproxy.api_keys_file is None:
+        return None
+    return "".join(f"Bearer {key}\n" for key in read_api_keys(deployment.haproxy.api_keys_file))
 
 
 def render(deployment: Deployment, servers: list[Server]) -> str:
@@ -91,6 +122,11 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
     for server in sorted(servers, key=lambda s: (s.model, s.id)):
         by_model.setdefault(server.model, []).append(server)
     p = paths(deployment)
+    keys = frontend_keys(deployment)
+    # The digest puts a change of keys into the config text, so that it makes HAProxy reload the file.
+    digest = f"sha256 {hashlib.sha256(keys.encode()).hexdigest()[:16]}" if keys else ""
     return templates.render(TEMPLATE, deployment.templates_dir, deployment=deployment,
                             haproxy=deployment.haproxy, servers=by_model, backend_name=backend_name,
-                            admin_socket=p.admin_socket, server_state_file=p.server_state_file)
+                            server_options=lambda model: server_options(deployment, model),
+                            admin_socket=p.admin_socket, server_state_file=p.server_state_file,
+                            frontend_keys_file=p.frontend_keys_file if keys else None, keys_digest=digest)

@@ -23,7 +23,7 @@ from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import Paths, paths
+from .config import Paths, Server, backend_name, paths, server_options
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -86,6 +86,90 @@ class HAProxy:
         finally:
             candidate.unlink(missing_ok=True)
 
+    @property
+    def _base_file(self):
+        return self.paths.root / "haproxy-base.cfg"
+
+    def update(self, text: str, base: str, servers: list[Server]) -> str:
+        """Make `text` the config, with as little disruption as possible.
+
+        A reload starts a new worker and leaves the old one holding its streams (up to
+        hard-stop-after), so frequent reloads pile up workers. Only a structural change (`base`,
+        the config without its servers, differs from the running one) reloads; a change of
+        membership or drain goes through the runtime API, and the same membership is written to
+        the file, so a restart or a later reload finds it.
+
+        Args:
+            text: the full config.
+            base: the same config rendered without servers.
+            servers: the membership `text` holds.
+        Returns:
+            "started", "reloaded", "runtime" (changed through the runtime API) or "unchanged".
+        Raises:
+            HAProxyError: validation, start, reload or a runtime command failed; the file keeps the
+                previous config (a runtime change already made is repaired by the next step).
+        """
+        running = self.running()
+        if running and text == self.live_config():
+            return "unchanged"
+        try:
+            same_base = running and self._base_file.read_text() == base
+        except FileNotFoundError:
+            same_base = False
+        if not same_base:
+            self.apply(text)
+            write_private(self._base_file, base)
+            return "reloaded" if running else "started"
+        self.validate(text)
+        self.sync_servers(servers)
+        write_private(self.paths.config, text)
+        return "runtime"
+
+    def sync_servers(self, servers: list[Server]) -> None:
+        """Add, drain, un-drain and delete servers of the running worker to match `servers`.
+
+        A server to delete is put in maintenance first; HAProxy refuses `del server` while
+        connections remain, so such a server stays in maintenance (taking no request) and the
+        next step deletes it.
+
+        Raises:
+            HAProxyError: the runtime API refused a command (other than a busy `del server`).
+        """
+        models = {m.name: m for m in self.deployment.models}
+        ours = {backend_name(m) for m in self.deployment.models}
+        wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
+        live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
+                if ls.backend in ours}
+        commands: list[str] = []
+        for (backend, name), server in sorted(wanted.items()):
+            where = f"{backend}/{name}"
+            state = "drain" if server.draining else "ready"
+            if (backend, name) not in live:
+                options = server_options(self.deployment, models[server.model])
+                commands += [f"add server {where} {server.address}:{server.port} {options} id {server.id}",
+                             f"enable health {where}", f"set server {where} state {state}"]
+            elif live[(backend, name)].draining != server.draining:
+                commands.append(f"set server {where} state {state}")
+        for backend, name in sorted(live.keys() - wanted.keys()):
+            commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
+        for line in commands:
+            answer = runtime.command(self.paths.admin_socket, line).strip()
+            if line.startswith("del server") and "connections" in answer:
+                continue
+            if answer and not answer.startswith(("New server registered", "Server deleted")):
+                raise HAProxyError(f"HAProxy refused '{line}': {answer.splitlines()[0]}")
+
+    def server_sessions(self) -> dict[str, int] | None:
+        """Job id -> current sessions of its server: {} when HAProxy is not running (nothing can be
+        in flight), None when it runs but did not answer (unknown: a drain then waits its deadline)."""
+        if not self.running():
+            return {}
+        try:
+            stats = runtime.show_stat(self.paths.admin_socket)
+        except HAProxyError:
+            return None
+        return {s.server[3:]: s.sessions for s in stats if s.server.startswith("job")}
+
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.
 
@@ -132,8 +216,13 @@ class HAProxy:
                                f"(see {self.log_file})") from None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if self.running() and self.paths.master_socket.exists():
-                return
+            # The socket file appears before the master accepts on it: wait for an answer.
+            if self.running():
+                try:
+                    if runtime.show_proc(self.paths.master_socket).workers >= 1:
+                        return
+                except HAProxyError:
+                    pass
             time.sleep(0.1)
         raise HAProxyError(f"haproxy started but its master is not answering (see {self.log_file})")
 
@@ -190,7 +279,7 @@ class HAProxy:
         _, alive = psutil.wait_procs(alive, timeout=5)
         for process in alive:
             process.kill()
-        for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket):
+        for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self._base_file):
             path.unlink(missing_ok=True)
 
 

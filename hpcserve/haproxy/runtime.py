@@ -76,6 +76,44 @@ def show_stat(socket_path: Path) -> list[ServerStats]:
 
 
 @dataclasses.dataclass(frozen=True)
+class LiveServer:
+    """A server as the running worker has it (`show servers state`).
+
+    Attributes:
+        backend, name: where it is.
+        address, port: where it sends requests.
+        draining: its admin state has the drain flag (SRV_ADMF_FDRAIN, 0x08).
+    """
+
+    backend: str
+    name: str
+    address: str
+    port: int
+    draining: bool
+
+
+def show_servers(socket_path: Path) -> list[LiveServer]:
+    """Every server of the running worker, from `show servers state` (format version 1:
+    be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ... srv_port is field 19).
+
+    Raises:
+        HAProxyError: the runtime API did not answer, or not in format version 1.
+    """
+    text = command(socket_path, "show servers state")
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "1":
+        raise HAProxyError(f"unexpected answer to 'show servers state': {text[:200]!r}")
+    servers = []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) < 19 or line.startswith("#"):
+            continue
+        servers.append(LiveServer(backend=fields[1], name=fields[3], address=fields[4],
+                                  port=_int(fields[18]), draining=bool(_int(fields[6]) & 0x08)))
+    return servers
+
+
+@dataclasses.dataclass(frozen=True)
 class ProcInfo:
     """The master's view (`show proc`): its reload count, failed reloads, and live workers."""
 

@@ -102,3 +102,64 @@ def test_a_reload_that_fails_is_detected_and_rolled_back(proxy):
             proxy.apply(haproxy_config.render(moved, []))
     assert proxy.live_config() == good and proxy.running()
     assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/v1/models").status_code == 503
+
+
+def test_membership_changes_go_through_the_runtime_api_without_a_reload(proxy):
+    d = proxy.deployment
+    a, b = Server("m", "7", "127.0.0.1", 9), Server("m", "8", "127.0.0.1", 10)
+    update = lambda servers: proxy.update(haproxy_config.render(d, servers), haproxy_config.render(d, []), servers)
+    assert update([a]) == "started"
+    reloads = runtime.show_proc(proxy.paths.master_socket).reloads
+    assert update([a, b]) == "runtime"
+    assert update([a, b]) == "unchanged"
+    assert update([a, Server("m", "8", "127.0.0.1", 10, draining=True)]) == "runtime"
+    live = {s.name: s for s in runtime.show_servers(proxy.paths.admin_socket)}
+    assert set(live) == {"job7", "job8"} and live["job8"].draining and not live["job7"].draining
+    assert (live["job8"].address, live["job8"].port) == ("127.0.0.1", 10)
+    assert "server job8 127.0.0.1:10 id 8 weight 0\n" in proxy.live_config()
+    assert update([b]) == "runtime"
+    assert [s.name for s in runtime.show_servers(proxy.paths.admin_socket)] == ["job8"]
+    assert runtime.show_proc(proxy.paths.master_socket).reloads == reloads  # no reload so far
+
+    structural = d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": 7})})
+    text = haproxy_config.render(structural, [b])
+    assert proxy.update(text, haproxy_config.render(structural, []), [b]) == "reloaded"
+    assert runtime.show_proc(proxy.paths.master_socket).reloads == reloads + 1
+    live = runtime.show_servers(proxy.paths.admin_socket)
+    assert [(s.name, s.draining) for s in live] == [("job8", False)]
+
+
+def test_stats_and_prometheus_on_a_local_port(proxy):
+    d = proxy.deployment
+    proxy.apply(haproxy_config.render(d, []))
+    port = d.haproxy.stats_port_or_default
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics")
+    assert metrics.status_code == 200 and "haproxy_backend_current_queue" in metrics.text
+    assert httpx.get(f"http://127.0.0.1:{port}/stats").status_code == 200
+
+
+def test_errors_keep_the_openai_shape(proxy):
+    d = proxy.deployment
+    proxy.apply(haproxy_config.render(d, []))
+    response = httpx.post(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", json={"messages": []})
+    assert response.status_code == 503 and response.headers["retry-after"] == str(d.haproxy.retry_after)
+    assert response.json()["error"]["type"] == "server_unavailable"
+
+
+def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# researchers\nkey-one\n\nkey-two\n")
+    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port(), "api_keys_file": str(keys)}),
+                     base=tmp_path)
+    d.state_dir.mkdir(mode=0o700)
+    (d.state_dir / "logs").mkdir()
+    proxy = HAProxy(d, "backend-key")
+    proxy.paths.frontend_keys_file.write_text(haproxy_config.frontend_keys(d))
+    try:
+        proxy.apply(haproxy_config.render(d, []))
+        url = f"http://127.0.0.1:{d.haproxy.port}/v1/models"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer key-two"}).status_code == 503  # past the key check
+    finally:
+        proxy.stop(timeout=5)

@@ -89,3 +89,66 @@ def test_a_server_in_rotation_survives_one_failed_probe(deployment):
 ])
 def test_parse_endpoint(comment, endpoint):
     assert parse_endpoint(comment) == endpoint
+
+
+def drain_plan(deployment, backends, want, draining=None, sessions=None, now=1000.0, timeout=60.0):
+    return plan(deployment, Desired(up=want is not None, replicas={"a": want or 0}), backends,
+                in_rotation=frozenset(b.job.job_id for b in backends if b.health is Health.READY),
+                draining=draining or {}, sessions=sessions, now=now, drain_timeout=timeout)
+
+
+def test_a_serving_job_is_drained_before_it_is_cancelled(deployment):
+    backends = [backend(1, time_left=100), backend(2)]
+    first = drain_plan(deployment, backends, 1, sessions={"1": 3, "2": 0})
+    assert first.cancel == () and first.draining == {"1": 1060.0}
+    assert [(s.job_id, s.draining) for s in first.servers] == [("1", True), ("2", False)]
+    assert first.haproxy_running
+
+    busy = drain_plan(deployment, backends, 1, draining=first.draining, sessions={"1": 2}, now=1010)
+    assert busy.cancel == () and busy.draining == {"1": 1060.0}          # the deadline does not move
+
+    idle = drain_plan(deployment, backends, 1, draining=busy.draining, sessions={"1": 0}, now=1020)
+    assert [(c.job_id, c.reason) for c in idle.cancel] == [("1", "scaling a to 1, drained")]
+    assert [s.job_id for s in idle.servers] == ["2"] and idle.draining == {}
+
+    late = drain_plan(deployment, backends, 1, draining=busy.draining, sessions={"1": 5}, now=1060)
+    assert [c.reason for c in late.cancel] == ["scaling a to 1, drain deadline passed"]
+
+
+def test_a_draining_job_stays_the_one_that_leaves(deployment):
+    """Even when another job now sorts first, the one already draining is the surplus."""
+    backends = [backend(1, time_left=5000), backend(2, time_left=100)]
+    p = drain_plan(deployment, backends, 1, draining={"1": 1060.0}, sessions={"1": 1, "2": 0})
+    assert p.draining == {"1": 1060.0} and p.cancel == ()
+
+
+def test_scaling_back_up_ends_a_drain(deployment):
+    backends = [backend(1), backend(2)]
+    p = drain_plan(deployment, backends, 2, draining={"1": 1060.0}, sessions={"1": 1})
+    assert p.draining == {} and p.cancel == () and not any(s.draining for s in p.servers)
+
+
+def test_jobs_that_serve_nobody_are_cancelled_without_drain(deployment):
+    backends = [backend(1), backend(2, health=Health.LOADING), backend(3, health=Health.PENDING)]
+    p = drain_plan(deployment, backends, 1)
+    assert sorted(c.job_id for c in p.cancel) == ["2", "3"] and p.draining == {}
+
+
+def test_down_drains_then_stops(deployment):
+    backends = [backend(1), backend(2)]
+    first = drain_plan(deployment, backends, None, sessions={"1": 1, "2": 1})
+    assert first.haproxy_running and set(first.draining) == {"1", "2"} and first.cancel == ()
+    done = drain_plan(deployment, backends, None, draining=first.draining, sessions={"1": 0, "2": 0})
+    assert not done.haproxy_running and len(done.cancel) == 2 and done.servers == ()
+
+
+def test_drain_timeout_zero_cancels_at_once(deployment):
+    """`down --now`."""
+    p = drain_plan(deployment, [backend(1)], None, sessions={"1": 4}, timeout=0)
+    assert [c.job_id for c in p.cancel] == ["1"] and not p.haproxy_running
+
+
+def test_unknown_sessions_keep_a_drain_until_its_deadline(deployment):
+    backends = [backend(1), backend(2)]
+    p = drain_plan(deployment, backends, 1, draining={"1": 1060.0}, sessions=None, now=1030)
+    assert p.cancel == () and p.draining == {"1": 1060.0}
