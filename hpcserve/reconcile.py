@@ -104,8 +104,7 @@ class Reconciler:
             if keys is not None:
                 write_private(haproxy.paths.frontend_keys_file, keys)
             servers = list(the_plan.servers)
-            change = haproxy.update(haproxy_config.render(self.deployment, servers),
-                                    haproxy_config.render(self.deployment, []), servers)
+            change = haproxy.update(servers)
             write_private(self._membership_file, json.dumps(sorted(s.job_id for s in servers)) + "\n")
         elif haproxy.running():
             haproxy.stop()

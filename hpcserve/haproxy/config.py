@@ -23,6 +23,8 @@ class Server:
         address: host or IP HAProxy connects to (the node's NodeAddr).
         port: the TCP port llama-server bound.
         draining: the server is leaving: it finishes its sessions and takes no new request.
+        maxconn: a lower limit than the model's slots, while workers from before a reload still
+            hold some of them (0: none is free, the server takes no new request); None otherwise.
     """
 
     model: str
@@ -30,6 +32,7 @@ class Server:
     address: str
     port: int
     draining: bool = False
+    maxconn: int | None = None
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ catch a port already in use, so that is checked before starting.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -23,7 +24,7 @@ from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import Paths, Server, backend_name, paths, server_options
+from .config import Paths, Server, backend_name, paths, render, server_options
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -90,40 +91,114 @@ class HAProxy:
     def _base_file(self):
         return self.paths.root / "haproxy-base.cfg"
 
-    def update(self, text: str, base: str, servers: list[Server]) -> str:
-        """Make `text` the config, with as little disruption as possible.
+    def update(self, servers: list[Server], settle_timeout: float = 30.0) -> str:
+        """Make HAProxy serve `servers` with the deployment's config, disturbing as little as possible.
 
         A reload starts a new worker and leaves the old one holding its streams (up to
-        hard-stop-after), so frequent reloads pile up workers. Only a structural change (`base`,
-        the config without its servers, differs from the running one) reloads; a change of
+        hard-stop-after), so frequent reloads pile up workers. Only a structural change (the
+        config without its servers differs from the running one) reloads; a change of
         membership or drain goes through the runtime API, and the same membership is written to
         the file, so a restart or a later reload finds it.
 
+        A new worker knows nothing of the streams its predecessor still serves, so after a reload
+        each server would take its full slots again on top of them. The new worker therefore
+        starts with each server's maxconn lowered by what the running workers hold, and
+        `settle()` hands the slots back as those streams end.
+
         Args:
-            text: the full config.
-            base: the same config rendered without servers.
-            servers: the membership `text` holds.
+            servers: the membership.
+            settle_timeout: seconds to wait after a reload for old workers' streams to end
+                (the next call goes on settling if they have not).
         Returns:
             "started", "reloaded", "runtime" (changed through the runtime API) or "unchanged".
         Raises:
             HAProxyError: validation, start, reload or a runtime command failed; the file keeps the
                 previous config (a runtime change already made is repaired by the next step).
         """
+        text = render(self.deployment, servers)
+        base = render(self.deployment, [])
         running = self.running()
         if running and text == self.live_config():
+            self.settle(servers, timeout=0)
             return "unchanged"
         try:
             same_base = running and self._base_file.read_text() == base
         except FileNotFoundError:
             same_base = False
-        if not same_base:
+        if not running:
             self.apply(text)
             write_private(self._base_file, base)
-            return "reloaded" if running else "started"
+            return "started"
+        if not same_base:
+            self.validate(text)
+            held = self.held_sessions(old_only=False)
+            self.apply(render(self.deployment, self._within_slots(servers, held)))
+            write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
+            write_private(self._base_file, base)
+            self.settle(servers, timeout=settle_timeout)
+            return "reloaded"
         self.validate(text)
         self.sync_servers(servers)
         write_private(self.paths.config, text)
+        self.settle(servers, timeout=0)
         return "runtime"
+
+    def _slots(self, server: Server) -> int:
+        return self.deployment.model(server.model).parallel
+
+    def _within_slots(self, servers: list[Server], held: dict[str, int]) -> list[Server]:
+        """`servers` with maxconn lowered by the sessions other workers hold on each."""
+        return [dataclasses.replace(s, maxconn=max(0, self._slots(s) - held[s.name]))
+                if held.get(s.name) and not s.draining else s for s in servers]
+
+    def held_sessions(self, old_only: bool = True) -> dict[str, int]:
+        """Server name -> sessions held by the old workers (or by every worker: old_only=False).
+
+        Raises:
+            HAProxyError: the master did not answer.
+        """
+        info = runtime.show_proc(self.paths.master_socket)
+        held: dict[str, int] = {}
+        for pid in info.old_workers + (() if old_only else info.workers):
+            for stat in runtime.worker_stat(self.paths.master_socket, pid):
+                held[stat.server] = held.get(stat.server, 0) + stat.sessions
+        return held
+
+    def settle(self, servers: list[Server], timeout: float) -> bool:
+        """Give each server of the current worker the slots old workers no longer hold.
+
+        Polls every 0.2 s until no old worker is left or `timeout` seconds passed (0: one pass).
+        Returns True when settled (every serving server back at maxconn = slots, weight 1).
+        Errors of the runtime API end the wait quietly: the next step settles again.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                held = self.held_sessions(old_only=True)
+                current = {s.server: s for s in runtime.show_stat(self.paths.admin_socket)}
+                models = {m.name: m for m in self.deployment.models}
+                for server in servers:
+                    stat = current.get(server.name)
+                    if server.draining or stat is None or server.model not in models:
+                        continue
+                    where = f"{backend_name(models[server.model])}/{server.name}"
+                    slots = self._slots(server)
+                    free = max(0, slots - held.get(server.name, 0))
+                    if free == 0:
+                        if stat.weight != 0:
+                            runtime.command(self.paths.admin_socket, f"set weight {where} 0")
+                        continue
+                    if stat.limit != free:
+                        runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
+                    if stat.weight == 0:
+                        runtime.command(self.paths.admin_socket, f"set weight {where} 1")
+                if not runtime.show_proc(self.paths.master_socket).old_workers and not held:
+                    return True
+            except HAProxyError:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     def sync_servers(self, servers: list[Server]) -> None:
         """Add, drain, un-drain and delete servers of the running worker to match `servers`.
@@ -160,15 +235,16 @@ class HAProxy:
                 raise HAProxyError(f"HAProxy refused '{line}': {answer.splitlines()[0]}")
 
     def server_sessions(self) -> dict[str, int] | None:
-        """Job id -> current sessions of its server: {} when HAProxy is not running (nothing can be
-        in flight), None when it runs but did not answer (unknown: a drain then waits its deadline)."""
+        """Job id -> sessions of its server in every worker, old ones included: {} when HAProxy is
+        not running (nothing can be in flight), None when it runs but did not answer (unknown: a
+        drain then waits for its deadline)."""
         if not self.running():
             return {}
         try:
-            stats = runtime.show_stat(self.paths.admin_socket)
+            held = self.held_sessions(old_only=False)
         except HAProxyError:
             return None
-        return {s.server[3:]: s.sessions for s in stats if s.server.startswith("job")}
+        return {name[3:]: n for name, n in held.items() if name.startswith("job")}
 
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.
@@ -219,7 +295,7 @@ class HAProxy:
             # The socket file appears before the master accepts on it: wait for an answer.
             if self.running():
                 try:
-                    if runtime.show_proc(self.paths.master_socket).workers >= 1:
+                    if runtime.show_proc(self.paths.master_socket).workers:
                         return
                 except HAProxyError:
                     pass
@@ -246,7 +322,7 @@ class HAProxy:
                 continue  # the master re-executes itself: its socket is briefly away
             if now.failed_reloads > before.failed_reloads:
                 raise HAProxyError(f"haproxy reload failed, the previous config stays (see {self.log_file})")
-            if now.reloads > before.reloads and now.workers >= 1:
+            if now.reloads > before.reloads and now.workers:
                 return
         raise HAProxyError(f"haproxy did not reload within {timeout:g} s (see {self.log_file})")
 

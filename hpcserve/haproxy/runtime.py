@@ -47,6 +47,8 @@ class ServerStats:
         sessions: current sessions (scur): requests being served now.
         queued: requests waiting in this server's queue (qcur).
         total: sessions served since the worker started (stot).
+        limit: the server's maxconn now (slim), 0 when unlimited.
+        weight: its effective weight now.
     """
 
     backend: str
@@ -55,6 +57,8 @@ class ServerStats:
     sessions: int
     queued: int
     total: int
+    limit: int = 0
+    weight: int = 0
 
 
 def show_stat(socket_path: Path) -> list[ServerStats]:
@@ -63,15 +67,29 @@ def show_stat(socket_path: Path) -> list[ServerStats]:
     Raises:
         HAProxyError: the runtime API did not answer.
     """
-    text = command(socket_path, "show stat").lstrip("# ")
-    rows = csv.DictReader(io.StringIO(text))
+    return parse_stat(command(socket_path, "show stat"))
+
+
+def worker_stat(master_socket: Path, pid: int) -> list[ServerStats]:
+    """`show stat` of one worker, old ones included, through the master CLI's "@!PID" prefix.
+
+    Raises:
+        HAProxyError: the master did not answer.
+    """
+    return parse_stat(command(master_socket, f"@!{pid} show stat"))
+
+
+def parse_stat(text: str) -> list[ServerStats]:
+    """Server rows of a `show stat` CSV answer."""
+    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
     stats = []
     for row in rows:
         if row.get("svname") in (None, "FRONTEND", "BACKEND"):
             continue
         stats.append(ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
                                  sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),
-                                 total=_int(row.get("stot"))))
+                                 total=_int(row.get("stot")), limit=_int(row.get("slim")),
+                                 weight=_int(row.get("weight"))))
     return stats
 
 
@@ -115,11 +133,18 @@ def show_servers(socket_path: Path) -> list[LiveServer]:
 
 @dataclasses.dataclass(frozen=True)
 class ProcInfo:
-    """The master's view (`show proc`): its reload count, failed reloads, and live workers."""
+    """The master's view (`show proc`).
+
+    Attributes:
+        reloads, failed_reloads: the master's counters.
+        workers: pids of the current worker(s).
+        old_workers: pids of workers from before a reload, still finishing their streams.
+    """
 
     reloads: int
     failed_reloads: int
-    workers: int
+    workers: tuple[int, ...]
+    old_workers: tuple[int, ...] = ()
 
 
 def show_proc(master_socket: Path) -> ProcInfo:
@@ -132,8 +157,15 @@ def show_proc(master_socket: Path) -> ProcInfo:
     master = re.search(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", text, re.MULTILINE)
     if not master:
         raise HAProxyError(f"unexpected answer to 'show proc': {text[:200]!r}")
-    workers = len(re.findall(r"^\d+\s+worker\s", text, re.MULTILINE))
-    return ProcInfo(reloads=int(master.group(1)), failed_reloads=int(master.group(2)), workers=workers)
+    sections: dict[str, list[int]] = {}
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("# "):
+            section = line[2:].strip()
+        elif re.match(r"^\d+\s+worker\s", line):
+            sections.setdefault(section, []).append(int(line.split()[0]))
+    return ProcInfo(reloads=int(master.group(1)), failed_reloads=int(master.group(2)),
+                    workers=tuple(sections.get("workers", ())), old_workers=tuple(sections.get("old workers", ())))
 
 
 def _int(value: str | None) -> int:

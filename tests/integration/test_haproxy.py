@@ -107,7 +107,7 @@ def test_a_reload_that_fails_is_detected_and_rolled_back(proxy):
 def test_membership_changes_go_through_the_runtime_api_without_a_reload(proxy):
     d = proxy.deployment
     a, b = Server("m", "7", "127.0.0.1", 9), Server("m", "8", "127.0.0.1", 10)
-    update = lambda servers: proxy.update(haproxy_config.render(d, servers), haproxy_config.render(d, []), servers)
+    update = proxy.update
     assert update([a]) == "started"
     reloads = runtime.show_proc(proxy.paths.master_socket).reloads
     assert update([a, b]) == "runtime"
@@ -122,8 +122,7 @@ def test_membership_changes_go_through_the_runtime_api_without_a_reload(proxy):
     assert runtime.show_proc(proxy.paths.master_socket).reloads == reloads  # no reload so far
 
     structural = d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": 7})})
-    text = haproxy_config.render(structural, [b])
-    assert proxy.update(text, haproxy_config.render(structural, []), [b]) == "reloaded"
+    assert HAProxy(structural, "test-key").update([b]) == "reloaded"
     assert runtime.show_proc(proxy.paths.master_socket).reloads == reloads + 1
     live = runtime.show_servers(proxy.paths.admin_socket)
     assert [(s.name, s.draining) for s in live] == [("job8", False)]
@@ -163,3 +162,51 @@ def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
         assert httpx.get(url, headers={"Authorization": "Bearer key-two"}).status_code == 503  # past the key check
     finally:
         proxy.stop(timeout=5)
+
+
+def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(proxy, tmp_path):
+    """The old worker keeps its streams; the new one must not fill the same slots again."""
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    log = tmp_path / "sim.log"
+    with open(log, "w") as sink:
+        sim = subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", "4",
+                                "--sim-load-time", "0", "--sim-token-rate", "20"], stdout=sink, stderr=sink,
+                               env={"LLAMA_API_KEY": "test-key", "PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 20
+        while not (match := re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        d = proxy.deployment.model_copy(update={"models": [proxy.deployment.models[0].model_copy(update={"parallel": 4})]})
+        server = Server("m", "21", "127.0.0.1", int(match.group(1)))
+        first = HAProxy(d, "test-key")
+        assert first.update([server]) == "started"
+        url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
+        streams = [threading.Thread(target=lambda: httpx.post(url, timeout=30, json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 40, "stream": True})) for _ in range(3)]
+        for t in streams:
+            t.start()
+        while first.held_sessions(old_only=False).get("job21", 0) < 3:
+            time.sleep(0.05)
+
+        changed = d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": 9})})
+        second = HAProxy(changed, "test-key")
+        assert second.update([server], settle_timeout=0) == "reloaded"
+        stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
+        assert stat.limit == 1                                   # 4 slots, 3 held by the old worker
+        assert "server job21 127.0.0.1" in second.live_config() and "maxconn" not in \
+            second.live_config().split("server job21")[1].splitlines()[0]   # the file holds the steady state
+
+        for t in streams:
+            t.join()
+        assert second.settle([server], timeout=20)
+        stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
+        assert stat.limit == 4 and stat.weight == 1
+    finally:
+        sim.terminate()
+        sim.wait(10)
