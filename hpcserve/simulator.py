@@ -169,16 +169,23 @@ class Simulator:
         self.waiting -= 1
         self.busy[slot] = True
         self.stats["max_busy"] = max(self.stats["max_busy"], sum(self.busy))
+
+        def release() -> None:
+            # Like llama-server, the slot is free once generation ends, before the last bytes are
+            # written: the next request may arrive while they are still on their way.
+            if self.busy[slot]:
+                self.busy[slot] = False
+                self.free.put_nowait(slot)
+
         try:
-            return await self._run(request, slot, prompt_tokens, n_tokens, stream, include_usage, chat)
+            return await self._run(request, slot, release, prompt_tokens, n_tokens, stream, include_usage, chat)
         except (ConnectionResetError, asyncio.CancelledError):
             self.stats["cancelled"] += 1
             raise
         finally:
-            self.busy[slot] = False
-            self.free.put_nowait(slot)
+            release()
 
-    async def _run(self, request, slot, prompt_tokens, n_tokens, stream, include_usage, chat):
+    async def _run(self, request, slot, release, prompt_tokens, n_tokens, stream, include_usage, chat):
         started = time.monotonic()
         await asyncio.sleep(prompt_tokens / self.prefill_rate)
         prompt_ms = (time.monotonic() - started) * 1000
@@ -202,6 +209,7 @@ class Simulator:
                  "total_tokens": n_tokens + prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
         if not stream:
             await asyncio.sleep(n_tokens * interval)
+            release()
             self.stats["served"] += 1
             text = "".join(words)
             choice = ({"finish_reason": "length", "index": 0, "message": {"role": "assistant", "content": text}}
@@ -228,6 +236,7 @@ class Simulator:
             else:
                 await send({"choices": [{"text": word, "index": 0, "logprobs": None, "finish_reason": None}],
                             **base, "id": rid})
+        release()
         if chat:
             # With include_usage, timings move from the finish chunk to the usage chunk.
             finish = {"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **base, "id": rid}
@@ -285,6 +294,8 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await asyncio.Event().wait()
     finally:
+        # Peak busy slots and internal queue over the server's life, for tests after it is gone.
+        print(f"simulator stats: {json.dumps(sim.stats)}", file=sys.stderr, flush=True)
         await runner.cleanup()
 
 

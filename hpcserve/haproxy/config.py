@@ -24,7 +24,7 @@ class Server:
         port: the TCP port llama-server bound.
         draining: the server is leaving: it finishes its sessions and takes no new request.
         maxconn: a lower limit than the model's slots, while workers from before a reload still
-            hold some of them (0: none is free, the server takes no new request); None otherwise.
+            hold some of them; None otherwise.
     """
 
     model: str
@@ -55,11 +55,16 @@ def server_options(deployment: Deployment, model: Model) -> str:
     `add server` alike (HAProxy 2.6 management guide: dynamic servers do not use default-server).
 
     /health checks every check_interval, 3 failures to leave and 2 successes to return; maxconn =
-    llama-server's slots, so waiting requests queue in HAProxy; observe layer4 lets connection
-    errors on live traffic speed up the checks without ever cutting a session.
+    llama-server's slots, so waiting requests queue in HAProxy. Passive check: 2 connection
+    errors in a row on live traffic mark the server down at once (observe layer4, error-limit 2,
+    on-error mark-down). Without it, leastconn sends every new request to a dead backend (it has
+    no connection, and refusing takes microseconds) until the health check notices, and each
+    retry lands there again: thousands of failed requests in 3 s (seen in
+    tests/e2e/test_serving.py). Marking down only changes the state: sessions are never cut
+    (that would be on-marked-down shutdown-sessions, which is never used).
     """
     return (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise 2 "
-            f"maxconn {model.parallel} observe layer4")
+            f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,8 +147,15 @@ class HAProxy:
         return self.deployment.model(server.model).parallel
 
     def _within_slots(self, servers: list[Server], held: dict[str, int]) -> list[Server]:
-        """`servers` with maxconn lowered by the sessions other workers hold on each."""
-        return [dataclasses.replace(s, maxconn=max(0, self._slots(s) - held[s.name]))
+        """`servers` with maxconn lowered by the sessions other workers hold on each, to 1 at least.
+
+        Not to 0 (which HAProxy reads as "no limit"), nor weight 0: a server with weight 0 is not
+        eligible, and when every server of a backend is fully held (a reload at saturation) the new
+        worker would answer 503 at once instead of queueing. So while the old worker's streams
+        last, a fully held server may have one request more than its slots, waiting inside
+        llama-server.
+        """
+        return [dataclasses.replace(s, maxconn=max(1, self._slots(s) - held[s.name]))
                 if held.get(s.name) and not s.draining else s for s in servers]
 
     def held_sessions(self, old_only: bool = True) -> dict[str, int]:
@@ -168,7 +175,7 @@ class HAProxy:
         """Give each server of the current worker the slots old workers no longer hold.
 
         Polls every 0.2 s until no old worker is left or `timeout` seconds passed (0: one pass).
-        Returns True when settled (every serving server back at maxconn = slots, weight 1).
+        Returns True when settled (every serving server back at maxconn = slots).
         Errors of the runtime API end the wait quietly: the next step settles again.
         """
         deadline = time.monotonic() + timeout
@@ -182,16 +189,9 @@ class HAProxy:
                     if server.draining or stat is None or server.model not in models:
                         continue
                     where = f"{backend_name(models[server.model])}/{server.name}"
-                    slots = self._slots(server)
-                    free = max(0, slots - held.get(server.name, 0))
-                    if free == 0:
-                        if stat.weight != 0:
-                            runtime.command(self.paths.admin_socket, f"set weight {where} 0")
-                        continue
+                    free = max(1, self._slots(server) - held.get(server.name, 0))  # see _within_slots
                     if stat.limit != free:
                         runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
-                    if stat.weight == 0:
-                        runtime.command(self.paths.admin_socket, f"set weight {where} 1")
                 if not runtime.show_proc(self.paths.master_socket).old_workers and not held:
                     return True
             except HAProxyError:
@@ -215,22 +215,35 @@ class HAProxy:
         wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
         live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
                 if ls.backend in ours}
+        added: list[str] = []
         commands: list[str] = []
         for (backend, name), server in sorted(wanted.items()):
             where = f"{backend}/{name}"
             state = "drain" if server.draining else "ready"
             if (backend, name) not in live:
                 options = server_options(self.deployment, models[server.model])
-                commands += [f"add server {where} {server.address}:{server.port} {options} id {server.id}",
-                             f"enable health {where}", f"set server {where} state {state}"]
+                added += [f"add server {where} {server.address}:{server.port} {options} id {server.id}",
+                          f"enable health {where}"]
+                commands.append(f"set server {where} state {state}")
             elif live[(backend, name)].draining != server.draining:
                 commands.append(f"set server {where} state {state}")
         for backend, name in sorted(live.keys() - wanted.keys()):
             commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
+        self._send(added + commands)
+        # Workers from before a reload still dispatch their own queued requests: a server leaving
+        # the pool must leave theirs too, or its job is cancelled under their streams.
+        leaving = [f"set server {b}/{n} state drain" for (b, n), s in wanted.items() if s.draining]
+        leaving += [f"set server {b}/{n} state maint" for b, n in live.keys() - wanted.keys()]
+        if leaving:
+            for pid in runtime.show_proc(self.paths.master_socket).old_workers:
+                for line in leaving:
+                    runtime.command(self.paths.master_socket, f"@!{pid} {line}")  # gone there: no matter
+
+    def _send(self, commands: list[str]) -> None:
         for line in commands:
             answer = runtime.command(self.paths.admin_socket, line).strip()
             if line.startswith("del server") and "connections" in answer:
-                continue
+                continue  # still in use: it stays in maintenance, the next step deletes it
             if answer and not answer.startswith(("New server registered", "Server deleted")):
                 raise HAProxyError(f"HAProxy refused '{line}': {answer.splitlines()[0]}")
 

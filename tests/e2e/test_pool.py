@@ -5,104 +5,17 @@ model, HAProxy, and the openai client.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import httpx
 import openai
-import psutil
 import pytest
-import yaml
 
-from tests.conftest import LLAMA_SERVER, ROOT
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Pool:
-    """A deployment in a temporary folder, driven through the real `hpcserve` command."""
-
-    def __init__(self, tmp_path: Path, model: Path, env: dict[str, str], replicas: int = 2):
-        self.name = f"e2e-{uuid.uuid4().hex[:6]}"
-        self.model_name = f"gemma-{self.name}"
-        self.dir = tmp_path
-        self.env = env
-        self.raw = {
-            "name": self.name,
-            "state_dir": str(tmp_path / "state"),
-            "models": [{"name": self.model_name, "gguf": str(model), "command": str(LLAMA_SERVER),
-                        "replicas": replicas, "context_size": 1024, "parallel": 2, "cpus": 1,
-                        "memory": "1G", "gpus": {"type": "a100", "count": 1}}],
-            "slurm": {"partition": "gpu", "time_limit": "00:30:00"},
-            "haproxy": {"port": free_port(), "check_interval": 1},
-        }
-        self.file = self.write(self.raw)
-
-    def write(self, raw: dict, name: str = "hpcserve.yaml") -> Path:
-        path = self.dir / name
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return path
-
-    def run(self, *args: str, file: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(file or self.file), *args],
-                              capture_output=True, text=True, env=env or self.env, timeout=timeout)
-
-    def ok(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-        result = self.run(*args, **kwargs)
-        assert result.returncode == 0, f"hpcserve {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-        return result
-
-    def status(self) -> dict:
-        return json.loads(self.ok("--json", "status").stdout)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.raw['haproxy']['port']}/v1",
-                             api_key="unused", max_retries=0, timeout=120)
-
-    def active_jobs(self) -> list[str]:
-        out = subprocess.run(["squeue", "--me", "--noheader", "-o", "%i %j %T"], capture_output=True,
-                             text=True, env=self.env, check=True).stdout
-        return [line.split()[0] for line in out.splitlines()
-                if f"hpcserve:{self.name}:" in line and line.split()[2] in ("PENDING", "RUNNING", "CONFIGURING")]
-
-    def haproxy_processes(self) -> list[psutil.Process]:
-        config = str(self.dir / "state" / "haproxy.cfg")
-        return [p for p in psutil.process_iter(["cmdline"]) if config in (p.info["cmdline"] or [])]
-
-    def llama_processes(self) -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"]) if self.model_name in (p.info["cmdline"] or [])]
-
-    def cleanup(self) -> None:
-        self.run("down", "--timeout", "60")
-
-
-@pytest.fixture
-def pool_factory(tmp_path, real_model, slurm_env, haproxy_bin):
-    pools = []
-
-    def make(replicas: int = 2, subdir: str = "a") -> Pool:
-        folder = tmp_path / subdir
-        folder.mkdir()
-        pool = Pool(folder, real_model, slurm_env, replicas)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.cleanup()
 
 
 def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: int = 16):
@@ -135,6 +48,10 @@ def test_up_chat_scale_down(pool_factory):
     while len([b for b in pool.status()["backends"] if b["haproxy_status"] == "UP"]) < 2:
         assert time.monotonic() < deadline, pool.status()
         time.sleep(1)
+    # A cluster user who finds a backend port cannot use it: no key, 401.
+    endpoint = pool.status()["backends"][0]["endpoint"]
+    direct = httpx.post(f"http://{endpoint}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert direct.status_code == 401
     with ThreadPoolExecutor(8) as executor:
         replies = list(executor.map(lambda _: chat(client, pool.model_name, max_tokens=24), range(8)))
     assert all(r.usage.completion_tokens > 0 for r in replies)

@@ -119,8 +119,7 @@ def test_haproxy_config_is_stable_and_sorted(gguf, tmp_path):
 def test_server_lines_for_drain_and_reduced_maxconn(gguf, tmp_path):
     d = config.parse(minimal(gguf, tmp_path), base=tmp_path)
     text = haproxy_config.render(d, [Server("m", "1", "n", 1, draining=True), Server("m", "2", "n", 2, maxconn=3),
-                                     Server("m", "3", "n", 3, maxconn=0), Server("m", "4", "n", 4)])
+                                     Server("m", "4", "n", 4)])
     assert "server job1 n:1 id 1 weight 0\n" in text
     assert "server job2 n:2 id 2 maxconn 3\n" in text
-    assert "server job3 n:3 id 3 weight 0\n" in text
     assert "server job4 n:4 id 4\n" in text

@@ -1,0 +1,133 @@
+"""Serving under load, pool changes and faults: the real HAProxy and Slurm, simulated backends
+(hpcserve-llama-sim, checked against llama-server by tests/integration/test_simulator.py) so that
+2 cores can run dozens of slots."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from hpcserve.haproxy import runtime
+from tests.e2e.load import Load
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
+
+
+def describe_failures(results) -> str:
+    kinds = collections.Counter((r.status, r.error.split(":")[0], r.done) for r in results if not r.ok)
+    return ", ".join(f"{n}x status={s} error={e or '-'} done={d}" for (s, e, d), n in kinds.items())
+
+
+def reloads(pool) -> int:
+    return runtime.show_proc(pool.dir / "state" / "haproxy-master.sock").reloads
+
+
+def test_200_streams_while_the_pool_changes_20_times(pool_factory):
+    pool = pool_factory(replicas=4, parallel=8, simulator="--sim-token-rate 20 --sim-load-time 0.5",
+                        haproxy={"timeout_queue": 300, "drain_timeout": 120})
+    pool.ok("up", "--timeout", "120")
+    load = Load(pool.url, pool.model_name, clients=200, max_tokens=(5, 30), duration=400).start()
+    time.sleep(3)
+    first_reloads = reloads(pool)
+    sizes = [5, 3, 6, 4, 2, 5, 3, 6, 4, 2, 5, 3, 6, 4, 3, 5, 2, 4, 6, 4]
+    try:
+        for i, size in enumerate(sizes):
+            if i % 3 == 0:  # a structural change of the config: the next command reloads HAProxy
+                pool.raw["haproxy"]["timeout_client"] = 600 + i
+                pool.write(pool.raw)
+            pool.ok("scale", str(size), "--wait", "--timeout", "120")
+            assert len(pool.active_jobs()) == size
+    finally:
+        results = load.stop()
+    full_reloads = reloads(pool) - first_reloads
+    pool.ok("down", "--timeout", "60")
+
+    assert full_reloads >= 5
+    assert len(results) > 400, len(results)
+    assert all(r.ok for r in results), describe_failures(results)   # no broken stream, no failure
+    assert all(r.tokens >= 5 for r in results)
+    stats = pool.simulator_stats()
+    assert len(stats) >= 10, stats                       # every backend that served reported
+    assert sum(s["served"] for s in stats.values()) == len(results)
+    PEAKS.update(stats)
+
+
+PEAKS: dict[str, dict] = {}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open defect, measured: with 200 streams queued in HAProxy, a server just added through the "
+    "runtime API (add server + enable health + set state ready) shows scur up to 16 with maxconn 8 "
+    "while its health check reads 'UP 1/3'; with a fixed pool the peak is exactly maxconn. Backends "
+    "then queue up to maxconn extra requests internally. No request fails."))
+def test_no_backend_ever_got_more_than_its_slots():
+    """Reads the peaks the simulated backends of the test above reported when they stopped."""
+    assert PEAKS, "run with test_200_streams_while_the_pool_changes_20_times"
+    assert all(s["max_busy"] <= 8 and s["max_waiting"] == 0 for s in PEAKS.values()), PEAKS
+
+
+def test_overload_gets_complete_answers_or_a_clear_503(pool_factory):
+    """5x the pool's slots for a bounded time: each request completes or waits timeout queue
+    (3 s) and gets the 503 in the OpenAI error shape with Retry-After; nothing else."""
+    pool = pool_factory(replicas=2, parallel=4, simulator="--sim-token-rate 20 --sim-load-time 0.5",
+                        haproxy={"timeout_queue": 3, "retry_after": 7})
+    pool.ok("up", "--timeout", "120")
+    load = Load(pool.url, pool.model_name, clients=40, max_tokens=(30, 50), stream=False, duration=12).start()
+    results = load.join()
+    pool.ok("down", "--now")
+
+    statuses = collections.Counter(r.status for r in results)
+    assert set(statuses) <= {200, 503} and statuses[200] > 0 and statuses[503] > 0, statuses
+    assert all(not r.error for r in results), describe_failures(results)
+    for r in results:
+        if r.status == 503:
+            assert r.body["error"]["type"] == "server_unavailable" and r.retry_after == "7"
+            assert r.ended - r.started >= 2.9
+
+
+def test_kill_9_of_a_backend_under_load(pool_factory):
+    """Only the streams on the killed backend fail; no request started after HAProxy noticed goes
+    to it; the next reconcile replaces the job."""
+    pool = pool_factory(replicas=3, parallel=4, simulator="--sim-token-rate 20 --sim-load-time 0.5",
+                        haproxy={"timeout_queue": 60})
+    pool.ok("up", "--timeout", "120")
+    deadline = time.monotonic() + 60
+    while len([b for b in pool.status()["backends"] if b["haproxy_status"] == "UP"]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    victim = pool.status()["backends"][0]
+    port = int(victim["endpoint"].rsplit(":", 1)[1])
+    process = next(p for p in pool.llama_processes()
+                   if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in p.net_connections()))
+
+    load = Load(pool.url, pool.model_name, clients=12, max_tokens=(20, 40), duration=60).start()
+    time.sleep(4)
+    killed_at = time.monotonic()
+    os.kill(process.pid, signal.SIGKILL)
+    time.sleep(12)
+    results = load.stop()
+
+    failed = [r for r in results if not r.ok]
+    stat = [(s.server, s.status) for s in runtime.show_stat(pool.dir / "state" / "haproxy.sock")]
+    first_503 = min((r.started - killed_at for r in failed if r.status == 503), default=None)
+    assert len(failed) <= 4, f"{describe_failures(results)}; HAProxy: {stat}; first 503 at kill{first_503:+.1f} s"        # at most the victim's 4 slots
+    assert all(r.started < killed_at for r in failed)           # nothing that started later failed
+    detected = killed_at + 3 * 1 + 1                            # fall 3 x check_interval 1 s, and a margin
+    assert [r for r in results if r.started > detected and r.ok], "no request served after the kill"
+
+    deadline = time.monotonic() + 90
+    while True:
+        pool.ok("reconcile")
+        status = pool.status()
+        ids = {b["job_id"] for b in status["backends"] if b["health"] == "ready"}
+        if len(ids) == 3 and victim["job_id"] not in ids:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert victim["job_id"] not in {s.server[3:] for s in runtime.show_stat(pool.dir / "state" / "haproxy.sock")}
+    pool.ok("down", "--now")
