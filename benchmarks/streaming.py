@@ -135,7 +135,7 @@ def main() -> None:
     direct_ttft = statistics.median(results["direct"][0])
     print(f"{args.requests} streamed chat completions of {args.tokens} tokens per path, real llama-server, "
           f"{os.cpu_count()} CPUs")
-    print(f"| path | TTFT p50 ms | ITL p50 ms | ITL p99 ms | ITL max ms | TTFT p50 / direct | ITL p50 / direct |")
+    print("| path | TTFT p50 ms | ITL p50 ms | ITL p99 ms | ITL max ms | TTFT p50 / direct | ITL p50 / direct |")
     print("|---|---|---|---|---|---|---|")
     for name, (ttfts, gaps) in results.items():
         print(f"| {name} | {statistics.median(ttfts) * 1000:.1f} | {statistics.median(gaps) * 1000:.1f} | "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ import filelock
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, sbatch
+from . import __version__, autoscaler, sbatch
 from . import config as config_mod
 from .config import Deployment
 from .endpoints import Backend, Health, observe
@@ -204,6 +206,66 @@ def reconcile(ctx: Context, drain_timeout: float | None) -> None:
 
 
 @cli.command()
+@click.option("--watch", is_flag=True, help="Decide again every --interval seconds until interrupted.")
+@click.option("--interval", type=click.FloatRange(min=1), default=30, show_default=True,
+              help="Seconds between decisions with --watch.")
+@click.option("--print-cron", is_flag=True, help="Print the crontab line that runs this every minute, and exit.")
+@pass_ctx
+def autoscale(ctx: Context, watch: bool, interval: float, print_cron: bool) -> None:
+    """Size each model's pool to its load, once (for cron) or with --watch.
+
+    Reads sessions and queued requests per model from HAProxy, decides with the model's
+    `autoscale` policy (min, max, target_utilization, delays, cooldown, max_step), applies the
+    result as one reconcile step, and appends the decision to STATE_DIR/decisions.jsonl. A run that
+    finds another hpcserve command changing the deployment exits 0 without acting.
+    """
+    if print_cron:
+        click.echo(_cron_line(ctx))
+        return
+    while True:
+        _autoscale_once(ctx)
+        if not watch:
+            return
+        time.sleep(interval)
+
+
+def _autoscale_once(ctx: Context) -> None:
+    state = StateDir(ctx.deployment.state_dir)
+    try:
+        with state.lock(timeout=0):
+            records, outcome = autoscaler.run_once(ctx.reconciler())
+    except filelock.Timeout:
+        ctx.say("another hpcserve command is changing this deployment; this autoscale run does nothing")
+        return
+    if outcome is None:
+        ctx.say("nothing to scale: the deployment is down or no model has an autoscale policy")
+    else:
+        for line in describe(outcome):
+            ctx.say(line)
+    if ctx.as_json:
+        click.echo(json.dumps(records))
+    for r in records:
+        out.print(f"{r['model']}: {r['desired_before']} -> {r['desired_after']} replica(s): {r['reason']}")
+
+
+def _cron_line(ctx: Context) -> str:
+    """A crontab line with what cron's environment lacks: PATH (sbatch, squeue, haproxy), SLURM_CONF."""
+    deployment = ctx.deployment
+    env = [f"PATH={shlex.quote(os.environ.get('PATH', '/usr/bin:/bin'))}"]
+    if os.environ.get("SLURM_CONF"):
+        env.append(f"SLURM_CONF={shlex.quote(os.environ['SLURM_CONF'])}")
+    if sys.argv[0].endswith("__main__.py"):  # python -m hpcserve
+        program = f"{shlex.quote(sys.executable)} -m hpcserve"
+    elif os.path.exists(sys.argv[0]):
+        program = shlex.quote(os.path.abspath(sys.argv[0]))
+    else:
+        program = shlex.quote(shutil.which("hpcserve") or "hpcserve")
+    log = shlex.quote(str(deployment.state_dir / "logs" / "autoscale.log"))
+    return (f"* * * * * {' '.join(env)} {program} -f {shlex.quote(str(ctx.file.resolve()))} autoscale "
+            f">> {log} 2>&1")
+
+
+@cli.command()
 @click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
 @pass_ctx
 def render(ctx: Context, what: str) -> None:
@@ -275,7 +337,8 @@ def _status_report(deployment, desired, haproxy, backends, stats, slurm_error) -
                           "ready": sum(1 for r in mine if r["health"] == Health.READY.value)}
     return {"deployment": deployment.name, "url": deployment.url, "up": desired.up,
             "haproxy": {"running": haproxy.running(), "pid": haproxy.pid()},
-            "models": models, "backends": rows, "slurm_error": slurm_error}
+            "models": models, "backends": rows, "slurm_error": slurm_error,
+            "last_autoscale": autoscaler.last_decisions(deployment.state_dir)}
 
 
 def _print_status(report: dict) -> None:
@@ -284,6 +347,11 @@ def _print_status(report: dict) -> None:
               f"URL {report['url']}, HAProxy {'running (pid %s)' % h['pid'] if h['running'] else 'not running'}")
     for name, m in report["models"].items():
         out.print(f"  model {name}: {m['ready']} ready of {m['jobs']} job(s), {m['desired']} wanted")
+        last = report["last_autoscale"].get(name)
+        if last:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
+            out.print(f"    last autoscale {when}: {last['desired_before']} -> {last['desired_after']}, "
+                      f"{last['reason']}", markup=False)
     if report["slurm_error"]:
         err.print(f"[red]Slurm is not answering:[/] {report['slurm_error']}")
         return

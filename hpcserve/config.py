@@ -44,6 +44,31 @@ class GPUs(_Strict):
         return f"gpu:{self.type}:{self.count}" if self.type else f"gpu:{self.count}"
 
 
+class Autoscale(_Strict):
+    """How `hpcserve autoscale` sizes a model's pool (one decision per run, e.g. from cron).
+
+    The need is (sessions + queued requests) / (slots per replica x target_utilization), in
+    replicas, from HAProxy's counters. A change happens only when the need has differed from the
+    desired replicas for the whole delay, at most max_step replicas at a time, and not within
+    cooldown seconds of the last change: a steady load at the threshold does not flap.
+    """
+
+    min: int = Field(default=1, ge=0, description="replicas; 0 allows scale to zero")
+    max: int = Field(default=4, ge=1, le=1024)
+    target_utilization: float = Field(default=0.75, gt=0, le=1,
+                                      description="wanted (sessions + queued) / slots")
+    scale_up_delay: float = Field(default=30, ge=0, description="seconds the need must persist")
+    scale_down_delay: float = Field(default=300, ge=0, description="seconds the lower need must persist")
+    cooldown: float = Field(default=60, ge=0, description="seconds after a change before the next")
+    max_step: int = Field(default=2, ge=1, description="replicas added or removed at once")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscale:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class Model(_Strict):
     """One model of the pool and how each of its replicas (one Slurm job each) runs llama-server."""
 
@@ -59,6 +84,7 @@ class Model(_Strict):
     gpus: GPUs = Field(default_factory=GPUs)
     cpus: int = Field(default=4, ge=1, le=1024, description="--cpus-per-task")
     memory: str = Field(default="16G", pattern=MEMORY_PATTERN, description="--mem")
+    autoscale: Autoscale | None = Field(default=None, description="policy of `hpcserve autoscale`")
 
     @field_validator("command")
     @classmethod
@@ -89,6 +115,11 @@ class Slurm(_Strict):
                                         description="more #SBATCH options, e.g. --exclusive")
     setup: list[str] = Field(default_factory=list,
                              description="shell lines run before llama-server, e.g. module load cuda")
+    renew_before: float = Field(default=600, ge=0,
+                                description="seconds before its time limit a backend's successor is "
+                                            "submitted, at least (hpcserve learns more if queue waits need it)")
+    signal_before: int = Field(default=120, ge=0, le=65535,
+                               description="seconds before the end Slurm warns the job with USR1 (--signal)")
 
     @field_validator("extra_directives")
     @classmethod

@@ -24,6 +24,7 @@ from .sbatch import job_name_prefix, model_of
 from .slurm import Job, JobState, Scheduler
 
 _ENDPOINT = re.compile(r"(?:^|\s)endpoint=(?P<host>[^\s:]+):(?P<port>\d{1,5})(?:\s|$)")
+_LEAVING = re.compile(r"(?:^|\s)leaving(?:\s|$)")
 
 
 class Health(enum.Enum):
@@ -48,6 +49,7 @@ class Backend:
         port: its TCP port, or None before it announced.
         health: see Health.
         slots_busy, slots_total: from /slots when asked for (status), else None.
+        leaving: Slurm warned the job that it will end (its comment says "leaving").
     """
 
     job: Job
@@ -57,6 +59,7 @@ class Backend:
     health: Health = Health.PENDING
     slots_busy: int | None = None
     slots_total: int | None = None
+    leaving: bool = False
 
     @property
     def endpoint(self) -> str | None:
@@ -111,7 +114,7 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
                 resolved[host] = resolve(host)
             address = resolved[host]
             backends.append(Backend(job, model, address=address, port=endpoint[1] if address else None,
-                                    health=Health.UNREACHABLE))
+                                    health=Health.UNREACHABLE, leaving=bool(_LEAVING.search(job.comment))))
     return asyncio.run(_probe_all(backends, key, probe_timeout, slots))
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from .config import Deployment
 from .endpoints import Backend, Health
 from .haproxy.config import Server
+from .slurm import JobState
 from .state import Desired
 
 
@@ -63,7 +64,8 @@ def _cancel_order(backend: Backend) -> tuple[int, float]:
 
 def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
          in_rotation: frozenset[str] = frozenset(), *, draining: Mapping[str, float] | None = None,
-         sessions: Mapping[str, int] | None = None, now: float = 0.0, drain_timeout: float = 0.0) -> Plan:
+         sessions: Mapping[str, int] | None = None, now: float = 0.0, drain_timeout: float = 0.0,
+         renew_lead: float | None = None) -> Plan:
     """The plan that moves `backends` (observed) toward `desired`.
 
     Args:
@@ -79,11 +81,17 @@ def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
             None when unknown, and then a drain lasts until its deadline.
         now: the current time (epoch s).
         drain_timeout: seconds a leaving server may finish its requests; 0 cancels at once.
+        renew_lead: seconds before its time limit a running job is renewed; None = never.
 
     A surplus job that serves (in rotation) is drained first: it stays in HAProxy with weight 0
     and is cancelled once a later step sees it with no session, or at its deadline. A job that
     serves nobody yet (pending, loading) is cancelled at once. Draining jobs are the first
     surplus, so the choice is stable from step to step; scaling back up ends their drain.
+
+    Renewal: a running job within renew_lead of its time limit, or one Slurm warned (leaving),
+    no longer counts toward the replicas, so its successor is submitted now. A warned job is
+    drained at once; one near its time limit keeps serving until enough others are ready, then
+    is drained, so no request is lost over a renewal.
 
     Returns:
         A Plan. Jobs of models that left the deployment file are cancelled.
@@ -114,15 +122,27 @@ def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
         if backend.model not in models:
             leave(backend, "model no longer in the deployment file")
 
+    def renewing(b: Backend) -> bool:
+        near_end = (renew_lead is not None and b.job.time_left_s is not None
+                    and b.job.state is JobState.RUNNING and b.job.time_left_s < renew_lead)
+        return b.leaving or near_end
+
     for model in deployment.models:
         want = desired.replicas_of(model.name)
-        mine = sorted((b for b in active if b.model == model.name),
-                      key=lambda b: (b.job.job_id not in draining, _cancel_order(b)))
-        if len(mine) < want:
-            submit.extend([model.name] * (want - len(mine)))
+        mine = [b for b in active if b.model == model.name]
+        staying = sorted((b for b in mine if not renewing(b)),
+                         key=lambda b: (b.job.job_id not in draining, _cancel_order(b)))
+        if len(staying) < want:
+            submit.extend([model.name] * (want - len(staying)))
         reason = "deployment is down" if not desired.up else f"scaling {model.name} to {want}"
-        for backend in mine[:max(0, len(mine) - want)]:
+        for backend in staying[:max(0, len(staying) - want)]:
             leave(backend, reason)
+        ready = sum(1 for b in staying if b.health is Health.READY)
+        for backend in (b for b in mine if renewing(b)):
+            if backend.leaving:
+                leave(backend, "Slurm warned the job that it ends soon")
+            elif ready >= want:
+                leave(backend, "time limit near, its successor is ready" if want else reason)
 
     cancelled = {c.job_id for c in cancel}
     servers = tuple(sorted(

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from . import sbatch
 from .config import Deployment
-from .endpoints import Backend, observe
+from .endpoints import Backend, Health, observe
 from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
 from .plan import Plan, plan
@@ -74,7 +74,20 @@ class Reconciler:
             return frozenset()
 
     def haproxy(self) -> HAProxy:
+        """The deployment's HAProxy (its backend key created on first use)."""
         return HAProxy(self.deployment, self.state.backend_key())
+
+    def _learn_startups(self, backends: list[Backend], now: float) -> dict:
+        """Startup times (submit -> first seen ready: queue wait plus model load, in seconds) of
+        the last 20 backends, from the record in the state directory plus what is new now."""
+        record = self.state.read_json("startups", {})
+        seen = [str(j) for j in record.get("jobs", [])] if isinstance(record, dict) else []
+        seconds = [float(x) for x in record.get("seconds", [])] if isinstance(record, dict) else []
+        for b in backends:
+            if b.health is Health.READY and b.job.submit_time is not None and b.job.job_id not in seen:
+                seen.append(b.job.job_id)
+                seconds.append(max(0.0, now - b.job.submit_time))
+        return {"jobs": seen[-50:], "seconds": seconds[-20:]}
 
     def step(self, desired: Desired, drain_timeout: float | None = None) -> Outcome:
         """Observe, plan and apply once toward `desired` (see the module docstring for the order).
@@ -93,10 +106,12 @@ class Reconciler:
         backends = observe(self.deployment, self.scheduler, key=key)
         haproxy = HAProxy(self.deployment, key)
         sessions = haproxy.server_sessions()
+        now = time.time()
+        startups = self._learn_startups(backends, now)
         the_plan = plan(self.deployment, desired, backends, self.in_rotation(),
-                        draining=self.state.read_draining(), sessions=sessions,
-                        now=time.time(),
-                        drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout)
+                        draining=self.state.read_draining(), sessions=sessions, now=now,
+                        drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout,
+                        renew_lead=renewal_lead(self.deployment.slurm.renew_before, startups["seconds"]))
 
         change = "unchanged"
         if the_plan.haproxy_running:
@@ -118,8 +133,15 @@ class Reconciler:
             write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", script)
             submitted.append((model_name, self.scheduler.submit(script)))
         self.state.write_draining(the_plan.draining)
+        self.state.write_json("startups", startups)
         self.state.write_desired(desired)
         return Outcome(tuple(backends), the_plan, tuple(submitted), change, sessions)
+
+
+def renewal_lead(floor: float, startups: list[float]) -> float:
+    """Seconds before a backend's time limit to submit its successor: the deployment's floor, or
+    1.5 times the slowest recent startup (queue wait plus model load) when that is longer."""
+    return max(floor, 1.5 * max(startups, default=0.0))
 
 
 def describe(outcome: Outcome) -> list[str]:

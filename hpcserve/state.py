@@ -113,6 +113,20 @@ class StateDir:
         """Replace the drain state atomically."""
         write_private(self.draining_file, json.dumps(dict(sorted(draining.items())), indent=2) + "\n")
 
+    def read_json(self, name: str, default: object) -> object:
+        """A JSON record of this state directory (`name`.json), or `default` when absent or unreadable.
+
+        For records whose loss costs only a little history (the autoscaler's memory, startup times).
+        """
+        try:
+            return json.loads((self.root / f"{name}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return default
+
+    def write_json(self, name: str, data: object) -> None:
+        """Replace the record `name`.json atomically."""
+        write_private(self.root / f"{name}.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+
     def backend_key(self) -> str:
         """The deployment's backend key, created (random, 256 bits, 0600) on first use."""
         self.ensure()

@@ -290,10 +290,11 @@ class HAProxy:
         """Start the master (daemonised) with the config file in place.
 
         Raises:
-            HAProxyError: the frontend port is in use, or haproxy failed to start.
+            HAProxyError: the frontend or stats port is in use, or haproxy failed to start.
         """
-        bind, port = self.deployment.haproxy.bind, self.deployment.haproxy.port
-        check_port_free(bind, port)
+        settings = self.deployment.haproxy
+        check_port_free(settings.bind, settings.port, "haproxy.port")
+        check_port_free("127.0.0.1", settings.stats_port_or_default, "haproxy.stats_port")
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
         argv = [*self._argv0, "-W", "-D", "-S", f"{self.paths.master_socket},mode,600",
                 "-p", str(self.paths.pid_file), "-f", str(self.paths.config)]
@@ -372,8 +373,8 @@ class HAProxy:
             path.unlink(missing_ok=True)
 
 
-def check_port_free(bind: str, port: int) -> None:
-    """Raise HAProxyError if something already listens on `bind`:`port`.
+def check_port_free(bind: str, port: int, field: str) -> None:
+    """Raise HAProxyError, naming the deployment file's `field`, if something listens on `bind`:`port`.
 
     SO_REUSEADDR is set so that connections in TIME_WAIT do not count; a listener does.
     """
@@ -383,5 +384,5 @@ def check_port_free(bind: str, port: int) -> None:
         try:
             sock.bind((bind if bind not in ("*", "") else "0.0.0.0", port))
         except OSError as exc:
-            raise HAProxyError(f"haproxy.port: {bind}:{port} is not available ({exc.strerror}); "
+            raise HAProxyError(f"{field}: {bind}:{port} is not available ({exc.strerror}); "
                                "choose another port in the deployment file") from None

@@ -79,12 +79,21 @@ def worker_stat(master_socket: Path, pid: int) -> list[ServerStats]:
     return parse_stat(command(master_socket, f"@!{pid} show stat"))
 
 
-def parse_stat(text: str) -> list[ServerStats]:
-    """Server rows of a `show stat` CSV answer."""
-    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+def show_backends(socket_path: Path) -> dict[str, ServerStats]:
+    """Backend name -> its totals (server = "BACKEND"; queued = requests waiting in its queue).
+
+    Raises:
+        HAProxyError: the runtime API did not answer.
+    """
+    return {s.backend: s for s in parse_stat(command(socket_path, "show stat"), rows="BACKEND")}
+
+
+def parse_stat(text: str, rows: str = "servers") -> list[ServerStats]:
+    """The server rows (or, with rows="BACKEND", the backend rows) of a `show stat` CSV answer."""
     stats = []
-    for row in rows:
-        if row.get("svname") in (None, "FRONTEND", "BACKEND"):
+    for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
+        kind = row.get("svname")
+        if kind is None or kind == "FRONTEND" or (kind == "BACKEND") != (rows == "BACKEND"):
             continue
         stats.append(ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
                                  sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),

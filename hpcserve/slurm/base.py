@@ -25,6 +25,7 @@ class Job:
         time_limit_s: the time limit in seconds, None for UNLIMITED.
         time_left_s: seconds until the time limit, None when unlimited or not running.
         reason: why it is pending or ended ("None" when there is no reason).
+        submit_time: when it was submitted (epoch seconds), None if unknown.
     """
 
     job_id: str
@@ -35,6 +36,7 @@ class Job:
     time_limit_s: int | None
     time_left_s: int | None
     reason: str
+    submit_time: float | None = None
 
 
 class Scheduler(abc.ABC):

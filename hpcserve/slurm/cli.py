@@ -10,6 +10,7 @@ address, `sinfo -N -o "%N %o"` maps it to NodeAddr.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 
 from .. import proc
@@ -20,7 +21,7 @@ from .states import parse_state
 SEP = "\x1f"
 # (squeue format code, Job field) in output order; squeue(1) --format.
 _FIELDS = (("%i", "job_id"), ("%j", "name"), ("%T", "state"), ("%N", "node"), ("%k", "comment"),
-           ("%l", "time_limit"), ("%L", "time_left"), ("%r", "reason"))
+           ("%l", "time_limit"), ("%L", "time_left"), ("%r", "reason"), ("%V", "submit_time"))
 SQUEUE_FORMAT = SEP.join(code for code, _ in _FIELDS)
 
 
@@ -125,7 +126,16 @@ def parse_squeue_line(line: str) -> Job:
         time_limit_s=parse_duration(raw["time_limit"]),
         time_left_s=parse_duration(raw["time_left"]),
         reason=raw["reason"],
+        submit_time=parse_timestamp(raw["submit_time"]),
     )
+
+
+def parse_timestamp(text: str) -> float | None:
+    """squeue's local "YYYY-MM-DDTHH:MM:SS" (%V) to epoch seconds, None when absent."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def first_node(nodelist: str) -> str:

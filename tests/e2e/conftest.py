@@ -43,7 +43,7 @@ class Pool:
                         "replicas": replicas, "context_size": 1024, "parallel": parallel, "cpus": 1,
                         "memory": "200M" if simulator is not None else "1G", "gpus": {"type": "a100", "count": 1}}],
             "slurm": {"partition": "gpu", "time_limit": "00:30:00"},
-            "haproxy": {"port": free_port(), "check_interval": 1, **(haproxy or {})},
+            "haproxy": {"port": free_port(), "stats_port": free_port(), "check_interval": 1, **(haproxy or {})},
         }
         self.file = self.write(self.raw)
 
@@ -52,9 +52,12 @@ class Pool:
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path
 
+    def command(self, file: Path | None = None) -> list[str]:
+        return [sys.executable, "-m", "hpcserve", "-f", str(file or self.file)]
+
     def run(self, *args: str, file: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(file or self.file), *args],
+        return subprocess.run([*self.command(file), *args],
                               capture_output=True, text=True, env=env or self.env, timeout=timeout)
 
     def ok(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def proxy(haproxy_bin, gguf, tmp_path):
-    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port()}), base=tmp_path)
+    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()}),
+                     base=tmp_path)
     d.state_dir.mkdir(mode=0o700)
     (d.state_dir / "logs").mkdir()
     h = HAProxy(d, "test-key")
@@ -68,6 +69,16 @@ def test_invalid_config_is_refused_and_the_running_one_stays(proxy):
         proxy.apply(good + "\nbackend broken\n    balance no-such-algorithm\n")
     assert proxy.live_config() == good and proxy.pid() == pid
     assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health").status_code in (503, 404)
+
+
+def test_stats_port_taken_is_reported_before_starting(proxy):
+    d = proxy.deployment
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", d.haproxy.stats_port_or_default))
+        other.listen()
+        with pytest.raises(HAProxyError, match=r"haproxy.stats_port: 127.0.0.1:\d+ is not available"):
+            proxy.apply(haproxy_config.render(d, []))
+    assert not proxy.running()
 
 
 def test_port_taken_is_reported_before_starting(proxy):
@@ -142,13 +153,17 @@ def test_errors_keep_the_openai_shape(proxy):
     proxy.apply(haproxy_config.render(d, []))
     response = httpx.post(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", json={"messages": []})
     assert response.status_code == 503 and response.headers["retry-after"] == str(d.haproxy.retry_after)
-    assert response.json()["error"]["type"] == "server_unavailable"
+    error = response.json()["error"]
+    assert error["type"] == "model_starting" and "Model m is starting" in error["message"]
+    wake = runtime.show_backends(proxy.paths.admin_socket)["wake_m"]
+    assert wake.total == 1   # what `hpcserve autoscale` counts to scale from zero
 
 
 def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# researchers\nkey-one\n\nkey-two\n")
-    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port(), "api_keys_file": str(keys)}),
+    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
+                                                      "api_keys_file": str(keys)}),
                      base=tmp_path)
     d.state_dir.mkdir(mode=0o700)
     (d.state_dir / "logs").mkdir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hpcserve import config
@@ -152,3 +154,29 @@ def test_unknown_sessions_keep_a_drain_until_its_deadline(deployment):
     backends = [backend(1), backend(2)]
     p = drain_plan(deployment, backends, 1, draining={"1": 1060.0}, sessions=None, now=1030)
     assert p.cancel == () and p.draining == {"1": 1060.0}
+
+
+def test_a_job_near_its_time_limit_is_renewed_without_a_gap(deployment):
+    old, other = backend(1, time_left=100), backend(2, time_left=5000)
+    first = plan(deployment, Desired(up=True, replicas={"a": 2}), [old, other], in_rotation=frozenset({"1", "2"}),
+                 now=0, drain_timeout=60, renew_lead=300)
+    assert first.submit == ("a",) and first.cancel == () and first.draining == {}   # successor first
+    assert {s.job_id for s in first.servers} == {"1", "2"}                           # the old one serves on
+
+    successor_pending = backend(3, health=Health.PENDING)
+    waiting = plan(deployment, Desired(up=True, replicas={"a": 2}), [old, other, successor_pending],
+                   in_rotation=frozenset({"1", "2"}), now=10, drain_timeout=60, renew_lead=300)
+    assert waiting.submit == () and waiting.draining == {} and waiting.cancel == ()
+
+    successor_ready = backend(3)
+    handover = plan(deployment, Desired(up=True, replicas={"a": 2}), [old, other, successor_ready],
+                    in_rotation=frozenset({"1", "2", "3"}), sessions={"1": 2}, now=20, drain_timeout=60, renew_lead=300)
+    assert handover.submit == () and handover.draining == {"1": 80.0}               # now it drains
+
+
+def test_a_job_warned_by_slurm_is_drained_at_once(deployment):
+    warned = dataclasses.replace(backend(1), leaving=True)
+    p = plan(deployment, Desired(up=True, replicas={"a": 1}), [warned], in_rotation=frozenset({"1"}),
+             sessions={"1": 1}, now=0, drain_timeout=60)
+    assert p.submit == ("a",) and p.draining == {"1": 60.0}
+    assert [s.draining for s in p.servers] == [True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -39,19 +40,24 @@ def line(*fields: str) -> str:
 
 def test_running_job_line():
     job = parse_squeue_line(line("42", "hpcserve:d:m", "RUNNING", "gpu[3-4]", "endpoint=n3:4000",
-                                 "1-00:00:00", "23:59:30", "None"))
+                                 "1-00:00:00", "23:59:30", "None", "2026-11-21T17:30:01"))
     assert (job.job_id, job.name, job.state, job.node, job.comment) == ("42", "hpcserve:d:m", JobState.RUNNING, "gpu3", "endpoint=n3:4000")
     assert job.time_limit_s == 86400 and job.time_left_s == 23 * 3600 + 59 * 60 + 30
+    assert job.submit_time == time.mktime((2026, 11, 21, 17, 30, 1, 0, 0, -1))
 
 
 def test_pending_job_line_has_no_node_and_no_comment():
-    job = parse_squeue_line(line("43", "hpcserve:d:m", "PENDING", "", "(null)", "UNLIMITED", "UNLIMITED", "Resources"))
+    job = parse_squeue_line(line("43", "hpcserve:d:m", "PENDING", "", "(null)", "UNLIMITED", "UNLIMITED", "Resources", "N/A"))
     assert job.node is None and job.comment == "" and job.time_limit_s is None and job.reason == "Resources"
 
 
 def test_a_line_with_the_wrong_field_count_is_an_error():
-    with pytest.raises(SlurmError, match="fields where 8 were expected"):
+    with pytest.raises(SlurmError, match="fields where 9 were expected"):
         parse_squeue_line(line("43", "name", "PENDING"))
+
+
+def test_a_missing_submit_time_is_none():
+    assert parse_squeue_line(line("43", "n", "PENDING", "", "", "", "", "", "N/A")).submit_time is None
 
 
 @pytest.mark.parametrize("text, seconds", [
