@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from . import sbatch
 from .config import Deployment
 from .endpoints import Backend, Health, observe
-from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
 from .plan import Plan, plan
 from .slurm import Scheduler
@@ -115,9 +114,6 @@ class Reconciler:
 
         change = "unchanged"
         if the_plan.haproxy_running:
-            keys = haproxy_config.frontend_keys(self.deployment)
-            if keys is not None:
-                write_private(haproxy.paths.frontend_keys_file, keys)
             servers = list(the_plan.servers)
             change = haproxy.update(servers)
             write_private(self._membership_file, json.dumps(sorted(s.job_id for s in servers)) + "\n")

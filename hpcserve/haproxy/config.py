@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 from .. import templates
@@ -96,6 +97,11 @@ class Paths:
         return self.root / "haproxy.state"
 
     @property
+    def models_file(self) -> Path:
+        """GET /v1/models as HAProxy answers it (written by hpcserve, see models_list)."""
+        return self.root / "models.json"
+
+    @property
     def frontend_keys_file(self) -> Path:
         """The frontend keys as HAProxy matches them ("Bearer KEY" per line), written by hpcserve."""
         return self.root / "frontend-keys.lst"
@@ -104,6 +110,16 @@ class Paths:
 def paths(deployment: Deployment) -> Paths:
     """The HAProxy files of `deployment`."""
     return Paths(deployment.state_dir)
+
+
+def models_list(deployment: Deployment) -> str:
+    """The OpenAI list of the deployment's models (GET /v1/models), every model whatever its replicas.
+
+    Shape of the OpenAI API's "list models" (object "list", data of {id, object "model", created,
+    owned_by}), as llama-server also answers it; `created` is 0 so the text only changes with the models.
+    """
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "hpcserve"} for m in deployment.models]
+    return json.dumps({"object": "list", "data": data}) + "\n"
 
 
 def frontend_keys(deployment: Deployment) -> str | None:
@@ -137,4 +153,5 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             haproxy=deployment.haproxy, servers=by_model, backend_name=backend_name,
                             server_options=lambda model: server_options(deployment, model),
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
-                            frontend_keys_file=p.frontend_keys_file if keys else None, keys_digest=digest)
+                            frontend_keys_file=p.frontend_keys_file if keys else None, keys_digest=digest,
+                            models_file=p.models_file)

@@ -24,7 +24,7 @@ from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import Paths, Server, backend_name, paths, render, server_options
+from .config import Paths, Server, backend_name, frontend_keys, models_list, paths, render, server_options
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -75,6 +75,7 @@ class HAProxy:
         Raises:
             HAProxyError: HAProxy rejects it; the message carries HAProxy's first alert.
         """
+        self._write_served_files()
         candidate = self.paths.root / "haproxy.cfg.new"
         write_private(candidate, text)
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
@@ -258,6 +259,15 @@ class HAProxy:
         except HAProxyError:
             return None
         return {name[3:]: n for name, n in held.items() if name.startswith("job")}
+
+    def _write_served_files(self) -> None:
+        """The files the config makes HAProxy serve or match: the models list, the frontend keys."""
+        models = models_list(self.deployment)
+        if not self.paths.models_file.exists() or self.paths.models_file.read_text() != models:
+            write_private(self.paths.models_file, models)
+        keys = frontend_keys(self.deployment)
+        if keys is not None:
+            write_private(self.paths.frontend_keys_file, keys)
 
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.

@@ -40,7 +40,7 @@ def test_start_reload_stop(proxy):
     d = proxy.deployment
     assert proxy.apply(haproxy_config.render(d, []))
     assert proxy.running()
-    response = httpx.get(f"http://127.0.0.1:{d.haproxy.port}/v1/models")
+    response = httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health")
     assert response.status_code == 503  # no server in rotation yet
 
     assert not proxy.apply(haproxy_config.render(d, []))  # unchanged: no reload
@@ -112,7 +112,7 @@ def test_a_reload_that_fails_is_detected_and_rolled_back(proxy):
         with pytest.raises(HAProxyError, match="reload failed"):
             proxy.apply(haproxy_config.render(moved, []))
     assert proxy.live_config() == good and proxy.running()
-    assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/v1/models").status_code == 503
+    assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health").status_code == 503
 
 
 def test_membership_changes_go_through_the_runtime_api_without_a_reload(proxy):
@@ -168,13 +168,12 @@ def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
     d.state_dir.mkdir(mode=0o700)
     (d.state_dir / "logs").mkdir()
     proxy = HAProxy(d, "backend-key")
-    proxy.paths.frontend_keys_file.write_text(haproxy_config.frontend_keys(d))
     try:
         proxy.apply(haproxy_config.render(d, []))
         url = f"http://127.0.0.1:{d.haproxy.port}/v1/models"
         assert httpx.get(url).status_code == 401
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == 401
-        assert httpx.get(url, headers={"Authorization": "Bearer key-two"}).status_code == 503  # past the key check
+        assert httpx.get(url, headers={"Authorization": "Bearer key-two"}).status_code == 200  # past the key check
     finally:
         proxy.stop(timeout=5)
 
@@ -225,3 +224,29 @@ def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(pro
     finally:
         sim.terminate()
         sim.wait(10)
+
+
+def test_models_list_and_unknown_model(haproxy_bin, gguf, tmp_path):
+    """GET /v1/models lists every model, even with no backend; an unknown model gets a 404 that
+    lists the available ones."""
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()})
+    raw["models"] = [{"name": "big", "gguf": str(gguf)}, {"name": "small", "gguf": str(gguf)}]
+    d = config.parse(raw, base=tmp_path)
+    d.state_dir.mkdir(mode=0o700)
+    (d.state_dir / "logs").mkdir()
+    proxy = HAProxy(d, "k")
+    try:
+        proxy.apply(haproxy_config.render(d, []))
+        base = f"http://127.0.0.1:{d.haproxy.port}/v1"
+        listing = httpx.get(f"{base}/models").json()
+        assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ["big", "small"]
+        unknown = httpx.post(f"{base}/chat/completions", json={"model": "gpt-4", "messages": []})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "model_not_found"
+        assert "Available models: big, small." in unknown.json()["error"]["message"]
+        starting = httpx.post(f"{base}/chat/completions", json={"model": "small", "messages": []})
+        assert starting.status_code == 503 and "Model small is starting" in starting.json()["error"]["message"]
+        unnamed = httpx.post(f"{base}/chat/completions", json={"messages": []})
+        assert "Model big is starting" in unnamed.json()["error"]["message"]   # the default model
+    finally:
+        proxy.stop(timeout=5)
