@@ -7,6 +7,7 @@ on stderr with an exit code from hpcserve.errors (2 bad input, 3 Slurm, 4 HAProx
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -19,9 +20,11 @@ from pathlib import Path
 import click
 import filelock
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__, autoscaler, sbatch
+from . import batch as batch_mod
 from . import config as config_mod
 from .config import Deployment
 from .endpoints import Backend, Health, observe
@@ -263,6 +266,82 @@ def _cron_line(ctx: Context) -> str:
     log = shlex.quote(str(deployment.state_dir / "logs" / "autoscale.log"))
     return (f"* * * * * {' '.join(env)} {program} -f {shlex.quote(str(ctx.file.resolve()))} autoscale "
             f">> {log} 2>&1")
+
+
+@cli.command()
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL: OpenAI batch requests, or plain records with --template.")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL results (OpenAI batch output format); an existing file is resumed.")
+@click.option("--template", help='Prompt for plain records, fields in braces: "Classify: {description}".')
+@click.option("--id-field", default="id", show_default=True, help="Field of a plain record that names it.")
+@click.option("--model", "model_name", help="Model for rows that name none [default: the first model].")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Limit for rows that set none.")
+@click.option("--concurrency", type=click.IntRange(min=1, max=4096),
+              help="Requests in flight [default: the free slots of the model's ready backends].")
+@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Retries of a request that failed before any answer (with backoff).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds one request may take.")
+@click.option("--api-key", envvar="HPCSERVE_API_KEY", help="A frontend API key, if the pool has keys.")
+@pass_ctx
+def batch(ctx: Context, input_path: Path, output_path: Path, template: str | None, id_field: str,
+          model_name: str | None, max_tokens: int | None, concurrency: int | None, retries: int,
+          timeout: float, api_key: str | None) -> None:
+    """Send every row of a JSONL file through the pool; write one result per row.
+
+    Resumable: rows already in --output are skipped, so rerunning after an interruption finishes
+    the job. Exit 1 when some rows still failed after their retries (each is in --output with its
+    error); exit 2 for a malformed input line (nothing is sent then).
+    """
+    deployment = ctx.deployment
+    model = deployment.model(model_name) if model_name else deployment.models[0]
+
+    def read():
+        return batch_mod.read_rows(input_path, template=template, model=model.name, max_tokens=max_tokens,
+                                   id_field=id_field)
+
+    total = sum(1 for _ in read())  # validates every line before anything is sent
+    done = batch_mod.finished_ids(output_path)
+    todo = total - sum(1 for row in read() if row.custom_id in done)
+    if concurrency is None:
+        concurrency = _free_slots(deployment, model)
+    ctx.say(f"{total} row(s), {total - todo} already in {output_path}, {todo} to send, {concurrency} at a time")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:.1f} rows/s"), TimeRemainingColumn(), console=err,
+                  transient=False) as progress:
+        task = progress.add_task("batch", total=todo, rate=0.0)
+        started = time.monotonic()
+
+        def on_done(ok: bool) -> None:
+            completed = progress.tasks[0].completed + 1
+            progress.update(task, advance=1, rate=completed / max(time.monotonic() - started, 1e-6))
+
+        answered, failed = asyncio.run(batch_mod.run(
+            (row for row in read() if row.custom_id not in done), deployment.url, output_path,
+            concurrency=concurrency, api_key=api_key, retries=retries, timeout=timeout, on_done=on_done))
+    summary = {"rows": total, "already_done": total - todo, "answered": answered, "failed": failed,
+               "output": str(output_path)}
+    if ctx.as_json:
+        click.echo(json.dumps(summary))
+    else:
+        out.print(f"{answered} answered, {failed} failed, {total - todo} already done: {output_path}")
+    if failed:
+        raise HpcserveError(f"{failed} row(s) failed after {retries} retries; they are in {output_path} "
+                            "with their error")
+
+
+def _free_slots(deployment: Deployment, model) -> int:
+    """Slots of the model's servers that HAProxy has UP, at least the slots of one backend."""
+    haproxy = HAProxy(deployment, "")
+    up = 0
+    if haproxy.running():
+        try:
+            up = sum(1 for s in runtime.show_stat(haproxy.paths.admin_socket)
+                     if s.backend == haproxy_config.backend_name(model) and s.status.startswith("UP"))
+        except HpcserveError:
+            up = 0
+    return max(1, up) * model.parallel
 
 
 @cli.command()

@@ -1,0 +1,166 @@
+"""Bulk inference over the pool: a JSONL file of rows in, one JSONL result per row out.
+
+The seed paper's researchers classified 10k to 500k rows through such a pool. Input is either
+the OpenAI batch input format (one request per line: custom_id, method, url, body) or plain JSONL
+records whose fields fill a prompt template. Output is the OpenAI batch output format, one line
+per row: {"id", "custom_id", "response": {"status_code", "body"} | null, "error": {"code",
+"message"} | null}. Each line is appended and flushed as its row ends, so an interrupted run
+resumes where it stopped: rows already in the output are not sent again, and a partial last line
+(a crash mid-write) is cut off. Failures before any answer (connection errors, 429, 502, 503,
+504) are retried with exponential backoff; a row that still fails is written with its error,
+never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import string
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import httpx
+import tenacity
+
+from .errors import ConfigError, HpcserveError
+
+RETRY_STATUS = {429, 502, 503, 504}
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One request to make: its id (custom_id), the endpoint path and the JSON body."""
+
+    custom_id: str
+    url: str
+    body: dict
+
+
+class _Retryable(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def read_rows(path: Path, *, template: str | None, model: str, max_tokens: int | None,
+              id_field: str = "id") -> Iterator[Row]:
+    """The rows of `path`, validated one by one.
+
+    With `template`, each line is a JSON object whose fields fill it (Python format syntax, e.g.
+    "Classify this expense: {description}"); the row id is its `id_field`, else its line number.
+    Without, each line is an OpenAI batch request {"custom_id", "method": "POST", "url", "body"}.
+    `model` fills a body without one; `max_tokens` one without a limit.
+
+    Raises:
+        ConfigError: a line is not JSON, lacks a field, or repeats a custom_id (the message names
+            the line number).
+    """
+    seen: set[str] = set()
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name} if template else set()
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: not JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{where}: expected a JSON object")
+            if template is not None:
+                missing = sorted(fields - record.keys())
+                if missing:
+                    raise ConfigError(f"{where}: the template needs field(s) {', '.join(missing)}")
+                row = Row(str(record.get(id_field, number)), "/v1/chat/completions",
+                          {"messages": [{"role": "user", "content": template.format_map(record)}]})
+            else:
+                if not {"custom_id", "body"} <= record.keys() or not isinstance(record["body"], dict):
+                    raise ConfigError(f"{where}: expected an OpenAI batch request with custom_id and body "
+                                      "(or give --template for plain records)")
+                url = record.get("url", "/v1/chat/completions")
+                if url not in ENDPOINTS:
+                    raise ConfigError(f"{where}: url {url!r} is not one of {', '.join(sorted(ENDPOINTS))}")
+                row = Row(str(record["custom_id"]), url, dict(record["body"]))
+            if row.custom_id in seen:
+                raise ConfigError(f"{where}: custom_id {row.custom_id!r} appears twice")
+            seen.add(row.custom_id)
+            body = {"model": model, **row.body}
+            if max_tokens is not None:
+                body.setdefault("max_tokens", max_tokens)
+            yield dataclasses.replace(row, body=body)
+
+
+def finished_ids(output: Path) -> set[str]:
+    """custom_ids already in `output`; a partial last line (an interrupted write) is cut off first."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(output, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    done = set()
+    for line in data.decode().splitlines():
+        try:
+            done.add(json.loads(line)["custom_id"])
+        except (ValueError, KeyError, TypeError):
+            raise HpcserveError(f"{output}: a line is not a batch result; use another --output") from None
+    return done
+
+
+async def run(rows: Iterable[Row], base_url: str, output: Path, *, concurrency: int, api_key: str | None,
+              retries: int, timeout: float, on_done: Callable[[bool], None]) -> tuple[int, int]:
+    """Send `rows` through the pool, `concurrency` at a time, appending a result line per row.
+
+    Returns:
+        (rows answered with status 200, rows written with an error).
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    pending = iter(rows)  # workers take the next row in turn (one event loop: no lock needed)
+    counts = [0, 0]
+
+    @tenacity.retry(retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
+                    stop=tenacity.stop_after_attempt(retries + 1),
+                    wait=tenacity.wait_exponential_jitter(initial=1, max=30), reraise=True)
+    async def send(client: httpx.AsyncClient, row: Row) -> httpx.Response:
+        response = await client.post(row.url, json=row.body)
+        if response.status_code in RETRY_STATUS:
+            raise _Retryable(response.status_code, response.text[:500])
+        return response
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for row in pending:
+            result: dict = {"id": f"batch_req_{row.custom_id}", "custom_id": row.custom_id,
+                            "response": None, "error": None}
+            try:
+                response = await send(client, row)
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = response.text
+                result["response"] = {"status_code": response.status_code, "body": body}
+                if response.status_code != 200:
+                    result["error"] = {"code": str(response.status_code), "message": str(body)[:500]}
+            except _Retryable as exc:
+                result["error"] = {"code": str(exc.status), "message": f"after {retries} retries: {exc}"}
+            except httpx.HTTPError as exc:
+                result["error"] = {"code": type(exc).__name__, "message": f"after {retries} retries: {exc}"}
+            ok = result["error"] is None
+            counts[0 if ok else 1] += 1
+            os.write(fd, (json.dumps(result, separators=(",", ":")) + "\n").encode())  # one write: one whole line
+            on_done(ok)
+
+    try:
+        async with httpx.AsyncClient(base_url=base_url.removesuffix("/v1"), headers=headers, limits=limits,
+                                     timeout=httpx.Timeout(timeout, connect=30), trust_env=False) as client:
+            await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    finally:
+        os.fsync(fd)
+        os.close(fd)
+    return counts[0], counts[1]
