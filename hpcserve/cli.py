@@ -33,7 +33,8 @@ from .haproxy import config as haproxy_config
 from .haproxy import runtime
 from .haproxy.process import HAProxy
 from .reconcile import Outcome, Reconciler, describe
-from .slurm import CLIScheduler
+from .local import LocalScheduler
+from .slurm import CLIScheduler, Scheduler
 from .state import Desired, StateDir
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
@@ -55,8 +56,16 @@ class Context:
             self._deployment = config_mod.load(self.file)
         return self._deployment
 
+    def scheduler(self) -> Scheduler:
+        """The deployment's scheduler: Slurm's commands, or local processes (scheduler: local)."""
+        deployment = self.deployment
+        if deployment.scheduler == "local":
+            return LocalScheduler(deployment.state_dir / "local", deployment.local.gpus,
+                                  deployment.local.gpus_per_backend)
+        return CLIScheduler()
+
     def reconciler(self) -> Reconciler:
-        return Reconciler(self.deployment, CLIScheduler())
+        return Reconciler(self.deployment, self.scheduler())
 
     def say(self, line: str) -> None:
         """Progress and changes go to stderr, so --json output on stdout stays clean."""
@@ -186,7 +195,7 @@ def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -
     drain_timeout = 0 if now else drain_timeout
     outcome = _finish_drains(ctx, desired, _step(ctx, desired, drain_timeout), drain_timeout)
     deadline = time.monotonic() + timeout
-    scheduler = CLIScheduler()
+    scheduler = ctx.scheduler()
     while True:
         active = [j for j in scheduler.jobs(sbatch.job_name_prefix(ctx.deployment)) if not j.state.ended]
         if not active:
@@ -377,7 +386,7 @@ def status(ctx: Context) -> None:
     backends: list[Backend] = []
     try:
         key = state.key_file.read_text().strip() if state.key_file.exists() else None
-        backends = observe(deployment, CLIScheduler(), key=key, slots=True)
+        backends = observe(deployment, ctx.scheduler(), key=key, slots=True)
     except SlurmError as exc:
         slurm_error = str(exc)
     stats = {}

@@ -171,14 +171,25 @@ class HAProxy(_Strict):
         return self
 
 
+class Local(_Strict):
+    """The workstation launcher (scheduler: local): backends are local processes, no Slurm."""
+
+    gpus: list[int] = Field(default_factory=list,
+                            description="GPU indices handed out via CUDA_VISIBLE_DEVICES; [] = CPU only")
+    gpus_per_backend: int = Field(default=1, ge=1)
+
+
 class Deployment(_Strict):
     """A whole deployment file, validated; paths are absolute."""
 
     name: str = Field(pattern=NAME_PATTERN)
     state_dir: Path
+    scheduler: Literal["slurm", "local"] = Field(default="slurm",
+                                                 description="slurm, or local processes on this machine")
     models: list[Model] = Field(min_length=1)
     slurm: Slurm = Field(default_factory=Slurm)
     haproxy: HAProxy = Field(default_factory=HAProxy)
+    local: Local = Field(default_factory=Local)
     templates_dir: Path | None = Field(default=None, description="site templates that override ours")
 
     @model_validator(mode="after")

@@ -1,28 +1,16 @@
-"""The CLI Slurm adapter against the real local cluster (scripts/local-slurm.sh)."""
+"""The CLI Slurm adapter against the real local cluster (scripts/local-slurm.sh); submitting,
+listing and cancelling are in the scheduler contract (test_scheduler_contract.py)."""
 
 from __future__ import annotations
-
-import time
-import uuid
 
 import pytest
 
 from hpcserve import config, sbatch
 from hpcserve.errors import SlurmError
-from hpcserve.slurm import CLIScheduler, JobState
+from hpcserve.slurm import CLIScheduler
 from tests.conftest import minimal
 
 pytestmark = pytest.mark.slurm
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError("condition not met in time")
 
 
 def test_rendered_script_passes_sbatch_test_only(slurm_env, gguf, tmp_path):
@@ -39,28 +27,6 @@ def test_sbatch_test_only_rejects_an_impossible_request(slurm_env, gguf, tmp_pat
     d = config.parse(raw, base=tmp_path)
     with pytest.raises(SlurmError, match="(?i)invalid partition"):
         CLIScheduler().test_submit(sbatch.render(d, d.models[0]))
-
-
-def test_submit_list_announce_cancel(slurm_env, tmp_path):
-    scheduler = CLIScheduler()
-    name = f"hpcserve:it-{uuid.uuid4().hex[:8]}:m"
-    script = (f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --gres=gpu:a100:1\n#SBATCH --mem=100M\n"
-              f"#SBATCH --output={tmp_path}/%j.out\n"
-              'scontrol update JobId="$SLURM_JOB_ID" Comment="endpoint=$(hostname):4242"\nsleep 300\n')
-    job_id = scheduler.submit(script)
-    assert job_id.isdigit()
-    try:
-        job = wait_for(lambda: next((j for j in scheduler.jobs(name) if j.comment), None))
-        assert job.job_id == job_id and job.state is JobState.RUNNING and job.name == name
-        assert job.node in scheduler.node_addresses()
-        assert job.comment.startswith("endpoint=") and job.comment.endswith(":4242")
-        assert job.time_left_s is None or job.time_left_s > 0
-    finally:
-        scheduler.cancel([job_id])
-    ended = wait_for(lambda: next((j for j in scheduler.jobs(name) if j.state.ended), None))
-    assert ended.state in (JobState.CANCELLED, JobState.COMPLETING)
-    scheduler.cancel([job_id])  # already gone: not an error
-    scheduler.cancel(["999999"])
 
 
 def test_node_addresses(slurm_env):

@@ -45,7 +45,8 @@ def test_relative_paths_are_taken_from_the_files_folder(tmp_path):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"colour": "blue"}, "colour: unknown key; expected one of: name, state_dir, models, slurm, haproxy"),
+    ({"colour": "blue"}, "colour: unknown key; expected one of: name, state_dir, scheduler, models, slurm, haproxy, local"),
+    ({"scheduler": "pbs"}, "scheduler: expected 'slurm' or 'local', got 'pbs'"),
     ({"models": [{"name": "m", "gguf": "X", "paralel": 4}]}, "models[0].paralel: unknown key; expected one of: name, gguf"),
     ({"models": [{"name": "m", "gguf": "X", "parallel": "four"}]}, "models[0].parallel: expected an integer, got 'four'"),
     ({"models": [{"name": "m", "gguf": "X", "replicas": -1}]}, "models[0].replicas: Input should be greater than or equal to 0"),
@@ -120,3 +121,13 @@ def test_cli_reports_a_bad_file_in_one_line_with_exit_2(tmp_path, gguf):
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "colour: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "workstation.yaml", "reference-site.yaml"])
+def test_example_files_are_valid(name):
+    import yaml
+
+    from tests.conftest import ROOT
+    path = ROOT / "examples" / name
+    deployment = config.parse(yaml.safe_load(path.read_text()), base=path.parent, check_files=False)
+    assert deployment.models

@@ -1,0 +1,170 @@
+"""The workstation launcher: the Scheduler interface over local processes, for a machine with no
+Slurm (a laptop, one GPU server). `scheduler: local` in the deployment file selects it.
+
+A "job" is the same batch script hpcserve renders for Slurm, run by bash in its own process group
+(session). Its record lives in STATE_DIR/local/ID.json; the job announces its endpoint in
+STATE_DIR/local/ID.comment (where a Slurm job uses its job comment), and its exit status lands in
+ID.rc. GPUs listed in `local.gpus` are handed out through CUDA_VISIBLE_DEVICES, one set per job;
+with none listed, backends run on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from .errors import SlurmError
+from .slurm.base import Job, Scheduler
+from .slurm.states import JobState
+
+NODE = "local"
+
+
+class LocalScheduler(Scheduler):
+    """Scheduler whose jobs are local process groups.
+
+    Args:
+        root: the folder of the job records (STATE_DIR/local).
+        gpus: GPU indices to hand out; [] = CPU only.
+        gpus_per_job: GPU indices each job gets.
+    """
+
+    def __init__(self, root: Path, gpus: list[int], gpus_per_job: int = 1):
+        self.root = root
+        self.gpus = gpus
+        self.gpus_per_job = gpus_per_job
+
+    def _records(self) -> list[dict]:
+        records = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return records
+
+    def _alive(self, record: dict) -> bool:
+        try:
+            process = psutil.Process(record["pid"])
+            return abs(process.create_time() - record["created"]) < 1 and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def submit(self, script: str) -> str:
+        """Start `script` now in its own session; return its job id.
+
+        Raises:
+            SlurmError: every listed GPU is taken by a running job.
+        """
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        records = self._records()
+        job_id = str(max((int(r["job_id"]) for r in records), default=0) + 1)
+        env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURMD_NODENAME": NODE,
+               "HPCSERVE_COMMENT_FILE": str(self.root / f"{job_id}.comment")}
+        devices: list[int] = []
+        if self.gpus:
+            taken = {g for r in records if self._alive(r) for g in r.get("gpus", [])}
+            free = [g for g in self.gpus if g not in taken]
+            if len(free) < self.gpus_per_job:
+                raise SlurmError(f"local.gpus: all of {self.gpus} are in use by running backends")
+            devices = free[: self.gpus_per_job]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        script_path = self.root / f"{job_id}.sh"
+        script_path.write_text(script)
+        name = next((line.split("=", 1)[1].strip() for line in script.splitlines()
+                     if line.startswith("#SBATCH --job-name=")), "")
+        log = open(self.root.parent / "logs" / f"job-{job_id}.out", "a")
+        process = subprocess.Popen(["bash", "-c", 'bash "$0"; echo $? > "$1"', str(script_path),
+                                    str(self.root / f"{job_id}.rc")],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                   start_new_session=True)
+        log.close()
+        record = {"job_id": job_id, "name": name, "pid": process.pid,
+                  "created": psutil.Process(process.pid).create_time(), "submitted": time.time(),
+                  "gpus": devices, "cancelled": False}
+        (self.root / f"{job_id}.json").write_text(json.dumps(record))
+        return job_id
+
+    def test_submit(self, script: str) -> str:
+        """Check the script's shell syntax (bash -n): there is no queue to ask."""
+        result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SlurmError(f"bash -n: {result.stderr.strip()}")
+        return "local: the script would start now"
+
+    def jobs(self, name_prefix: str) -> list[Job]:
+        """The local jobs named `name_prefix`..., ended ones included."""
+        jobs = []
+        for record in self._records():
+            if not record["name"].startswith(name_prefix):
+                continue
+            if self._alive(record):
+                state = JobState.RUNNING
+            elif record["cancelled"]:
+                state = JobState.CANCELLED
+            else:
+                rc = (self.root / f"{record['job_id']}.rc")
+                state = JobState.COMPLETED if rc.exists() and rc.read_text().strip() == "0" else JobState.FAILED
+            try:
+                comment = (self.root / f"{record['job_id']}.comment").read_text().strip()
+            except FileNotFoundError:
+                comment = ""
+            jobs.append(Job(job_id=record["job_id"], name=record["name"], state=state, node=NODE,
+                            comment=comment, time_limit_s=None, time_left_s=None, reason="None",
+                            submit_time=record["submitted"]))
+        return jobs
+
+    def cancel(self, job_ids: list[str]) -> None:
+        """SIGTERM each job's process group, SIGKILL what is left after 15 s; gone jobs are fine."""
+        groups = []
+        for job_id in job_ids:
+            path = self.root / f"{job_id}.json"
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            record["cancelled"] = True
+            path.write_text(json.dumps(record))
+            if self._alive(record):
+                groups.append(record["pid"])
+                _signal_group(record["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while groups and time.monotonic() < deadline:
+            groups = [pid for pid in groups if _group_alive(pid)]
+            time.sleep(0.2)
+        for pid in groups:
+            _signal_group(pid, signal.SIGKILL)
+
+    def node_addresses(self) -> dict[str, str]:
+        return {NODE: "127.0.0.1"}
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """A process of the group still runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    for process in psutil.process_iter():
+        try:
+            if _pgid(process) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _pgid(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
