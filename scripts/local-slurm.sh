@@ -114,26 +114,20 @@ start() {
     exit 1
 }
 
-stop() {
-    export SLURM_CONF="$conf"
-    pkill -f "slurmd -f $conf" 2>/dev/null || true
-    pkill -f "slurmctld -f $conf" 2>/dev/null || true
+# terminate PATTERN WHAT: SIGTERM the daemons whose command line matches, SIGKILL them after 10 s.
+terminate() {
+    pkill -f "$1" 2>/dev/null || true
     for _ in $(seq 1 20); do
-        pgrep -f "slurm(ctld|d) -f $conf" >/dev/null || { log "stopped"; return; }
+        pgrep -f "$1" >/dev/null || { log "$2 stopped"; return; }
         sleep 0.5
     done
-    pkill -9 -f "slurm(ctld|d) -f $conf" 2>/dev/null || true
-    log "stopped (killed)"
+    pkill -9 -f "$1" 2>/dev/null || true
+    log "$2 stopped (killed)"
 }
 
-stop_controller() {
-    pkill -f "slurmctld -f $conf" 2>/dev/null || true
-    for _ in $(seq 1 20); do
-        pgrep -f "slurmctld -f $conf" >/dev/null || { log "slurmctld stopped"; return; }
-        sleep 0.5
-    done
-    pkill -9 -f "slurmctld -f $conf" 2>/dev/null || true
-}
+stop() { terminate "slurm(ctld|d) -f $conf" "slurmctld and slurmd"; }
+
+stop_controller() { terminate "slurmctld -f $conf" "slurmctld"; }
 
 case "${1:-}" in
     install) install ;;

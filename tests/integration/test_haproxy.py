@@ -71,22 +71,15 @@ def test_invalid_config_is_refused_and_the_running_one_stays(proxy):
     assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health").status_code in (503, 404)
 
 
-def test_stats_port_taken_is_reported_before_starting(proxy):
+@pytest.mark.parametrize("field", ["port", "stats_port"])
+def test_a_taken_port_is_reported_before_starting(proxy, field):
+    """`haproxy -c` cannot see it; hpcserve checks both listeners and names the field."""
     d = proxy.deployment
+    port = d.haproxy.port if field == "port" else d.haproxy.stats_port_or_default
     with socket.socket() as other:
-        other.bind(("127.0.0.1", d.haproxy.stats_port_or_default))
+        other.bind(("127.0.0.1", port))
         other.listen()
-        with pytest.raises(HAProxyError, match=r"haproxy.stats_port: 127.0.0.1:\d+ is not available"):
-            proxy.apply(haproxy_config.render(d, []))
-    assert not proxy.running()
-
-
-def test_port_taken_is_reported_before_starting(proxy):
-    d = proxy.deployment
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", d.haproxy.port))
-        other.listen()
-        with pytest.raises(HAProxyError, match=rf"haproxy.port: 127.0.0.1:{d.haproxy.port} is not available"):
+        with pytest.raises(HAProxyError, match=rf"haproxy.{field}: 127.0.0.1:{port} is not available"):
             proxy.apply(haproxy_config.render(d, []))
     assert not proxy.running() and proxy.live_config() is None
 

@@ -180,3 +180,10 @@ def test_a_job_warned_by_slurm_is_drained_at_once(deployment):
              sessions={"1": 1}, now=0, drain_timeout=60)
     assert p.submit == ("a",) and p.draining == {"1": 60.0}
     assert [s.draining for s in p.servers] == [True]
+
+
+def test_the_renewal_lead_is_the_floor_or_what_startups_took():
+    from hpcserve.reconcile import renewal_lead
+    assert renewal_lead(600, []) == 600
+    assert renewal_lead(600, [100, 300]) == 600
+    assert renewal_lead(60, [100, 300]) == 450      # 1.5 x the slowest recent startup
