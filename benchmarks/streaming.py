@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,55 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from hpcserve import config
-from hpcserve.haproxy import config as haproxy_config
-from hpcserve.haproxy.process import HAProxy
-
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "benchmark-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_llama_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    argv = [str(Path(sys.executable).parent / "llama-server-vulkan"), "--model", str(model), "--alias", "m",
-            "--host", "127.0.0.1", "--port", str(port), "--parallel", "1", "--ctx-size", "1024"]
-    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "LLAMA_API_KEY": KEY})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"llama-server did not start; see {log}")
-
-
-def start_haproxy(folder: Path, backend_port: int, no_delay: bool) -> tuple[HAProxy, int]:
-    port = free_port()
-    deployment = config.parse({"name": "bench", "state_dir": str(folder),
-                               "models": [{"name": "m", "gguf": str(folder / "unused.gguf"), "parallel": 1}],
-                               "haproxy": {"port": port, "stats_port": free_port()}},
-                              base=folder, check_files=False)
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
-    text = haproxy_config.render(deployment, [haproxy_config.Server("m", "1", "127.0.0.1", backend_port)])
-    if not no_delay:
-        text = re.sub(r"^\s*option http-no-delay\n", "", text, flags=re.MULTILINE)
-    proxy = HAProxy(deployment, KEY)
-    proxy.apply(text)
-    deadline = time.monotonic() + 30
-    while "UP" not in httpx.get(f"http://127.0.0.1:{deployment.haproxy.stats_port}/stats;csv").text:
-        if time.monotonic() > deadline:
-            raise SystemExit("HAProxy did not mark llama-server UP")
-        time.sleep(0.2)
-    return proxy, port
+from benchmarks.common import KEY, MODEL, percentile, start_haproxy, start_llama_server
 
 
 def measure(port: int, tokens: int, key: str | None) -> tuple[float, list[float]]:
@@ -94,15 +43,11 @@ def measure(port: int, tokens: int, key: str | None) -> tuple[float, list[float]
     return arrivals[0] - start, [b - a for a, b in zip(arrivals, arrivals[1:])]
 
 
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20, help="streamed requests per path (default 20)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
-    parser.add_argument("--model", type=Path, default=ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf")
+    parser.add_argument("--model", type=Path, default=MODEL)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,9 +55,9 @@ def main() -> None:
         server, backend = start_llama_server(args.model, folder / "llama-server.log")
         proxies = []
         try:
-            tuned, tuned_port = start_haproxy(folder / "tuned", backend, no_delay=True)
+            tuned, tuned_port = start_haproxy(folder / "tuned", [backend], no_delay=True)
             proxies.append(tuned)
-            plain, plain_port = start_haproxy(folder / "plain", backend, no_delay=False)
+            plain, plain_port = start_haproxy(folder / "plain", [backend], no_delay=False)
             proxies.append(plain)
             paths = {"direct": (backend, KEY), "hpcserve HAProxy": (tuned_port, None),
                      "same without http-no-delay": (plain_port, None)}

@@ -158,6 +158,12 @@ class HAProxy(_Strict):
                                    description="127.0.0.1 port for /stats and Prometheus /metrics; default port + 1")
     api_keys_file: Path | None = Field(default=None,
                                        description="file of frontend API keys, one per line; none = open")
+    affinity_header: str | None = Field(default="X-OpenWebUI-Chat-Id", pattern=r"^[A-Za-z0-9-]+$",
+                                        description="conversation key for prompt-cache affinity; null = off")
+    affinity_expire: float = Field(default=1800, gt=0, description="seconds a conversation stays on its server")
+    affinity_max_queue: int | None = Field(default=None, ge=1,
+                                           description="requests a conversation's server may queue before "
+                                                       "the next one goes elsewhere; default its slots")
 
     @property
     def stats_port_or_default(self) -> int:

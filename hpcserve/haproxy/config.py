@@ -64,8 +64,13 @@ def server_options(deployment: Deployment, model: Model) -> str:
     tests/e2e/test_serving.py). Marking down only changes the state: sessions are never cut
     (that would be on-marked-down shutdown-sessions, which is never used).
     """
-    return (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise 2 "
-            f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
+    options = (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise 2 "
+               f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
+    if deployment.haproxy.affinity_header:
+        # Bounded affinity: a conversation waits for its server only while that server's own queue
+        # is shorter than this; the next request goes to another server (HAProxy 2.6, maxqueue).
+        options += f" maxqueue {deployment.haproxy.affinity_max_queue or model.parallel}"
+    return options
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,3 +154,24 @@ def test_failures_leave_jobs_and_haproxy_untouched(pool_factory, tmp_path):
     finally:
         subprocess.run([str(script), "start"], check=True, capture_output=True)
     untouched()
+
+
+def test_two_models_behind_one_url(pool_factory):
+    """Routing by the model field: each model's answers come from its own backends."""
+    from tests.e2e.conftest import SIMULATOR
+
+    pool = pool_factory(replicas=1, parallel=2, simulator="--sim-load-time 0.3")
+    second = {**pool.raw["models"][0], "name": f"{pool.model_name}-b", "command": f"{SIMULATOR} --sim-load-time 0.3"}
+    pool.raw["models"].append(second)
+    pool.write(pool.raw)
+    pool.ok("up", "--timeout", "120")
+    client = pool.client()
+    listed = [m.id for m in client.models.list().data]
+    assert listed == [pool.model_name, second["name"]]
+    for name in listed:
+        assert chat(client, name).model == name
+    unnamed = httpx.post(f"{pool.url}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "max_tokens": 2}, timeout=60)
+    assert unnamed.json()["model"] == pool.model_name          # no model: the first one
+    with pytest.raises(openai.NotFoundError, match="Available models"):
+        chat(client, "no-such-model")

@@ -1,0 +1,78 @@
+"""What the benchmarks share: free ports, a real llama-server, an HAProxy from hpcserve's template."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from hpcserve import config
+from hpcserve.haproxy import config as haproxy_config
+from hpcserve.haproxy.process import HAProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"
+KEY = "benchmark-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(model: Path, log: Path, parallel: int = 1, ctx: int = 1024,
+                       threads: int | None = None) -> tuple[subprocess.Popen, int]:
+    """A real llama-server on a free port, ready (/health 200); (process, port)."""
+    port = free_port()
+    argv = [str(Path(sys.executable).parent / "llama-server-vulkan"), "--model", str(model), "--alias", "m",
+            "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               env={**os.environ, "LLAMA_API_KEY": KEY})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"llama-server did not start; see {log}")
+
+
+def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_delay: bool = True,
+                  **haproxy_settings) -> tuple[HAProxy, int]:
+    """HAProxy rendered from hpcserve's template over `backend_ports`, all servers UP; (proxy, port)."""
+    port = free_port()
+    deployment = config.parse({"name": "bench", "state_dir": str(folder),
+                               "models": [{"name": "m", "gguf": str(folder / "unused.gguf"), "parallel": parallel}],
+                               "haproxy": {"port": port, "stats_port": free_port(), **haproxy_settings}},
+                              base=folder, check_files=False)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    servers = [haproxy_config.Server("m", str(i + 1), "127.0.0.1", p) for i, p in enumerate(backend_ports)]
+    text = haproxy_config.render(deployment, servers)
+    if not no_delay:
+        text = re.sub(r"^\s*option http-no-delay\n", "", text, flags=re.MULTILINE)
+    proxy = HAProxy(deployment, KEY)
+    proxy.apply(text)
+    stats = f"http://127.0.0.1:{deployment.haproxy.stats_port}/stats;csv"
+    deadline = time.monotonic() + 30
+    while httpx.get(stats).text.count(",UP,") < len(backend_ports):
+        if time.monotonic() > deadline:
+            raise SystemExit("HAProxy did not mark every llama-server UP")
+        time.sleep(0.2)
+    return proxy, port
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (inclusive method); the value itself for a single sample."""
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]

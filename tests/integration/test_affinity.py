@@ -1,0 +1,91 @@
+"""Prompt-cache affinity with the real HAProxy and two simulated llama-servers (no Slurm)."""
+
+from __future__ import annotations
+
+import collections
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from hpcserve import config
+from hpcserve.haproxy import runtime
+from hpcserve.haproxy.config import Server
+from hpcserve.haproxy.process import HAProxy
+from tests.conftest import minimal
+
+pytestmark = pytest.mark.haproxy
+HEADER = "X-OpenWebUI-Chat-Id"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pool(haproxy_bin, gguf, tmp_path):
+    sims, servers = [], []
+    for i in (1, 2):
+        log = tmp_path / f"sim{i}.log"
+        sims.append(subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", "2",
+                                      "--sim-load-time", "0", "--sim-token-rate", "50"],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env={"LLAMA_API_KEY": "k"}))
+        deadline = time.monotonic() + 20
+        while not (match := re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        servers.append(Server("m", str(i), "127.0.0.1", int(match.group(1))))
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "affinity_max_queue": 2})
+    raw["models"][0]["parallel"] = 2
+    d = config.parse(raw, base=tmp_path)
+    d.state_dir.mkdir(mode=0o700)
+    (d.state_dir / "logs").mkdir()
+    proxy = HAProxy(d, "k")
+    proxy.update(servers)
+    deadline = time.monotonic() + 20
+    while sum(s.status == "UP" for s in runtime.show_stat(proxy.paths.admin_socket)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    yield proxy, f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
+    proxy.stop(timeout=5)
+    for sim in sims:
+        sim.terminate()
+        sim.wait(10)
+
+
+def served(proxy) -> dict[str, int]:
+    return {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}
+
+
+def chat(url: str, conversation: str | None, tokens: int = 2) -> None:
+    headers = {HEADER: conversation} if conversation else {}
+    response = httpx.post(url, headers=headers, timeout=60, json={"model": "m", "max_tokens": tokens,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200
+
+
+def test_a_conversation_stays_on_its_server_and_conversations_spread(pool):
+    proxy, url = pool
+    with ThreadPoolExecutor(8) as executor:   # 8 conversations at once, 5 turns each
+        list(executor.map(lambda c: [chat(url, f"conv-{c}") for _ in range(5)], range(8)))
+    table = runtime.command(proxy.paths.admin_socket, "show table model_m")
+    owners = dict(re.findall(r"key=(conv-\d+) .*server_key=(job\d+)", table))
+    assert len(owners) == 8 and set(owners.values()) == {"job1", "job2"}   # spread over both
+    # every later turn went where the first did: the per-server totals match the owners
+    expected = collections.Counter(owners.values())
+    assert served(proxy) == {name: 5 * n for name, n in expected.items()}
+
+
+def test_one_busy_conversation_cannot_overload_its_server(pool):
+    """20 requests of one conversation at once: past maxqueue 2 they go to the other server."""
+    proxy, url = pool
+    with ThreadPoolExecutor(20) as executor:
+        list(executor.map(lambda _: chat(url, "hot", tokens=20), range(20)))
+    assert all(n >= 4 for n in served(proxy).values()), served(proxy)
