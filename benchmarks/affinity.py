@@ -51,7 +51,8 @@ def turn(port: int, conversation: str, messages: list[dict]) -> tuple[float, int
 
 
 def conversation(port: int, name: str, turns: int) -> list[tuple[int, float, int]]:
-    messages = [{"role": "system", "content": SYSTEM}]
+    # The conversation's own name opens its prompt: no two conversations share a cached prefix.
+    messages = [{"role": "system", "content": f"Conversation {name}. {SYSTEM}"}]
     results = []
     for i in range(turns):
         messages.append({"role": "user", "content": f"Question {i + 1} of {name}: is a taxi of {i * 9} allowed?"})
@@ -71,11 +72,12 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        servers = [start_llama_server(args.model, folder / f"llama-{i}.log", parallel=2, ctx=4096, threads=1)
-                   for i in range(2)]
-        ports = [port for _, port in servers]
-        try:
-            for mode, settings in (("affinity", {}), ("no affinity", {"affinity_header": None})):
+        for mode, settings in (("affinity", {}), ("no affinity", {"affinity_header": None})):
+            # Fresh servers for each mode: nothing cached by the other mode's run.
+            servers = [start_llama_server(args.model, folder / f"llama-{mode[:2]}{i}.log", parallel=2, ctx=4096,
+                                          threads=1) for i in range(2)]
+            ports = [port for _, port in servers]
+            try:
                 proxy, port = start_haproxy(folder / mode.replace(" ", "-"), ports, parallel=2, **settings)
                 try:
                     with ThreadPoolExecutor(args.conversations) as pool:
@@ -84,16 +86,16 @@ def main() -> None:
                     per_server = {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}
                 finally:
                     proxy.stop(timeout=5)
-                firsts = [ttft for run in runs for i, ttft, _ in run if i == 0]
-                laters = [ttft for run in runs for i, ttft, _ in run if i > 0]
-                cached = [c for run in runs for i, _, c in run if i > 0]
-                report[mode] = (statistics.median(firsts), statistics.median(laters), percentile(laters, 90),
-                                statistics.mean(cached), per_server)
-                print(f"{mode}: done", file=sys.stderr)
-        finally:
-            for process, _ in servers:
-                process.terminate()
-                process.wait(10)
+            finally:
+                for process, _ in servers:
+                    process.terminate()
+                    process.wait(10)
+            firsts = [ttft for run in runs for i, ttft, _ in run if i == 0]
+            laters = [ttft for run in runs for i, ttft, _ in run if i > 0]
+            cached = [c for run in runs for i, _, c in run if i > 0]
+            report[mode] = (statistics.median(firsts), statistics.median(laters), percentile(laters, 90),
+                            statistics.mean(cached), per_server)
+            print(f"{mode}: done", file=sys.stderr)
 
     print(f"{args.conversations} conversations at once x {args.turns} turns, system prompt of ~{len(SYSTEM) // 4} "
           "tokens, 2 real llama-servers (2 slots, 1 thread each)")
