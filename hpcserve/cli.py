@@ -34,7 +34,7 @@ from .haproxy import runtime
 from .haproxy.process import HAProxy
 from .reconcile import Outcome, Reconciler, describe
 from .local import LocalScheduler
-from .slurm import CLIScheduler, Scheduler
+from .slurm import Scheduler, pyslurm_adapter
 from .state import Desired, StateDir
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
@@ -49,6 +49,7 @@ class Context:
         self.file = file
         self.as_json = as_json
         self._deployment: Deployment | None = None
+        self._scheduler: Scheduler | None = None
 
     @property
     def deployment(self) -> Deployment:
@@ -57,12 +58,15 @@ class Context:
         return self._deployment
 
     def scheduler(self) -> Scheduler:
-        """The deployment's scheduler: Slurm's commands, or local processes (scheduler: local)."""
+        """The deployment's scheduler: local processes (scheduler: local), or Slurm through a
+        matching pyslurm if one imports, else through Slurm's commands."""
         deployment = self.deployment
         if deployment.scheduler == "local":
             return LocalScheduler(deployment.state_dir / "local", deployment.local.gpus,
                                   deployment.local.gpus_per_backend)
-        return CLIScheduler()
+        if self._scheduler is None:
+            self._scheduler = pyslurm_adapter.choose(notice=self.say)
+        return self._scheduler
 
     def reconciler(self) -> Reconciler:
         return Reconciler(self.deployment, self.scheduler())

@@ -4,14 +4,17 @@ cancel idempotently, and never lose a job from the list while it runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from hpcserve.errors import SlurmError
 from hpcserve.local import LocalScheduler
-from hpcserve.slurm import CLIScheduler, JobState
+from hpcserve.slurm import CLIScheduler, JobState, pyslurm_adapter
+from hpcserve.slurm.pyslurm_adapter import PyslurmScheduler
 
 SCRIPT = """#!/bin/bash
 #SBATCH --job-name={name}
@@ -27,13 +30,31 @@ sleep 300
 """
 
 
-@pytest.fixture(params=["slurm", "local"])
+def load_pyslurm(standin: bool):
+    """The stand-in (tests/standin/pyslurm.py), or a real pyslurm that matches the cluster's Slurm."""
+    if standin:
+        spec = importlib.util.spec_from_file_location("pyslurm_standin", Path(__file__).parent.parent / "standin" / "pyslurm.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        import pyslurm
+    except ImportError:
+        pytest.skip("no pyslurm installed (PyPI has none for Slurm 22.05): the stand-in runs instead")
+    if pyslurm_adapter.choose(notice=lambda _: None).__class__ is not PyslurmScheduler:
+        pytest.skip(f"pyslurm {pyslurm.__version__} does not match this cluster's Slurm")
+    return pyslurm
+
+
+@pytest.fixture(params=["slurm", "local", "pyslurm-standin", "pyslurm"])
 def scheduler(request, tmp_path):
     (tmp_path / "logs").mkdir()
+    if request.param == "local":
+        return LocalScheduler(tmp_path / "local", gpus=[])
+    request.getfixturevalue("slurm_env")
     if request.param == "slurm":
-        request.getfixturevalue("slurm_env")
         return CLIScheduler()
-    return LocalScheduler(tmp_path / "local", gpus=[])
+    return PyslurmScheduler(load_pyslurm(standin=request.param == "pyslurm-standin"))
 
 
 def wait_for(predicate, timeout=30.0):
@@ -79,3 +100,14 @@ def test_local_hands_out_gpus_one_set_per_backend(tmp_path):
             local.submit(SCRIPT.format(name="hpcserve:g:m", out=tmp_path))
     finally:
         local.cancel(ids)
+
+
+def test_pyslurm_is_chosen_only_when_it_matches_the_cluster(slurm_env, monkeypatch):
+    standin = load_pyslurm(standin=True)
+    monkeypatch.setitem(__import__("sys").modules, "pyslurm", standin)
+    assert isinstance(pyslurm_adapter.choose(), PyslurmScheduler)          # same major.minor
+    monkeypatch.setattr(standin, "__version__", "25.11.0")
+    notices = []
+    assert isinstance(pyslurm_adapter.choose(notice=notices.append), CLIScheduler)
+    assert notices == [f"hpcserve: pyslurm 25.11.0 does not match Slurm "
+                       f"{'.'.join(map(str, pyslurm_adapter.slurm_version()))}; using Slurm's commands"]

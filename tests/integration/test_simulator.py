@@ -100,7 +100,9 @@ def servers(real_model, tmp_path_factory):
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4}
+# ignore_eos (a llama-server option; the simulator ignores it): the real model could otherwise
+# end at its first token, and a stream without a content chunk has another shape.
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4, "ignore_eos": True}
 
 REQUESTS = {
     "health": ("GET", "/health", None, {}),
@@ -110,8 +112,9 @@ REQUESTS = {
     "chat streamed": ("POST", "/v1/chat/completions", {**CHAT, "stream": True}, AUTH),
     "chat streamed with usage": ("POST", "/v1/chat/completions",
                                  {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, AUTH),
-    "completion": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4}, AUTH),
-    "completion streamed": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "stream": True}, AUTH),
+    "completion": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "ignore_eos": True}, AUTH),
+    "completion streamed": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "stream": True,
+                                                         "ignore_eos": True}, AUTH),
     "no key": ("POST", "/v1/chat/completions", CHAT, {}),
     "wrong key": ("GET", "/slots", None, {"Authorization": "Bearer nope"}),
     "bad messages": ("POST", "/v1/chat/completions", {"messages": "not a list"}, AUTH),
