@@ -12,6 +12,8 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -19,12 +21,14 @@ from pathlib import Path
 
 import click
 import filelock
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__, autoscaler, sbatch
 from . import batch as batch_mod
+from . import webui as webui_mod
 from . import config as config_mod
 from .config import Deployment
 from .endpoints import Backend, Health, observe
@@ -35,7 +39,7 @@ from .haproxy.process import HAProxy
 from .reconcile import Outcome, Reconciler, describe
 from .local import LocalScheduler
 from .slurm import Scheduler, pyslurm_adapter
-from .state import Desired, StateDir
+from .state import Desired, StateDir, write_private
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
 # Piped into a file or another program, rich would cut the table at 80 columns.
@@ -358,6 +362,68 @@ def _free_slots(deployment: Deployment, model) -> int:
 
 
 @cli.command()
+@click.option("--env", "print_env", is_flag=True, help="Print the environment (KEY=value lines) and exit.")
+@click.option("--stop", is_flag=True, help="Stop the OpenWebUI this command started.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=180, show_default=True,
+              help="Seconds to wait for OpenWebUI to answer /health.")
+@pass_ctx
+def webui(ctx: Context, print_env: bool, stop: bool, timeout: float) -> None:
+    """Start OpenWebUI wired to the pool's URL (pip install 'hpcserve[webui]').
+
+    `--env` prints the environment instead, for running OpenWebUI another way (systemd unit,
+    container, another host): it holds secrets, so keep it in a private file.
+    """
+    deployment = ctx.deployment
+    pid_file = webui_mod.folder(deployment) / "webui.pid"
+    if print_env:
+        for key, value in webui_mod.environment(deployment).items():
+            click.echo(f"{key}={shlex.quote(value)}")
+        return
+    if stop:
+        _stop_pid_file(pid_file)
+        out.print("OpenWebUI stopped")
+        return
+    program = shutil.which("open-webui") or str(Path(sys.executable).parent / "open-webui")
+    if not os.path.exists(program):
+        raise HpcserveError("open-webui is not installed: pip install 'hpcserve[webui]' "
+                            "(or run it your own way with the output of `hpcserve webui --env`)")
+    env = {**os.environ, **webui_mod.environment(deployment)}
+    settings = deployment.webui
+    log = open(deployment.state_dir / "logs" / "webui.log", "a")
+    process = subprocess.Popen([program, "serve", "--host", settings.host, "--port", str(settings.port)],
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+    write_private(pid_file, f"{process.pid}\n")
+    deadline = time.monotonic() + timeout
+    with err.status("waiting for OpenWebUI", spinner="dots"):
+        while not _answers(webui_mod.url(deployment) + "/health"):
+            if process.poll() is not None:
+                raise HpcserveError(f"OpenWebUI exited with status {process.returncode}; see "
+                                    f"{deployment.state_dir / 'logs' / 'webui.log'}")
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"OpenWebUI did not answer within {timeout:g} s; it keeps starting "
+                                  f"(pid {process.pid})")
+            time.sleep(1)
+    out.print(f"OpenWebUI: {webui_mod.url(deployment)} (admin {settings.admin_email}, password in "
+              f"{webui_mod.folder(deployment) / 'admin-password'})")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop_pid_file(pid_file: Path) -> None:
+    try:
+        pid = int(pid_file.read_text())
+        os.killpg(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    pid_file.unlink(missing_ok=True)
+
+
+@cli.command()
 @click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
 @pass_ctx
 def render(ctx: Context, what: str) -> None:
@@ -430,13 +496,15 @@ def _status_report(deployment, desired, haproxy, backends, stats, slurm_error) -
     return {"deployment": deployment.name, "url": deployment.url, "up": desired.up,
             "haproxy": {"running": haproxy.running(), "pid": haproxy.pid()},
             "models": models, "backends": rows, "slurm_error": slurm_error,
-            "last_autoscale": autoscaler.last_decisions(deployment.state_dir)}
+            "last_autoscale": autoscaler.last_decisions(deployment.state_dir),
+            "webui": {"url": webui_mod.url(deployment), "up": _answers(webui_mod.url(deployment) + "/health")}}
 
 
 def _print_status(report: dict) -> None:
     h = report["haproxy"]
     out.print(f"deployment [bold]{report['deployment']}[/]: {'up' if report['up'] else 'down'}, "
               f"URL {report['url']}, HAProxy {'running (pid %s)' % h['pid'] if h['running'] else 'not running'}")
+    out.print(f"  OpenWebUI {report['webui']['url']}: {'up' if report['webui']['up'] else 'not running'}")
     for name, m in report["models"].items():
         out.print(f"  model {name}: {m['ready']} ready of {m['jobs']} job(s), {m['desired']} wanted")
         last = report["last_autoscale"].get(name)

@@ -185,6 +185,14 @@ class Local(_Strict):
     gpus_per_backend: int = Field(default=1, ge=1)
 
 
+class WebUI(_Strict):
+    """OpenWebUI in front of the pool (`hpcserve webui`)."""
+
+    host: str = Field(default="127.0.0.1", description="address OpenWebUI listens on")
+    port: int = Field(default=8080, ge=1025, le=65535)
+    admin_email: str = Field(default="admin@localhost", description="the admin account created at first start")
+
+
 class Deployment(_Strict):
     """A whole deployment file, validated; paths are absolute."""
 
@@ -196,6 +204,7 @@ class Deployment(_Strict):
     slurm: Slurm = Field(default_factory=Slurm)
     haproxy: HAProxy = Field(default_factory=HAProxy)
     local: Local = Field(default_factory=Local)
+    webui: WebUI = Field(default_factory=WebUI)
     templates_dir: Path | None = Field(default=None, description="site templates that override ours")
 
     @model_validator(mode="after")

@@ -1,0 +1,43 @@
+"""hpcserve webui: the environment that wires OpenWebUI to the pool (OpenWebUI itself is not
+installed by the test suite: the browser test of issue 5 is still to come)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from tests.conftest import minimal, write_deployment
+
+
+def hpcserve(path, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(path), *args], capture_output=True,
+                          text=True, env=env or os.environ)
+
+
+def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
+    keys = tmp_path / "keys"
+    keys.write_text("frontend-key\n")
+    path = write_deployment(tmp_path, minimal(gguf, tmp_path, haproxy={"port": 8123, "api_keys_file": str(keys)}))
+    result = hpcserve(path, "webui", "--env")
+    assert result.returncode == 0, result.stderr
+    env = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    env = {k: shlex.split(v)[0] for k, v in env.items()}
+    assert env["OPENAI_API_BASE_URL"] == "http://127.0.0.1:8123/v1" and env["OPENAI_API_KEY"] == "frontend-key"
+    assert (env["ENABLE_OLLAMA_API"], env["OFFLINE_MODE"], env["ENABLE_PERSISTENT_CONFIG"],
+            env["BYPASS_MODEL_ACCESS_CONTROL"]) == ("False", "True", "False", "True")
+    webui = tmp_path / "state" / "webui"
+    assert env["DATA_DIR"] == str(webui / "data")
+    assert env["WEBUI_SECRET_KEY"] == (webui / "secret-key").read_text().strip()
+    assert env["WEBUI_ADMIN_PASSWORD"] == (webui / "admin-password").read_text().strip()
+    for name in ("secret-key", "admin-password"):
+        assert (webui / name).stat().st_mode & 0o077 == 0
+    assert hpcserve(path, "webui", "--env").stdout == result.stdout   # stable: secrets are kept
+
+
+def test_webui_without_open_webui_installed_says_how_to_get_it(tmp_path, gguf):
+    path = write_deployment(tmp_path, minimal(gguf, tmp_path))
+    result = hpcserve(path, "webui", env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "pip install 'hpcserve[webui]'" in result.stderr
+    assert "Traceback" not in result.stderr
