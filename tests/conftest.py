@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,21 @@ def write_deployment(tmp_path: Path, raw: dict, name: str = "hpcserve.yaml") -> 
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for test servers on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_for(raw: dict, base: Path, key: str = "k"):
+    """The HAProxy of a raw deployment dict, its state folders made (nothing started)."""
+    from hpcserve.haproxy.process import HAProxy
+    deployment = config.parse(raw, base=base)
+    (deployment.state_dir / "logs").mkdir(mode=0o700, parents=True)
+    return HAProxy(deployment, key)
 
 
 @pytest.fixture(scope="session")

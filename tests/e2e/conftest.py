@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import uuid
@@ -14,15 +13,9 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import LLAMA_SERVER
+from tests.conftest import LLAMA_SERVER, free_port
 
 SIMULATOR = Path(sys.executable).parent / "hpcserve-llama-sim"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Pool:

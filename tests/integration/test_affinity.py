@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,20 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from hpcserve import config
 from hpcserve.haproxy import runtime
 from hpcserve.haproxy.config import Server
-from hpcserve.haproxy.process import HAProxy
-from tests.conftest import minimal
+from tests.conftest import free_port, haproxy_for, minimal
 
 pytestmark = pytest.mark.haproxy
 HEADER = "X-OpenWebUI-Chat-Id"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -44,10 +35,8 @@ def pool(haproxy_bin, gguf, tmp_path):
         servers.append(Server("m", str(i), "127.0.0.1", int(match.group(1))))
     raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "affinity_max_queue": 2})
     raw["models"][0]["parallel"] = 2
-    d = config.parse(raw, base=tmp_path)
-    d.state_dir.mkdir(mode=0o700)
-    (d.state_dir / "logs").mkdir()
-    proxy = HAProxy(d, "k")
+    proxy = haproxy_for(raw, tmp_path)
+    d = proxy.deployment
     proxy.update(servers)
     deadline = time.monotonic() + 20
     while sum(s.status == "UP" for s in runtime.show_stat(proxy.paths.admin_socket)) < 2:

@@ -8,30 +8,20 @@ import httpx
 import psutil
 import pytest
 
-from hpcserve import config
 from hpcserve.errors import HAProxyError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy import runtime
 from hpcserve.haproxy.config import Server
 from hpcserve.haproxy.process import HAProxy
-from tests.conftest import minimal
+from tests.conftest import free_port, haproxy_for, minimal
 
 pytestmark = pytest.mark.haproxy
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def proxy(haproxy_bin, gguf, tmp_path):
-    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()}),
-                     base=tmp_path)
-    d.state_dir.mkdir(mode=0o700)
-    (d.state_dir / "logs").mkdir()
-    h = HAProxy(d, "test-key")
+    h = haproxy_for(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()}), tmp_path,
+                    key="test-key")
     yield h
     h.stop(timeout=5)
 
@@ -155,12 +145,9 @@ def test_errors_keep_the_openai_shape(proxy):
 def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# researchers\nkey-one\n\nkey-two\n")
-    d = config.parse(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
-                                                      "api_keys_file": str(keys)}),
-                     base=tmp_path)
-    d.state_dir.mkdir(mode=0o700)
-    (d.state_dir / "logs").mkdir()
-    proxy = HAProxy(d, "backend-key")
+    proxy = haproxy_for(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
+                                                         "api_keys_file": str(keys)}), tmp_path)
+    d = proxy.deployment
     try:
         proxy.apply(haproxy_config.render(d, []))
         url = f"http://127.0.0.1:{d.haproxy.port}/v1/models"
@@ -224,10 +211,8 @@ def test_models_list_and_unknown_model(haproxy_bin, gguf, tmp_path):
     lists the available ones."""
     raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()})
     raw["models"] = [{"name": "big", "gguf": str(gguf)}, {"name": "small", "gguf": str(gguf)}]
-    d = config.parse(raw, base=tmp_path)
-    d.state_dir.mkdir(mode=0o700)
-    (d.state_dir / "logs").mkdir()
-    proxy = HAProxy(d, "k")
+    proxy = haproxy_for(raw, tmp_path)
+    d = proxy.deployment
     try:
         proxy.apply(haproxy_config.render(d, []))
         base = f"http://127.0.0.1:{d.haproxy.port}/v1"
