@@ -389,9 +389,10 @@ def webui(ctx: Context, print_env: bool, stop: bool, timeout: float) -> None:
                             "(or run it your own way with the output of `hpcserve webui --env`)")
     env = {**os.environ, **webui_mod.environment(deployment)}
     settings = deployment.webui
-    log = open(deployment.state_dir / "logs" / "webui.log", "a")
-    process = subprocess.Popen([program, "serve", "--host", settings.host, "--port", str(settings.port)],
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+    with open(deployment.state_dir / "logs" / "webui.log", "a") as log:
+        process = subprocess.Popen([program, "serve", "--host", settings.host, "--port", str(settings.port)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                   start_new_session=True)
     write_private(pid_file, f"{process.pid}\n")
     deadline = time.monotonic() + timeout
     with err.status("waiting for OpenWebUI", spinner="dots"):
