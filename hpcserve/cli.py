@@ -383,12 +383,13 @@ def webui(ctx: Context, print_env: bool, stop: bool, timeout: float) -> None:
         _stop_pid_file(pid_file)
         out.print("OpenWebUI stopped")
         return
-    program = shutil.which("open-webui") or str(Path(sys.executable).parent / "open-webui")
+    settings = deployment.webui
+    program = (shutil.which(settings.command) or str(Path(sys.executable).parent / settings.command)
+               if "/" not in settings.command else settings.command)
     if not os.path.exists(program):
         raise HpcserveError("open-webui is not installed: pip install 'hpcserve[webui]' "
                             "(or run it your own way with the output of `hpcserve webui --env`)")
     env = {**os.environ, **webui_mod.environment(deployment)}
-    settings = deployment.webui
     with open(deployment.state_dir / "logs" / "webui.log", "a") as log:
         process = subprocess.Popen([program, "serve", "--host", settings.host, "--port", str(settings.port)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,

@@ -190,6 +190,7 @@ class WebUI(_Strict):
 
     host: str = Field(default="127.0.0.1", description="address OpenWebUI listens on")
     port: int = Field(default=8080, ge=1025, le=65535)
+    command: str = Field(default="open-webui", description="the open-webui program (a path, or a name on PATH)")
     admin_email: str = Field(default="admin@localhost", description="the admin account created at first start")
 
 

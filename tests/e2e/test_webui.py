@@ -1,0 +1,92 @@
+"""OpenWebUI wired to a real pool (local Slurm, real llama-server and model), with no internet,
+driven by headless Chromium (Debian's) through Playwright: sign in, pick the pool's model, send a
+message, see a streamed answer produced by a backend of the pool. The screenshot is kept in
+test-artifacts/webui-chat.png."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hpcserve.haproxy import runtime
+from tests.conftest import ARTIFACTS, ROOT, free_port, missing
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
+
+OPEN_WEBUI = ROOT / ".venv-webui" / "bin" / "open-webui"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-quic", "--disable-sync"]
+
+
+def served(pool) -> int:
+    return sum(s.total for s in runtime.show_stat(pool.dir / "state" / "haproxy.sock"))
+
+
+def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
+    if not OPEN_WEBUI.exists() or not CHROMIUM.exists():
+        missing("open-webui in .venv-webui and Debian's chromium (scripts/setup.sh installs them)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    pool = pool_factory(replicas=1)
+    pool.raw["webui"] = {"host": "127.0.0.1", "port": free_port(), "command": str(OPEN_WEBUI),
+                         "admin_email": "admin@example.org"}
+    pool.write(pool.raw)
+    pool.ok("up", "--timeout", "240")
+    env = {k: shlex.split(v)[0] for k, v in (line.split("=", 1) for line in pool.ok("webui", "--env").stdout.splitlines())}
+    started = pool.ok("webui", "--timeout", "240")
+    base = f"http://127.0.0.1:{pool.raw['webui']['port']}"
+    assert base in started.stdout
+    try:
+        status = pool.status()
+        assert status["webui"] == {"url": base, "up": True}
+
+        # OpenWebUI's own API lists the pool's model and reaches it.
+        token = httpx.post(f"{base}/api/v1/auths/signin", json={"email": env["WEBUI_ADMIN_EMAIL"],
+                                                                "password": env["WEBUI_ADMIN_PASSWORD"]}).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
+        before = served(pool)
+        reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
+            "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+            "stream": False}).json()
+        assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
+        assert served(pool) == before + 1
+
+        # A person in a browser.
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{base}/auth")
+            page.fill("input[type=email]", env["WEBUI_ADMIN_EMAIL"])
+            page.fill("input[type=password]", env["WEBUI_ADMIN_PASSWORD"])
+            page.click("button[type=submit]")
+            page.wait_for_selector("#chat-input", timeout=60000)
+            if page.get_by_text("Okay, Let's Go!").count():
+                page.get_by_text("Okay, Let's Go!").click()
+            page.click("#model-selector-model-button")
+            page.get_by_text(pool.model_name).last.click()
+            before = served(pool)
+            page.click("#chat-input")
+            page.keyboard.type("Hello, who are you?")
+            page.keyboard.press("Enter")
+            # The answer grows while it streams in.
+            lengths = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (len(lengths) < 2 or lengths[-1] <= lengths[0]):
+                time.sleep(1.5)
+                lengths.append(len(page.inner_text("#chat-container")))
+            page.screenshot(path=str(ARTIFACTS / "webui-chat.png"))
+            browser.close()
+        assert len(lengths) >= 2 and lengths[-1] > lengths[0], lengths
+        assert served(pool) > before          # the answer came from a backend of the pool
+
+        # Scaled to zero, the model stays listed.
+        pool.ok("scale", "0", "--drain-timeout", "0")
+        assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
+    finally:
+        pool.run("webui", "--stop")
