@@ -364,10 +364,12 @@ def _free_slots(deployment: Deployment, model) -> int:
 @cli.command()
 @click.option("--env", "print_env", is_flag=True, help="Print the environment (KEY=value lines) and exit.")
 @click.option("--stop", is_flag=True, help="Stop the OpenWebUI this command started.")
+@click.option("--sbatch", "print_sbatch", is_flag=True,
+              help="Print a job script that runs OpenWebUI on a (CPU) partition, for `sbatch`, and exit.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=180, show_default=True,
               help="Seconds to wait for OpenWebUI to answer /health.")
 @pass_ctx
-def webui(ctx: Context, print_env: bool, stop: bool, timeout: float) -> None:
+def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout: float) -> None:
     """Start OpenWebUI wired to the pool's URL (pip install 'hpcserve[webui]').
 
     `--env` prints the environment instead, for running OpenWebUI another way (systemd unit,
@@ -378,6 +380,9 @@ def webui(ctx: Context, print_env: bool, stop: bool, timeout: float) -> None:
     if print_env:
         for key, value in webui_mod.environment(deployment).items():
             click.echo(f"{key}={shlex.quote(value)}")
+        return
+    if print_sbatch:
+        click.echo(webui_mod.job_script(deployment), nl=False)
         return
     if stop:
         _stop_pid_file(pid_file)

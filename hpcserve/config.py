@@ -191,6 +191,10 @@ class WebUI(_Strict):
     host: str = Field(default="127.0.0.1", description="address OpenWebUI listens on")
     port: int = Field(default=8080, ge=1025, le=65535)
     command: str = Field(default="open-webui", description="the open-webui program (a path, or a name on PATH)")
+    partition: str | None = Field(default=None, description="CPU partition for `hpcserve webui --sbatch`")
+    cpus: int = Field(default=2, ge=1, description="--cpus-per-task of the OpenWebUI job")
+    memory: str = Field(default="4G", pattern=MEMORY_PATTERN, description="--mem of the OpenWebUI job")
+    time_limit: str = Field(default="7-00:00:00", pattern=TIME_LIMIT_PATTERN)
     admin_email: str = Field(default="admin@localhost", description="the admin account created at first start")
 
 

@@ -12,8 +12,10 @@ secret key and admin password live in STATE_DIR/webui, private to the owner.
 from __future__ import annotations
 
 import secrets
+import shlex
 from pathlib import Path
 
+from . import templates
 from .config import Deployment, read_api_keys
 from .state import StateDir, write_private
 
@@ -56,6 +58,20 @@ def environment(deployment: Deployment) -> dict[str, str]:
         "WEBUI_ADMIN_NAME": "hpcserve admin",
         "WEBUI_ADMIN_PASSWORD": _secret(root / "admin-password", 18),
     }
+
+
+def job_script(deployment: Deployment) -> str:
+    """The batch script that runs OpenWebUI as a Slurm job; its environment is written to
+    STATE_DIR/webui/env (0600) and only named by the script.
+
+    Raises:
+        jinja2.TemplateError: a site template is broken.
+    """
+    env_file = folder(deployment) / "env"
+    write_private(env_file, "".join(f"{k}={shlex.quote(v)}\n" for k, v in environment(deployment).items()))
+    return templates.render("openwebui.sbatch.j2", deployment.templates_dir, deployment=deployment,
+                            webui=deployment.webui, slurm=deployment.slurm, env_file=env_file,
+                            log_dir=deployment.state_dir / "logs")
 
 
 def url(deployment: Deployment) -> str:

@@ -42,3 +42,13 @@ def test_unreachable_slurmctld_is_a_slurm_error(slurm_env, tmp_path):
     scheduler = CLIScheduler(env={**slurm_env, "SLURM_CONF": str(conf)}, timeout=60)
     with pytest.raises(SlurmError, match="squeue exited 1: .*(connect|contact)"):
         scheduler.jobs("hpcserve:")
+
+
+def test_openwebui_job_script_passes_sbatch_test_only(slurm_env, gguf, tmp_path):
+    from hpcserve import webui
+
+    raw = minimal(gguf, tmp_path, slurm={"partition": "gpu"})
+    raw["webui"] = {"partition": "gpu", "time_limit": "01:00:00"}
+    d = config.parse(raw, base=tmp_path)
+    (d.state_dir / "logs").mkdir(parents=True)
+    assert "to start at" in CLIScheduler().test_submit(webui.job_script(d))

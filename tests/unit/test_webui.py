@@ -41,3 +41,17 @@ def test_webui_without_open_webui_installed_says_how_to_get_it(tmp_path, gguf):
     result = hpcserve(path, "webui", env={**os.environ, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1 and "pip install 'hpcserve[webui]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_openwebui_as_a_slurm_job_names_its_secrets_file_only(tmp_path, gguf):
+    raw = minimal(gguf, tmp_path)
+    raw["webui"] = {"partition": "cpu", "port": 8181}
+    path = write_deployment(tmp_path, raw)
+    script = hpcserve(path, "webui", "--sbatch").stdout
+    env_file = tmp_path / "state" / "webui" / "env"
+    assert "#SBATCH --partition=cpu\n" in script and "#SBATCH --job-name=hpcserve-webui:t\n" in script
+    assert f". {env_file}\n" in script and "serve --host 0.0.0.0 --port 8181" in script
+    secret = (tmp_path / "state" / "webui" / "secret-key").read_text().strip()
+    assert secret not in script and secret in env_file.read_text()
+    assert env_file.stat().st_mode & 0o077 == 0
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
