@@ -72,7 +72,7 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for mode, settings in (("affinity", {}), ("no affinity", {"affinity_header": None})):
+        for mode, settings in (("affinity", {"affinity_header": HEADER}), ("no affinity", {})):
             # Fresh servers for each mode: nothing cached by the other mode's run.
             servers = [start_llama_server(args.model, folder / f"llama-{mode[:2]}{i}.log", parallel=2, ctx=4096,
                                           threads=1) for i in range(2)]

@@ -158,12 +158,14 @@ class HAProxy(_Strict):
                                    description="127.0.0.1 port for /stats and Prometheus /metrics; default port + 1")
     api_keys_file: Path | None = Field(default=None,
                                        description="file of frontend API keys, one per line; none = open")
-    affinity_header: str | None = Field(default="X-OpenWebUI-Chat-Id", pattern=r"^[A-Za-z0-9-]+$",
-                                        description="conversation key for prompt-cache affinity; null = off")
+    affinity_header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$",
+                                        description="conversation key for prompt-cache affinity, e.g. "
+                                                    "X-OpenWebUI-Chat-Id; null (default) = off")
     affinity_expire: float = Field(default=1800, gt=0, description="seconds a conversation stays on its server")
-    affinity_max_queue: int | None = Field(default=None, ge=1,
-                                           description="requests a conversation's server may queue before "
-                                                       "the next one goes elsewhere; default its slots")
+    affinity_max_queue: int = Field(default=1, ge=1,
+                                    description="requests a conversation's server may have waiting before the "
+                                                "next one goes elsewhere; above 1, leastconn also queues other "
+                                                "requests on servers instead of the backend (HAProxy 2.6 maxqueue)")
 
     @property
     def stats_port_or_default(self) -> int:

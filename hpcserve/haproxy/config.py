@@ -68,8 +68,10 @@ def server_options(deployment: Deployment, model: Model) -> str:
                f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
     if deployment.haproxy.affinity_header:
         # Bounded affinity: a conversation waits for its server only while that server's own queue
-        # is shorter than this; the next request goes to another server (HAProxy 2.6, maxqueue).
-        options += f" maxqueue {deployment.haproxy.affinity_max_queue or model.parallel}"
+        # is shorter than this; the next request goes to another server. Above 1, leastconn also
+        # puts requests without affinity into servers' queues instead of the backend's, and those
+        # failed (503) when servers left the pool under load (HAProxy 2.6 manual, maxqueue; measured).
+        options += f" maxqueue {deployment.haproxy.affinity_max_queue}"
     return options
 
 

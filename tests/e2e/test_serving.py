@@ -19,8 +19,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
 
 
 def describe_failures(results) -> str:
-    kinds = collections.Counter((r.status, r.error.split(":")[0], r.done) for r in results if not r.ok)
-    return ", ".join(f"{n}x status={s} error={e or '-'} done={d}" for (s, e, d), n in kinds.items())
+    def kind(r) -> str:
+        return r.body.get("error", {}).get("type", "-") if isinstance(r.body, dict) else "-"
+    kinds = collections.Counter((r.status, r.error.split(":")[0], r.done, kind(r)) for r in results if not r.ok)
+    return ", ".join(f"{n}x status={s} error={e or '-'} done={d} type={t}" for (s, e, d, t), n in kinds.items())
 
 
 def reloads(pool) -> int:

@@ -85,8 +85,11 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         assert len(lengths) >= 2 and lengths[-1] > lengths[0], lengths
         assert served(pool) > before          # the answer came from a backend of the pool
 
-        # Scaled to zero, the model stays listed.
+        # Scaled to zero, the model stays listed, and a chat gets the "starting" answer.
         pool.ok("scale", "0", "--drain-timeout", "0")
         assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
+        starting = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=60, json={
+            "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "stream": False})
+        assert starting.status_code >= 400 and f"Model {pool.model_name} is starting" in starting.text, starting.text
     finally:
         pool.run("webui", "--stop")

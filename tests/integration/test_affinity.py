@@ -33,7 +33,7 @@ def pool(haproxy_bin, gguf, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         servers.append(Server("m", str(i), "127.0.0.1", int(match.group(1))))
-    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "affinity_max_queue": 2})
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "affinity_header": HEADER, "affinity_max_queue": 1})
     raw["models"][0]["parallel"] = 2
     proxy = haproxy_for(raw, tmp_path)
     d = proxy.deployment
@@ -73,7 +73,7 @@ def test_a_conversation_stays_on_its_server_and_conversations_spread(pool):
 
 
 def test_one_busy_conversation_cannot_overload_its_server(pool):
-    """20 requests of one conversation at once: past maxqueue 2 they go to the other server."""
+    """20 requests of one conversation at once: past maxqueue 1 they go to the other server."""
     proxy, url = pool
     with ThreadPoolExecutor(20) as executor:
         list(executor.map(lambda _: chat(url, "hot", tokens=20), range(20)))

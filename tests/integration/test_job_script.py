@@ -1,0 +1,42 @@
+"""The backend job script itself, run by bash (its workstation flavour: no Slurm needed) with a
+fake llama-server that is slow to start and to log its port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from hpcserve import config, sbatch
+from tests.conftest import minimal
+
+FAKE_SERVER = """#!/bin/bash
+sleep 0.7
+echo "main: server is listening on http://0.0.0.0:43210 - starting the main loop"
+trap 'echo stopping; exit 0' TERM
+while true; do sleep 0.1; done
+"""
+
+
+def test_the_job_waits_for_the_port_announces_it_and_stops_the_server(gguf, tmp_path):
+    server = tmp_path / "fake-llama-server"
+    server.write_text(FAKE_SERVER)
+    server.chmod(0o755)
+    raw = minimal(gguf, tmp_path, scheduler="local")
+    raw["models"][0]["command"] = str(server)
+    d = config.parse(raw, base=tmp_path)
+    (d.state_dir / "logs").mkdir(parents=True)
+    sbatch.key_file(d).write_text("k\n")
+    comment = tmp_path / "comment"
+    job = subprocess.Popen(["bash", "-c", sbatch.render(d, d.models[0])], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           env={**os.environ, "SLURM_JOB_ID": "77", "HPCSERVE_COMMENT_FILE": str(comment)})
+    deadline = time.monotonic() + 20
+    while not comment.exists() or not comment.read_text().strip():
+        assert time.monotonic() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else ""
+        time.sleep(0.1)
+    assert comment.read_text().strip().endswith(":43210")
+    os.killpg(job.pid, signal.SIGTERM)
+    output, _ = job.communicate(timeout=20)
+    assert "listening on" in output and "llama-server ended with status 0" in output, output
