@@ -45,10 +45,6 @@ class Plan:
     haproxy_running: bool
     draining: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
-    @property
-    def changes_jobs(self) -> bool:
-        return bool(self.submit or self.cancel)
-
 
 # Which active job goes first when a model has more than it should: the ones that serve nobody yet
 # (pending, then starting or loading, newest first), then ready ones closest to their time limit.

@@ -38,7 +38,7 @@ def test_up_from_nothing_submits_every_replica(deployment):
 def test_reached_state_plans_nothing(deployment):
     backends = [backend(1), backend(2), backend(3, "b")]
     p = plan(deployment, Desired(up=True, replicas={"a": 2, "b": 1}), backends)
-    assert not p.changes_jobs
+    assert p.submit == () and p.cancel == ()
     assert [(s.name, s.id, s.port, s.model) for s in p.servers] == [
         ("job1", 1, 5001, "a"), ("job2", 2, 5002, "a"), ("job3", 3, 5003, "b")]
 
