@@ -21,11 +21,12 @@ HEADER = "X-OpenWebUI-Chat-Id"
 
 
 @pytest.fixture
-def pool(haproxy_bin, gguf, tmp_path):
+def pool(request, haproxy_bin, gguf, tmp_path):
+    slots = getattr(request, "param", 2)
     sims, servers = [], []
     for i in (1, 2):
         log = tmp_path / f"sim{i}.log"
-        sims.append(subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", "2",
+        sims.append(subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", str(slots),
                                       "--sim-load-time", "0", "--sim-token-rate", "50"],
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, env={"LLAMA_API_KEY": "k"}))
         deadline = time.monotonic() + 20
@@ -34,7 +35,7 @@ def pool(haproxy_bin, gguf, tmp_path):
             time.sleep(0.05)
         servers.append(Server("m", str(i), "127.0.0.1", int(match.group(1))))
     raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "affinity_header": HEADER, "affinity_max_queue": 1})
-    raw["models"][0]["parallel"] = 2
+    raw["models"][0]["parallel"] = slots
     proxy = haproxy_for(raw, tmp_path)
     d = proxy.deployment
     proxy.update(servers)
@@ -60,6 +61,7 @@ def chat(url: str, conversation: str | None, tokens: int = 2) -> None:
     assert response.status_code == 200
 
 
+@pytest.mark.parametrize("pool", [8], indirect=True)   # slots enough that no turn has to wait
 def test_a_conversation_stays_on_its_server_and_conversations_spread(pool):
     proxy, url = pool
     with ThreadPoolExecutor(8) as executor:   # 8 conversations at once, 5 turns each
