@@ -3,6 +3,7 @@ reconcile step, and append each decision as a JSON line to STATE_DIR/decisions.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from .errors import HAProxyError
 from .haproxy import runtime
 from .haproxy.config import backend_name
 from .reconcile import Outcome, Reconciler
+from .slurm import JobState
 from .state import Desired
 
 DECISIONS = "decisions.jsonl"
@@ -51,12 +53,12 @@ def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dic
         remembered = Memory(**{k: mine.get(k) for k in ("above_since", "below_since", "last_change")})
         decision = decide(policy, desired.replicas_of(name), signals, remembered, now)
         replicas[name] = decision.after
-        new_memory[name] = {**decision.memory.__dict__, "wake_total": wake_total}
+        new_memory[name] = {**dataclasses.asdict(decision.memory), "wake_total": wake_total}
         records.append({"time": now, "model": name, "sessions": signals.sessions, "queued": signals.queued,
                         "wakeups": wakeups, "desired_before": decision.before, "desired_after": decision.after,
                         "reason": decision.reason})
     outcome = reconciler.step(Desired(up=True, replicas=replicas))
-    pending = {name: sum(1 for b in outcome.backends if b.model == name and b.job.state.value == "PENDING")
+    pending = {name: sum(1 for b in outcome.backends if b.model == name and b.job.state is JobState.PENDING)
                for name in policies}
     state.write_json("autoscale", new_memory)
     fd = os.open(state.root / DECISIONS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
