@@ -564,8 +564,9 @@ def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float
     last = ""
     with err.status("waiting for ready backends", spinner="dots") as spinner:
         while True:
+            leaving = {c.job_id for c in outcome.plan.cancel}
             ready = {name: sum(1 for b in outcome.backends if b.model == name and b.health is Health.READY
-                               and b.job.job_id not in {c.job_id for c in outcome.plan.cancel})
+                               and b.job.job_id not in leaving)
                      for name in wanted}
             if all(ready[name] >= n for name, n in wanted.items()):
                 return outcome
