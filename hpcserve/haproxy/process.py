@@ -99,7 +99,13 @@ class HAProxy:
         hard-stop-after), so frequent reloads pile up workers. Only a structural change (the
         config without its servers differs from the running one) reloads; a change of
         membership or drain goes through the runtime API, and the same membership is written to
-        the file, so a restart or a later reload finds it.
+        the file, so a restart or a later reload finds it. A reload also applies the membership
+        through the runtime API first: the new worker restores each server's state from the
+        server-state-file, where a saved weight wins over the config's whenever their initial
+        weights agree (HAProxy 2.6 source, server_state.c: "a configuration file change has
+        precedence over a unix socket change" only when iweight differs; servers added at runtime
+        start at weight 0, like a draining server in the file), so the file must already say
+        "drain" for a server leaving in this very change.
 
         A new worker knows nothing of the streams its predecessor still serves, so after a reload
         each server would take its full slots again on top of them. The new worker therefore
@@ -132,6 +138,9 @@ class HAProxy:
             return "started"
         if not same_base:
             self.validate(text)
+            # The running worker first: the new one loads its server states (drain, weight) from
+            # the server-state-file, and the old one must stop sending its queue to leaving servers.
+            self.sync_servers(servers)
             held = self.held_sessions(old_only=False)
             self.apply(render(self.deployment, self._within_slots(servers, held)))
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
@@ -204,9 +213,13 @@ class HAProxy:
     def sync_servers(self, servers: list[Server]) -> None:
         """Add, drain, un-drain and delete servers of the running worker to match `servers`.
 
-        A server to delete is put in maintenance first; HAProxy refuses `del server` while
-        connections remain, so such a server stays in maintenance (taking no request) and the
-        next step deletes it.
+        A new server (or one back from drain) gets weight 0, its state, and only then weight 1.
+        Measured with HAProxy 2.6.12 under 200 queued streams (maxconn 8): a server that leaves
+        maintenance with its weight already set takes up to twice its maxconn from the backend
+        queue at once (the extra requests wait inside llama-server); raised from weight 0, it takes
+        exactly maxconn. A server to delete is put in maintenance first; HAProxy refuses
+        `del server` while connections remain, so such a server stays in maintenance (taking no
+        request) and the next step deletes it.
 
         Raises:
             HAProxyError: the runtime API refused a command (other than a busy `del server`).
@@ -220,14 +233,16 @@ class HAProxy:
         commands: list[str] = []
         for (backend, name), server in sorted(wanted.items()):
             where = f"{backend}/{name}"
-            state = "drain" if server.draining else "ready"
             if (backend, name) not in live:
                 options = server_options(self.deployment, models[server.model])
-                added += [f"add server {where} {server.address}:{server.port} {options} id {server.id}",
-                          f"enable health {where}"]
-                commands.append(f"set server {where} state {state}")
+                added += [f"add server {where} {server.address}:{server.port} {options} weight 0 "
+                          f"id {server.id}", f"enable health {where}"]
+                commands += ([f"set server {where} state drain"] if server.draining else
+                             [f"set server {where} state ready", f"set server {where} weight 1"])
             elif live[(backend, name)].draining != server.draining:
-                commands.append(f"set server {where} state {state}")
+                commands += ([f"set server {where} state drain"] if server.draining else
+                             [f"set server {where} weight 0", f"set server {where} state ready",
+                              f"set server {where} weight 1"])
         for backend, name in sorted(live.keys() - wanted.keys()):
             commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
         self._send(added + commands)

@@ -111,6 +111,10 @@ def test_membership_changes_go_through_the_runtime_api_without_a_reload(proxy):
     assert set(live) == {"job7", "job8"} and live["job8"].draining and not live["job7"].draining
     assert (live["job8"].address, live["job8"].port) == ("127.0.0.1", 10)
     assert "server job8 127.0.0.1:10 id 8 weight 0\n" in proxy.live_config()
+    assert update([a, b]) == "runtime"                       # back from drain: eligible again
+    live = {s.name: s for s in runtime.show_servers(proxy.paths.admin_socket)}
+    weights = {s.server: s.weight for s in runtime.show_stat(proxy.paths.admin_socket)}
+    assert not live["job8"].draining and weights["job8"] == 1  # added at weight 0, then raised
     assert update([b]) == "runtime"
     assert [s.name for s in runtime.show_servers(proxy.paths.admin_socket)] == ["job8"]
     assert runtime.show_proc(proxy.paths.master_socket).reloads == reloads  # no reload so far
