@@ -92,7 +92,7 @@ class HAProxy:
     def _base_file(self):
         return self.paths.root / "haproxy-base.cfg"
 
-    def update(self, servers: list[Server], settle_timeout: float = 30.0) -> str:
+    def update(self, servers: list[Server], settle_timeout: float = 30.0, room_timeout: float = 30.0) -> str:
         """Make HAProxy serve `servers` with the deployment's config, disturbing as little as possible.
 
         A reload starts a new worker and leaves the old one holding its streams (up to
@@ -107,15 +107,18 @@ class HAProxy:
         start at weight 0, like a draining server in the file), so the file must already say
         "drain" for a server leaving in this very change.
 
-        A new worker knows nothing of the streams its predecessor still serves, so after a reload
-        each server would take its full slots again on top of them. The new worker therefore
-        starts with each server's maxconn lowered by what the running workers hold, and
-        `settle()` hands the slots back as those streams end.
+        A new worker knows nothing of the streams its predecessor still serves (nor of the queue
+        the predecessor goes on dispatching), so after a reload each server would take its full
+        slots again on top of them. The slots of a server are therefore shared out: before the
+        reload `make_room()` frees one slot of every full server, the new worker starts with
+        each server's maxconn lowered by what the running workers can still fill (`claims()`),
+        and `settle()` hands the slots over as the old workers' queues and streams end.
 
         Args:
             servers: the membership.
             settle_timeout: seconds to wait after a reload for old workers' streams to end
                 (the next call goes on settling if they have not).
+            room_timeout: seconds to wait before a reload for a stream on each full server to end.
         Returns:
             "started", "reloaded", "runtime" (changed through the runtime API) or "unchanged".
         Raises:
@@ -141,8 +144,9 @@ class HAProxy:
             # The running worker first: the new one loads its server states (drain, weight) from
             # the server-state-file, and the old one must stop sending its queue to leaving servers.
             self.sync_servers(servers)
-            held = self.held_sessions(old_only=False)
-            self.apply(render(self.deployment, self._within_slots(servers, held)))
+            self.make_room(servers, timeout=room_timeout)
+            claims = self.claims(servers, current=True)
+            self.apply(render(self.deployment, self._within_slots(servers, claims)))
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
             write_private(self._base_file, base)
             self.settle(servers, timeout=settle_timeout)
@@ -156,17 +160,17 @@ class HAProxy:
     def _slots(self, server: Server) -> int:
         return self.deployment.model(server.model).parallel
 
-    def _within_slots(self, servers: list[Server], held: dict[str, int]) -> list[Server]:
-        """`servers` with maxconn lowered by the sessions other workers hold on each, to 1 at least.
+    def _within_slots(self, servers: list[Server], claims: dict[str, int]) -> list[Server]:
+        """`servers` with maxconn lowered by the slots other workers claim on each, to 1 at least.
 
         Not to 0 (which HAProxy reads as "no limit"), nor weight 0: a server with weight 0 is not
-        eligible, and when every server of a backend is fully held (a reload at saturation) the new
-        worker would answer 503 at once instead of queueing. So while the old worker's streams
-        last, a fully held server may have one request more than its slots, waiting inside
-        llama-server.
+        eligible, and when every server of a backend is full (a reload at saturation) the new
+        worker would answer 503 at once instead of queueing. `make_room()` frees one slot first;
+        only when no stream ended within its wait may a server get one request more than its
+        slots, waiting inside llama-server.
         """
-        return [dataclasses.replace(s, maxconn=max(1, self._slots(s) - held[s.name]))
-                if held.get(s.name) and not s.draining else s for s in servers]
+        return [dataclasses.replace(s, maxconn=max(1, self._slots(s) - claims[s.name]))
+                if claims.get(s.name) and not s.draining else s for s in servers]
 
     def held_sessions(self, old_only: bool = True) -> dict[str, int]:
         """Server name -> sessions held by the old workers (or by every worker: old_only=False).
@@ -181,8 +185,71 @@ class HAProxy:
                 held[stat.server] = held.get(stat.server, 0) + stat.sessions
         return held
 
+    def claims(self, servers: list[Server], current: bool = False) -> dict[str, int]:
+        """Server name -> slots the old workers (and the current one: current=True) can fill.
+
+        A worker with requests in its backend's queue refills every slot its maxconn allows, so it
+        claims max(sessions, maxconn). An old worker whose queue is empty only finishes its streams
+        (it accepts no new connection): its maxconn is lowered to max(1, sessions), so that it
+        cannot take those slots back, and it claims max(sessions, that maxconn).
+
+        Raises:
+            HAProxyError: the master did not answer.
+        """
+        info = runtime.show_proc(self.paths.master_socket)
+        ours = {s.name for s in servers}
+        claimed: dict[str, int] = {}
+        for pid in info.old_workers + (info.workers if current else ()):
+            stats, backends = runtime.worker_stats(self.paths.master_socket, pid)
+            for stat in stats:
+                if stat.server not in ours:
+                    continue
+                limit = stat.limit
+                queue = backends.get(stat.backend)
+                if pid in info.old_workers and not (queue and queue.queued) and limit > max(1, stat.sessions):
+                    limit = max(1, stat.sessions)
+                    runtime.command(self.paths.master_socket,
+                                    f"@!{pid} set maxconn server {stat.backend}/{stat.server} {limit}")
+                claimed[stat.server] = claimed.get(stat.server, 0) + max(stat.sessions, limit)
+        return claimed
+
+    def make_room(self, servers: list[Server], timeout: float) -> bool:
+        """Before a reload: free one slot of every serving server the running workers fill.
+
+        On such a server, lowers by one the maxconn of the worker that has the most (not below 1),
+        then waits, polling every 0.2 s, until a stream above it has ended, at most `timeout`
+        seconds. Returns True when every serving server has a free slot for the next worker.
+        Errors of the runtime API end the wait quietly (the reload then shares what it can).
+        """
+        deadline = time.monotonic() + timeout
+        lowered: set[str] = set()
+        master = self.paths.master_socket
+        try:
+            while True:
+                claims = self.claims(servers, current=True)
+                models = {m.name for m in self.deployment.models}
+                full = {s.name for s in servers if not s.draining and s.model in models
+                        and claims.get(s.name, 0) >= self._slots(s)}
+                if not full:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                info = runtime.show_proc(master)
+                limits: dict[str, list[tuple[int, int, str]]] = {}
+                for pid in info.old_workers + info.workers:
+                    for stat in runtime.worker_stat(master, pid):
+                        limits.setdefault(stat.server, []).append((stat.limit, pid, stat.backend))
+                for name in full - lowered:
+                    limit, pid, backend = max(limits.get(name, []), default=(0, 0, ""))
+                    if limit > 1:
+                        runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
+                        lowered.add(name)
+                time.sleep(0.2)
+        except HAProxyError:
+            return False
+
     def settle(self, servers: list[Server], timeout: float) -> bool:
-        """Give each server of the current worker the slots old workers no longer hold.
+        """Give each server of the current worker the slots old workers no longer claim.
 
         Polls every 0.2 s until no old worker is left or `timeout` seconds passed (0: one pass).
         Returns True when settled (every serving server back at maxconn = slots).
@@ -191,7 +258,7 @@ class HAProxy:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                held = self.held_sessions(old_only=True)
+                claims = self.claims(servers)
                 current = {s.server: s for s in runtime.show_stat(self.paths.admin_socket)}
                 models = {m.name: m for m in self.deployment.models}
                 for server in servers:
@@ -199,10 +266,10 @@ class HAProxy:
                     if server.draining or stat is None or server.model not in models:
                         continue
                     where = f"{backend_name(models[server.model])}/{server.name}"
-                    free = max(1, self._slots(server) - held.get(server.name, 0))  # see _within_slots
+                    free = max(1, self._slots(server) - claims.get(server.name, 0))  # see _within_slots
                     if stat.limit != free:
                         runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
-                if not runtime.show_proc(self.paths.master_socket).old_workers and not held:
+                if not runtime.show_proc(self.paths.master_socket).old_workers:
                     return True
             except HAProxyError:
                 return False

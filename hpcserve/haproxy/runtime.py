@@ -79,6 +79,16 @@ def worker_stat(master_socket: Path, pid: int) -> list[ServerStats]:
     return parse_stat(command(master_socket, f"@!{pid} show stat"))
 
 
+def worker_stats(master_socket: Path, pid: int) -> tuple[list[ServerStats], dict[str, ServerStats]]:
+    """One worker's (server rows, backend name -> backend totals) from a single `show stat`.
+
+    Raises:
+        HAProxyError: the master did not answer.
+    """
+    text = command(master_socket, f"@!{pid} show stat")
+    return parse_stat(text), {s.backend: s for s in parse_stat(text, rows="BACKEND")}
+
+
 def show_backends(socket_path: Path) -> dict[str, ServerStats]:
     """Backend name -> its totals (server = "BACKEND"; queued = requests waiting in its queue).
 
