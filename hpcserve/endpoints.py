@@ -129,8 +129,19 @@ def resolve(host: str) -> str | None:
 
 
 async def _probe_all(backends: list[Backend], key: str | None, timeout: float, slots: bool) -> list[Backend]:
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-        return list(await asyncio.gather(*(_probe(client, b, key, slots) for b in backends)))
+    # At most 50 probes at a time, each within `timeout` (connect and read). Measured with 512
+    # backends (benchmarks, scenario e): handing httpx all 512 at once cost 9 ms of CPU per probe
+    # in its connection pool's bookkeeping, and a wait for a free connection counted in the timeout
+    # marked healthy backends unreachable.
+    gate = asyncio.Semaphore(50)
+
+    async def probe(client: httpx.AsyncClient, backend: Backend) -> Backend:
+        async with gate:
+            return await _probe(client, backend, key, slots)
+
+    limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        return list(await asyncio.gather(*(probe(client, b) for b in backends)))
 
 
 async def _probe(client: httpx.AsyncClient, backend: Backend, key: str | None, slots: bool) -> Backend:
