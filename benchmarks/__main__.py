@@ -1,0 +1,110 @@
+"""hpcserve's benchmarks: the pool against the alternatives, side by side.
+
+    python -m benchmarks run [--scenario a --scenario b ...] [--window 30] [--out DIR]
+    python -m benchmarks report [--out DIR]          # redraw report.md and plots from results.json
+    python -m benchmarks load --url URL --model M --rate R --duration S   # your own pool
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from benchmarks import loadgen, metrics, report, scenarios, systems
+from benchmarks.common import ROOT
+from benchmarks.workload import poisson
+
+SCENARIOS = {"a": scenarios.scenario_a, "b": scenarios.scenario_b, "c": scenarios.scenario_c,
+             "d": scenarios.scenario_d, "e": scenarios.scenario_e, "f": scenarios.scenario_f}
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+
+
+def _say(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+@click.group()
+def main() -> None:
+    """Benchmarks of hpcserve's pool against plain HAProxy, nginx, LiteLLM and direct access."""
+
+
+@main.command()
+@click.option("--scenario", "chosen", multiple=True, type=click.Choice(sorted(SCENARIOS)),
+              help="Scenario to run (repeatable) [default: all].")
+@click.option("--systems", "system_list", default=",".join(systems.SYSTEMS), show_default=True,
+              help="Comma-separated systems to compare.")
+@click.option("--window", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds of arrivals per case (5 for a smoke run; figures need 30 or more).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Folder for results.json, report.md and the PNG plots.")
+def run(chosen: tuple[str, ...], system_list: str, window: float, out: Path) -> None:
+    """Start everything the scenarios need, run them, write the report."""
+    names = tuple(s.strip() for s in system_list.split(",") if s.strip())
+    unknown = [n for n in names if n not in systems.SYSTEMS]
+    if unknown:
+        raise click.BadParameter(f"expected some of {', '.join(systems.SYSTEMS)}, got {', '.join(unknown)}",
+                                 param_hint="--systems")
+    out = out.resolve()
+    work = out / "work"
+    settings = scenarios.Settings(window=window, systems=names, folder=work, progress=_say)
+    results = {"meta": {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}",
+                        "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
+                        "window_s": window, "systems": list(names)}, "records": []}
+    for name in chosen or sorted(SCENARIOS):
+        _say(f"scenario {name}: {scenarios_doc(name)}")
+        results["records"] += SCENARIOS[name](settings)
+        report.write(results, out)  # a partial report survives a later failure
+    path = report.write(results, out)
+    _say(f"report: {path}")
+
+
+def scenarios_doc(name: str) -> str:
+    return " ".join((SCENARIOS[name].__doc__ or "").split()).split(": ")[0].split(". ")[0]
+
+
+@main.command("report")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
+def report_command(out: Path) -> None:
+    """Redraw report.md and the plots from OUT/results.json."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {out / 'results.json'}: {exc}") from None
+    click.echo(report.write(results, out))
+
+
+@main.command()
+@click.option("--url", required=True, help="OpenAI base URL of the pool, e.g. http://login1:8000/v1.")
+@click.option("--model", required=True, help="Model field of the requests.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), required=True, help="Requests per second (Poisson).")
+@click.option("--duration", type=click.FloatRange(min=1), default=60, show_default=True, help="Seconds of arrivals.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def load(url: str, model: str, rate: float, duration: float, seed: int, as_json: bool) -> None:
+    """Send the heavy-tailed Poisson workload of scenario (a) to your own pool and print its figures.
+    A frontend API key is read from $OPENAI_API_KEY."""
+    requests = poisson(rate, duration, seed)
+    headers = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"} if os.environ.get("OPENAI_API_KEY") else {}
+    _say(f"{len(requests)} requests over {duration:g} s to {url}")
+    outcomes = loadgen.run([url.rstrip("/")], model, requests, duration + 600, headers,
+                           progress=lambda done, total: _say(f"{done}/{total} answered"))
+    summary = metrics.summarize(outcomes)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key:>15}: {value}")
+    sys.exit(0 if not summary["errors"] else 1)
+
+
+if __name__ == "__main__":
+    main()

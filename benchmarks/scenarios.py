@@ -1,0 +1,258 @@
+"""The benchmark scenarios of the comparison (issue #6): each starts what it needs, runs the same
+workload against every system, and returns result records for the report.
+
+A record: {"scenario", "case", "system", "summary" (benchmarks.metrics.summarize), and where they
+apply "offered_rps", "reference" (the central-FCFS model's summary), "per_backend" (requests each
+backend served), "peaks" (each simulated backend's most busy slots and most requests waiting
+inside it)}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks import loadgen, metrics, reference, systems
+from benchmarks.common import MODEL, start_llama_server
+from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How long and how hard: `window` seconds of arrivals per case (quick runs are for smoke
+    tests, not figures), `systems` to compare, `folder` for configs and logs, `progress` a
+    callable(str) for long waits."""
+
+    window: float
+    systems: tuple[str, ...]
+    folder: Path
+    progress: object = print
+
+
+def _idle(backends: list[systems.Running], timeout: float = 60) -> None:
+    """Wait until no simulated backend has a request in service or waiting (abandoned requests
+    of the previous run finish first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = [httpx.get(b.urls[0].removesuffix("/v1") + "/sim/stats", timeout=10).json() for b in backends]
+        if all(s["busy"] == 0 and s["waiting"] == 0 for s in stats):
+            return
+        time.sleep(0.5)
+
+
+def _against_all(settings: Settings, scenario: str, cases: list[tuple[str, float, list[Request], float]],
+                  pool: list[Backend] | None, backends: list[systems.Running], slots: int,
+                  simulated: bool = True, hpcserve_settings: dict | None = None) -> list[dict]:
+    """Run each case (name, offered req/s, requests, deadline s) against each system over
+    `backends`. With `pool` (the backends' model) each record carries the reference model's
+    figures; with `simulated` backends, the requests each served."""
+    records = []
+    urls = [b.urls[0] for b in backends]
+    for name in settings.systems:
+        system = systems.start(name, urls, slots, settings.folder / scenario, hpcserve_settings)
+        try:
+            for case, offered, requests, deadline in cases:
+                _idle(backends) if simulated else time.sleep(2)
+                before = systems.served_counts(backends) if simulated else []
+                settings.progress(f"{scenario} {case}: {name}, {len(requests)} requests")
+                outcomes = loadgen.run(system.urls, "m", requests, deadline, system.headers,
+                                       progress=_progress(settings, f"{scenario} {case} {name}"))
+                record = {"scenario": scenario, "case": case, "system": name, "offered_rps": round(offered, 2),
+                          "summary": metrics.summarize(outcomes)}
+                if pool:
+                    record["reference"] = metrics.summarize_reference(reference.fcfs(requests, pool))
+                if simulated:
+                    record["per_backend"] = [a - b for a, b in zip(systems.served_counts(backends), before)]
+                records.append(record)
+        finally:
+            system.stop()
+    return records
+
+
+def _progress(settings: Settings, label: str):
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= 10 or done == total:
+            last[0] = time.monotonic()
+            settings.progress(f"  {label}: {done}/{total} answered")
+    return report
+
+
+def heterogeneous_pool(fast_rate: float = 10.0, count: int = 16, slots: int = 4) -> list[Backend]:
+    """`count` backends of `slots` slots, half at `fast_rate` tokens/s per slot, half at half that."""
+    return [Backend(slots, fast_rate if i < count // 2 else fast_rate / 2) for i in range(count)]
+
+
+def scenario_a(settings: Settings) -> list[dict]:
+    """(a) A heterogeneous pool (16 backends x 4 slots, half twice as slow), heavy-tailed answer
+    lengths, Poisson arrivals at 50%, 80%, 95% and 120% of the pool's capacity."""
+    pool = heterogeneous_pool()
+    full = capacity(pool, mean_tokens())
+    cases = []
+    for share in (0.5, 0.8, 0.95, 1.2):
+        requests = poisson(full * share, settings.window, seed=int(share * 100))
+        cases.append((f"{int(share * 100)}%", full * share, requests, settings.window + 120))
+    sims = systems.start_simulators(pool, settings.folder / "a" / "sims")
+    try:
+        return _against_all(settings, "a", cases, pool, sims, slots=4)
+    finally:
+        for sim in sims:
+            sim.stop()
+
+
+def scenario_b(settings: Settings) -> list[dict]:
+    """(b) Overload: arrivals at 5x the capacity of a small pool (4 backends x 4 slots) for 10 s
+    (or the window, if shorter). hpcserve's queue timeout is 10 s here, so its clear 503 shows
+    within the run."""
+    pool = [Backend(4, 10.0) for _ in range(4)]
+    full = capacity(pool, mean_tokens())
+    requests = poisson(full * 5, min(10.0, settings.window), seed=5)
+    sims = systems.start_simulators(pool, settings.folder / "b" / "sims")
+    try:
+        return _against_all(settings, "b", [("5x", full * 5, requests, settings.window + 150)], pool, sims,
+                            slots=4, hpcserve_settings={"timeout_queue": 10})
+    finally:
+        for sim in sims:
+            sim.stop()
+
+
+def scenario_d(settings: Settings) -> list[dict]:
+    """(d) Streaming fidelity: 64-token answers at 20 tokens/s per slot (a token every 50 ms) at
+    half the capacity of 4 backends x 4 slots; inter-token gaps through each system vs direct."""
+    pool = [Backend(4, 20.0) for _ in range(4)]
+    full = capacity(pool, 64)
+    requests = poisson(full * 0.5, settings.window, seed=4, tokens=lambda rng: 64)
+    sims = systems.start_simulators(pool, settings.folder / "d" / "sims")
+    try:
+        return _against_all(settings, "d", [("50%", full * 0.5, requests, settings.window + 60)], pool, sims, slots=4)
+    finally:
+        for sim in sims:
+            sim.stop()
+
+
+def scenario_f(settings: Settings) -> list[dict]:
+    """(f) Two real llama-server backends with the real model (2 slots, 1 thread each): the cost
+    of each system on real traffic, as ratios to direct access. 32-token answers at 0.5 req/s."""
+    folder = settings.folder / "f"
+    folder.mkdir(parents=True, exist_ok=True)
+    servers = []
+    try:
+        for i in range(2):
+            process, port = start_llama_server(MODEL, folder / f"llama-server-{i}.log", parallel=2, ctx=2048, threads=1)
+            servers.append(systems.Running("llama-server", [f"http://127.0.0.1:{port}/v1"], process))
+        window = max(settings.window, 20)
+        requests = poisson(0.5, window, seed=6, tokens=lambda rng: 32)
+        return _against_all(settings, "f", [("real", 0.5, requests, window + 120)], None, servers, slots=2,
+                            simulated=False)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+CHANGES = [5, 3, 6, 4, 2, 5, 3, 6, 4, 2, 5, 3, 6, 4, 3, 5, 2, 4, 6, 4]  # pool sizes, from 4 backends
+
+
+def scenario_c(settings: Settings) -> list[dict]:
+    """(c) 200 streams in flight (closed loop, 5-30 tokens each) while the pool changes 20 times
+    (backends of 8 slots at 20 tokens/s started and stopped, like Slurm jobs). hpcserve drains a
+    leaving server before its backend stops and reloads HAProxy at every fourth change; the
+    hand-written HAProxy and nginx get the admin's change: new config, reload, stop the leaving
+    backend. LiteLLM (membership needs its database) and direct access take no part."""
+    return [_changing_pool(settings, name) for name in settings.systems if name in ("hpcserve", "haproxy-rr", "nginx")]
+
+
+def _changing_pool(settings: Settings, name: str) -> dict:
+    import threading
+
+    from hpcserve.haproxy.config import Server
+    from hpcserve.haproxy.process import HAProxy
+
+    folder = settings.folder / "c" / name
+    shape = Backend(8, 20.0)
+    made = [0]
+
+    def new_backends(count: int) -> list[systems.Running]:
+        started = systems.start_simulators([shape] * count, folder / "sims", first=made[0])
+        for i, sim in enumerate(started):
+            sim.name = str(made[0] + i + 1)  # the "job id"
+        made[0] += count
+        return started
+
+    members = new_backends(4)
+    system = systems.start(name, [m.urls[0] for m in members], 8, folder)
+    proxy = system.proxy
+    done = threading.Event()
+    log: list[str] = []
+
+    def servers(active, leaving=()):
+        return ([Server("m", m.name, "127.0.0.1", systems.port_of(m.urls[0])) for m in active]
+                + [Server("m", m.name, "127.0.0.1", systems.port_of(m.urls[0]), draining=True) for m in leaving])
+
+    def change_pool() -> None:
+        nonlocal members, proxy
+        try:
+            time.sleep(3)
+            for i, size in enumerate(CHANGES):
+                keep = members[:size]
+                leaving = members[size:]
+                joining = new_backends(size - len(keep)) if size > len(keep) else []
+                active = keep + joining
+                ports = [systems.port_of(m.urls[0]) for m in active]
+                if name == "hpcserve":
+                    if i % 4 == 0:  # a structural change: the next update reloads HAProxy
+                        d = proxy.deployment
+                        proxy = HAProxy(d.model_copy(update={"haproxy": d.haproxy.model_copy(
+                            update={"timeout_client": d.haproxy.timeout_client + 1})}), systems.KEY)
+                    log.append(proxy.update(servers(active, leaving), settle_timeout=0))
+                    deadline = time.monotonic() + 60
+                    while leaving and time.monotonic() < deadline:
+                        held = proxy.server_sessions() or {}
+                        if not any(held.get(m.name) for m in leaving):
+                            break
+                        time.sleep(0.2)
+                    log.append(proxy.update(servers(active), settle_timeout=0))
+                elif name == "haproxy-rr":
+                    systems.reload_haproxy_rr(system, folder / "haproxy-rr", ports)
+                    log.append("reloaded")
+                else:
+                    systems.reload_nginx(system, folder / "nginx", ports)
+                    log.append("reloaded")
+                for m in leaving:
+                    m.stop()
+                members = active
+                settings.progress(f"  c {name}: change {i + 1}/{len(CHANGES)}: {size} backends")
+                time.sleep(1.5)
+        finally:
+            done.set()
+
+    driver = threading.Thread(target=change_pool, daemon=True)
+    settings.progress(f"c: {name}, 200 clients, {len(CHANGES)} pool changes")
+    driver.start()
+    try:
+        outcomes = loadgen.run_closed(system.urls, "m", 200, (5, 30), done.is_set, headers=system.headers)
+    finally:
+        driver.join()
+        system.stop()
+        for m in members:
+            m.stop()
+    peaks = []
+    for sim_log in sorted((folder / "sims").glob("sim-*.log")):
+        for line in sim_log.read_text().splitlines():
+            if line.startswith("simulator stats: "):
+                peaks.append(json.loads(line.split(": ", 1)[1]))
+    return {"scenario": "c", "case": "20 changes", "system": name, "summary": metrics.summarize(outcomes),
+            "pool_changes": len(CHANGES), "reloads": sum(1 for x in log if x in ("reloaded", "started")),
+            "max_busy": max((p["max_busy"] for p in peaks), default=None),
+            "max_waiting": max((p["max_waiting"] for p in peaks), default=None)}
+
+
+def scenario_e(settings: Settings) -> list[dict]:
+    """(e) Control plane at scale: render, HAProxy start and runtime changes with 512 backends,
+    squeue with 2,000 jobs in the queue, status probes of 512 endpoints."""
+    from benchmarks import control_plane
+    return control_plane.run(settings)

@@ -1,0 +1,226 @@
+"""What a benchmark runs: simulated or real llama-server backends, and the systems put in front of
+them (hpcserve's HAProxy, a hand-written round-robin HAProxy, nginx, LiteLLM, or none).
+
+Every system forwards the backend key, so the backends are the same for all. Each start function
+returns a started thing with `url` (the OpenAI base URL clients use) and `stop()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jinja2
+
+from benchmarks.common import KEY, ROOT, free_port, start_haproxy
+from benchmarks.workload import Backend
+from hpcserve.haproxy.process import HAProxy
+
+CONFIGS = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "configs"),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+SYSTEMS = ("hpcserve", "haproxy-rr", "nginx", "litellm", "direct")
+_LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
+
+
+@dataclasses.dataclass
+class Running:
+    """A started process (or none, for direct access) and where clients reach it."""
+
+    name: str
+    urls: list[str]
+    process: subprocess.Popen | None = None
+    stop_hook: object = None
+    headers: dict = dataclasses.field(default_factory=dict)
+    proxy: HAProxy | None = None  # hpcserve's HAProxy, for membership changes
+
+    def stop(self) -> None:
+        if self.stop_hook:
+            self.stop_hook()
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_simulators(backends: list[Backend], folder: Path, first: int = 0) -> list[Running]:
+    """One hpcserve-llama-sim per backend (alias "m", the benchmark key), each ready (/health 200).
+
+    Raises:
+        SystemExit: a simulator did not start within 30 s (its log is named).
+    """
+    sim = Path(sys.executable).parent / "hpcserve-llama-sim"
+    folder.mkdir(parents=True, exist_ok=True)
+    started = []
+    for i, backend in enumerate(backends):
+        log = folder / f"sim-{first + i}.log"
+        process = subprocess.Popen(
+            [str(sim), "--port", "0", "--alias", "m", "-np", str(backend.slots), "--sim-load-time", "0",
+             "--sim-token-rate", str(backend.token_rate), "--sim-prefill-rate", str(backend.prefill_rate)],
+            stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, "LLAMA_API_KEY": KEY})
+        started.append((process, log))
+    running = []
+    for process, log in started:
+        deadline = time.monotonic() + 30
+        while not (match := _LISTENING.search(log.read_text())):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"simulator did not start; see {log}")
+            time.sleep(0.05)
+        running.append(Running("sim", [f"http://127.0.0.1:{match.group(1)}/v1"], process))
+    return running
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def served_counts(backends: list[Running]) -> list[int]:
+    """Requests each simulated backend has served so far (GET /sim/stats)."""
+    return [httpx.get(b.urls[0].removesuffix("/v1") + "/sim/stats", timeout=10).json()["served"] for b in backends]
+
+
+def _wait_http(url: str, ok=lambda r: r.status_code == 200, timeout: float = 60, what: str = "",
+               process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"{what or url} exited with status {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if ok(httpx.get(url, timeout=5)):
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"{what or url} did not become ready within {timeout:g} s")
+
+
+def start_hpcserve(ports: list[int], slots: int, folder: Path, **haproxy_settings) -> Running:
+    """HAProxy with the config hpcserve generates (templates/haproxy.cfg.j2), every server UP."""
+    proxy, port = start_haproxy(folder, ports, parallel=slots, **haproxy_settings)
+    return Running("hpcserve", [f"http://127.0.0.1:{port}/v1"], stop_hook=proxy.stop, proxy=proxy)
+
+
+def start_haproxy_rr(ports: list[int], folder: Path) -> Running:
+    """HAProxy with a plain round-robin config (configs/haproxy-roundrobin.cfg.j2), daemonised with
+    a pid file so that `reload_haproxy_rr` can replace it the usual way (-sf)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    running = Running("haproxy-rr", [f"http://127.0.0.1:{port}/v1"])
+    write_haproxy_rr(folder, port, ports)
+    subprocess.run(["haproxy", "-D", "-p", str(folder / "haproxy-rr.pid"), "-f", str(folder / "haproxy-rr.cfg")],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running.stop_hook = lambda: _kill_matching(str(folder / "haproxy-rr.cfg"))
+    _wait_http(f"http://127.0.0.1:{port}/v1/models", ok=lambda r: r.status_code < 500, what="haproxy-rr")
+    time.sleep(2.5)  # its checks (2 s) mark the servers UP
+    return running
+
+
+def write_haproxy_rr(folder: Path, port: int, ports: list[int]) -> None:
+    (folder / "haproxy-rr.cfg").write_text(CONFIGS.get_template("haproxy-roundrobin.cfg.j2").render(
+        port=port, backend_ports=ports, key=KEY, folder=folder))
+
+
+def reload_haproxy_rr(running: Running, folder: Path, ports: list[int]) -> None:
+    """The admin's membership change: rewrite the config, start a new HAProxy that takes over the
+    port and tells the old one to finish its connections and exit (-sf, HAProxy management guide)."""
+    write_haproxy_rr(folder, port_of(running.urls[0]), ports)
+    old = (folder / "haproxy-rr.pid").read_text().split()
+    subprocess.run(["haproxy", "-D", "-p", str(folder / "haproxy-rr.pid"), "-f", str(folder / "haproxy-rr.cfg"),
+                    "-sf", *old], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_matching(needle: str) -> None:
+    import psutil
+    found = [p for p in psutil.process_iter(["cmdline"]) if needle in " ".join(p.info["cmdline"] or [])]
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    psutil.wait_procs(found, timeout=10)
+
+
+def start_nginx(ports: list[int], folder: Path) -> Running:
+    """nginx round-robin (configs/nginx.conf.j2), in the foreground, unprivileged paths in `folder`.
+
+    Raises:
+        SystemExit: nginx is not installed (Debian package nginx-light) or did not start.
+    """
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise SystemExit("nginx is not installed: apt-get install nginx-light (scripts/setup-bench.sh)")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = folder / "nginx.conf"
+    write_nginx(folder, port, ports)
+    process = subprocess.Popen([binary, "-p", str(folder), "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=(folder / "nginx.log").open("w"))
+    _wait_http(f"http://127.0.0.1:{port}/v1/models", what=f"nginx (see {folder / 'nginx.log'})", process=process)
+    return Running("nginx", [f"http://127.0.0.1:{port}/v1"], process)
+
+
+def write_nginx(folder: Path, port: int, ports: list[int]) -> None:
+    (folder / "nginx.conf").write_text(CONFIGS.get_template("nginx.conf.j2").render(
+        port=port, backend_ports=ports, key=KEY, folder=folder))
+
+
+def reload_nginx(running: Running, folder: Path, ports: list[int]) -> None:
+    """The admin's membership change: rewrite the config and send the master SIGHUP (nginx -s
+    reload); old workers finish their requests and exit."""
+    write_nginx(folder, port_of(running.urls[0]), ports)
+    running.process.send_signal(signal.SIGHUP)
+
+
+def start_litellm(ports: list[int], folder: Path) -> Running:
+    """LiteLLM proxy with least-busy routing (configs/litellm.yaml.j2), from .venv-litellm.
+
+    Raises:
+        SystemExit: LiteLLM is not installed (scripts/setup-bench.sh) or did not start in 120 s.
+    """
+    if not LITELLM.exists():
+        raise SystemExit(f"LiteLLM is not installed at {LITELLM}: run scripts/setup-bench.sh")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = folder / "litellm.yaml"
+    config.write_text(CONFIGS.get_template("litellm.yaml.j2").render(backend_ports=ports, key=KEY))
+    master_key = "sk-" + secrets.token_hex(16)  # LiteLLM refuses to start without one
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True",
+           "LITELLM_MASTER_KEY": master_key}
+    process = subprocess.Popen([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                                "--num_workers", "1"], stdout=subprocess.DEVNULL,
+                               stderr=(folder / "litellm.log").open("w"), env=env, cwd=folder)
+    _wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120,
+               what=f"LiteLLM (see {folder / 'litellm.log'})", process=process)
+    return Running("litellm", [f"http://127.0.0.1:{port}/v1"], process,
+                   headers={"Authorization": f"Bearer {master_key}"})
+
+
+def start(name: str, backend_urls: list[str], slots: int, folder: Path,
+          hpcserve_settings: dict | None = None) -> Running:
+    """Start system `name` (one of SYSTEMS) in front of the backends at `backend_urls`
+    (`slots` each; `hpcserve_settings`: deployment-file haproxy settings for hpcserve's config).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    ports = [port_of(u) for u in backend_urls]
+    if name == "hpcserve":
+        return start_hpcserve(ports, slots, folder / "hpcserve", **(hpcserve_settings or {}))
+    if name == "haproxy-rr":
+        return start_haproxy_rr(ports, folder / "haproxy-rr")
+    if name == "nginx":
+        return start_nginx(ports, folder / "nginx")
+    if name == "litellm":
+        return start_litellm(ports, folder / "litellm")
+    if name == "direct":
+        return Running("direct", list(backend_urls), headers={"Authorization": f"Bearer {KEY}"})
+    raise ValueError(f"system: expected one of {', '.join(SYSTEMS)}, got {name!r}")
