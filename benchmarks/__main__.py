@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def run(chosen: tuple[str, ...], system_list: str, window: float, out: Path) -> 
         raise click.BadParameter(f"expected some of {', '.join(systems.SYSTEMS)}, got {', '.join(unknown)}",
                                  param_hint="--systems")
     out = out.resolve()
-    work = out / "work"
+    # Configs, logs and HAProxy's sockets: in /tmp, since a UNIX socket path has at most 107 bytes.
+    work = Path(tempfile.mkdtemp(prefix="hpcserve-bench-", dir="/tmp"))
+    _say(f"configs and logs of this run: {work}")
     settings = scenarios.Settings(window=window, systems=names, folder=work, progress=_say)
     results = {"meta": {"started": datetime.datetime.now().isoformat(timespec="seconds"),
                         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}",
