@@ -99,7 +99,7 @@ def load(url: str, model: str, rate: float, duration: float, seed: int, as_json:
     headers = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"} if os.environ.get("OPENAI_API_KEY") else {}
     _say(f"{len(requests)} requests over {duration:g} s to {url}")
     outcomes = loadgen.run([url.rstrip("/")], model, requests, duration + 600, headers,
-                           progress=lambda done, total: _say(f"{done}/{total} answered"))
+                           progress=scenarios.throttled(_say, "load"))
     summary = metrics.summarize(outcomes)
     if as_json:
         click.echo(json.dumps(summary, indent=1))

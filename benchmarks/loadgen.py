@@ -82,6 +82,8 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, request: Re
         outcome.error = "" if done else "broken_stream"
     except aiohttp.ClientError:  # refused, reset, or a chunked body cut short
         outcome.error = "broken_stream" if outcome.status == 200 else "connect"
+    except ValueError:  # an event that is not JSON: the stream is not what llama-server sends
+        outcome.error = "broken_stream"
     finally:
         outcome.ended = time.perf_counter() - start
 

@@ -60,7 +60,7 @@ def _against_all(settings: Settings, scenario: str, cases: list[tuple[str, float
                 before = systems.served_counts(backends) if simulated else []
                 settings.progress(f"{scenario} {case}: {name}, {len(requests)} requests")
                 outcomes = loadgen.run(system.urls, "m", requests, deadline, system.headers,
-                                       progress=_progress(settings, f"{scenario} {case} {name}"))
+                                       progress=throttled(settings.progress, f"{scenario} {case} {name}"))
                 record = {"scenario": scenario, "case": case, "system": name, "offered_rps": round(offered, 2),
                           "summary": metrics.summarize(outcomes)}
                 if pool:
@@ -73,13 +73,14 @@ def _against_all(settings: Settings, scenario: str, cases: list[tuple[str, float
     return records
 
 
-def _progress(settings: Settings, label: str):
+def throttled(say, label: str):
+    """A loadgen progress callback that calls say(str) every 10 s and at the end."""
     last = [0.0]
 
     def report(done: int, total: int) -> None:
         if time.monotonic() - last[0] >= 10 or done == total:
             last[0] = time.monotonic()
-            settings.progress(f"  {label}: {done}/{total} answered")
+            say(f"  {label}: {done}/{total} answered")
     return report
 
 
@@ -137,7 +138,8 @@ def scenario_d(settings: Settings) -> list[dict]:
 
 def scenario_f(settings: Settings) -> list[dict]:
     """(f) Two real llama-server backends with the real model (2 slots, 1 thread each): the cost
-    of each system on real traffic, as ratios to direct access. 32-token answers at 0.5 req/s."""
+    of each system on real traffic, as ratios to direct access. 32-token answers at 0.5 req/s
+    for 60 s (or the window, if longer)."""
     folder = settings.folder / "f"
     folder.mkdir(parents=True, exist_ok=True)
     servers = []
@@ -145,7 +147,7 @@ def scenario_f(settings: Settings) -> list[dict]:
         for i in range(2):
             process, port = start_llama_server(MODEL, folder / f"llama-server-{i}.log", parallel=2, ctx=2048, threads=1)
             servers.append(systems.Running("llama-server", [f"http://127.0.0.1:{port}/v1"], process))
-        window = max(settings.window, 20)
+        window = max(settings.window, 60)
         requests = poisson(0.5, window, seed=6, tokens=lambda rng: 32)
         return _against_all(settings, "f", [("real", 0.5, requests, window + 120)], None, servers, slots=2,
                             simulated=False)
