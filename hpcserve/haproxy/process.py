@@ -216,9 +216,9 @@ class HAProxy:
     def make_room(self, servers: list[Server], timeout: float) -> bool:
         """Before a reload: free one slot of every serving server the running workers fill.
 
-        On such a server, lowers by one the maxconn of the worker that has the most (not below 1),
-        then waits, polling every 0.2 s, until a stream above it has ended, at most `timeout`
-        seconds. Returns True when every serving server has a free slot for the next worker.
+        On such a server, lowers by one the maxconn of the worker that has the most (not below 1:
+        a server of one slot held by one worker cannot be shared), then waits, polling every
+        0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when every serving server has a free slot for the next worker.
         Errors of the runtime API end the wait quietly (the reload then shares what it can).
         """
         deadline = time.monotonic() + timeout
@@ -244,6 +244,8 @@ class HAProxy:
                     if limit > 1:
                         runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
                         lowered.add(name)
+                if not full & lowered:
+                    return False  # every full server is at maxconn 1 in each worker: nothing to wait for
                 time.sleep(0.2)
         except HAProxyError:
             return False

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
+import threading
+import time
 
 import httpx
 import psutil
@@ -162,14 +167,9 @@ def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
         proxy.stop(timeout=5)
 
 
-def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(proxy, tmp_path):
-    """The old worker keeps its streams; the new one must not fill the same slots again."""
-    import re
-    import subprocess
-    import sys
-    import threading
-    import time
-
+@pytest.fixture
+def simulator4(tmp_path):
+    """A simulated llama-server with 4 slots at 20 tokens/s and the test key; yields its port."""
     log = tmp_path / "sim.log"
     with open(log, "w") as sink:
         sim = subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", "4",
@@ -180,34 +180,77 @@ def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(pro
         while not (match := re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        d = proxy.deployment.model_copy(update={"models": [proxy.deployment.models[0].model_copy(update={"parallel": 4})]})
-        server = Server("m", "21", "127.0.0.1", int(match.group(1)))
-        first = HAProxy(d, "test-key")
-        assert first.update([server]) == "started"
-        url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
-        streams = [threading.Thread(target=lambda: httpx.post(url, timeout=30, json={
-            "messages": [{"role": "user", "content": "x"}], "max_tokens": 40, "stream": True})) for _ in range(3)]
-        for t in streams:
-            t.start()
-        while first.held_sessions(old_only=False).get("job21", 0) < 3:
-            time.sleep(0.05)
-
-        changed = d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": 9})})
-        second = HAProxy(changed, "test-key")
-        assert second.update([server], settle_timeout=0) == "reloaded"
-        stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
-        assert stat.limit == 1                                   # 4 slots, 3 held by the old worker
-        assert "server job21 127.0.0.1" in second.live_config() and "maxconn" not in \
-            second.live_config().split("server job21")[1].splitlines()[0]   # the file holds the steady state
-
-        for t in streams:
-            t.join()
-        assert second.settle([server], timeout=20)
-        stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
-        assert stat.limit == 4 and stat.weight == 1
+        yield int(match.group(1))
     finally:
         sim.terminate()
         sim.wait(10)
+
+
+def _streams(url: str, count: int, tokens: int = 40) -> tuple[list[threading.Thread], list[int]]:
+    """`count` streamed chat completions in threads, started; (threads, their HTTP statuses)."""
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(httpx.post(url, timeout=60, json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": tokens, "stream": True}).status_code))
+        for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _slots_of(d):
+    return d.model_copy(update={"models": [d.models[0].model_copy(update={"parallel": 4})]})
+
+
+def _restructured(d, timeout_queue: float):
+    return d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": timeout_queue})})
+
+
+def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(proxy, simulator4):
+    """The old worker keeps its streams; the new one must not fill the same slots again."""
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "21", "127.0.0.1", simulator4)
+    first = HAProxy(d, "test-key")
+    assert first.update([server]) == "started"
+    streams, _ = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
+    while first.held_sessions(old_only=False).get("job21", 0) < 3:
+        time.sleep(0.05)
+
+    second = HAProxy(_restructured(d, 9), "test-key")
+    assert second.update([server], settle_timeout=0) == "reloaded"
+    stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
+    assert stat.limit == 1                                   # 4 slots, 3 held by the old worker
+    assert "server job21 127.0.0.1" in second.live_config() and "maxconn" not in \
+        second.live_config().split("server job21")[1].splitlines()[0]   # the file holds the steady state
+
+    for t in streams:
+        t.join()
+    assert second.settle([server], timeout=20)
+    stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
+    assert stat.limit == 4 and stat.weight == 1
+
+
+def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy, simulator4):
+    """Every slot busy and requests queued: the reload first frees a slot in the old worker (a
+    stream must end, ~2 s), so old and new worker together never exceed the backend's 4 slots."""
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "22", "127.0.0.1", simulator4)
+    first = HAProxy(d, "test-key")
+    assert first.update([server]) == "started"
+    url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
+    streams, results = _streams(url, 6)                        # 4 in service, 2 in HAProxy's queue
+    while first.held_sessions(old_only=False).get("job22", 0) < 4:
+        time.sleep(0.05)
+
+    started = time.monotonic()
+    second = HAProxy(_restructured(d, 11), "test-key")
+    assert second.update([server], settle_timeout=0, room_timeout=20) == "reloaded"
+    assert time.monotonic() - started > 0.5                   # it waited for a stream to end
+    later, later_results = _streams(url, 3)                    # to the new worker
+    for t in streams + later:
+        t.join()
+    assert results + later_results == [200] * 9
+    stats = httpx.get(f"http://127.0.0.1:{simulator4}/sim/stats").json()
+    assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
 
 
 def test_models_list_and_unknown_model(haproxy_bin, gguf, tmp_path):
