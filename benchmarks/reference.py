@@ -2,9 +2,11 @@
 queue over every slot of the pool.
 
 A request waits in the one queue until a slot is free and is served by the free slot that finishes
-it soonest (the fastest backend with a free slot). No balancer can give a lower time to first token
-for the same arrivals and service times without knowing the future, so each system's TTFT
-percentiles are reported as a ratio to this model's. Network, parsing and proxy costs are zero here.
+it soonest (the fastest backend with a free slot). A balancer that starts requests in arrival order
+cannot start any of them earlier, so each system's TTFT percentiles are reported as a ratio to this
+model's: the limit for that load in the model's terms. Network, parsing and proxy costs are zero
+here and arrivals are exactly on time; a real run can come out slightly below it when its client
+sends late in a burst (TTFT is measured from the actual send).
 """
 
 from __future__ import annotations

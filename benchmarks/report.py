@@ -1,7 +1,7 @@
 """The report of a benchmark run: results.json -> report.md (tables) and PNG plots (matplotlib).
 
 Tables give, per scenario and case, each system's throughput, TTFT and inter-token percentiles,
-errors by kind, and ratios: TTFT to the central-FCFS reference (1.0 = as good as possible) and to
+errors by kind, and ratios: TTFT to the central-FCFS reference (1.0 = as good as the model) and to
 hpcserve (below 1.0 = better than hpcserve).
 """
 
@@ -65,7 +65,7 @@ def markdown(results: dict, plots: list[str]) -> str:
     out = [f"# hpcserve benchmark report", "",
            f"Run {meta['started']} on {meta['machine']}; command: `{meta['command']}`.", "",
            "Ratios: `x ref` divides a system's TTFT by the central-FCFS reference model's for the same "
-           "arrivals and service times (1.00 is the best possible); `x hpcserve` divides by hpcserve's "
+           "arrivals and service times (1.00: as good as the model); `x hpcserve` divides by hpcserve's "
            "(below 1.00: that system was faster). TTFT and ITL are over completed requests.", ""]
     for scenario in sorted({r["scenario"] for r in results["records"]}):
         records = [r for r in results["records"] if r["scenario"] == scenario]
