@@ -62,7 +62,7 @@ def extra_table(records: list[dict], keys: list[str]) -> list[str]:
 def markdown(results: dict, plots: list[str]) -> str:
     """The whole report as Markdown."""
     meta = results["meta"]
-    out = [f"# hpcserve benchmark report", "",
+    out = ["# hpcserve benchmark report", "",
            f"Run {meta['started']} on {meta['machine']}; command: `{meta['command']}`.", "",
            "Ratios: `x ref` divides a system's TTFT by the central-FCFS reference model's for the same "
            "arrivals and service times (1.00: as good as the model); `x hpcserve` divides by hpcserve's "
