@@ -12,11 +12,11 @@ from hpcserve import config, sbatch
 from tests.conftest import minimal
 
 FAKE_SERVER = """#!/bin/bash
+trap 'echo stopping; exit 0' TERM
 sleep 0.7
 echo "main: server is listening on http://0.0.0.0:43210 - starting the main loop"
-trap 'echo stopping; exit 0' TERM
 while true; do sleep 0.1; done
-"""
+"""  # the handler comes first, as in llama-server: a SIGTERM right after the log line finds it
 
 
 def test_the_job_waits_for_the_port_announces_it_and_stops_the_server(gguf, tmp_path):
