@@ -85,7 +85,13 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         assert len(lengths) >= 2 and lengths[-1] > lengths[0], lengths
         assert served(pool) > before          # the answer came from a backend of the pool
 
-        # Scaled to zero, the model stays listed, and a chat gets the "starting" answer.
+        # Scaled to zero, the model stays listed, and a chat gets the "starting" answer. (Once the
+        # browser's answer has ended: a server still streaming is "in service", and then HAProxy
+        # queues rather than answering "starting".)
+        deadline = time.monotonic() + 60
+        while sum(s.sessions for s in runtime.show_stat(pool.dir / "state" / "haproxy.sock")):
+            assert time.monotonic() < deadline, "the browser's answer did not end"
+            time.sleep(0.5)
         pool.ok("scale", "0", "--drain-timeout", "0")
         assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
         starting = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=60, json={

@@ -40,7 +40,7 @@ def pool(request, haproxy_bin, gguf, tmp_path):
     d = proxy.deployment
     proxy.update(servers)
     deadline = time.monotonic() + 20
-    while sum(s.status == "UP" for s in runtime.show_stat(proxy.paths.admin_socket)) < 2:
+    while sum(s.status.startswith("UP") for s in runtime.show_stat(proxy.paths.admin_socket)) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     yield proxy, f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
