@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 
 from benchmarks import loadgen, metrics, reference, systems
 from benchmarks.common import MODEL, start_llama_server
@@ -38,8 +37,7 @@ def _idle(backends: list[systems.Running], timeout: float = 60) -> None:
     of the previous run finish first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stats = [httpx.get(b.urls[0].removesuffix("/v1") + "/sim/stats", timeout=10).json() for b in backends]
-        if all(s["busy"] == 0 and s["waiting"] == 0 for s in stats):
+        if all(s["busy"] == 0 and s["waiting"] == 0 for s in systems.sim_stats(backends)):
             return
         time.sleep(0.5)
 

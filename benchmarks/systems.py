@@ -87,9 +87,14 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
+def sim_stats(backends: list[Running]) -> list[dict]:
+    """Each simulated backend's counters (GET /sim/stats: served, busy, waiting, peaks)."""
+    return [httpx.get(b.urls[0].removesuffix("/v1") + "/sim/stats", timeout=10).json() for b in backends]
+
+
 def served_counts(backends: list[Running]) -> list[int]:
-    """Requests each simulated backend has served so far (GET /sim/stats)."""
-    return [httpx.get(b.urls[0].removesuffix("/v1") + "/sim/stats", timeout=10).json()["served"] for b in backends]
+    """Requests each simulated backend has served so far."""
+    return [stats["served"] for stats in sim_stats(backends)]
 
 
 def _wait_http(url: str, ok=lambda r: r.status_code == 200, timeout: float = 60, what: str = "",
