@@ -196,9 +196,16 @@ class HAProxy:
         Raises:
             HAProxyError: the master did not answer.
         """
+        return self._shares(servers, current)[0]
+
+    def _shares(self, servers: list[Server], current: bool
+                ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
+        """claims(), and server name -> (maxconn after claims() lowered it, worker pid, backend)
+        for each worker read, from one `show stat` of each."""
         info = runtime.show_proc(self.paths.master_socket)
         ours = {s.name for s in servers}
         claimed: dict[str, int] = {}
+        limits: dict[str, list[tuple[int, int, str]]] = {}
         for pid in info.old_workers + (info.workers if current else ()):
             stats, backends = runtime.worker_stats(self.paths.master_socket, pid)
             for stat in stats:
@@ -211,7 +218,8 @@ class HAProxy:
                     runtime.command(self.paths.master_socket,
                                     f"@!{pid} set maxconn server {stat.backend}/{stat.server} {limit}")
                 claimed[stat.server] = claimed.get(stat.server, 0) + max(stat.sessions, limit)
-        return claimed
+                limits.setdefault(stat.server, []).append((limit, pid, stat.backend))
+        return claimed, limits
 
     def make_room(self, servers: list[Server], timeout: float) -> bool:
         """Before a reload: free one slot of every serving server the running workers fill.
@@ -226,7 +234,7 @@ class HAProxy:
         master = self.paths.master_socket
         try:
             while True:
-                claims = self.claims(servers, current=True)
+                claims, limits = self._shares(servers, current=True)
                 models = {m.name for m in self.deployment.models}
                 full = {s.name for s in servers if not s.draining and s.model in models
                         and claims.get(s.name, 0) >= self._slots(s)}
@@ -234,11 +242,6 @@ class HAProxy:
                     return True
                 if time.monotonic() >= deadline:
                     return False
-                info = runtime.show_proc(master)
-                limits: dict[str, list[tuple[int, int, str]]] = {}
-                for pid in info.old_workers + info.workers:
-                    for stat in runtime.worker_stat(master, pid):
-                        limits.setdefault(stat.server, []).append((stat.limit, pid, stat.backend))
                 for name in full - lowered:
                     limit, pid, backend = max(limits.get(name, []), default=(0, 0, ""))
                     if limit > 1:
