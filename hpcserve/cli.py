@@ -154,7 +154,7 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
     outcome = _finish_drains(ctx, desired, _step(ctx, desired), None)
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout)
-    _print_summary(ctx, outcome, f"pool is up: {deployment.url}")
+    _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + _still_coming(deployment, desired, outcome.backends))
 
 
 @cli.command()
@@ -588,6 +588,24 @@ def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float
             time.sleep(2)
             outcome = _step(ctx, desired)
             submitted |= {job_id for _, job_id in outcome.submitted}
+
+
+def _still_coming(deployment: Deployment, desired: Desired, backends: tuple[Backend, ...]) -> str:
+    """The summary's tail when some wanted backends are not ready yet: they join HAProxy later.
+
+    A backend enters HAProxy only at a reconcile step that finds it ready (plan.py), so the ones
+    still loading when `up` returns join at the next `hpcserve reconcile` (what cron runs).
+    """
+    short = []
+    for m in deployment.models:
+        wanted = desired.replicas_of(m.name)
+        ready = sum(1 for b in backends if b.model == m.name and b.health is Health.READY)
+        if ready < wanted:
+            short.append(f"{m.name} {ready}/{wanted} ready")
+    if not short:
+        return ""
+    return (f" ({', '.join(short)}; the others join at the next `hpcserve reconcile`, "
+            "which cron runs, or `hpcserve scale N --wait`)")
 
 
 def _phase(backends: tuple[Backend, ...], model: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -60,6 +61,21 @@ class Pool:
 
     def status(self) -> dict:
         return json.loads(self.ok("--json", "status").stdout)
+
+    def wait_in_rotation(self, count: int, timeout: float = 60) -> list[dict]:
+        """Reconcile until `count` backends are UP in HAProxy; returns the status rows.
+
+        `up` returns once one backend per model is ready; the others join HAProxy at a later
+        reconcile step (what cron runs), so the wait runs those steps itself.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.status()["backends"]
+            if sum(1 for r in rows if (r["haproxy_status"] or "").startswith("UP")) >= count:
+                return rows
+            assert time.monotonic() < deadline, rows
+            self.ok("reconcile")
+            time.sleep(0.5)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.raw['haproxy']['port']}/v1",

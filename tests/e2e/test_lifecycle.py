@@ -129,10 +129,7 @@ def test_a_job_near_its_time_limit_is_renewed_under_load(pool_factory):
 def test_a_warned_job_leaves_rotation_before_it_ends(pool_factory):
     pool = pool_factory(replicas=2, parallel=4, simulator=SIM, haproxy={"drain_timeout": 60})
     pool.ok("up", "--timeout", "120")
-    deadline = time.monotonic() + 60
-    while len([b for b in pool.status()["backends"] if b["haproxy_status"].startswith("UP")]) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    pool.wait_in_rotation(2)
     victim = pool.active_jobs()[0]
     subprocess.run(["scancel", "--batch", "--signal=USR1", victim], check=True, env=pool.env)
     deadline = time.monotonic() + 30

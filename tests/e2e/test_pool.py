@@ -44,10 +44,7 @@ def test_up_chat_scale_down(pool_factory):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     # Wait until HAProxy routes to both, then load both: leastconn with maxconn 2 spreads the work.
-    deadline = time.monotonic() + 60
-    while len([b for b in pool.status()["backends"] if b["haproxy_status"].startswith("UP")]) < 2:
-        assert time.monotonic() < deadline, pool.status()
-        time.sleep(1)
+    pool.wait_in_rotation(2)
     # A cluster user who finds a backend port cannot use it: no key, 401.
     endpoint = pool.status()["backends"][0]["endpoint"]
     direct = httpx.post(f"http://{endpoint}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})

@@ -187,3 +187,12 @@ def test_the_renewal_lead_is_the_floor_or_what_startups_took():
     assert renewal_lead(600, []) == 600
     assert renewal_lead(600, [100, 300]) == 600
     assert renewal_lead(60, [100, 300]) == 450      # 1.5 x the slowest recent startup
+
+
+def test_up_says_which_backends_join_later(deployment):
+    """`up` returns at one ready backend per model; its summary names the ones still loading."""
+    from hpcserve.cli import _still_coming
+    desired = Desired(up=True, replicas={"a": 2, "b": 1})
+    assert _still_coming(deployment, desired, (backend(1), backend(2), backend(3, "b"))) == ""
+    tail = _still_coming(deployment, desired, (backend(1), backend(2, health=Health.LOADING), backend(3, "b")))
+    assert "a 1/2 ready" in tail and "b " not in tail and "hpcserve reconcile" in tail
