@@ -292,6 +292,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment",
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     deployment = _absolute(deployment, base)
+    _check_socket_room(deployment, source)
     if check_files:
         _check_files(deployment, source)
     return deployment
@@ -315,6 +316,22 @@ def _absolute(deployment: Deployment, base: Path) -> Deployment:
         haproxy = haproxy.model_copy(update={"api_keys_file": resolve(haproxy.api_keys_file)})
     return deployment.model_copy(update={"state_dir": resolve(deployment.state_dir), "models": models,
                                          "templates_dir": templates_dir, "haproxy": haproxy})
+
+
+#: HAProxy refuses a unix socket path longer than this many characters: "socket path '...' too
+#: long (max 97)" (measured with HAProxy 2.6.12, `stats socket` with 97 and 98 characters).
+HAPROXY_SOCKET_PATH_MAX = 97
+#: The longest socket name hpcserve puts in the state directory (haproxy.config.Paths.master_socket).
+LONGEST_SOCKET_NAME = "haproxy-master.sock"
+
+
+def _check_socket_room(deployment: Deployment, source: str) -> None:
+    longest = len(str(deployment.state_dir / LONGEST_SOCKET_NAME))
+    if longest > HAPROXY_SOCKET_PATH_MAX:
+        room = HAPROXY_SOCKET_PATH_MAX - len(LONGEST_SOCKET_NAME) - 1
+        raise ConfigError(f"{source}: state_dir: expected a path of at most {room} characters (HAProxy's "
+                          f"sockets live in it and a socket path may have {HAPROXY_SOCKET_PATH_MAX}), "
+                          f"{deployment.state_dir} has {len(str(deployment.state_dir))}")
 
 
 def _check_files(deployment: Deployment, source: str) -> None:

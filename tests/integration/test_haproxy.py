@@ -49,6 +49,21 @@ def test_start_reload_stop(proxy):
     assert not proxy.running() and not psutil.pid_exists(pid)
 
 
+def test_the_longest_state_dir_allowed_works(haproxy_bin, gguf, tmp_path):
+    """The deployment file's state_dir limit is HAProxy's own: at the limit, HAProxy starts."""
+    from hpcserve import config
+    room = config.HAPROXY_SOCKET_PATH_MAX - len(config.LONGEST_SOCKET_NAME) - 1
+    state_dir = tmp_path / ("s" * (room - len(str(tmp_path)) - 1))
+    h = haproxy_for(minimal(gguf, tmp_path, state_dir=str(state_dir),
+                            haproxy={"port": free_port(), "stats_port": free_port()}), tmp_path)
+    try:
+        assert h.apply(haproxy_config.render(h.deployment, []))
+        assert runtime.show_proc(h.paths.master_socket).workers
+        assert runtime.show_stat(h.paths.admin_socket) == []
+    finally:
+        h.stop(timeout=5)
+
+
 def test_private_files(proxy):
     proxy.apply(haproxy_config.render(proxy.deployment, []))
     for path in (proxy.paths.config, proxy.paths.master_socket, proxy.paths.admin_socket):
