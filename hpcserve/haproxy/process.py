@@ -24,7 +24,8 @@ from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import Paths, Server, backend_name, frontend_keys, models_list, paths, render, server_options
+from .config import (Paths, Server, backend_name, frontend_keys, leaving_state, models_list, paths, render,
+                     server_options)
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -105,7 +106,7 @@ class HAProxy:
         weights agree (HAProxy 2.6 source, server_state.c: "a configuration file change has
         precedence over a unix socket change" only when iweight differs; servers added at runtime
         start at weight 0, like a draining server in the file), so the file must already say
-        "drain" for a server leaving in this very change.
+        "drain" (or "maint", see leaving_state) for a server leaving in this very change.
 
         A new worker knows nothing of the streams its predecessor still serves (nor of the queue
         the predecessor goes on dispatching), so after a reload each server would take its full
@@ -301,6 +302,7 @@ class HAProxy:
         wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
         live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
                 if ls.backend in ours}
+        state = leaving_state(self.deployment)
         added: list[str] = []
         commands: list[str] = []
         for (backend, name), server in sorted(wanted.items()):
@@ -309,10 +311,10 @@ class HAProxy:
                 options = server_options(self.deployment, models[server.model])
                 added += [f"add server {where} {server.address}:{server.port} {options} weight 0 "
                           f"id {server.id}", f"enable health {where}"]
-                commands += ([f"set server {where} state drain"] if server.draining else
+                commands += ([f"set server {where} state {state}"] if server.draining else
                              [f"set server {where} state ready", f"set server {where} weight 1"])
-            elif live[(backend, name)].draining != server.draining:
-                commands += ([f"set server {where} state drain"] if server.draining else
+            elif _leaving(live[(backend, name)], state) != server.draining:
+                commands += ([f"set server {where} state {state}"] if server.draining else
                              [f"set server {where} weight 0", f"set server {where} state ready",
                               f"set server {where} weight 1"])
         for backend, name in sorted(live.keys() - wanted.keys()):
@@ -320,7 +322,7 @@ class HAProxy:
         self._send(added + commands)
         # Workers from before a reload still dispatch their own queued requests: a server leaving
         # the pool must leave theirs too, or its job is cancelled under their streams.
-        leaving = [f"set server {b}/{n} state drain" for (b, n), s in wanted.items() if s.draining]
+        leaving = [f"set server {b}/{n} state {state}" for (b, n), s in wanted.items() if s.draining]
         leaving += [f"set server {b}/{n} state maint" for b, n in live.keys() - wanted.keys()]
         if leaving:
             for pid in runtime.show_proc(self.paths.master_socket).old_workers:
@@ -468,6 +470,11 @@ class HAProxy:
             process.kill()
         for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self._base_file):
             path.unlink(missing_ok=True)
+
+
+def _leaving(server: runtime.LiveServer, state: str) -> bool:
+    """The running worker has `server` out of rotation the way `state` ("drain"/"maint") puts it."""
+    return server.in_maintenance if state == "maint" else server.draining
 
 
 def check_port_free(bind: str, port: int, field: str) -> None:

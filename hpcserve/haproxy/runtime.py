@@ -119,14 +119,26 @@ class LiveServer:
     Attributes:
         backend, name: where it is.
         address, port: where it sends requests.
-        draining: its admin state has the drain flag (SRV_ADMF_FDRAIN, 0x08).
+        admin_state: srv_admin_state, HAProxy's admin flags (server-t.h): 0x01 forced
+            maintenance (`state maint`), 0x04 maintenance from the config (`disabled`),
+            0x08 forced drain (`state drain`).
     """
 
     backend: str
     name: str
     address: str
     port: int
-    draining: bool
+    admin_state: int
+
+    @property
+    def draining(self) -> bool:
+        """Put in drain (`set server state drain`)."""
+        return bool(self.admin_state & 0x08)
+
+    @property
+    def in_maintenance(self) -> bool:
+        """Put in maintenance (`set server state maint` or `disabled` in the config)."""
+        return bool(self.admin_state & 0x05)
 
 
 def show_servers(socket_path: Path) -> list[LiveServer]:
@@ -146,7 +158,7 @@ def show_servers(socket_path: Path) -> list[LiveServer]:
         if len(fields) < 19 or line.startswith("#"):
             continue
         servers.append(LiveServer(backend=fields[1], name=fields[3], address=fields[4],
-                                  port=_int(fields[18]), draining=bool(_int(fields[6]) & 0x08)))
+                                  port=_int(fields[18]), admin_state=_int(fields[6])))
     return servers
 
 

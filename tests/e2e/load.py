@@ -41,12 +41,13 @@ class Result:
         return self.status == 200 and self.done and not self.error
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, stream: bool) -> Result:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, stream: bool,
+                      headers: dict[str, str] | None = None) -> Result:
     result = Result(started=time.monotonic())
     body = {"model": model, "messages": [{"role": "user", "content": "Tell me about clusters."}],
             "max_tokens": max_tokens, "stream": stream}
     try:
-        async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
+        async with client.stream("POST", f"{url}/chat/completions", json=body, headers=headers) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
@@ -80,12 +81,15 @@ class Load:
         max_tokens: (low, high): each request asks for a random number in this range.
         stream: streamed chat completions (SSE) or plain ones.
         duration: stop by itself after this many seconds (a bound on every test's traffic).
+        conversation_header: a header each client sends with its own value ("conversation-N"),
+            as OpenWebUI sends its chat id: the key of hpcserve's opt-in prompt-cache affinity.
     """
 
     def __init__(self, url: str, model: str, clients: int, max_tokens: tuple[int, int] = (10, 30),
-                 stream: bool = True, duration: float = 300.0):
+                 stream: bool = True, duration: float = 300.0, conversation_header: str | None = None):
         self.url, self.model, self.clients = url, model, clients
         self.max_tokens, self.stream, self.duration = max_tokens, stream, duration
+        self.conversation_header = conversation_header
         self.results: list[Result] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -111,8 +115,9 @@ class Load:
         deadline = time.monotonic() + self.duration
         limits = httpx.Limits(max_connections=self.clients + 10, max_keepalive_connections=self.clients)
         async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits, trust_env=False) as client:
-            async def worker() -> None:
+            async def worker(n: int) -> None:
+                headers = {self.conversation_header: f"conversation-{n}"} if self.conversation_header else None
                 while not self._stop.is_set() and time.monotonic() < deadline:
                     self.results.append(await one_request(client, self.url, self.model,
-                                                          random.randint(*self.max_tokens), self.stream))
-            await asyncio.gather(*(worker() for _ in range(self.clients)))
+                                                          random.randint(*self.max_tokens), self.stream, headers))
+            await asyncio.gather(*(worker(n) for n in range(self.clients)))

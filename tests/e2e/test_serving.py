@@ -29,11 +29,14 @@ def reloads(pool) -> int:
     return runtime.show_proc(pool.dir / "state" / "haproxy-master.sock").reloads
 
 
-def test_200_streams_while_the_pool_changes_20_times(pool_factory):
+@pytest.mark.parametrize("affinity", [None, "X-OpenWebUI-Chat-Id"], ids=["leastconn", "affinity"])
+def test_200_streams_while_the_pool_changes_20_times(pool_factory, affinity):
+    """With the opt-in affinity too: each client is a conversation, whose server keeps leaving."""
     pool = pool_factory(replicas=4, parallel=8, simulator="--sim-token-rate 20 --sim-load-time 0.5",
-                        haproxy={"timeout_queue": 300, "drain_timeout": 120})
+                        haproxy={"timeout_queue": 300, "drain_timeout": 120, "affinity_header": affinity})
     pool.ok("up", "--timeout", "120")
-    load = Load(pool.url, pool.model_name, clients=200, max_tokens=(5, 30), duration=400).start()
+    load = Load(pool.url, pool.model_name, clients=200, max_tokens=(5, 30), duration=400,
+                conversation_header=affinity).start()
     time.sleep(3)
     first_reloads = reloads(pool)
     sizes = [5, 3, 6, 4, 2, 5, 3, 6, 4, 2, 5, 3, 6, 4, 3, 5, 2, 4, 6, 4]

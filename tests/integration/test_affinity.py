@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import subprocess
 import sys
@@ -80,3 +81,31 @@ def test_one_busy_conversation_cannot_overload_its_server(pool):
     with ThreadPoolExecutor(20) as executor:
         list(executor.map(lambda _: chat(url, "hot", tokens=20), range(20)))
     assert all(n >= 4 for n in served(proxy).values()), served(proxy)
+
+
+def test_a_leaving_server_takes_no_request_of_its_conversations(pool):
+    """A drained server would still take sticky requests (HAProxy manual, `set server state`):
+    with affinity a leaving server is in maintenance, so its conversations move to another server
+    while the stream it serves ends normally."""
+    proxy, url = pool
+    chat(url, "c")
+    table = runtime.command(proxy.paths.admin_socket, "show table model_m")
+    owner = re.search(r"key=c .*server_key=(job\d+)", table).group(1)
+    with ThreadPoolExecutor(1) as executor:
+        streaming = executor.submit(chat, url, "c", 100)   # 2 s at 50 tokens/s, on the owner
+        time.sleep(0.5)
+        servers = [Server("m", "1", *_address(proxy, "job1")), Server("m", "2", *_address(proxy, "job2"))]
+        leaving = [dataclasses.replace(s, draining=s.name == owner) for s in servers]
+        assert proxy.update(leaving) == "runtime"
+        before = served(proxy)
+        for _ in range(3):
+            chat(url, "c")
+        streaming.result()   # the stream in flight on the leaving server completed (200)
+    after = served(proxy)
+    assert after[owner] == before[owner] and sum(after.values()) == sum(before.values()) + 3, (before, after)
+    assert next(s for s in runtime.show_servers(proxy.paths.admin_socket) if s.name == owner).in_maintenance
+
+
+def _address(proxy, name: str) -> tuple[str, int]:
+    live = next(s for s in runtime.show_servers(proxy.paths.admin_socket) if s.name == name)
+    return live.address, live.port
