@@ -22,6 +22,7 @@ def test_local_pool_up_chat_kill_down(tmp_path, real_model, haproxy_bin):
     pool.write(pool.raw)
     try:
         pool.ok("up", "--timeout", "120")
+        pool.wait_in_rotation(2, timeout=120)
         status = pool.status()
         assert status["models"][pool.model_name]["ready"] == 2
         assert {b["node"] for b in status["backends"]} == {"local"}

@@ -79,6 +79,7 @@ def test_overload_gets_complete_answers_or_a_clear_503(pool_factory):
     pool = pool_factory(replicas=2, parallel=4, simulator="--sim-token-rate 20 --sim-load-time 0.5",
                         haproxy={"timeout_queue": 3, "retry_after": 7})
     pool.ok("up", "--timeout", "120")
+    pool.wait_in_rotation(2)
     load = Load(pool.url, pool.model_name, clients=40, max_tokens=(30, 50), stream=False, duration=12).start()
     results = load.join()
     pool.ok("down", "--now")
