@@ -119,9 +119,9 @@ class LiveServer:
     Attributes:
         backend, name: where it is.
         address, port: where it sends requests.
-        admin_state: srv_admin_state, HAProxy's admin flags (server-t.h): 0x01 forced
-            maintenance (`state maint`), 0x04 maintenance from the config (`disabled`),
-            0x08 forced drain (`state drain`).
+        admin_state: srv_admin_state, HAProxy's admin flags (HAProxy 2.6 source, server-t.h):
+            0x01 forced maintenance (`state maint`, and `disabled` in the config, which also sets
+            0x04), 0x02/0x20 maintenance inherited/from DNS, 0x08 forced drain (`state drain`).
     """
 
     backend: str
@@ -137,8 +137,9 @@ class LiveServer:
 
     @property
     def in_maintenance(self) -> bool:
-        """Put in maintenance (`set server state maint` or `disabled` in the config)."""
-        return bool(self.admin_state & 0x05)
+        """In maintenance: SRV_ADMF_MAINT (0x23). Not 0x04 alone, which `set server state ready`
+        leaves behind on a server `disabled` in the config: it is running again (measured, 2.6.12)."""
+        return bool(self.admin_state & 0x23)
 
 
 def show_servers(socket_path: Path) -> list[LiveServer]:

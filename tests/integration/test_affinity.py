@@ -104,6 +104,13 @@ def test_a_leaving_server_takes_no_request_of_its_conversations(pool):
     after = served(proxy)
     assert after[owner] == before[owner] and sum(after.values()) == sum(before.values()) + 3, (before, after)
     assert next(s for s in runtime.show_servers(proxy.paths.admin_socket) if s.name == owner).in_maintenance
+    # Back in the pool (a scale-up while it was leaving): out of maintenance, new conversations reach it.
+    assert proxy.update(servers) == "runtime"
+    assert not any(s.in_maintenance for s in runtime.show_servers(proxy.paths.admin_socket))
+    assert proxy.update(servers) == "unchanged"
+    with ThreadPoolExecutor(4) as executor:
+        list(executor.map(lambda c: chat(url, f"new-{c}", 20), range(4)))
+    assert served(proxy)[owner] > after[owner]
 
 
 def _address(proxy, name: str) -> tuple[str, int]:
