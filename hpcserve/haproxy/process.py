@@ -182,7 +182,7 @@ class HAProxy:
         info = runtime.show_proc(self.paths.master_socket)
         held: dict[str, int] = {}
         for pid in info.old_workers + (() if old_only else info.workers):
-            for stat in runtime.worker_stat(self.paths.master_socket, pid):
+            for stat in runtime.worker_stats(self.paths.master_socket, pid)[0]:
                 held[stat.server] = held.get(stat.server, 0) + stat.sessions
         return held
 
@@ -227,16 +227,17 @@ class HAProxy:
 
         On such a server, lowers by one the maxconn of the worker that has the most (not below 1:
         a server of one slot held by one worker cannot be shared), then waits, polling every
-        0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when every serving server has a free slot for the next worker.
-        Errors of the runtime API end the wait quietly (the reload then shares what it can).
+        0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when
+        every serving server has a free slot for the next worker. Errors of the runtime API end
+        the wait quietly (the reload then shares what it can).
         """
         deadline = time.monotonic() + timeout
         lowered: set[str] = set()
         master = self.paths.master_socket
+        models = {m.name for m in self.deployment.models}
         try:
             while True:
                 claims, limits = self._shares(servers, current=True)
-                models = {m.name for m in self.deployment.models}
                 full = {s.name for s in servers if not s.draining and s.model in models
                         and claims.get(s.name, 0) >= self._slots(s)}
                 if not full:

@@ -70,17 +70,9 @@ def show_stat(socket_path: Path) -> list[ServerStats]:
     return parse_stat(command(socket_path, "show stat"))
 
 
-def worker_stat(master_socket: Path, pid: int) -> list[ServerStats]:
-    """`show stat` of one worker, old ones included, through the master CLI's "@!PID" prefix.
-
-    Raises:
-        HAProxyError: the master did not answer.
-    """
-    return parse_stat(command(master_socket, f"@!{pid} show stat"))
-
-
 def worker_stats(master_socket: Path, pid: int) -> tuple[list[ServerStats], dict[str, ServerStats]]:
-    """One worker's (server rows, backend name -> backend totals) from a single `show stat`.
+    """One worker's (server rows, backend name -> backend totals) from a single `show stat`, old
+    workers included, through the master CLI's "@!PID" prefix.
 
     Raises:
         HAProxyError: the master did not answer.
