@@ -6,11 +6,15 @@ HPCSERVE_REQUIRE_REAL=1 (set by scripts/test.sh, so CI can never pass by skippin
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,26 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("HPCSERVE_TEST_MODEL", ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"))
 LLAMA_SERVER = Path(sys.executable).parent / "llama-server-vulkan"
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+@contextlib.contextmanager
+def simulator(log: Path, slots: int, token_rate: float, key: str) -> Iterator[int]:
+    """A running hpcserve simulator (loaded at once) with `slots` slots, `token_rate` tokens/s
+    and backend key `key`; yields its port, stops it on exit. Its output goes to `log`."""
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel",
+                                    str(slots), "--sim-load-time", "0", "--sim-token-rate", str(token_rate)],
+                                   stdout=sink, stderr=subprocess.STDOUT,
+                                   env={"LLAMA_API_KEY": key, "PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 20
+        while not (match := re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())):
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.05)
+        yield int(match.group(1))
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def missing(what: str) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import re
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +14,7 @@ import pytest
 
 from hpcserve.haproxy import runtime
 from hpcserve.haproxy.config import Server
-from tests.conftest import free_port, haproxy_for, minimal
+from tests.conftest import free_port, haproxy_for, minimal, simulator
 
 pytestmark = pytest.mark.haproxy
 HEADER = "X-OpenWebUI-Chat-Id"
@@ -24,31 +23,21 @@ HEADER = "X-OpenWebUI-Chat-Id"
 @pytest.fixture
 def pool(request, haproxy_bin, gguf, tmp_path):
     slots = getattr(request, "param", 2)
-    sims, servers = [], []
-    for i in (1, 2):
-        log = tmp_path / f"sim{i}.log"
-        sims.append(subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", str(slots),
-                                      "--sim-load-time", "0", "--sim-token-rate", "50"],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env={"LLAMA_API_KEY": "k"}))
+    with contextlib.ExitStack() as sims:
+        servers = [Server("m", str(i), "127.0.0.1",
+                          sims.enter_context(simulator(tmp_path / f"sim{i}.log", slots, token_rate=50, key="k")))
+                   for i in (1, 2)]
+        raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
+                                               "affinity_header": HEADER, "affinity_max_queue": 1})
+        raw["models"][0]["parallel"] = slots
+        proxy = haproxy_for(raw, tmp_path)
+        proxy.update(servers)
         deadline = time.monotonic() + 20
-        while not (match := re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())):
+        while sum(s.status.startswith("UP") for s in runtime.show_stat(proxy.paths.admin_socket)) < 2:
             assert time.monotonic() < deadline
-            time.sleep(0.05)
-        servers.append(Server("m", str(i), "127.0.0.1", int(match.group(1))))
-    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "affinity_header": HEADER, "affinity_max_queue": 1})
-    raw["models"][0]["parallel"] = slots
-    proxy = haproxy_for(raw, tmp_path)
-    d = proxy.deployment
-    proxy.update(servers)
-    deadline = time.monotonic() + 20
-    while sum(s.status.startswith("UP") for s in runtime.show_stat(proxy.paths.admin_socket)) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    yield proxy, f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
-    proxy.stop(timeout=5)
-    for sim in sims:
-        sim.terminate()
-        sim.wait(10)
+            time.sleep(0.2)
+        yield proxy, f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/chat/completions"
+        proxy.stop(timeout=5)
 
 
 def served(proxy) -> dict[str, int]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +17,7 @@ from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy import runtime
 from hpcserve.haproxy.config import Server
 from hpcserve.haproxy.process import HAProxy
-from tests.conftest import free_port, haproxy_for, minimal
+from tests.conftest import free_port, haproxy_for, minimal, simulator
 
 pytestmark = pytest.mark.haproxy
 
@@ -187,30 +184,15 @@ def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
 @pytest.fixture
 def simulator4(tmp_path):
     """A simulated llama-server with 4 slots at 20 tokens/s and the test key; yields its port."""
-    yield from _simulator(tmp_path, slots=4, token_rate=20)
+    with simulator(tmp_path / "sim.log", slots=4, token_rate=20, key="test-key") as port:
+        yield port
 
 
 @pytest.fixture
 def fast_simulator(tmp_path):
     """A simulated llama-server with 64 slots at 500 tokens/s: answers never wait for a slot."""
-    yield from _simulator(tmp_path, slots=64, token_rate=500)
-
-
-def _simulator(tmp_path, slots: int, token_rate: float):
-    log = tmp_path / "sim.log"
-    with open(log, "w") as sink:
-        sim = subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel", str(slots),
-                                "--sim-load-time", "0", "--sim-token-rate", str(token_rate)], stdout=sink, stderr=sink,
-                               env={"LLAMA_API_KEY": "test-key", "PATH": "/usr/bin:/bin"})
-    try:
-        deadline = time.monotonic() + 20
-        while not (match := re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        yield int(match.group(1))
-    finally:
-        sim.terminate()
-        sim.wait(10)
+    with simulator(tmp_path / "sim.log", slots=64, token_rate=500, key="test-key") as port:
+        yield port
 
 
 def _streams(url: str, count: int, tokens: int = 40) -> tuple[list[threading.Thread], list[int]]:
