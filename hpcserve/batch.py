@@ -59,14 +59,18 @@ def read_rows(path: Path, *, template: str | None, model: str, max_tokens: int |
             the line number).
     """
     seen: set[str] = set()
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name} if template else set()
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+    fields = _template_fields(template) if template is not None else set()
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{where}: expected UTF-8 text, byte {exc.start} is not") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line, parse_constant=_no_constant)
             except ValueError as exc:
                 raise ConfigError(f"{where}: not JSON ({exc})") from None
             if not isinstance(record, dict):
@@ -75,8 +79,12 @@ def read_rows(path: Path, *, template: str | None, model: str, max_tokens: int |
                 missing = sorted(fields - record.keys())
                 if missing:
                     raise ConfigError(f"{where}: the template needs field(s) {', '.join(missing)}")
+                try:
+                    prompt = template.format_map(record)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+                    raise ConfigError(f"{where}: the template cannot be filled from this row ({exc})") from None
                 row = Row(str(record.get(id_field, number)), "/v1/chat/completions",
-                          {"messages": [{"role": "user", "content": template.format_map(record)}]})
+                          {"messages": [{"role": "user", "content": prompt}]})
             else:
                 if not {"custom_id", "body"} <= record.keys() or not isinstance(record["body"], dict):
                     raise ConfigError(f"{where}: expected an OpenAI batch request with custom_id and body "
@@ -92,6 +100,32 @@ def read_rows(path: Path, *, template: str | None, model: str, max_tokens: int |
             if max_tokens is not None:
                 body.setdefault("max_tokens", max_tokens)
             yield dataclasses.replace(row, body=body)
+
+
+def _no_constant(name: str) -> None:
+    """json.loads hook: NaN and Infinity are not JSON (RFC 8259) and no server accepts them."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _template_fields(template: str) -> set[str]:
+    """The field names `template` fills from a record ("{description}" -> "description").
+
+    Raises:
+        ConfigError: a brace that is not a named field ("{}", "{0}", an unclosed "{").
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"--template: {exc}; write literal braces as {{{{ and }}}}") from None
+    fields = set()
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        root = name.split(".")[0].split("[")[0]
+        if not root or root.isdigit():
+            raise ConfigError(f"--template: expected named fields such as {{description}}, got {{{name}}}")
+        fields.add(root)
+    return fields
 
 
 def finished_ids(output: Path) -> set[str]:

@@ -83,6 +83,23 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
+def _late_options(command):
+    """`-f FILE` and `--json` after the command too (`hpcserve status -f x.yaml`, as kubectl takes
+    `apply -f`): the value given there wins over one given before the command."""
+    def set_file(click_ctx: click.Context, _param, value: Path | None) -> None:
+        if value is not None:
+            click_ctx.find_object(Context).file = value
+
+    def set_json(click_ctx: click.Context, _param, value: bool) -> None:
+        if value:
+            click_ctx.find_object(Context).as_json = True
+
+    command = click.option("-f", "--file", type=click.Path(dir_okay=False, path_type=Path), expose_value=False,
+                           callback=set_file, is_eager=True, help="The deployment file (as before the command).")(command)
+    return click.option("--json", is_flag=True, expose_value=False, callback=set_json, is_eager=True,
+                        help="Print a JSON document on stdout (as before the command).")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path),
               default="hpcserve.yaml", envvar="HPCSERVE_FILE", show_default=True, show_envvar=True,
@@ -100,11 +117,27 @@ def cli(click_ctx: click.Context, file: Path, as_json: bool) -> None:
     click_ctx.obj = Context(file, as_json)
 
 
-def _locked(ctx: Context, action: Callable[[], Outcome], timeout: float = 600.0) -> Outcome:
+#: A change of the desired state: the stored one in, the wanted one out (None: keep it).
+Change = Callable[[Desired], Desired]
+
+
+def _keep(current: Desired) -> Desired:
+    return current
+
+
+def _step(ctx: Context, change: Change = _keep, drain_timeout: float | None = None,
+          timeout: float = 600.0) -> Outcome:
+    """One reconcile step toward `change(stored desired state)`, under the deployment lock.
+
+    The stored state is read after the lock is taken, so a command that waited behind another
+    (an autoscale run, a second `scale`) builds on what that one wrote instead of writing back
+    what it read before (a lost update).
+    """
     state = StateDir(ctx.deployment.state_dir)
+    reconciler = ctx.reconciler()
     try:
         with state.lock(timeout=timeout):
-            outcome = action()
+            outcome = reconciler.step(change(state.read_desired()), drain_timeout)
     except filelock.Timeout:
         raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
     for line in describe(outcome):
@@ -112,12 +145,7 @@ def _locked(ctx: Context, action: Callable[[], Outcome], timeout: float = 600.0)
     return outcome
 
 
-def _step(ctx: Context, desired: Desired, drain_timeout: float | None = None) -> Outcome:
-    reconciler = ctx.reconciler()
-    return _locked(ctx, lambda: reconciler.step(desired, drain_timeout))
-
-
-def _finish_drains(ctx: Context, desired: Desired, outcome: Outcome, drain_timeout: float | None) -> Outcome:
+def _finish_drains(ctx: Context, outcome: Outcome, drain_timeout: float | None) -> Outcome:
     """Step until no server drains: each is cancelled once idle or at its deadline (plan.py)."""
     with err.status("draining", spinner="dots") as spinner:
         while outcome.plan.draining:
@@ -127,7 +155,7 @@ def _finish_drains(ctx: Context, desired: Desired, outcome: Outcome, drain_timeo
                                  for job_id, deadline in sorted(outcome.plan.draining.items()))
             spinner.update(f"draining: {progress}")
             time.sleep(1)
-            outcome = _step(ctx, desired, drain_timeout)
+            outcome = _step(ctx, drain_timeout=drain_timeout)
     return outcome
 
 
@@ -138,6 +166,7 @@ drain_option = click.option(
 
 
 @cli.command()
+@_late_options
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until every model has a ready backend.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
@@ -151,13 +180,15 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
     """
     deployment = ctx.deployment
     desired = Desired(up=True, replicas={m.name: m.replicas for m in deployment.models})
-    outcome = _finish_drains(ctx, desired, _step(ctx, desired), None)
+    outcome = _finish_drains(ctx, _step(ctx, lambda _current: desired), None)
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout)
-    _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + _still_coming(deployment, desired, outcome.backends))
+    _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + _still_coming(deployment, desired, outcome.backends)
+                   + _key_hint(deployment))
 
 
 @cli.command()
+@_late_options
 @click.argument("replicas", type=click.IntRange(min=0, max=1024))
 @click.option("--model", "model_name", help="The model to scale (needed when there are several).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
@@ -180,17 +211,21 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
                                    + ", ".join(m.name for m in deployment.models))
         model_name = deployment.models[0].name
     deployment.model(model_name)  # raises ConfigError for an unknown name
-    current = StateDir(deployment.state_dir).read_desired()
-    if not current.up:
-        raise HpcserveError("the deployment is down; start it with `hpcserve up` first")
-    desired = Desired(up=True, replicas={**current.replicas, model_name: replicas})
-    outcome = _finish_drains(ctx, desired, _step(ctx, desired, drain_timeout), drain_timeout)
+
+    def change(current: Desired) -> Desired:
+        if not current.up:
+            raise HpcserveError("the deployment is down; start it with `hpcserve up` first")
+        return Desired(up=True, replicas={**current.replicas, model_name: replicas})
+
+    outcome = _finish_drains(ctx, _step(ctx, change, drain_timeout), drain_timeout)
+    desired = Desired(up=True, replicas={model_name: replicas})
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout, model_name=model_name, count=replicas)
     _print_summary(ctx, outcome, f"{model_name}: {replicas} replica(s) wanted")
 
 
 @cli.command()
+@_late_options
 @click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for the jobs to end after scancel.")
 @drain_option
@@ -198,10 +233,9 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
 @pass_ctx
 def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -> None:
     """Stop the pool: drain the servers, stop HAProxy, cancel every job, wait until they have ended."""
-    current = StateDir(ctx.deployment.state_dir).read_desired()
-    desired = Desired(up=False, replicas=current.replicas)
     drain_timeout = 0 if now else drain_timeout
-    outcome = _finish_drains(ctx, desired, _step(ctx, desired, drain_timeout), drain_timeout)
+    outcome = _step(ctx, lambda current: Desired(up=False, replicas=current.replicas), drain_timeout)
+    outcome = _finish_drains(ctx, outcome, drain_timeout)
     deadline = time.monotonic() + timeout
     scheduler = ctx.scheduler()
     while True:
@@ -216,16 +250,17 @@ def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -
 
 
 @cli.command()
+@_late_options
 @drain_option
 @pass_ctx
 def reconcile(ctx: Context, drain_timeout: float | None) -> None:
     """Repair the pool toward its desired state once (what a cron job runs); drains advance one step."""
-    desired = StateDir(ctx.deployment.state_dir).read_desired()
-    outcome = _step(ctx, desired, drain_timeout)
+    outcome = _step(ctx, drain_timeout=drain_timeout)
     _print_summary(ctx, outcome, "reconciled" if describe(outcome) else "nothing to change")
 
 
 @cli.command()
+@_late_options
 @click.option("--watch", is_flag=True, help="Decide again every --interval seconds until interrupted.")
 @click.option("--interval", type=click.FloatRange(min=1), default=30, show_default=True,
               help="Seconds between decisions with --watch.")
@@ -286,6 +321,7 @@ def _cron_line(ctx: Context) -> str:
 
 
 @cli.command()
+@_late_options
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL: OpenAI batch requests, or plain records with --template.")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -300,7 +336,8 @@ def _cron_line(ctx: Context) -> str:
               help="Retries of a request that failed before any answer (with backoff).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Seconds one request may take.")
-@click.option("--api-key", envvar="HPCSERVE_API_KEY", help="A frontend API key, if the pool has keys.")
+@click.option("--api-key", envvar="HPCSERVE_API_KEY",
+              help="A frontend API key [default: the owner key, STATE_DIR/api.key, when readable].")
 @pass_ctx
 def batch(ctx: Context, input_path: Path, output_path: Path, template: str | None, id_field: str,
           model_name: str | None, max_tokens: int | None, concurrency: int | None, retries: int,
@@ -313,6 +350,11 @@ def batch(ctx: Context, input_path: Path, output_path: Path, template: str | Non
     """
     deployment = ctx.deployment
     model = deployment.model(model_name) if model_name else deployment.models[0]
+    if output_path.exists() and os.path.samefile(output_path, input_path):
+        raise click.BadParameter("--output must not be the --input file (results would overwrite the rows)",
+                                 param_hint="--output")
+    if api_key is None and deployment.haproxy.auth == "keys":
+        api_key = StateDir(deployment.state_dir).read_api_key()
 
     def read():
         return batch_mod.read_rows(input_path, template=template, model=model.name, max_tokens=max_tokens,
@@ -321,8 +363,8 @@ def batch(ctx: Context, input_path: Path, output_path: Path, template: str | Non
     total = sum(1 for _ in read())  # validates every line before anything is sent
     done = batch_mod.finished_ids(output_path)
     todo = total - sum(1 for row in read() if row.custom_id in done)
-    if concurrency is None:
-        concurrency = _free_slots(deployment, model)
+    if concurrency is None:  # within what the frontend lets one client have at once
+        concurrency = min(_free_slots(deployment, model), deployment.haproxy.max_requests_per_client)
     ctx.say(f"{total} row(s), {total - todo} already in {output_path}, {todo} to send, {concurrency} at a time")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]:.1f} rows/s"), TimeRemainingColumn(), console=err,
@@ -362,6 +404,7 @@ def _free_slots(deployment: Deployment, model) -> int:
 
 
 @cli.command()
+@_late_options
 @click.option("--env", "print_env", is_flag=True, help="Print the environment (KEY=value lines) and exit.")
 @click.option("--stop", is_flag=True, help="Stop the OpenWebUI this command started.")
 @click.option("--sbatch", "print_sbatch", is_flag=True,
@@ -431,6 +474,7 @@ def _stop_pid_file(pid_file: Path) -> None:
 
 
 @cli.command()
+@_late_options
 @click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
 @pass_ctx
 def render(ctx: Context, what: str) -> None:
@@ -452,6 +496,7 @@ def render(ctx: Context, what: str) -> None:
 
 
 @cli.command()
+@_late_options
 @pass_ctx
 def status(ctx: Context) -> None:
     """Show the pool: jobs, endpoints, health, slots, HAProxy sessions. Exit 3 if Slurm is down."""
@@ -500,7 +545,11 @@ def _status_report(deployment, desired, haproxy, backends, stats, slurm_error) -
         mine = [r for r in rows if r["model"] == m.name]
         models[m.name] = {"desired": desired.replicas_of(m.name), "jobs": len(mine),
                           "ready": sum(1 for r in mine if r["health"] == Health.READY.value)}
-    return {"deployment": deployment.name, "url": deployment.url, "up": desired.up,
+    state = StateDir(deployment.state_dir)
+    auth = ({"mode": "open"} if deployment.haproxy.auth == "open" else
+            {"mode": "keys", "owner_key": state.read_api_key(), "owner_key_file": str(state.api_key_file),
+             "api_keys_file": str(deployment.haproxy.api_keys_file) if deployment.haproxy.api_keys_file else None})
+    return {"deployment": deployment.name, "url": deployment.url, "up": desired.up, "auth": auth,
             "haproxy": {"running": haproxy.running(), "pid": haproxy.pid()},
             "models": models, "backends": rows, "slurm_error": slurm_error,
             "last_autoscale": autoscaler.last_decisions(deployment.state_dir),
@@ -511,6 +560,12 @@ def _print_status(report: dict) -> None:
     h = report["haproxy"]
     out.print(f"deployment [bold]{report['deployment']}[/]: {'up' if report['up'] else 'down'}, "
               f"URL {report['url']}, HAProxy {'running (pid %s)' % h['pid'] if h['running'] else 'not running'}")
+    auth = report["auth"]
+    if auth["mode"] == "open":
+        out.print("  API keys: none (haproxy.auth: open): anyone who reaches the URL can use the pool")
+    else:
+        out.print(f"  API key: {auth['owner_key'] or '(made at the next up)'} (in {auth['owner_key_file']})",
+                  markup=False)
     out.print(f"  OpenWebUI {report['webui']['url']}: {'up' if report['webui']['up'] else 'not running'}")
     for name, m in report["models"].items():
         out.print(f"  model {name}: {m['ready']} ready of {m['jobs']} job(s), {m['desired']} wanted")
@@ -586,8 +641,15 @@ def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float
                 raise WaitTimeout(f"no ready backend within {timeout:g} s ({progress}); the jobs stay "
                                   "queued, see `hpcserve status`")
             time.sleep(2)
-            outcome = _step(ctx, desired)
+            outcome = _step(ctx)
             submitted |= {job_id for _, job_id in outcome.submitted}
+
+
+def _key_hint(deployment: Deployment) -> str:
+    """Where a client finds the API key, when the frontend asks for one."""
+    if deployment.haproxy.auth == "open":
+        return " (open: no API key needed)"
+    return f"; API key in {StateDir(deployment.state_dir).api_key_file} (`hpcserve status` shows it)"
 
 
 def _still_coming(deployment: Deployment, desired: Desired, backends: tuple[Backend, ...]) -> str:

@@ -7,6 +7,7 @@ validated `Deployment` or raises `ConfigError` naming the field and what was exp
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -19,6 +20,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# Slurm partition, account and QOS names (a comma-separated list where sbatch(1) accepts one). They
+# land in "#SBATCH --partition=VALUE" lines: no whitespace, quote, "#", "%", "$" or control character
+# can end the directive or reach a shell.
+SLURM_NAMES_PATTERN = r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$"
+# sbatch(1) --constraint: features joined by & | , with [ ] ( ) and *count.
+CONSTRAINT_PATTERN = r"^[A-Za-z0-9_.,:&|\[\]()*!-]+$"
+# An extra #SBATCH option: --name or --name=value, the value without whitespace or quotes (sbatch
+# splits a directive at whitespace) and without control characters.
+DIRECTIVE_PATTERN = r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:=@/+%*&|\[\]()!~^-]*)?$"
+# The state directory lands in #SBATCH --output, in job scripts and in haproxy.cfg (sockets, files):
+# plain path characters only. "%" is refused because Slurm expands it in --output (sbatch(1),
+# filename pattern), whitespace and "#" because they end an haproxy.cfg word or start a comment.
+PATH_PATTERN = r"^[A-Za-z0-9_./@+,=~-]+$"
+HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$"  # a DNS name (RFC 1123 labels)
+EMAIL_PATTERN = r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$"
+#: The largest deployment file hpcserve reads (bytes): a real one is a few KB.
+MAX_FILE_BYTES = 1 << 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _host(value: str, field: str) -> str:
+    """An IPv4/IPv6 address, "*" or a DNS name; raises ValueError naming what was expected."""
+    if value == "*":
+        return value
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if re.match(HOST_PATTERN, value):
+        return value
+    raise ValueError(f"expected an IP address or host name for {field}, got {value!r}")
 # Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (sbatch(1), --time).
 TIME_LIMIT_PATTERN = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"
 MEMORY_PATTERN = r"^\d+[KMGT]?$"  # sbatch(1), --mem: a number with an optional unit suffix
@@ -27,7 +60,8 @@ MEMORY_PATTERN = r"^\d+[KMGT]?$"  # sbatch(1), --mem: a number with an optional 
 class _Strict(BaseModel):
     """Unknown keys are errors (a typo must not silently become a default)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity and NaN are no durations or sizes: refused like any other out-of-range number.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GPUs(_Strict):
@@ -89,13 +123,7 @@ class Model(_Strict):
     @field_validator("command")
     @classmethod
     def _command_words(cls, value: str) -> str:
-        try:
-            words = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"expected a command line, {exc}") from None
-        if not words:
-            raise ValueError("expected a llama-server path or command line, got an empty string")
-        return value
+        return _command_line(value, "a llama-server path or command line")
 
     @property
     def command_argv(self) -> list[str]:
@@ -103,13 +131,26 @@ class Model(_Strict):
         return shlex.split(self.command)
 
 
+def _command_line(value: str, what: str) -> str:
+    """`value` if it splits into shell words (it is run as an argv list, each word quoted)."""
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"expected {what}, {exc} in {value!r}") from None
+    if not words:
+        raise ValueError(f"expected {what}, got an empty string")
+    if _CONTROL.search(value):
+        raise ValueError(f"expected {what} without control characters, got {value!r}")
+    return value
+
+
 class Slurm(_Strict):
     """How the jobs are submitted (sbatch(1) options)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    partition: str | None = Field(default=None, pattern=SLURM_NAMES_PATTERN)
+    account: str | None = Field(default=None, pattern=SLURM_NAMES_PATTERN)
+    qos: str | None = Field(default=None, pattern=SLURM_NAMES_PATTERN)
+    constraint: str | None = Field(default=None, pattern=CONSTRAINT_PATTERN)
     time_limit: str = Field(default="1-00:00:00", pattern=TIME_LIMIT_PATTERN)
     extra_directives: list[str] = Field(default_factory=list,
                                         description="more #SBATCH options, e.g. --exclusive")
@@ -125,16 +166,18 @@ class Slurm(_Strict):
     @classmethod
     def _directives(cls, value: list[str]) -> list[str]:
         for item in value:
-            if not item.startswith("--") or "\n" in item:
-                raise ValueError(f"expected sbatch options such as '--exclusive', got {item!r}")
+            if not re.match(DIRECTIVE_PATTERN, item):
+                raise ValueError(f"expected sbatch options such as '--exclusive' or '--mail-type=END' "
+                                 f"(no whitespace, quotes or control characters), got {item!r}")
         return value
 
     @field_validator("setup")
     @classmethod
     def _setup_lines(cls, value: list[str]) -> list[str]:
+        # Shell lines by design (the site's module loads): one line each, no control character.
         for item in value:
-            if "\n" in item:
-                raise ValueError(f"expected one shell line per item, got {item!r}")
+            if _CONTROL.search(item):
+                raise ValueError(f"expected one shell line per item, without control characters, got {item!r}")
         return value
 
 
@@ -144,6 +187,22 @@ class HAProxy(_Strict):
     bind: str = Field(default="127.0.0.1", description="address the frontend listens on")
     port: int = Field(default=8000, ge=1025, le=65535, description="unprivileged port")
     command: str = Field(default="haproxy", description="the haproxy binary")
+    auth: Literal["keys", "open"] = Field(
+        default="keys", description="keys (default): every request needs an API key (the owner key "
+                                    "STATE_DIR/api.key, or one of api_keys_file); open: anyone who reaches "
+                                    "bind:port may use the pool")
+    max_request_body: int | None = Field(
+        default=None, ge=1024, le=64 << 20,
+        description="bytes; a larger request gets 413. Default: 16 bytes per token of the largest "
+                    "context_size (at least 64 KiB), which holds any prompt that fits the context")
+    body_timeout: float = Field(default=30, gt=0, le=3600,
+                                description="seconds a request's whole body may take to arrive; then 408")
+    max_requests_per_client: int = Field(
+        default=256, ge=1, le=100000,
+        description="requests one API key (or, with auth: open, one source address) may have in "
+                    "service or queued at once; more get 429")
+    maxconn: int = Field(default=4096, ge=16, le=1000000,
+                         description="connections the frontend accepts at once (HAProxy maxconn)")
     timeout_connect: float = Field(default=5, gt=0, description="seconds")
     timeout_client: float = Field(default=600, gt=0, description="seconds of client silence")
     timeout_server: float = Field(default=600, gt=0, description="seconds of backend silence")
@@ -172,10 +231,23 @@ class HAProxy(_Strict):
         """The stats/Prometheus port: `stats_port`, or the frontend port + 1."""
         return self.stats_port if self.stats_port is not None else self.port + 1
 
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        return _host(value, "the frontend address")
+
+    @field_validator("command")
+    @classmethod
+    def _command_words(cls, value: str) -> str:
+        return _command_line(value, "the haproxy binary")
+
     @model_validator(mode="after")
     def _distinct_ports(self) -> HAProxy:
         if self.stats_port_or_default == self.port:
             raise ValueError("stats_port must differ from port")
+        if self.max_requests_per_client > self.maxconn:
+            raise ValueError(f"max_requests_per_client ({self.max_requests_per_client}) must not exceed "
+                             f"maxconn ({self.maxconn})")
         return self
 
 
@@ -193,11 +265,23 @@ class WebUI(_Strict):
     host: str = Field(default="127.0.0.1", description="address OpenWebUI listens on")
     port: int = Field(default=8080, ge=1025, le=65535)
     command: str = Field(default="open-webui", description="the open-webui program (a path, or a name on PATH)")
-    partition: str | None = Field(default=None, description="CPU partition for `hpcserve webui --sbatch`")
+    partition: str | None = Field(default=None, pattern=SLURM_NAMES_PATTERN,
+                                  description="CPU partition for `hpcserve webui --sbatch`")
     cpus: int = Field(default=2, ge=1, description="--cpus-per-task of the OpenWebUI job")
     memory: str = Field(default="4G", pattern=MEMORY_PATTERN, description="--mem of the OpenWebUI job")
     time_limit: str = Field(default="7-00:00:00", pattern=TIME_LIMIT_PATTERN)
-    admin_email: str = Field(default="admin@localhost", description="the admin account created at first start")
+    admin_email: str = Field(default="admin@localhost", pattern=EMAIL_PATTERN,
+                             description="the admin account created at first start")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _host(value, "OpenWebUI's address")
+
+    @field_validator("command")
+    @classmethod
+    def _command_word(cls, value: str) -> str:
+        return _command_line(value, "the open-webui program")
 
 
 class Deployment(_Strict):
@@ -236,9 +320,28 @@ class Deployment(_Strict):
 
     @property
     def url(self) -> str:
-        """The OpenAI base URL of the pool, e.g. http://127.0.0.1:8000/v1."""
+        """The OpenAI base URL of the pool on this host, e.g. http://127.0.0.1:8000/v1."""
         host = self.haproxy.bind if self.haproxy.bind not in ("0.0.0.0", "::", "*") else "127.0.0.1"
-        return f"http://{host}:{self.haproxy.port}/v1"
+        return f"http://{_url_host(host)}:{self.haproxy.port}/v1"
+
+    @property
+    def max_request_body(self) -> int:
+        """The largest request body the frontend accepts, in bytes (haproxy.max_request_body).
+
+        Default: 16 bytes per token of the largest context_size (4096 when a model leaves it to
+        llama-server), at least 64 KiB. A token is about 4 bytes of English text; JSON escaping of
+        non-ASCII text ("\\uXXXX", 6 bytes a character) and the message framing stay within 16,
+        so a prompt that fits the context fits the limit.
+        """
+        if self.haproxy.max_request_body is not None:
+            return self.haproxy.max_request_body
+        largest = max(m.context_size or 4096 for m in self.models)
+        return max(64 << 10, 16 * largest)
+
+
+def _url_host(host: str) -> str:
+    """`host` as it stands in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def default_state_dir(name: str) -> Path:
@@ -263,19 +366,48 @@ def load(path: str | os.PathLike[str]) -> Deployment:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: expected a deployment file of at most {MAX_FILE_BYTES} bytes, "
+                              f"it has {size}")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the deployment file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: expected UTF-8 text, byte {exc.start} is not") from None
+    raw = parse_yaml(text, str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys name, models, slurm, haproxy")
+    return parse(raw, base=path.resolve().parent, source=str(path))
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: a deployment file needs none, and a few
+    nested aliases expand to gigabytes (the "billion laughs" of YAML)."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not accepted in a deployment file",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text`, read with the alias-free safe loader.
+
+    Raises:
+        ConfigError: not YAML, an alias, or nested too deeply; the message names `source` and the line.
+    """
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys name, models, slurm, haproxy")
-    return parse(raw, base=path.resolve().parent, source=str(path))
+        raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: expected a deployment file, the YAML is nested too deeply") from None
 
 
 def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment",
@@ -292,6 +424,9 @@ def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment",
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     deployment = _absolute(deployment, base)
+    if not re.match(PATH_PATTERN, str(deployment.state_dir)):
+        raise ConfigError(f"{source}: state_dir: expected a path of letters, digits and _ . / @ + , = ~ - only "
+                          f"(it is written into #SBATCH lines and haproxy.cfg), got {str(deployment.state_dir)!r}")
     _check_socket_room(deployment, source)
     if check_files:
         _check_files(deployment, source)
@@ -378,7 +513,7 @@ _TYPE_WORDS = {
     "int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
     "float_parsing": "a number", "string_type": "a string", "list_type": "a list",
     "bool_type": "true or false", "dict_type": "a mapping", "model_type": "a mapping",
-    "path_type": "a path", "int_from_float": "an integer",
+    "path_type": "a path", "int_from_float": "an integer", "finite_number": "a finite number",
 }
 
 

@@ -102,6 +102,8 @@ class Reconciler:
         """
         self.state.ensure()
         key = self.state.backend_key()
+        if self.deployment.haproxy.auth == "keys":
+            self.state.api_key()  # the owner's frontend key: the frontend is never open by default
         backends = observe(self.deployment, self.scheduler, key=key)
         haproxy = HAProxy(self.deployment, key)
         sessions = haproxy.server_sessions()

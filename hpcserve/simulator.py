@@ -74,7 +74,8 @@ class Simulator:
 
     # --- plumbing -------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        # llama-server reads bodies of any size (its prompts fill whole contexts); aiohttp stops at 1 MiB.
+        app = web.Application(middlewares=[self._auth], client_max_size=256 << 20)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/v1/models", self.models)

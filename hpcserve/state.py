@@ -52,6 +52,11 @@ class StateDir:
         return self.root / "backend.key"
 
     @property
+    def api_key_file(self) -> Path:
+        """The owner's frontend API key (0600): accepted by HAProxy unless haproxy.auth is open."""
+        return self.root / "api.key"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / "lock"
 
@@ -128,20 +133,52 @@ class StateDir:
         write_private(self.root / f"{name}.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def backend_key(self) -> str:
-        """The deployment's backend key, created (random, 256 bits, 0600) on first use."""
-        self.ensure()
+        """The deployment's backend key, created (random, 256 bits, 0600) on first use.
+
+        Raises:
+            ConfigError: the file holds something shorter than a key hpcserve makes.
+        """
+        return _secret(self, self.key_file, "every running backend job read it at its start; after "
+                                            "removing it, `hpcserve down` and `up` again")
+
+    def api_key(self) -> str:
+        """The owner's frontend API key, created (random, 256 bits, 0600) on first use.
+
+        Raises:
+            ConfigError: the file holds something shorter than a key hpcserve makes.
+        """
+        return _secret(self, self.api_key_file, "remove it and the next command makes a new one")
+
+    def read_api_key(self) -> str | None:
+        """The owner's frontend API key if it exists (never created here), else None."""
         try:
-            return self.key_file.read_text().strip()
-        except FileNotFoundError:
-            pass
+            return self.api_key_file.read_text().strip() or None
+        except (FileNotFoundError, PermissionError):
+            return None
+
+
+#: The shortest secret accepted in a key file (characters). hpcserve writes 43 (256 random bits).
+MIN_KEY_CHARS = 32
+
+
+def _secret(state: StateDir, path: Path, fix: str) -> str:
+    """The secret in `path`, created (random, 256 bits, 0600, O_EXCL against a racing command)."""
+    state.ensure()
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
         key = secrets.token_urlsafe(32)
         try:
-            fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another command created it first: use theirs
-            return self.key_file.read_text().strip()
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-        return key
+            key = path.read_text().strip()
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(key + "\n")
+    if len(key) < MIN_KEY_CHARS or any(c.isspace() or ord(c) < 32 for c in key):
+        raise ConfigError(f"{path}: expected a random key of at least {MIN_KEY_CHARS} characters, the file "
+                          f"holds {len(key)}; {fix}")
+    return key
 
 
 def write_private(path: Path, text: str) -> None:

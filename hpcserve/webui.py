@@ -11,12 +11,15 @@ secret key and admin password live in STATE_DIR/webui, private to the owner.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import shlex
+import socket
 from pathlib import Path
 
 from . import templates
-from .config import Deployment, read_api_keys
+from .config import Deployment
+from .errors import ConfigError
 from .state import StateDir, write_private
 
 
@@ -34,19 +37,23 @@ def _secret(path: Path, nbytes: int = 32) -> str:
         return value
 
 
-def environment(deployment: Deployment) -> dict[str, str]:
+def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str, str]:
     """The environment OpenWebUI needs for this deployment (secrets created on first use).
 
+    Args:
+        pool_url: the pool's OpenAI base URL as OpenWebUI reaches it; default: deployment.url
+            (this host).
     Raises:
-        ConfigError: the state directory cannot be created.
+        ConfigError: the state directory cannot be created, or a key file is not a key.
     """
-    StateDir(deployment.state_dir).ensure()
+    state = StateDir(deployment.state_dir)
+    state.ensure()
     root = folder(deployment)
     (root / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
-    keys = read_api_keys(deployment.haproxy.api_keys_file) if deployment.haproxy.api_keys_file else []
     return {
-        "OPENAI_API_BASE_URL": deployment.url,
-        "OPENAI_API_KEY": keys[0] if keys else "hpcserve",
+        "OPENAI_API_BASE_URL": pool_url or deployment.url,
+        # The owner key: OpenWebUI is the owner's service to its users (it has its own sign-in).
+        "OPENAI_API_KEY": state.api_key() if deployment.haproxy.auth == "keys" else "hpcserve",
         "ENABLE_OLLAMA_API": "False",
         "OFFLINE_MODE": "True",
         "ENABLE_PERSISTENT_CONFIG": "False",
@@ -68,10 +75,34 @@ def job_script(deployment: Deployment) -> str:
         jinja2.TemplateError: a site template is broken.
     """
     env_file = folder(deployment) / "env"
-    write_private(env_file, "".join(f"{k}={shlex.quote(v)}\n" for k, v in environment(deployment).items()))
+    env = environment(deployment, pool_url_from_compute_nodes(deployment))
+    write_private(env_file, "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
     return templates.render("openwebui.sbatch.j2", deployment.templates_dir, deployment=deployment,
                             webui=deployment.webui, slurm=deployment.slurm, env_file=env_file,
                             log_dir=deployment.state_dir / "logs")
+
+
+def pool_url_from_compute_nodes(deployment: Deployment) -> str:
+    """The pool's OpenAI base URL as a job on a compute node reaches it: the frontend's address,
+    or this login node's name when the frontend listens on every address.
+
+    Raises:
+        ConfigError: the frontend listens on a loopback address only, which no compute node reaches.
+    """
+    bind = deployment.haproxy.bind
+    if bind in ("0.0.0.0", "::", "*"):
+        host = socket.getfqdn()
+    else:
+        try:
+            loopback = ipaddress.ip_address(bind).is_loopback
+        except ValueError:
+            loopback = bind == "localhost"
+        if loopback:
+            raise ConfigError(f"haproxy.bind: {bind} is reachable from this host only, so an OpenWebUI job on a "
+                              "compute node cannot reach the pool; bind the frontend to this login node's "
+                              "address (keep haproxy.auth: keys), or run `hpcserve webui` here")
+        host = bind
+    return f"http://{f'[{host}]' if ':' in host else host}:{deployment.haproxy.port}/v1"
 
 
 def url(deployment: Deployment) -> str:

@@ -29,12 +29,15 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 @contextlib.contextmanager
-def simulator(log: Path, slots: int, token_rate: float, key: str) -> Iterator[int]:
-    """A running hpcserve simulator (loaded at once) with `slots` slots, `token_rate` tokens/s
-    and backend key `key`; yields its port, stops it on exit. Its output goes to `log`."""
+def simulator(log: Path, slots: int, token_rate: float, key: str, alias: str = "m",
+              prefill_rate: float = 2000) -> Iterator[int]:
+    """A running hpcserve simulator (loaded at once) with `slots` slots, `token_rate` tokens/s,
+    `prefill_rate` prompt tokens/s, backend key `key` and model id `alias`; yields its port, stops
+    it on exit. Its output goes to `log`."""
     with open(log, "w") as sink:
         process = subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel",
-                                    str(slots), "--sim-load-time", "0", "--sim-token-rate", str(token_rate)],
+                                    str(slots), "--sim-load-time", "0", "--sim-token-rate", str(token_rate),
+                                    "--sim-prefill-rate", str(prefill_rate), "--alias", alias],
                                    stdout=sink, stderr=subprocess.STDOUT,
                                    env={"LLAMA_API_KEY": key, "PATH": "/usr/bin:/bin"})
     try:
@@ -85,8 +88,13 @@ def free_port() -> int:
 
 
 def haproxy_for(raw: dict, base: Path, key: str = "k"):
-    """The HAProxy of a raw deployment dict, its state folders made (nothing started)."""
+    """The HAProxy of a raw deployment dict, its state folders made (nothing started).
+
+    Without a reconcile step nobody makes the owner key, so the frontend is open unless `raw`
+    sets haproxy.auth (tests/integration/test_frontend.py checks the keys).
+    """
     from hpcserve.haproxy.process import HAProxy
+    raw = {**raw, "haproxy": {"auth": "open", **raw.get("haproxy", {})}}
     deployment = config.parse(raw, base=base)
     (deployment.state_dir / "logs").mkdir(mode=0o700, parents=True)
     return HAProxy(deployment, key)

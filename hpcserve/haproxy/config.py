@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import templates
 from ..config import Deployment, Model, read_api_keys
+from ..state import StateDir
 
 TEMPLATE = "haproxy.cfg.j2"
 
@@ -123,9 +124,9 @@ class Paths:
         return self.root / "models.json"
 
     @property
-    def frontend_keys_file(self) -> Path:
-        """The frontend keys as HAProxy matches them ("Bearer KEY" per line), written by hpcserve."""
-        return self.root / "frontend-keys.lst"
+    def key_hashes_file(self) -> Path:
+        """The SHA-256 (hex) of each accepted frontend API key, one per line, written by hpcserve."""
+        return self.root / "frontend-key-hashes.lst"
 
 
 def paths(deployment: Deployment) -> Paths:
@@ -143,15 +144,37 @@ def models_list(deployment: Deployment) -> str:
     return json.dumps({"object": "list", "data": data}) + "\n"
 
 
-def frontend_keys(deployment: Deployment) -> str | None:
-    """The text of the frontend keys file, or None when the frontend is open.
+def key_hashes(deployment: Deployment) -> str | None:
+    """The text of the key hashes file: the SHA-256 (lowercase hex) of the owner key
+    (STATE_DIR/api.key, when it exists) and of each key in haproxy.api_keys_file, one per line,
+    sorted; None when haproxy.auth is open. HAProxy hashes the presented bearer token the same way
+    (`http_auth_bearer,sha2(256),hex,lower`, HAProxy 2.6 configuration manual, 7.3.1 and 7.3.6).
 
     Raises:
         OSError, ValueError: the deployment's api_keys_file cannot be read (see config.read_api_keys).
     """
-    if deployment.haproxy.api_keys_file is None:
+    if deployment.haproxy.auth == "open":
         return None
-    return "".join(f"Bearer {key}\n" for key in read_api_keys(deployment.haproxy.api_keys_file))
+    keys = read_api_keys(deployment.haproxy.api_keys_file) if deployment.haproxy.api_keys_file else []
+    owner = StateDir(deployment.state_dir).read_api_key()
+    if owner:
+        keys.append(owner)
+    return "".join(sorted({hashlib.sha256(k.encode()).hexdigest() + "\n" for k in keys}))
+
+
+#: Bytes of the request buffer kept for headers: HAProxy's default buffer (16 KiB) holds them today.
+HEADER_ROOM = 16384
+#: tune.maxrewrite: room to add headers (the backend key) to a full buffer. 8 KiB is far more than
+#: the one header hpcserve sets (HAProxy 2.6 manual, tune.maxrewrite: the default is 1024 or half
+#: the buffer, whichever is smaller).
+MAXREWRITE = 8192
+
+
+def buffer_size(deployment: Deployment) -> int:
+    """tune.bufsize in bytes: headers + the largest accepted body + the rewrite reserve, so that
+    a body one byte over the limit still fits and is measured (HAProxy 2.6 manual, tune.bufsize:
+    a request must fit the buffer less tune.maxrewrite)."""
+    return HEADER_ROOM + deployment.max_request_body + 1 + MAXREWRITE
 
 
 def render(deployment: Deployment, servers: list[Server]) -> str:
@@ -167,13 +190,15 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
     for server in sorted(servers, key=lambda s: (s.model, s.id)):
         by_model.setdefault(server.model, []).append(server)
     p = paths(deployment)
-    keys = frontend_keys(deployment)
+    hashes = key_hashes(deployment)
     # The digest puts a change of keys into the config text, so that it makes HAProxy reload the file.
-    digest = f"sha256 {hashlib.sha256(keys.encode()).hexdigest()[:16]}" if keys else ""
+    digest = f"digest {hashlib.sha256(hashes.encode()).hexdigest()[:16]}" if hashes is not None else ""
     return templates.render(TEMPLATE, deployment.templates_dir, deployment=deployment,
                             haproxy=deployment.haproxy, servers=by_model, backend_name=backend_name,
                             server_options=lambda model: server_options(deployment, model),
                             leaving=" disabled" if leaving_state(deployment) == "maint" else " weight 0",
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
-                            frontend_keys_file=p.frontend_keys_file if keys else None, keys_digest=digest,
-                            models_file=p.models_file)
+                            key_hashes_file=p.key_hashes_file if hashes is not None else None,
+                            keys_digest=digest, models_file=p.models_file,
+                            max_body=deployment.max_request_body, bufsize=buffer_size(deployment),
+                            maxrewrite=MAXREWRITE)

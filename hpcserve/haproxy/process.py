@@ -24,7 +24,7 @@ from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import (Paths, Server, backend_name, frontend_keys, leaving_state, models_list, paths, render,
+from .config import (Paths, Server, backend_name, key_hashes, leaving_state, models_list, paths, render,
                      server_options)
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
@@ -351,13 +351,13 @@ class HAProxy:
         return {name[3:]: n for name, n in held.items() if name.startswith("job")}
 
     def _write_served_files(self) -> None:
-        """The files the config makes HAProxy serve or match: the models list, the frontend keys."""
+        """The files the config makes HAProxy serve or match: the models list, the key hashes."""
         models = models_list(self.deployment)
         if not self.paths.models_file.exists() or self.paths.models_file.read_text() != models:
             write_private(self.paths.models_file, models)
-        keys = frontend_keys(self.deployment)
-        if keys is not None:
-            write_private(self.paths.frontend_keys_file, keys)
+        hashes = key_hashes(self.deployment)
+        if hashes is not None:
+            write_private(self.paths.key_hashes_file, hashes)
 
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.

@@ -169,7 +169,7 @@ def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# researchers\nkey-one\n\nkey-two\n")
     proxy = haproxy_for(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
-                                                         "api_keys_file": str(keys)}), tmp_path)
+                                                         "auth": "keys", "api_keys_file": str(keys)}), tmp_path)
     d = proxy.deployment
     try:
         proxy.apply(haproxy_config.render(d, []))

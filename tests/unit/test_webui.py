@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 
@@ -24,7 +25,9 @@ def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
     assert result.returncode == 0, result.stderr
     env = dict(line.split("=", 1) for line in result.stdout.splitlines())
     env = {k: shlex.split(v)[0] for k, v in env.items()}
-    assert env["OPENAI_API_BASE_URL"] == "http://127.0.0.1:8123/v1" and env["OPENAI_API_KEY"] == "frontend-key"
+    owner_key = (tmp_path / "state" / "api.key").read_text().strip()   # made on first use, 0600
+    assert env["OPENAI_API_BASE_URL"] == "http://127.0.0.1:8123/v1" and env["OPENAI_API_KEY"] == owner_key
+    assert (tmp_path / "state" / "api.key").stat().st_mode & 0o077 == 0
     assert (env["ENABLE_OLLAMA_API"], env["OFFLINE_MODE"], env["ENABLE_PERSISTENT_CONFIG"],
             env["BYPASS_MODEL_ACCESS_CONTROL"]) == ("False", "True", "False", "True")
     webui = tmp_path / "state" / "webui"
@@ -44,14 +47,24 @@ def test_webui_without_open_webui_installed_says_how_to_get_it(tmp_path, gguf):
 
 
 def test_openwebui_as_a_slurm_job_names_its_secrets_file_only(tmp_path, gguf):
-    raw = minimal(gguf, tmp_path)
-    raw["webui"] = {"partition": "cpu", "port": 8181}
+    raw = minimal(gguf, tmp_path, haproxy={"bind": "0.0.0.0", "port": 8123})
+    raw["webui"] = {"partition": "cpu", "port": 8181, "host": "10.0.0.7"}
     path = write_deployment(tmp_path, raw)
     script = hpcserve(path, "webui", "--sbatch").stdout
     env_file = tmp_path / "state" / "webui" / "env"
     assert "#SBATCH --partition=cpu\n" in script and "#SBATCH --job-name=hpcserve-webui:t\n" in script
-    assert f". {env_file}\n" in script and "serve --host 0.0.0.0 --port 8181" in script
+    assert f". {env_file}\n" in script and "serve --host 10.0.0.7 --port 8181" in script
+    # The job reaches the pool at this login node's name, not at 127.0.0.1 (the compute node itself).
+    assert f"OPENAI_API_BASE_URL=http://{socket.getfqdn()}:8123/v1\n" in env_file.read_text()
     secret = (tmp_path / "state" / "webui" / "secret-key").read_text().strip()
     assert secret not in script and secret in env_file.read_text()
     assert env_file.stat().st_mode & 0o077 == 0
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_openwebui_job_is_refused_when_the_pool_listens_on_loopback_only(tmp_path, gguf):
+    path = write_deployment(tmp_path, minimal(gguf, tmp_path, haproxy={"bind": "127.0.0.1"}))
+    result = hpcserve(path, "webui", "--sbatch")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "haproxy.bind: 127.0.0.1 is reachable from this host only" in result.stderr
+    assert "Traceback" not in result.stderr

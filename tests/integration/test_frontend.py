@@ -1,0 +1,270 @@
+"""The frontend against untrusted clients, with the real haproxy binary and simulated backends:
+only the OpenAI API, keys by default, routing on the whole body, body limits (413) and the body
+wait (408), one client's share of the frontend (429), and queued requests of departed clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from hpcserve.haproxy import config as haproxy_config
+from hpcserve.haproxy import runtime
+from hpcserve.haproxy.config import Server
+from hpcserve.state import StateDir
+from tests.conftest import free_port, haproxy_for, minimal, simulator
+
+pytestmark = pytest.mark.haproxy
+
+KEY = "backend-key"
+
+
+@contextlib.contextmanager
+def two_model_pool(tmp_path: Path, gguf: Path, slots: int = 2, token_rate: float = 200, **haproxy):
+    """HAProxy over two models ("big", "small"), one simulator each; yields (proxy, base URL)."""
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), **haproxy})
+    raw["models"] = [{"name": "big", "gguf": str(gguf), "parallel": slots},
+                     {"name": "small", "gguf": str(gguf), "parallel": slots}]
+    proxy = haproxy_for(raw, tmp_path, key=KEY)
+    # Prefill at 10M tokens/s: megabyte prompts are about routing here, not about prefill time.
+    with simulator(tmp_path / "big.log", slots, token_rate, KEY, alias="big", prefill_rate=1e7) as big, \
+            simulator(tmp_path / "small.log", slots, token_rate, KEY, alias="small", prefill_rate=1e7) as small:
+        proxy.apply(haproxy_config.render(proxy.deployment, [Server("big", "1", "127.0.0.1", big),
+                                                             Server("small", "2", "127.0.0.1", small)]))
+        try:
+            yield proxy, f"http://127.0.0.1:{proxy.deployment.haproxy.port}"
+        finally:
+            proxy.stop(timeout=5)
+
+
+def sessions(proxy) -> dict[str, int]:
+    """Server name -> requests HAProxy has in service on it now (scur)."""
+    return {s.server: s.sessions for s in runtime.show_stat(proxy.paths.admin_socket)}
+
+
+def test_only_the_openai_api_reaches_a_backend(tmp_path, gguf):
+    with two_model_pool(tmp_path, gguf) as (proxy, base):
+        for method, path in [("GET", "/slots"), ("POST", "/slots/0?action=erase"), ("GET", "/props"),
+                             ("POST", "/props"), ("GET", "/metrics"), ("GET", "/lora-adapters"),
+                             ("GET", "/health"), ("POST", "/v1/chat/completions/../../props"),
+                             ("POST", "/v1//chat/completions"), ("GET", "/sim/stats")]:
+            answer = httpx.request(method, base + path, json={"model": "big"})
+            assert answer.status_code == 404, (method, path)
+            assert answer.json()["error"]["code"] == "not_found", (method, path)
+        wrong_method = httpx.get(f"{base}/v1/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert httpx.post(f"{base}/v1/models").status_code == 405
+        assert {s.total for s in runtime.show_stat(proxy.paths.admin_socket)} == {0}   # none was forwarded
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        for path in ("/v1/chat/completions", "/chat/completions"):
+            answer = httpx.post(base + path, json={"model": "small", "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 200 and answer.json()["model"] == "small"
+        assert client.completions.create(model="big", prompt="x", max_tokens=2).model == "big"
+        assert [m.id for m in client.models.list()] == ["big", "small"]
+
+
+def test_every_request_needs_a_key_by_default(haproxy_bin, gguf, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# a researcher\nresearcher-key-0123456789\n")
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "keys",
+                                           "api_keys_file": str(keys)})
+    proxy = haproxy_for(raw, tmp_path, key=KEY)
+    owner = StateDir(proxy.deployment.state_dir).api_key()
+    try:
+        proxy.apply(haproxy_config.render(proxy.deployment, []))
+        url = f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/models"
+        stats = f"http://127.0.0.1:{proxy.deployment.haproxy.stats_port_or_default}"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {owner}"},
+                        {"Authorization": f"Bearer {owner[:-1]}"}):
+            answer = httpx.get(url, headers=headers)
+            assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
+        for key in (owner, "researcher-key-0123456789"):
+            assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        # The stats page and Prometheus exporter ask for a key too: every user reaches 127.0.0.1.
+        assert httpx.get(f"{stats}/metrics").status_code == 401
+        assert httpx.get(f"{stats}/metrics", headers={"Authorization": f"Bearer {owner}"}).status_code == 200
+        # Only hashes are on disk: no key in the file HAProxy matches against, nor in haproxy.cfg.
+        on_disk = proxy.paths.key_hashes_file.read_text() + proxy.paths.config.read_text()
+        assert owner not in on_disk and "researcher-key-0123456789" not in on_disk
+    finally:
+        proxy.stop(timeout=5)
+    assert haproxy_config.key_hashes(proxy.deployment).count("\n") == 2
+    from hpcserve.config import HAProxy as Settings
+    assert Settings().auth == "keys"   # what a deployment file that says nothing gets
+
+
+def _chat_body(model: str | None, size: int, model_first: bool) -> dict:
+    messages = [{"role": "user", "content": "w " * (size // 2)}]
+    if model is None:
+        return {"messages": messages, "max_tokens": 2}
+    if model_first:
+        return {"model": model, "messages": messages, "max_tokens": 2}
+    return {"messages": messages, "max_tokens": 2, "model": model}
+
+
+def test_routing_reads_the_whole_body(tmp_path, gguf):
+    """Prompts of 1 KB to 1 MB reach the model they name, with "model" first or last (the openai
+    client writes it after "messages"), sent whole or chunked; never another model's answer."""
+    with two_model_pool(tmp_path, gguf, max_request_body=2 << 20) as (_proxy, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        for size in (1 << 10, 20 << 10, 200 << 10, 1 << 20):
+            for model in ("big", "small"):
+                reply = client.chat.completions.create(model=model, max_tokens=2,
+                                                       messages=[{"role": "user", "content": "w " * (size // 2)}])
+                assert reply.model == model, (size, model)
+                for first in (True, False):
+                    body = json.dumps(_chat_body(model, size, first)).encode()
+                    assert httpx.post(f"{base}/v1/chat/completions", content=body, timeout=60).json()["model"] == model
+                chunks = [body[i:i + 8192] for i in range(0, len(body), 8192)]
+                chunked = httpx.post(f"{base}/v1/chat/completions", content=iter(chunks), timeout=60)
+                assert chunked.json()["model"] == model, ("chunked", size)
+        # No "model", or a body that is not JSON: the first model (the deployment's default).
+        assert httpx.post(f"{base}/v1/chat/completions", json=_chat_body(None, 50000, True)).json()["model"] == "big"
+        not_json = httpx.post(f"{base}/v1/chat/completions", content=b"{not json" + b"x" * 30000)
+        assert not_json.status_code == 400   # the default model's llama-server refuses it
+        unknown = httpx.post(f"{base}/v1/chat/completions", json=_chat_body("gpt-4", 50000, False))
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_body_over_the_limit_gets_413_and_reaches_no_server(tmp_path, gguf):
+    with two_model_pool(tmp_path, gguf, max_request_body=65536) as (proxy, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="small", messages=[{"role": "user", "content": "w" * 70000}])
+        assert refused.value.status_code == 413
+        assert refused.value.body["code"] == "request_too_large" and "65536 bytes" in refused.value.body["message"]
+        body = json.dumps(_chat_body("small", 70000, True)).encode()
+        chunked = httpx.post(f"{base}/v1/chat/completions", content=iter([body[:30000], body[30000:]]))
+        assert chunked.status_code == 413
+        # Just below the limit, whole: served.
+        fits = client.chat.completions.create(model="small", max_tokens=2,
+                                              messages=[{"role": "user", "content": "w" * 64000}])
+        assert fits.model == "small"
+        assert sum(s.total for s in runtime.show_stat(proxy.paths.admin_socket)) == 1
+
+
+def _slow_upload(port: int, declared: int, results: list, stop: threading.Event) -> None:
+    """Headers of a chat completion declaring `declared` bytes, 20 KB of them at once, then one byte
+    a second; appends (HTTP status, JSON body) of the answer, or (None, why)."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: pool\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(head + b'{"model": "big", "messages": [{"role": "user", "content": "' + b"w" * 20000)
+            sock.settimeout(1)
+            answer = b""
+            while not stop.is_set():
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    sock.sendall(b"w")
+                    continue
+                if not chunk:
+                    break
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+        status = int(answer.split(b" ", 2)[1]) if answer else None
+        results.append((status, json.loads(answer.split(b"\r\n\r\n", 1)[1]) if answer else None))
+    except OSError as exc:
+        results.append((None, str(exc)))
+
+
+def test_slow_uploads_never_hold_a_slot(tmp_path, gguf):
+    """Issue 18's scenario: as many slow uploaders as the first model has slots (and more) while
+    normal chats keep being answered at once; the uploaders get 408 after body_timeout and never
+    appear as sessions on a server."""
+    with two_model_pool(tmp_path, gguf, slots=2, body_timeout=6, max_request_body=1 << 20) as (proxy, base):
+        port = proxy.deployment.haproxy.port
+        results: list = []
+        stop = threading.Event()
+        uploaders = [threading.Thread(target=_slow_upload, args=(port, 300000, results, stop)) for _ in range(4)]
+        started = time.monotonic()
+        for thread in uploaders:
+            thread.start()
+        try:
+            time.sleep(1)
+            for model in ("big", "small", "big"):
+                sent = time.monotonic()
+                answer = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+                    "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+                assert answer.status_code == 200 and time.monotonic() - sent < 2, answer.text
+                assert time.monotonic() - started < 6   # all while the uploads were still trickling
+                assert sessions(proxy) == {"job1": 0, "job2": 0}
+        finally:
+            for thread in uploaders:
+                thread.join(30)
+            stop.set()
+        assert [status for status, _ in results] == [408] * 4, results
+        assert {body["error"]["code"] for _, body in results} == {"request_timeout"}
+        served = {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}
+        assert served == {"job1": 2, "job2": 1}   # the three chats, no upload
+
+
+def test_one_client_gets_429_beyond_its_share(haproxy_bin, gguf, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("client-a-0123456789abcdefghijklmnop\nclient-b-0123456789abcdefghijklmnop\n")
+    with two_model_pool(tmp_path, gguf, slots=8, token_rate=10, auth="keys", api_keys_file=str(keys),
+                        max_requests_per_client=3) as (_proxy, base):
+        def chat(key: str, results: list) -> None:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=30)
+            try:
+                client.chat.completions.create(model="big", max_tokens=15,
+                                               messages=[{"role": "user", "content": "x"}])
+                results.append(200)
+            except openai.APIStatusError as exc:
+                results.append((exc.status_code, exc.body["code"], exc.response.headers.get("retry-after")))
+
+        a: list = []
+        b: list = []
+        threads = ([threading.Thread(target=chat, args=("client-a-0123456789abcdefghijklmnop", a)) for _ in range(5)]
+                   + [threading.Thread(target=chat, args=("client-b-0123456789abcdefghijklmnop", b)) for _ in range(2)])
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(a, key=str) == sorted([200] * 3 + [(429, "rate_limit_exceeded", "1")] * 2, key=str), a
+        assert b == [200, 200]   # another client is not limited by the first one's requests
+
+
+def test_a_large_upload_at_a_normal_rate_is_served(tmp_path, gguf):
+    with two_model_pool(tmp_path, gguf, max_request_body=4 << 20, body_timeout=5) as (_proxy, base):
+        body = json.dumps(_chat_body("small", 3 << 20, False)).encode()
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+
+        def paced():
+            for chunk in chunks:   # about 16 MB/s: well within the body timeout
+                time.sleep(0.004)
+                yield chunk
+        answer = httpx.post(f"{base}/v1/chat/completions", content=paced(), timeout=60,
+                            headers={"Content-Length": str(len(body)), "Content-Type": "application/json"})
+        assert answer.status_code == 200 and answer.json()["model"] == "small"
+
+
+def test_a_queued_request_whose_client_left_never_reaches_a_backend(tmp_path, gguf):
+    """option abortonclose: with the one slot busy, a request waits in HAProxy's queue; its client
+    closes the connection; when the slot frees, the request is dropped, not sent."""
+    with two_model_pool(tmp_path, gguf, slots=1, token_rate=10) as (proxy, base):
+        port = proxy.deployment.haproxy.port
+        busy = threading.Thread(target=lambda: httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+            "model": "big", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}))
+        busy.start()
+        time.sleep(0.5)
+        body = json.dumps({"model": "big", "max_tokens": 20, "messages": [{"role": "user", "content": "y"}]})
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            time.sleep(0.5)
+            assert runtime.show_backends(proxy.paths.admin_socket)["model_big"].queued == 1
+        busy.join(30)
+        time.sleep(0.5)
+        served = {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}
+        assert served["job1"] == 1   # only the first request reached the backend
