@@ -55,7 +55,9 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
     port = free_port()
     deployment = config.parse({"name": "bench", "state_dir": str(folder),
                                "models": [{"name": "m", "gguf": str(folder / "unused.gguf"), "parallel": parallel}],
-                               "haproxy": {"port": port, "stats_port": free_port(), **haproxy_settings}},
+                               # Loopback only, for the comparison: no API keys (the peers have none).
+                               "haproxy": {"port": port, "stats_port": free_port(), "auth": "open",
+                                           **haproxy_settings}},
                               base=folder, check_files=False)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     servers = [haproxy_config.Server("m", str(i + 1), "127.0.0.1", p) for i, p in enumerate(backend_ports)]

@@ -90,7 +90,8 @@ def run(settings) -> list[dict]:
     deployment = config.parse({"name": "scale", "state_dir": str(state_dir),
                                "models": [{"name": "m", "gguf": str(folder / "unused.gguf"), "parallel": 4,
                                            "replicas": BACKENDS}],
-                               "haproxy": {"port": systems.free_port(), "stats_port": systems.free_port()}},
+                               "haproxy": {"port": systems.free_port(), "stats_port": systems.free_port(),
+                                           "auth": "open"}},
                               base=folder, check_files=False)
     proxy = HAProxy(deployment, KEY)
     try:

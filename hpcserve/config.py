@@ -49,7 +49,7 @@ def _host(value: str, field: str) -> str:
         return value
     except ValueError:
         pass
-    if re.match(HOST_PATTERN, value):
+    if re.fullmatch(HOST_PATTERN, value):
         return value
     raise ValueError(f"expected an IP address or host name for {field}, got {value!r}")
 # Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (sbatch(1), --time).
@@ -125,6 +125,16 @@ class Model(_Strict):
     def _command_words(cls, value: str) -> str:
         return _command_line(value, "a llama-server path or command line")
 
+    @field_validator("extra_args")
+    @classmethod
+    def _arguments(cls, value: list[str]) -> list[str]:
+        # Each becomes one quoted word of the job script; a script cannot hold a NUL byte, and a line
+        # break inside an argument is never meant.
+        for item in value:
+            if _CONTROL.search(item):
+                raise ValueError(f"expected llama-server arguments without control characters, got {item!r}")
+        return value
+
     @property
     def command_argv(self) -> list[str]:
         """The llama-server command as an argv list."""
@@ -166,7 +176,7 @@ class Slurm(_Strict):
     @classmethod
     def _directives(cls, value: list[str]) -> list[str]:
         for item in value:
-            if not re.match(DIRECTIVE_PATTERN, item):
+            if not re.fullmatch(DIRECTIVE_PATTERN, item):
                 raise ValueError(f"expected sbatch options such as '--exclusive' or '--mail-type=END' "
                                  f"(no whitespace, quotes or control characters), got {item!r}")
         return value
@@ -424,7 +434,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment",
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     deployment = _absolute(deployment, base)
-    if not re.match(PATH_PATTERN, str(deployment.state_dir)):
+    if not re.fullmatch(PATH_PATTERN, str(deployment.state_dir)):
         raise ConfigError(f"{source}: state_dir: expected a path of letters, digits and _ . / @ + , = ~ - only "
                           f"(it is written into #SBATCH lines and haproxy.cfg), got {str(deployment.state_dir)!r}")
     _check_socket_room(deployment, source)

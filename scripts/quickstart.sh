@@ -11,15 +11,19 @@ scripts/local-slurm.sh start
 eval "$(scripts/local-slurm.sh env)"
 hpcserve=(.venv/bin/hpcserve -f examples/local.yaml)
 "${hpcserve[@]}" up
-url="$("${hpcserve[@]}" --json status | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["url"])')"
-echo "POST $url/chat/completions"
-curl -sS --fail-with-body "$url/chat/completions" -H 'Content-Type: application/json' \
+status_json="$("${hpcserve[@]}" --json status)"
+url="$(.venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["url"])' <<<"$status_json")"
+key_file="$(.venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["auth"]["owner_key_file"])' <<<"$status_json")"
+echo "POST $url/chat/completions (API key from $key_file)"
+# The key goes to curl in a header file on its stdin, not on its command line (ps shows that to all).
+printf 'Authorization: Bearer %s\n' "$(<"$key_file")" | curl -sS --fail-with-body "$url/chat/completions" \
+    -H @- -H 'Content-Type: application/json' \
     -d '{"model": "gemma3-270m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}'
 echo
 "${hpcserve[@]}" status
 cat <<MSG
 
-The pool is up: point any OpenAI client at $url (export $(scripts/local-slurm.sh env | cut -d' ' -f2) first
-to use hpcserve by hand). Stop everything with:
+The pool is up: point any OpenAI client at $url with the API key in $key_file
+(export $(scripts/local-slurm.sh env | cut -d' ' -f2) first to use hpcserve by hand). Stop everything with:
     .venv/bin/hpcserve -f examples/local.yaml down && scripts/local-slurm.sh stop
 MSG

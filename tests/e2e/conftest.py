@@ -77,9 +77,18 @@ class Pool:
             self.ok("reconcile")
             time.sleep(0.5)
 
+    @property
+    def api_key(self) -> str:
+        """The owner's API key, which `up` made (the frontend asks for a key by default)."""
+        return (self.dir / "state" / "api.key").read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.raw['haproxy']['port']}/v1",
-                             api_key="unused", max_retries=0, timeout=120)
+                             api_key=self.api_key, max_retries=0, timeout=120)
 
     def active_jobs(self) -> list[str]:
         out = subprocess.run(["squeue", "--me", "--noheader", "-o", "%i %j %T"], capture_output=True,

@@ -83,11 +83,14 @@ class Load:
         duration: stop by itself after this many seconds (a bound on every test's traffic).
         conversation_header: a header each client sends with its own value ("conversation-N"),
             as OpenWebUI sends its chat id: the key of hpcserve's opt-in prompt-cache affinity.
+        api_key: the frontend API key every request presents (Bearer), or None.
     """
 
     def __init__(self, url: str, model: str, clients: int, max_tokens: tuple[int, int] = (10, 30),
-                 stream: bool = True, duration: float = 300.0, conversation_header: str | None = None):
+                 stream: bool = True, duration: float = 300.0, conversation_header: str | None = None,
+                 api_key: str | None = None):
         self.url, self.model, self.clients = url, model, clients
+        self.api_key = api_key
         self.max_tokens, self.stream, self.duration = max_tokens, stream, duration
         self.conversation_header = conversation_header
         self.results: list[Result] = []
@@ -116,7 +119,9 @@ class Load:
         limits = httpx.Limits(max_connections=self.clients + 10, max_keepalive_connections=self.clients)
         async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits, trust_env=False) as client:
             async def worker(n: int) -> None:
-                headers = {self.conversation_header: f"conversation-{n}"} if self.conversation_header else None
+                headers = {self.conversation_header: f"conversation-{n}"} if self.conversation_header else {}
+                if self.api_key:
+                    headers["Authorization"] = f"Bearer {self.api_key}"
                 while not self._stop.is_set() and time.monotonic() < deadline:
                     self.results.append(await one_request(client, self.url, self.model,
                                                           random.randint(*self.max_tokens), self.stream, headers))

@@ -33,7 +33,7 @@ def test_a_load_ramp_grows_the_pool_and_it_shrinks_back_after(pool_factory):
     pool.write(pool.raw)
     pool.ok("up", "--timeout", "120")
 
-    load = Load(pool.url, pool.model_name, clients=16, max_tokens=(30, 50), duration=120).start()
+    load = Load(pool.url, pool.model_name, api_key=pool.api_key, clients=16, max_tokens=(30, 50), duration=120).start()
     deadline = time.monotonic() + 90
     try:
         while desired(pool) < 3 or len([b for b in pool.status()["backends"] if b["health"] == "ready"]) < 3:
@@ -84,7 +84,7 @@ def test_scale_from_zero(pool_factory):
     pool.ok("up", "--no-wait")
     assert pool.active_jobs() == []
 
-    answer = httpx.post(f"{pool.url}/chat/completions", json={"model": pool.model_name, "messages": [
+    answer = httpx.post(f"{pool.url}/chat/completions", headers=pool.headers, json={"model": pool.model_name, "messages": [
         {"role": "user", "content": "hello"}]})
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
     assert answer.json()["error"]["type"] == "model_starting"
@@ -96,7 +96,7 @@ def test_scale_from_zero(pool_factory):
     deadline = time.monotonic() + 60
     while True:
         pool.ok("reconcile")
-        answer = httpx.post(f"{pool.url}/chat/completions", json={"model": pool.model_name, "messages": [
+        answer = httpx.post(f"{pool.url}/chat/completions", headers=pool.headers, json={"model": pool.model_name, "messages": [
             {"role": "user", "content": "hello"}], "max_tokens": 4})
         if answer.status_code == 200:
             break
@@ -113,7 +113,7 @@ def test_a_job_near_its_time_limit_is_renewed_under_load(pool_factory):
     pool.ok("up", "--timeout", "120")
     first = pool.active_jobs()
     assert len(first) == 1
-    load = Load(pool.url, pool.model_name, clients=4, max_tokens=(10, 20), duration=120).start()
+    load = Load(pool.url, pool.model_name, api_key=pool.api_key, clients=4, max_tokens=(10, 20), duration=120).start()
     deadline = time.monotonic() + 90
     try:
         while first[0] in pool.active_jobs() or len(pool.active_jobs()) != 1:

@@ -167,7 +167,7 @@ def test_two_models_behind_one_url(pool_factory):
     assert listed == [pool.model_name, second["name"]]
     for name in listed:
         assert chat(client, name).model == name
-    unnamed = httpx.post(f"{pool.url}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+    unnamed = httpx.post(f"{pool.url}/chat/completions", headers=pool.headers, json={"messages": [{"role": "user", "content": "hi"}],
                                                                "max_tokens": 2}, timeout=60)
     assert unnamed.json()["model"] == pool.model_name          # no model: the first one
     with pytest.raises(openai.NotFoundError, match="Available models"):

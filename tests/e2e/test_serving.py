@@ -35,7 +35,7 @@ def test_200_streams_while_the_pool_changes_20_times(pool_factory, affinity):
     pool = pool_factory(replicas=4, parallel=8, simulator="--sim-token-rate 20 --sim-load-time 0.5",
                         haproxy={"timeout_queue": 300, "drain_timeout": 120, "affinity_header": affinity})
     pool.ok("up", "--timeout", "120")
-    load = Load(pool.url, pool.model_name, clients=200, max_tokens=(5, 30), duration=400,
+    load = Load(pool.url, pool.model_name, api_key=pool.api_key, clients=200, max_tokens=(5, 30), duration=400,
                 conversation_header=affinity).start()
     time.sleep(3)
     first_reloads = reloads(pool)
@@ -80,7 +80,7 @@ def test_overload_gets_complete_answers_or_a_clear_503(pool_factory):
                         haproxy={"timeout_queue": 3, "retry_after": 7})
     pool.ok("up", "--timeout", "120")
     pool.wait_in_rotation(2)
-    load = Load(pool.url, pool.model_name, clients=40, max_tokens=(30, 50), stream=False, duration=12).start()
+    load = Load(pool.url, pool.model_name, api_key=pool.api_key, clients=40, max_tokens=(30, 50), stream=False, duration=12).start()
     results = load.join()
     pool.ok("down", "--now")
 
@@ -105,7 +105,7 @@ def test_kill_9_of_a_backend_under_load(pool_factory):
     process = next(p for p in pool.llama_processes()
                    if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in p.net_connections()))
 
-    load = Load(pool.url, pool.model_name, clients=12, max_tokens=(20, 40), duration=60).start()
+    load = Load(pool.url, pool.model_name, api_key=pool.api_key, clients=12, max_tokens=(20, 40), duration=60).start()
     time.sleep(4)
     killed_at = time.monotonic()
     os.kill(process.pid, signal.SIGKILL)
