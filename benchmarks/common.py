@@ -32,7 +32,7 @@ def start_llama_server(model: Path, log: Path, parallel: int = 1, ctx: int = 102
                        threads: int | None = None) -> tuple[subprocess.Popen, int]:
     """A real llama-server on a free port, ready (/health 200); (process, port)."""
     port = free_port()
-    argv = [str(Path(sys.executable).parent / "llama-server-vulkan"), "--model", str(model), "--alias", "m",
+    argv = [str(Path(sys.executable).parent / "llama-server"), "--model", str(model), "--alias", "m",
             "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx)]
     if threads:
         argv += ["--threads", str(threads)]

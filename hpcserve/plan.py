@@ -143,7 +143,7 @@ def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
     cancelled = {c.job_id for c in cancel}
     servers = tuple(sorted(
         Server(model=b.model, job_id=b.job.job_id, address=b.address, port=b.port,
-               draining=b.job.job_id in new_draining)
+               draining=b.job.job_id in new_draining, healthy=b.health is Health.READY)
         for b in active if serving(b) and b.job.job_id not in cancelled
     ))
     return Plan(submit=tuple(submit), cancel=tuple(cancel), servers=servers,

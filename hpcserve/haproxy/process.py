@@ -130,6 +130,7 @@ class HAProxy:
         base = render(self.deployment, [])
         running = self.running()
         if running and text == self.live_config():
+            self.sync_servers(servers)   # the file is right; a server marked DOWN may return
             self.settle(servers, timeout=0)
             return "unchanged"
         try:
@@ -318,6 +319,8 @@ class HAProxy:
                 commands += ([f"set server {where} state {state}"] if server.draining else
                              [f"set server {where} weight 0", f"set server {where} state ready",
                               f"set server {where} weight 1"])
+            elif live[(backend, name)].down and server.healthy and not server.draining:
+                commands.append(f"set server {where} health up")   # see config.server_options
         for backend, name in sorted(live.keys() - wanted.keys()):
             commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
         self._send(added + commands)

@@ -114,6 +114,7 @@ class LiveServer:
         admin_state: srv_admin_state, HAProxy's admin flags (HAProxy 2.6 source, server-t.h):
             0x01 forced maintenance (`state maint`, and `disabled` in the config, which also sets
             0x04), 0x02/0x20 maintenance inherited/from DNS, 0x08 forced drain (`state drain`).
+        op_state: srv_op_state (server-t.h): 0 stopped (DOWN), 1 starting, 2 running, 3 stopping.
     """
 
     backend: str
@@ -121,6 +122,12 @@ class LiveServer:
     address: str
     port: int
     admin_state: int
+    op_state: int = 2
+
+    @property
+    def down(self) -> bool:
+        """Its health checks (or the passive check) marked it DOWN."""
+        return self.op_state == 0
 
     @property
     def draining(self) -> bool:
@@ -151,7 +158,8 @@ def show_servers(socket_path: Path) -> list[LiveServer]:
         if len(fields) < 19 or line.startswith("#"):
             continue
         servers.append(LiveServer(backend=fields[1], name=fields[3], address=fields[4],
-                                  port=_int(fields[18]), admin_state=_int(fields[6])))
+                                  port=_int(fields[18]), admin_state=_int(fields[6]),
+                                  op_state=_int(fields[5])))
     return servers
 
 

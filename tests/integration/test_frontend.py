@@ -5,7 +5,11 @@ wait (408), one client's share of the frontend (429), and queued requests of dep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import http.server
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from hpcserve.haproxy import config as haproxy_config
@@ -268,3 +273,91 @@ def test_a_queued_request_whose_client_left_never_reaches_a_backend(tmp_path, gg
         time.sleep(0.5)
         served = {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}
         assert served["job1"] == 1   # only the first request reached the backend
+
+
+def _listener_pid(port: int) -> int:
+    return next(c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN")
+
+
+def _live(proxy) -> runtime.LiveServer:
+    return next(s for s in runtime.show_servers(proxy.paths.admin_socket) if s.name == "job1")
+
+
+def test_a_dead_backends_port_taken_by_another_user_gets_no_request(tmp_path, gguf):
+    """llama-server dies; another cluster user binds its port and answers /health. HAProxy marks the
+    server DOWN and keeps it DOWN (rise RISE_NEVER): no prompt and no backend key reach the port;
+    the next reconcile step, which sees the job gone, removes the server. What remains: a port
+    taken before HAProxy noticed the death (about fall x inter) keeps the server UP until then."""
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "check_interval": 0.5})
+    proxy = haproxy_for(raw, tmp_path, key=KEY)
+    url = f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/chat/completions"
+    body = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "secret prompt"}]}
+    seen: list[tuple[str, str | None]] = []
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    try:
+        with simulator(tmp_path / "sim.log", 2, 200, KEY) as port:
+            server = Server("m", "1", "127.0.0.1", port)
+            proxy.update([server])
+            assert httpx.post(url, json=body, timeout=10).status_code == 200
+            died = time.monotonic()
+            os.kill(_listener_pid(port), signal.SIGKILL)
+            while not _live(proxy).down:
+                assert time.monotonic() - died < 10
+                time.sleep(0.05)
+            noticed = time.monotonic() - died
+            impostor = http.server.ThreadingHTTPServer(("127.0.0.1", port), Impostor)
+            threading.Thread(target=impostor.serve_forever, daemon=True).start()
+            try:
+                for _ in range(16):   # 4 s: 8 check intervals, 4 times what rise 2 needed to return
+                    assert httpx.post(url, json=body, timeout=10).status_code == 503
+                    time.sleep(0.25)
+                assert _live(proxy).down
+                assert {path for path, _ in seen} == {"/health"} and {auth for _, auth in seen} == {None}
+                proxy.update([])   # the next step: the job is gone
+                assert runtime.show_servers(proxy.paths.admin_socket) == []
+            finally:
+                impostor.shutdown()
+                impostor.server_close()
+        print(f"\nHAProxy marked the dead backend DOWN {noticed:.2f} s after its death "
+              f"(check every 0.5 s, fall 3)")
+    finally:
+        proxy.stop(timeout=5)
+
+
+def test_a_down_server_whose_job_still_runs_returns_when_hpcserve_says_so(tmp_path, gguf):
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "check_interval": 0.5})
+    proxy = haproxy_for(raw, tmp_path, key=KEY)
+    try:
+        with simulator(tmp_path / "sim.log", 2, 200, KEY) as port:
+            server = Server("m", "1", "127.0.0.1", port)
+            proxy.update([server])
+            backend = psutil.Process(_listener_pid(port))
+            backend.suspend()   # a stalled backend: each check waits out timeout check (5 s)
+            try:
+                deadline = time.monotonic() + 40
+                while not _live(proxy).down:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            finally:
+                backend.resume()
+            time.sleep(2)   # its checks pass again, and it stays DOWN
+            assert _live(proxy).down
+            proxy.update([dataclasses.replace(server, healthy=False)])   # hpcserve's probe failed too
+            assert _live(proxy).down
+            proxy.update([server])   # hpcserve saw the job RUNNING and /health answering
+            assert not _live(proxy).down
+    finally:
+        proxy.stop(timeout=5)
