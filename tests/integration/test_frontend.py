@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy import runtime
 from hpcserve.haproxy.config import Server
 from hpcserve.state import StateDir
-from tests.conftest import free_port, haproxy_for, minimal, simulator
+from tests.conftest import LLAMA_SERVER, free_port, haproxy_for, minimal, simulator
 
 pytestmark = pytest.mark.haproxy
 
@@ -361,3 +362,47 @@ def test_a_down_server_whose_job_still_runs_returns_when_hpcserve_says_so(tmp_pa
             assert not _live(proxy).down
     finally:
         proxy.stop(timeout=5)
+
+
+def test_a_client_that_disconnects_frees_its_slot_on_real_llama_server(tmp_path, gguf, real_model, haproxy_bin):
+    """A streamed chat completion asks for 2,000 tokens (over a minute on this machine); its client
+    reads a few and closes the connection. HAProxy closes the server side, llama-server notices at
+    its next write and frees the slot: /slots shows it idle long before the answer would have ended."""
+    port = free_port()
+    log = open(tmp_path / "llama.log", "w")
+    server = subprocess.Popen([str(LLAMA_SERVER), "--model", str(real_model), "--alias", "m", "--host", "127.0.0.1",
+                               "--port", str(port), "--parallel", "1", "--ctx-size", "4096", "--threads", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
+    proxy = haproxy_for(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()}),
+                        tmp_path, key=KEY)
+    direct = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{direct}/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.5)
+        proxy.update([Server("m", "1", "127.0.0.1", port)])
+        body = {"model": "m", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Tell me a long story."}]}
+        with httpx.stream("POST", f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/chat/completions",
+                          json=body, timeout=60) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(5):
+                next(lines)
+            closed = time.monotonic()
+        busy = lambda: any(s["is_processing"] for s in httpx.get(  # noqa: E731
+            f"{direct}/slots", headers={"Authorization": f"Bearer {KEY}"}).json())
+        while busy():
+            assert time.monotonic() - closed < 20, "the slot still generates for a client that left"
+            time.sleep(0.05)
+        print(f"\nslot free {time.monotonic() - closed:.2f} s after the client closed its stream")
+        assert runtime.show_stat(proxy.paths.admin_socket)[0].sessions == 0
+    finally:
+        proxy.stop(timeout=5)
+        server.terminate()
+        server.wait(10)
+        log.close()
