@@ -398,7 +398,7 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.MarkedYAMLError(problem="aliases (*name) are not accepted in a deployment file",
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not accepted in a deployment file; write the value out",
                                        problem_mark=event.start_mark)
         return super().compose_node(parent, index)
 

@@ -75,9 +75,21 @@ def minimal(gguf: Path, tmp_path: Path, **overrides) -> dict:
     return raw
 
 
+class PlainDumper(yaml.SafeDumper):
+    """yaml.safe_dump without anchors and aliases: a dict used twice is written out twice (hpcserve
+    refuses aliases in a deployment file)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def dump_yaml(raw: dict) -> str:
+    return yaml.dump(raw, Dumper=PlainDumper, sort_keys=False)
+
+
 def write_deployment(tmp_path: Path, raw: dict, name: str = "hpcserve.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(dump_yaml(raw))
     return path
 
 

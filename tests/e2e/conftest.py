@@ -12,9 +12,8 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-import yaml
 
-from tests.conftest import LLAMA_SERVER, free_port
+from tests.conftest import LLAMA_SERVER, dump_yaml, free_port
 
 SIMULATOR = Path(sys.executable).parent / "hpcserve-llama-sim"
 
@@ -43,7 +42,7 @@ class Pool:
 
     def write(self, raw: dict, name: str = "hpcserve.yaml") -> Path:
         path = self.dir / name
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        path.write_text(dump_yaml(raw))
         return path
 
     def command(self, file: Path | None = None) -> list[str]:

@@ -34,7 +34,7 @@ def test_start_reload_stop(proxy):
     d = proxy.deployment
     assert proxy.apply(haproxy_config.render(d, []))
     assert proxy.running()
-    response = httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health")
+    response = httpx.post(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", json={"messages": []})
     assert response.status_code == 503  # no server in rotation yet
 
     assert not proxy.apply(haproxy_config.render(d, []))  # unchanged: no reload
@@ -77,7 +77,7 @@ def test_invalid_config_is_refused_and_the_running_one_stays(proxy):
     with pytest.raises(HAProxyError, match="haproxy rejected the new config, the running one stays: .*ALERT"):
         proxy.apply(good + "\nbackend broken\n    balance no-such-algorithm\n")
     assert proxy.live_config() == good and proxy.pid() == pid
-    assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health").status_code in (503, 404)
+    assert httpx.post(f"http://127.0.0.1:{d.haproxy.port}/v1/completions", json={}).status_code == 503
 
 
 @pytest.mark.parametrize("field", ["port", "stats_port"])
@@ -114,7 +114,7 @@ def test_a_reload_that_fails_is_detected_and_rolled_back(proxy):
         with pytest.raises(HAProxyError, match="reload failed"):
             proxy.apply(haproxy_config.render(moved, []))
     assert proxy.live_config() == good and proxy.running()
-    assert httpx.get(f"http://127.0.0.1:{d.haproxy.port}/health").status_code == 503
+    assert httpx.post(f"http://127.0.0.1:{d.haproxy.port}/v1/completions", json={}).status_code == 503
 
 
 def test_membership_changes_go_through_the_runtime_api_without_a_reload(proxy):
