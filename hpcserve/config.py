@@ -285,7 +285,7 @@ class WebUI(_Strict):
 
     @field_validator("host")
     @classmethod
-    def _host(cls, value: str) -> str:
+    def _address(cls, value: str) -> str:
         return _host(value, "OpenWebUI's address")
 
     @field_validator("command")

@@ -75,6 +75,8 @@ KillWait=10
 GresTypes=gpu
 NodeName=gpu[1-$nodes] NodeHostname=localhost Port=[17001-$last_port] CPUs=16 RealMemory=64000 Gres=gpu:a100:8 State=UNKNOWN
 PartitionName=gpu Nodes=gpu[1-$nodes] Default=YES MaxTime=INFINITE State=UP
+# The CPU partition a site runs OpenWebUI in (hpcserve webui --sbatch): the same nodes here.
+PartitionName=cpu Nodes=gpu[1-$nodes] MaxTime=INFINITE State=UP
 EOF
     cat >"$dir/gres.conf" <<EOF
 NodeName=gpu[1-$nodes] Name=gpu Type=a100 File=$dir/gpus/nvidia[0-7]
@@ -93,6 +95,8 @@ start() {
     if ! pgrep -f "slurmctld -f $conf" >/dev/null; then
         log "starting slurmctld"
         slurmctld -f "$conf"
+    else
+        scontrol reconfigure >/dev/null 2>&1 || true   # the config just written (e.g. a new partition)
     fi
     for i in $(seq 1 "$nodes"); do
         if ! pgrep -f "slurmd -f $conf -N gpu$i\$" >/dev/null; then

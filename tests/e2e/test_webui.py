@@ -6,6 +6,8 @@ test-artifacts/webui-chat.png."""
 from __future__ import annotations
 
 import shlex
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -99,3 +101,50 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         assert starting.status_code >= 400 and f"Model {pool.model_name} is starting" in starting.text, starting.text
     finally:
         pool.run("webui", "--stop")
+
+
+def test_openwebui_as_a_slurm_job_on_a_cpu_partition_chats_with_the_pool(pool_factory, slurm_env):
+    """`hpcserve webui --sbatch | sbatch` on the local cluster's CPU partition: the job reaches the
+    pool at the login node's address (not its own 127.0.0.1) with the owner key, and a chat sent to
+    OpenWebUI's API is answered by a backend of the pool."""
+    if not OPEN_WEBUI.exists():
+        missing("open-webui in .venv-webui (scripts/setup.sh installs it)")
+    pool = pool_factory(replicas=1, simulator="--sim-load-time 0")
+    pool.raw["haproxy"]["bind"] = "0.0.0.0"   # compute nodes reach the frontend
+    pool.raw["webui"] = {"host": "127.0.0.1", "port": free_port(), "command": str(OPEN_WEBUI), "partition": "cpu",
+                         "cpus": 1, "memory": "3G", "time_limit": "00:30:00", "admin_email": "admin@example.org"}
+    pool.write(pool.raw)
+    pool.ok("up", "--timeout", "120")
+    script = pool.ok("webui", "--sbatch").stdout
+    job_id = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, env=slurm_env,
+                            check=True).stdout.strip().split(";")[0]
+    env_file = (pool.dir / "state" / "webui" / "env").read_text()
+    env = {k: shlex.split(v)[0] for k, v in (line.split("=", 1) for line in env_file.splitlines())}
+    base = f"http://127.0.0.1:{pool.raw['webui']['port']}"
+    try:
+        assert env["OPENAI_API_BASE_URL"] == f"http://{socket.getfqdn()}:{pool.raw['haproxy']['port']}/v1"
+        assert env["OPENAI_API_KEY"] == pool.api_key
+        partition = subprocess.run(["squeue", "-j", job_id, "-h", "-o", "%P"], capture_output=True, text=True,
+                                   env=slurm_env).stdout.strip()
+        assert partition == "cpu"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, [log.read_text()[-2000:]
+                                                 for log in (pool.dir / "state" / "logs").glob("webui-*.out")]
+            time.sleep(2)
+        token = httpx.post(f"{base}/api/v1/auths/signin", json={"email": env["WEBUI_ADMIN_EMAIL"],
+                                                                "password": env["WEBUI_ADMIN_PASSWORD"]}).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        before = served(pool)
+        reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
+            "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+            "stream": False}).json()
+        assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
+        assert served(pool) == before + 1
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_env)
