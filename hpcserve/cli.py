@@ -117,7 +117,7 @@ def cli(click_ctx: click.Context, file: Path, as_json: bool) -> None:
     click_ctx.obj = Context(file, as_json)
 
 
-#: A change of the desired state: the stored one in, the wanted one out (None: keep it).
+#: A change of the desired state: the stored one in, the wanted one out.
 Change = Callable[[Desired], Desired]
 
 

@@ -361,6 +361,8 @@ class HAProxy:
         hashes = key_hashes(self.deployment)
         if hashes is not None:
             write_private(self.paths.key_hashes_file, hashes)
+        # hpcserve 0.1 before hashing kept the keys themselves here ("Bearer KEY" lines): gone now.
+        (self.paths.root / "frontend-keys.lst").unlink(missing_ok=True)
 
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.
