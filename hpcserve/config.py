@@ -35,6 +35,8 @@ DIRECTIVE_PATTERN = r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:=@/+%*&|\[\]()!~^-
 PATH_PATTERN = r"^[A-Za-z0-9_./@+,=~-]+$"
 HOST_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$"  # a DNS name (RFC 1123 labels)
 EMAIL_PATTERN = r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$"
+#: Bind addresses that listen on every interface.
+ANY_ADDRESSES = ("0.0.0.0", "::", "*")
 #: The largest deployment file hpcserve reads (bytes): a real one is a few KB.
 MAX_FILE_BYTES = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -331,8 +333,8 @@ class Deployment(_Strict):
     @property
     def url(self) -> str:
         """The OpenAI base URL of the pool on this host, e.g. http://127.0.0.1:8000/v1."""
-        host = self.haproxy.bind if self.haproxy.bind not in ("0.0.0.0", "::", "*") else "127.0.0.1"
-        return f"http://{_url_host(host)}:{self.haproxy.port}/v1"
+        host = self.haproxy.bind if self.haproxy.bind not in ANY_ADDRESSES else "127.0.0.1"
+        return f"http://{url_host(host)}:{self.haproxy.port}/v1"
 
     @property
     def max_request_body(self) -> int:
@@ -349,7 +351,7 @@ class Deployment(_Strict):
         return max(64 << 10, 16 * largest)
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
     """`host` as it stands in a URL: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
 

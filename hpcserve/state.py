@@ -138,8 +138,8 @@ class StateDir:
         Raises:
             ConfigError: the file holds something shorter than a key hpcserve makes.
         """
-        return _secret(self, self.key_file, "every running backend job read it at its start; after "
-                                            "removing it, `hpcserve down` and `up` again")
+        return self._key(self.key_file, "every running backend job read it at its start; after "
+                                        "removing it, `hpcserve down` and `up` again")
 
     def api_key(self) -> str:
         """The owner's frontend API key, created (random, 256 bits, 0600) on first use.
@@ -147,7 +147,16 @@ class StateDir:
         Raises:
             ConfigError: the file holds something shorter than a key hpcserve makes.
         """
-        return _secret(self, self.api_key_file, "remove it and the next command makes a new one")
+        return self._key(self.api_key_file, "remove it and the next command makes a new one")
+
+    def _key(self, path: Path, fix: str) -> str:
+        """The key in `path` (made on first use), checked to be one: hpcserve writes 43 characters."""
+        self.ensure()
+        key = secret_file(path)
+        if len(key) < MIN_KEY_CHARS or any(c.isspace() or ord(c) < 32 for c in key):
+            raise ConfigError(f"{path}: expected a random key of at least {MIN_KEY_CHARS} characters, the file "
+                              f"holds {len(key)}; {fix}")
+        return key
 
     def read_api_key(self) -> str | None:
         """The owner's frontend API key if it exists (never created here), else None."""
@@ -161,23 +170,21 @@ class StateDir:
 MIN_KEY_CHARS = 32
 
 
-def _secret(state: StateDir, path: Path, fix: str) -> str:
-    """The secret in `path`, created (random, 256 bits, 0600, O_EXCL against a racing command)."""
-    state.ensure()
+def secret_file(path: Path, nbytes: int = 32) -> str:
+    """The secret in `path`, made on first use: `nbytes` random bytes, URL-safe text, in a file
+    created 0600 with O_EXCL, so that of two commands racing to make it, both use the first one's.
+    The folder must exist."""
     try:
-        key = path.read_text().strip()
+        return path.read_text().strip()
     except FileNotFoundError:
-        key = secrets.token_urlsafe(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another command created it first: use theirs
-            key = path.read_text().strip()
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(key + "\n")
-    if len(key) < MIN_KEY_CHARS or any(c.isspace() or ord(c) < 32 for c in key):
-        raise ConfigError(f"{path}: expected a random key of at least {MIN_KEY_CHARS} characters, the file "
-                          f"holds {len(key)}; {fix}")
+        pass
+    key = secrets.token_urlsafe(nbytes)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another command created it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
     return key
 
 

@@ -12,29 +12,18 @@ secret key and admin password live in STATE_DIR/webui, private to the owner.
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import shlex
 import socket
 from pathlib import Path
 
 from . import templates
-from .config import Deployment
+from .config import ANY_ADDRESSES, Deployment, url_host
 from .errors import ConfigError
-from .state import StateDir, write_private
+from .state import StateDir, secret_file, write_private
 
 
 def folder(deployment: Deployment) -> Path:
     return deployment.state_dir / "webui"
-
-
-def _secret(path: Path, nbytes: int = 32) -> str:
-    """The secret in `path`, created (random, 0600) on first use."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        value = secrets.token_urlsafe(nbytes)
-        write_private(path, value + "\n")
-        return value
 
 
 def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str, str]:
@@ -60,10 +49,10 @@ def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str
         "BYPASS_MODEL_ACCESS_CONTROL": "True",
         "ENABLE_FORWARD_USER_INFO_HEADERS": "True",
         "DATA_DIR": str(root / "data"),
-        "WEBUI_SECRET_KEY": _secret(root / "secret-key"),
+        "WEBUI_SECRET_KEY": secret_file(root / "secret-key"),
         "WEBUI_ADMIN_EMAIL": deployment.webui.admin_email,
         "WEBUI_ADMIN_NAME": "hpcserve admin",
-        "WEBUI_ADMIN_PASSWORD": _secret(root / "admin-password", 18),
+        "WEBUI_ADMIN_PASSWORD": secret_file(root / "admin-password", 18),
     }
 
 
@@ -90,7 +79,7 @@ def pool_url_from_compute_nodes(deployment: Deployment) -> str:
         ConfigError: the frontend listens on a loopback address only, which no compute node reaches.
     """
     bind = deployment.haproxy.bind
-    if bind in ("0.0.0.0", "::", "*"):
+    if bind in ANY_ADDRESSES:
         host = socket.getfqdn()
     else:
         try:
@@ -102,7 +91,7 @@ def pool_url_from_compute_nodes(deployment: Deployment) -> str:
                               "compute node cannot reach the pool; bind the frontend to this login node's "
                               "address (keep haproxy.auth: keys), or run `hpcserve webui` here")
         host = bind
-    return f"http://{f'[{host}]' if ':' in host else host}:{deployment.haproxy.port}/v1"
+    return f"http://{url_host(host)}:{deployment.haproxy.port}/v1"
 
 
 def url(deployment: Deployment) -> str:

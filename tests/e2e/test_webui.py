@@ -29,6 +29,23 @@ def served(pool) -> int:
     return sum(s.total for s in runtime.show_stat(pool.dir / "state" / "haproxy.sock"))
 
 
+def sign_in(base: str, env: dict[str, str]) -> dict[str, str]:
+    """The headers of OpenWebUI's admin, signed in through its API."""
+    token = httpx.post(f"{base}/api/v1/auths/signin", json={"email": env["WEBUI_ADMIN_EMAIL"],
+                                                            "password": env["WEBUI_ADMIN_PASSWORD"]}).json()["token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_chat_served(pool, base: str, auth: dict[str, str]) -> None:
+    """A chat sent to OpenWebUI's API is answered, by a backend of the pool (HAProxy counted it)."""
+    before = served(pool)
+    reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
+        "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+        "stream": False}).json()
+    assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
+    assert served(pool) == before + 1
+
+
 def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
     if not OPEN_WEBUI.exists() or not CHROMIUM.exists():
         missing("open-webui in .venv-webui and Debian's chromium (scripts/setup.sh installs them)")
@@ -47,16 +64,9 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         assert status["webui"] == {"url": base, "up": True}
 
         # OpenWebUI's own API lists the pool's model and reaches it.
-        token = httpx.post(f"{base}/api/v1/auths/signin", json={"email": env["WEBUI_ADMIN_EMAIL"],
-                                                                "password": env["WEBUI_ADMIN_PASSWORD"]}).json()["token"]
-        auth = {"Authorization": f"Bearer {token}"}
+        auth = sign_in(base, env)
         assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
-        before = served(pool)
-        reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
-            "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-            "stream": False}).json()
-        assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
-        assert served(pool) == before + 1
+        assert_chat_served(pool, base, auth)
 
         # A person in a browser.
         ARTIFACTS.mkdir(exist_ok=True)
@@ -137,14 +147,6 @@ def test_openwebui_as_a_slurm_job_on_a_cpu_partition_chats_with_the_pool(pool_fa
             assert time.monotonic() < deadline, [log.read_text()[-2000:]
                                                  for log in (pool.dir / "state" / "logs").glob("webui-*.out")]
             time.sleep(2)
-        token = httpx.post(f"{base}/api/v1/auths/signin", json={"email": env["WEBUI_ADMIN_EMAIL"],
-                                                                "password": env["WEBUI_ADMIN_PASSWORD"]}).json()["token"]
-        auth = {"Authorization": f"Bearer {token}"}
-        before = served(pool)
-        reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
-            "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-            "stream": False}).json()
-        assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
-        assert served(pool) == before + 1
+        assert_chat_served(pool, base, sign_in(base, env))
     finally:
         subprocess.run(["scancel", job_id], env=slurm_env)
