@@ -1,4 +1,5 @@
-"""The hpcserve command line: up, status, scale, down, render, reconcile.
+"""The hpcserve command line: up, status, scale, down, render, reconcile, autoscale, batch, webui
+(keys and usage: cli_access.py).
 
 Each changing command is one reconcile step with a new desired state (reconcile.py); the CLI only
 parses arguments, takes the deployment lock, waits where asked, and prints. Errors are one line
@@ -423,9 +424,11 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
     if print_env:
         for key, value in webui_mod.environment(deployment).items():
             click.echo(f"{key}={shlex.quote(value)}")
+        _sync_keys(ctx)
         return
     if print_sbatch:
         click.echo(webui_mod.job_script(deployment), nl=False)
+        _sync_keys(ctx)
         return
     if stop:
         _stop_pid_file(pid_file)
@@ -438,6 +441,7 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
         raise HpcserveError("open-webui is not installed: pip install 'hpcserve[webui]' "
                             "(or run it your own way with the output of `hpcserve webui --env`)")
     env = {**os.environ, **webui_mod.environment(deployment)}
+    _sync_keys(ctx)   # OpenWebUI's key, made on first use, is accepted from its first request
     with open(deployment.state_dir / "logs" / "webui.log", "a") as log:
         process = subprocess.Popen([program, "serve", "--host", settings.host, "--port", str(settings.port)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -455,6 +459,16 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
             time.sleep(1)
     out.print(f"OpenWebUI: {webui_mod.url(deployment)} (admin {settings.admin_email}, password in "
               f"{webui_mod.folder(deployment) / 'admin-password'})")
+
+
+def _sync_keys(ctx: Context) -> None:
+    """Bring the running HAProxy's key map up to date (keys.py), under the deployment lock."""
+    state = StateDir(ctx.deployment.state_dir)
+    try:
+        with state.lock(timeout=60):
+            HAProxy(ctx.deployment, "").sync_keys()
+    except filelock.Timeout:
+        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
 
 
 def _answers(url: str) -> bool:
@@ -709,3 +723,10 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("hpcserve: interrupted; the pool is as the last step left it (`hpcserve status`)", err=True)
         sys.exit(130)
+
+
+# The commands of a shared pool (keys, usage) live in their own module.
+from . import cli_access  # noqa: E402
+
+cli.add_command(cli_access.keys)
+cli.add_command(cli_access.usage)

@@ -238,6 +238,22 @@ class HAProxy(_Strict):
                                                 "next one goes elsewhere; above 1, leastconn also queues other "
                                                 "requests on servers instead of the backend (HAProxy 2.6 maxqueue)")
 
+    batch_delay: float | None = Field(
+        default=None, gt=0, le=524,
+        description="seconds: a queued request of a batch key (or one that asked for X-Priority-Class: "
+                    "batch) is served after interactive requests that arrive up to this much later, "
+                    "never after later ones; default: half of timeout_queue")
+    access_log: bool = Field(default=True, description="one JSON line per request in STATE_DIR/logs/access.log")
+    access_log_max_bytes: int = Field(default=100 << 20, ge=1 << 16,
+                                      description="bytes of access.log before it is rotated to access.log.1")
+    access_log_files: int = Field(default=10, ge=1, le=1000,
+                                  description="rotated access logs kept (access.log.1 ... access.log.N)")
+
+    @property
+    def batch_delay_or_default(self) -> float:
+        """`batch_delay` in seconds, or half of timeout_queue."""
+        return self.batch_delay if self.batch_delay is not None else self.timeout_queue / 2
+
     @property
     def stats_port_or_default(self) -> int:
         """The stats/Prometheus port: `stats_port`, or the frontend port + 1."""
@@ -257,6 +273,10 @@ class HAProxy(_Strict):
     def _distinct_ports(self) -> HAProxy:
         if self.stats_port_or_default == self.port:
             raise ValueError("stats_port must differ from port")
+        if self.batch_delay is not None and self.batch_delay >= self.timeout_queue:
+            raise ValueError(f"batch_delay ({self.batch_delay:g} s) must be shorter than timeout_queue "
+                             f"({self.timeout_queue:g} s), or a batch request could wait in the queue "
+                             "until it times out")
         if self.max_requests_per_client > self.maxconn:
             raise ValueError(f"max_requests_per_client ({self.max_requests_per_client}) must not exceed "
                              f"maxconn ({self.maxconn})")

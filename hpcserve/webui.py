@@ -4,8 +4,8 @@ The settings (verified with open-webui 0.12.4, ../shared/DESIGN.md; admin variab
 open_webui/env.py): one OpenAI connection to the HAProxy /v1 URL (OpenWebUI's list of several URLs
 does not load-balance), Ollama off, offline mode (else ~90 s of retries to reach a model hub),
 ENABLE_PERSISTENT_CONFIG=False (else environment changes after the first start are ignored), the
-pool's models visible to every user, the user-info headers forwarded (their chat id header is what
-prompt-cache affinity keys on), the admin account created from the environment. The data folder,
+pool's models visible to every user, the user-info headers forwarded (the user's e-mail is what the
+access log accounts by, the chat id header what prompt-cache affinity keys on), the admin account created from the environment. The data folder,
 secret key and admin password live in STATE_DIR/webui, private to the owner.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from . import templates
 from .config import ANY_ADDRESSES, Deployment, url_host
 from .errors import ConfigError
+from .keys import webui_key_file
 from .state import StateDir, secret_file, write_private
 
 
@@ -41,8 +42,9 @@ def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str
     (root / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
     return {
         "OPENAI_API_BASE_URL": pool_url or deployment.url,
-        # The owner key: OpenWebUI is the owner's service to its users (it has its own sign-in).
-        "OPENAI_API_KEY": state.api_key() if deployment.haproxy.auth == "keys" else "hpcserve",
+        # OpenWebUI's own key (keys.py, "openwebui"): the one key whose requests may name their
+        # user (X-OpenWebUI-User-Email, forwarded below), accounted per user in the access log.
+        "OPENAI_API_KEY": secret_file(webui_key_file(deployment)) if deployment.haproxy.auth == "keys" else "hpcserve",
         "ENABLE_OLLAMA_API": "False",
         "OFFLINE_MODE": "True",
         "ENABLE_PERSISTENT_CONFIG": "False",

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 from .. import templates
-from ..config import Deployment, Model, read_api_keys
-from ..state import StateDir
+from ..config import Deployment, Model
 
 TEMPLATE = "haproxy.cfg.j2"
 
@@ -141,9 +139,14 @@ class Paths:
         return self.root / "models.json"
 
     @property
-    def key_hashes_file(self) -> Path:
-        """The SHA-256 (hex) of each accepted frontend API key, one per line, written by hpcserve."""
-        return self.root / "frontend-key-hashes.lst"
+    def keys_map_file(self) -> Path:
+        """HAProxy's map of accepted API keys, SHA-256 -> name and limits (keys.key_map); no key in it."""
+        return self.root / "keys.map"
+
+    @property
+    def access_log_socket(self) -> Path:
+        """The datagram socket HAProxy sends its access log lines to (see accesslog.py)."""
+        return self.root / "logs" / "access.sock"
 
 
 def paths(deployment: Deployment) -> Paths:
@@ -159,24 +162,6 @@ def models_list(deployment: Deployment) -> str:
     """
     data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "hpcserve"} for m in deployment.models]
     return json.dumps({"object": "list", "data": data}) + "\n"
-
-
-def key_hashes(deployment: Deployment) -> str | None:
-    """The text of the key hashes file: the SHA-256 (lowercase hex) of the owner key
-    (STATE_DIR/api.key, when it exists) and of each key in haproxy.api_keys_file, one per line,
-    sorted; None when haproxy.auth is open. HAProxy hashes the presented bearer token the same way
-    (`http_auth_bearer,sha2(256),hex,lower`, HAProxy 2.6 configuration manual, 7.3.1 and 7.3.6).
-
-    Raises:
-        OSError, ValueError: the deployment's api_keys_file cannot be read (see config.read_api_keys).
-    """
-    if deployment.haproxy.auth == "open":
-        return None
-    keys = read_api_keys(deployment.haproxy.api_keys_file) if deployment.haproxy.api_keys_file else []
-    owner = StateDir(deployment.state_dir).read_api_key()
-    if owner:
-        keys.append(owner)
-    return "".join(sorted({hashlib.sha256(k.encode()).hexdigest() + "\n" for k in keys}))
 
 
 #: Bytes of the request buffer kept for headers: HAProxy's default buffer (16 KiB) holds them today.
@@ -207,15 +192,14 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
     for server in sorted(servers, key=lambda s: (s.model, s.id)):
         by_model.setdefault(server.model, []).append(server)
     p = paths(deployment)
-    hashes = key_hashes(deployment)
-    # The digest puts a change of keys into the config text, so that it makes HAProxy reload the file.
-    digest = f"digest {hashlib.sha256(hashes.encode()).hexdigest()[:16]}" if hashes is not None else ""
     return templates.render(TEMPLATE, deployment.templates_dir, deployment=deployment,
                             haproxy=deployment.haproxy, servers=by_model, backend_name=backend_name,
                             server_options=lambda model: server_options(deployment, model),
                             leaving=" disabled" if leaving_state(deployment) == "maint" else " weight 0",
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
-                            key_hashes_file=p.key_hashes_file if hashes is not None else None,
-                            keys_digest=digest, models_file=p.models_file,
+                            keys_map=p.keys_map_file if deployment.haproxy.auth == "keys" else None,
+                            access_log_socket=p.access_log_socket if deployment.haproxy.access_log else None,
+                            batch_delay_ms=round(deployment.haproxy.batch_delay_or_default * 1000),
+                            models_file=p.models_file,
                             max_body=deployment.max_request_body, bufsize=buffer_size(deployment),
                             maxrewrite=MAXREWRITE)

@@ -19,13 +19,12 @@ import time
 
 import psutil
 
-from .. import proc
+from .. import accesslog, keys, proc
 from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import (Paths, Server, backend_name, key_hashes, leaving_state, models_list, paths, render,
-                     server_options)
+from .config import Paths, Server, backend_name, leaving_state, models_list, paths, render, server_options
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -128,9 +127,14 @@ class HAProxy:
         """
         text = render(self.deployment, servers)
         base = render(self.deployment, [])
+        try:
+            accesslog.ensure_writer(self.deployment)
+        except OSError as exc:
+            raise HAProxyError(str(exc)) from None
         running = self.running()
         if running and text == self.live_config():
             self.sync_servers(servers)   # the file is right; a server marked DOWN may return
+            self.sync_keys()
             self.settle(servers, timeout=0)
             return "unchanged"
         try:
@@ -151,10 +155,12 @@ class HAProxy:
             self.apply(render(self.deployment, self._within_slots(servers, claims)))
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
             write_private(self._base_file, base)
+            self.sync_keys()   # the old workers' maps, for requests on their open connections
             self.settle(servers, timeout=settle_timeout)
             return "reloaded"
         self.validate(text)
         self.sync_servers(servers)
+        self.sync_keys()
         write_private(self.paths.config, text)
         self.settle(servers, timeout=0)
         return "runtime"
@@ -354,15 +360,50 @@ class HAProxy:
         return {name[3:]: n for name, n in held.items() if name.startswith("job")}
 
     def _write_served_files(self) -> None:
-        """The files the config makes HAProxy serve or match: the models list, the key hashes."""
+        """The files the config makes HAProxy serve or match: the models list, the key map."""
         models = models_list(self.deployment)
         if not self.paths.models_file.exists() or self.paths.models_file.read_text() != models:
             write_private(self.paths.models_file, models)
-        hashes = key_hashes(self.deployment)
-        if hashes is not None:
-            write_private(self.paths.key_hashes_file, hashes)
-        # hpcserve 0.1 before hashing kept the keys themselves here ("Bearer KEY" lines): gone now.
-        (self.paths.root / "frontend-keys.lst").unlink(missing_ok=True)
+        self._write_key_map()
+        # Older hpcserve kept the keys ("Bearer KEY" lines), then their hashes, in these: gone now.
+        for old in ("frontend-keys.lst", "frontend-key-hashes.lst"):
+            (self.paths.root / old).unlink(missing_ok=True)
+
+    def _write_key_map(self) -> dict[str, str] | None:
+        entries = keys.key_map(self.deployment)
+        if entries is not None:
+            text = keys.map_text(entries)
+            if not self.paths.keys_map_file.exists() or self.paths.keys_map_file.read_text() != text:
+                write_private(self.paths.keys_map_file, text)
+        return entries
+
+    def sync_keys(self) -> int:
+        """Make the key map file and the running workers' key maps hold the accepted keys
+        (keys.key_map): a key added, changed or revoked counts from the next request, no reload.
+
+        Old workers (from before a reload) are changed too: they still answer requests on their
+        open keep-alive connections. Returns the number of runtime commands sent.
+
+        Raises:
+            HAProxyError: the runtime API refused a change.
+            OSError, ValueError, HpcserveError: the keys could not be read (see keys.key_map).
+        """
+        entries = self._write_key_map()
+        if entries is None or not self.running():
+            return 0
+        info = runtime.show_proc(self.paths.master_socket)
+        sent = 0
+        for pid in info.workers + info.old_workers:
+            target = f"@!{pid} "
+            live = runtime.show_map(self.paths.master_socket, self.paths.keys_map_file, prefix=target)
+            if live is None:
+                continue  # this worker's config has no key map (auth was open)
+            for line in keys_commands(str(self.paths.keys_map_file), live, entries):
+                answer = runtime.command(self.paths.master_socket, target + line).strip()
+                sent += 1
+                if answer and pid in info.workers:
+                    raise HAProxyError(f"HAProxy refused to change the key map: {answer.splitlines()[0]}")
+        return sent
 
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.
@@ -476,6 +517,16 @@ class HAProxy:
             process.kill()
         for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self._base_file):
             path.unlink(missing_ok=True)
+        accesslog.stop_writer(self.deployment)   # after HAProxy: it has the last lines
+
+
+def keys_commands(map_file: str, live: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    """Runtime API commands that turn the key map `live` into `wanted` (digest -> value): revocations
+    first, then changes, then additions (HAProxy 2.6 management guide: del map, set map, add map)."""
+    commands = [f"del map {map_file} {k}" for k in sorted(live.keys() - wanted.keys())]
+    commands += [f"set map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k in live and live[k] != v]
+    commands += [f"add map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k not in live]
+    return commands
 
 
 def _leaving(server: runtime.LiveServer, state: str) -> bool:

@@ -90,6 +90,25 @@ def show_backends(socket_path: Path) -> dict[str, ServerStats]:
     return {s.backend: s for s in parse_stat(command(socket_path, "show stat"), rows="BACKEND")}
 
 
+def show_map(socket_path: Path, map_file: Path, prefix: str = "") -> dict[str, str] | None:
+    """The entries (key -> value) of the map loaded from `map_file`, or None when the worker has no
+    such map. `prefix` "@!PID " asks a worker through the master CLI (HAProxy 2.6 management guide:
+    `show map <map>` lists "<entry id> <key> <value>" lines).
+
+    Raises:
+        HAProxyError: the socket did not answer.
+    """
+    text = command(socket_path, f"{prefix}show map {map_file}")
+    if text.startswith("Unknown map identifier") or "Unknown" in text.split("\n", 1)[0]:
+        return None
+    entries = {}
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0].startswith("0x"):
+            entries[parts[1]] = parts[2]
+    return entries
+
+
 def parse_stat(text: str, rows: str = "servers") -> list[ServerStats]:
     """The server rows (or, with rows="BACKEND", the backend rows) of a `show stat` CSV answer."""
     stats = []

@@ -133,7 +133,7 @@ def test_openwebui_as_a_slurm_job_on_a_cpu_partition_chats_with_the_pool(pool_fa
     base = f"http://127.0.0.1:{pool.raw['webui']['port']}"
     try:
         assert env["OPENAI_API_BASE_URL"] == f"http://{socket.getfqdn()}:{pool.raw['haproxy']['port']}/v1"
-        assert env["OPENAI_API_KEY"] == pool.api_key
+        assert env["OPENAI_API_KEY"] == (pool.dir / "state" / "webui" / "api.key").read_text().strip()
         partition = subprocess.run(["squeue", "-j", job_id, "-h", "-o", "%P"], capture_output=True, text=True,
                                    env=slurm_env).stdout.strip()
         assert partition == "cpu"

@@ -98,11 +98,11 @@ def test_every_request_needs_a_key_by_default(haproxy_bin, gguf, tmp_path):
         assert httpx.get(f"{stats}/metrics").status_code == 401
         assert httpx.get(f"{stats}/metrics", headers={"Authorization": f"Bearer {owner}"}).status_code == 200
         # Only hashes are on disk: no key in the file HAProxy matches against, nor in haproxy.cfg.
-        on_disk = proxy.paths.key_hashes_file.read_text() + proxy.paths.config.read_text()
+        on_disk = proxy.paths.keys_map_file.read_text() + proxy.paths.config.read_text()
         assert owner not in on_disk and "researcher-key-0123456789" not in on_disk
     finally:
         proxy.stop(timeout=5)
-    assert haproxy_config.key_hashes(proxy.deployment).count("\n") == 2
+    assert proxy.paths.keys_map_file.read_text().count("\n") == 2
     from hpcserve.config import HAProxy as Settings
     assert Settings().auth == "keys"   # what a deployment file that says nothing gets
 

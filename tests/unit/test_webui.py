@@ -3,6 +3,8 @@ installed by the test suite: the browser test of issue 5 is still to come)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import socket
@@ -25,9 +27,14 @@ def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
     assert result.returncode == 0, result.stderr
     env = dict(line.split("=", 1) for line in result.stdout.splitlines())
     env = {k: shlex.split(v)[0] for k, v in env.items()}
-    owner_key = (tmp_path / "state" / "api.key").read_text().strip()   # made on first use, 0600
-    assert env["OPENAI_API_BASE_URL"] == "http://127.0.0.1:8123/v1" and env["OPENAI_API_KEY"] == owner_key
-    assert (tmp_path / "state" / "api.key").stat().st_mode & 0o077 == 0
+    # OpenWebUI's own key (made on first use, 0600): the one key whose requests may name a user.
+    webui_key = (tmp_path / "state" / "webui" / "api.key").read_text().strip()
+    assert env["OPENAI_API_BASE_URL"] == "http://127.0.0.1:8123/v1" and env["OPENAI_API_KEY"] == webui_key
+    assert (tmp_path / "state" / "webui" / "api.key").stat().st_mode & 0o077 == 0
+    assert env["ENABLE_FORWARD_USER_INFO_HEADERS"] == "True"
+    listed = json.loads(hpcserve(path, "keys", "list", "--json").stdout)
+    assert [(k["name"], k["source"], k["forwards_users"]) for k in listed] == [
+        ("openwebui", "openwebui", True), ("file-" + hashlib.sha256(b"frontend-key").hexdigest()[:8], "file", False)]
     assert (env["ENABLE_OLLAMA_API"], env["OFFLINE_MODE"], env["ENABLE_PERSISTENT_CONFIG"],
             env["BYPASS_MODEL_ACCESS_CONTROL"]) == ("False", "True", "False", "True")
     webui = tmp_path / "state" / "webui"

@@ -1,0 +1,229 @@
+"""The commands of a shared pool: `hpcserve keys` (who may use it, in which class, within which
+limits) and `hpcserve usage` (who used how much, from the access log). hpcserve.cli adds them to
+its command group."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import re
+import time
+
+import click
+import filelock
+from rich.table import Table
+
+from . import accesslog, keys as keys_mod, usage as usage_mod
+from .cli import Context, _late_options, out, pass_ctx
+from .errors import ConfigError, HpcserveError
+from .haproxy.process import HAProxy
+from .state import StateDir
+
+
+def _rate(_ctx, _param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return keys_mod.parse_rate(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+class_option = click.option("--class", "priority_class", type=click.Choice(keys_mod.PRIORITY_CLASSES),
+                            help="Priority class: interactive requests leave the queue before batch ones.")
+max_option = click.option("--max-concurrent", type=click.IntRange(1, keys_mod.MAX_CONCURRENT),
+                          help="Requests in service or queued at once [default: haproxy.max_requests_per_client].")
+rate_option = click.option("--rate", callback=_rate, metavar="R/min",
+                           help="Requests per minute (600, 600/min or 10/s); 0 = no limit [default: 0].")
+
+
+@click.group()
+def keys() -> None:
+    """API keys of the pool: add, list, set, revoke. Changes count from the next request, without
+    a reload of HAProxy; only each key's SHA-256 is kept (STATE_DIR/keys.json, STATE_DIR/keys.map).
+    """
+
+
+def _registry(ctx: Context) -> keys_mod.KeyRegistry:
+    deployment = ctx.deployment
+    if deployment.haproxy.auth == "open":
+        raise ConfigError("haproxy.auth: the pool is open (no key is asked for); set `auth: keys` in the "
+                          "deployment file to use API keys")
+    return keys_mod.KeyRegistry(deployment)
+
+
+def _locked(ctx: Context, change):
+    """Run `change()` under the deployment lock, then bring the running HAProxy's key map up to
+    date; returns (change's result, where it took effect)."""
+    state = StateDir(ctx.deployment.state_dir)
+    try:
+        with state.lock(timeout=60):
+            result = change()
+            haproxy = HAProxy(ctx.deployment, "")
+            try:
+                haproxy.sync_keys()
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
+    except filelock.Timeout:
+        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+    return result, ("in effect now" if haproxy.running() else "in effect when the pool starts")
+
+
+def _describe(key: keys_mod.Key, ctx: Context) -> dict:
+    return {"name": key.name, "class": key.priority_class, "max_concurrent": key.limit(ctx.deployment),
+            "rate_per_minute": key.rate_per_minute or None, "source": key.source, "created": key.created,
+            "forwards_users": key.forwards_users}
+
+
+@keys.command("add")
+@_late_options
+@click.argument("name")
+@class_option
+@max_option
+@rate_option
+@pass_ctx
+def keys_add(ctx: Context, name: str, priority_class: str | None, max_concurrent: int | None,
+             rate: int | None) -> None:
+    """Make a key called NAME and print it: the only time it is shown."""
+    registry = _registry(ctx)
+    (entry, secret), where = _locked(ctx, lambda: registry.add(name, priority_class or "interactive",
+                                                               max_concurrent, rate or 0))
+    if ctx.as_json:
+        click.echo(json.dumps({**_describe(entry, ctx), "key": secret}, indent=2))
+        return
+    ctx.say(f"key {name} added ({_limits(entry, ctx)}), {where}; it is shown only now:")
+    click.echo(secret)
+
+
+@keys.command("set")
+@_late_options
+@click.argument("name")
+@class_option
+@max_option
+@rate_option
+@pass_ctx
+def keys_set(ctx: Context, name: str, priority_class: str | None, max_concurrent: int | None,
+             rate: int | None) -> None:
+    """Change the class or limits of the key NAME (the key itself stays)."""
+    registry = _registry(ctx)
+    entry, where = _locked(ctx, lambda: registry.change(name, priority_class, max_concurrent, rate))
+    if ctx.as_json:
+        click.echo(json.dumps(_describe(entry, ctx), indent=2))
+        return
+    out.print(f"key {name}: {_limits(entry, ctx)}, {where}")
+
+
+@keys.command("revoke")
+@_late_options
+@click.argument("name")
+@pass_ctx
+def keys_revoke(ctx: Context, name: str) -> None:
+    """Revoke the key NAME: its next request gets 401."""
+    registry = _registry(ctx)
+    entry, where = _locked(ctx, lambda: registry.revoke(name))
+    if ctx.as_json:
+        click.echo(json.dumps(_describe(entry, ctx), indent=2))
+        return
+    out.print(f"key {name} revoked, {where}")
+
+
+@keys.command("list")
+@_late_options
+@pass_ctx
+def keys_list(ctx: Context) -> None:
+    """List the accepted keys (names, classes, limits; never a key)."""
+    _registry(ctx)
+    try:
+        accepted = keys_mod.accepted_keys(ctx.deployment)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
+    rows = [_describe(k, ctx) for k in accepted]
+    if ctx.as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("NAME", "CLASS", "MAX CONCURRENT", "RATE/MIN", "SOURCE", "CREATED", box=None)
+    for row in rows:
+        table.add_row(row["name"], row["class"], str(row["max_concurrent"]), str(row["rate_per_minute"] or "-"),
+                      row["source"] + (" (names its users)" if row["forwards_users"] else ""),
+                      row["created"] or "-")
+    out.print(table)
+
+
+def _limits(key: keys_mod.Key, ctx: Context) -> str:
+    rate = f", at most {key.rate_per_minute} per minute" if key.rate_per_minute else ""
+    return f"{key.priority_class}, at most {key.limit(ctx.deployment)} requests at once{rate}"
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+
+
+def _when(_ctx, param, value: str | None) -> float | None:
+    """Epoch seconds from an ISO 8601 date or time (local time unless it names a zone), or a
+    duration before now ("90m", "24h", "7d")."""
+    if value is None:
+        return None
+    if match := _RELATIVE.fullmatch(value.strip()):
+        return time.time() - float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"expected a date or time such as 2026-11-01 or 2026-11-01T08:00, or a "
+                                 f"duration before now such as 24h or 7d, got {value!r}", param=param) from None
+
+
+@click.command()
+@_late_options
+@click.option("--since", callback=_when, help="From this time (2026-11-01, 2026-11-01T08:00, or 24h, 7d ago).")
+@click.option("--until", callback=_when, help="Until this time (same forms) [default: now].")
+@click.option("--by", type=click.Choice(usage_mod.GROUPINGS), default="key", show_default=True,
+              help="Group by API key, model, or OpenWebUI user.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV (one row per group) for spreadsheets.")
+@pass_ctx
+def usage(ctx: Context, since: float | None, until: float | None, by: str, as_csv: bool) -> None:
+    """Requests, errors, queue waits, busy slot-seconds and GPU-hours, from the access log.
+
+    \b
+    GPU-hours: a request holds one of a job's `parallel` slots, and the job `gpus.count` GPUs,
+    from the backend's connection to the response's end; slot-seconds x gpus.count / parallel.
+    """
+    deployment = ctx.deployment
+    rows = usage_mod.summarize(accesslog.records(deployment), deployment, by, since, until)
+    data = [dataclasses.asdict(r) for r in rows]
+    if ctx.as_json:
+        click.echo(json.dumps({"by": by, "since": since, "until": until, "rows": data}, indent=2))
+        return
+    if as_csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow([by, "requests", "ok", "errors", "queue_p50_ms", "queue_p99_ms", "slot_seconds",
+                         "gpu_hours", "bytes_out"])
+        for r in rows:
+            writer.writerow([r.name, r.requests, r.ok, _errors(r.errors, ";"), _num(r.queue_p50_ms),
+                             _num(r.queue_p99_ms), f"{r.slot_seconds:.3f}", f"{r.gpu_hours:.6f}", r.bytes_out])
+        click.echo(buffer.getvalue(), nl=False)
+        return
+    if not rows:
+        out.print(f"no requests in {accesslog.log_file(deployment)} for this period")
+        return
+    table = Table(by.upper(), "REQUESTS", "OK", "ERRORS", "QUEUE P50", "QUEUE P99", "SLOT-S", "GPU-H",
+                  "BYTES OUT", box=None)
+    for r in rows:
+        table.add_row(r.name, str(r.requests), str(r.ok), _errors(r.errors, ", ") or "-",
+                      _ms(r.queue_p50_ms), _ms(r.queue_p99_ms), f"{r.slot_seconds:.1f}", f"{r.gpu_hours:.4f}",
+                      str(r.bytes_out))
+    out.print(table)
+
+
+def _errors(errors: dict[str, int], sep: str) -> str:
+    return sep.join(f"{k}:{v}" for k, v in sorted(errors.items()))
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"

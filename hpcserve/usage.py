@@ -1,0 +1,131 @@
+"""Usage accounting from the access log (pure: records in, report rows out).
+
+A request that reached a backend held one of the `parallel` slots of a job that holds `gpus.count`
+GPUs, from the moment HAProxy connected to it until the response ended: its GPU-seconds are that
+time x gpus.count / parallel. The time comes from HAProxy's timers in the access log (HAProxy 2.6
+configuration manual 8.4 "Timing events"): Ta (whole request, first header byte to last response
+byte) minus TR (receiving the request, body included), Tw (queue) and Tc (connect), all in ms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Iterable
+
+from .config import Deployment
+
+GROUPINGS = ("key", "model", "user")
+
+
+def kind(record: dict) -> str:
+    """What became of a request: "ok", or an error kind ("client_aborted", "server_aborted",
+    "unauthorized", "rate_limited", "timeout", "too_large", "invalid", "unavailable",
+    "backend_error", "error_<status>"), from its status and termination state (ts, whose first
+    character names who ended the session: C client, S server, - normal end)."""
+    status = int(record.get("status", 0) or 0)
+    ended_by = str(record.get("ts", "--"))[:1]
+    if ended_by == "C":
+        return "client_aborted"
+    if ended_by == "S":
+        return "server_aborted"
+    if 0 < status < 400:
+        return "ok"
+    return {401: "unauthorized", 429: "rate_limited", 408: "timeout", 413: "too_large", 400: "invalid",
+            404: "invalid", 405: "invalid", 503: "unavailable", 502: "backend_error",
+            504: "backend_error"}.get(status, f"error_{status}")
+
+
+def model_of(record: dict) -> str:
+    """The model that served the request (its backend "model_NAME"), else the model it named, else "-"."""
+    backend = str(record.get("backend", ""))
+    if backend.startswith("model_"):
+        return backend[len("model_"):]
+    if backend.startswith("wake_"):
+        return backend[len("wake_"):]
+    return str(record.get("model", "-"))
+
+
+def slot_seconds(record: dict) -> float:
+    """Seconds the request held a backend slot (0 when it never reached one)."""
+    if not str(record.get("server", "")).startswith("job"):
+        return 0.0
+    times = [int(record.get(k, -1)) for k in ("Ta", "TR", "Tw", "Tc")]
+    if any(t < 0 for t in times):
+        return 0.0
+    total, received, queued, connect = times
+    return max(0, total - received - queued - connect) / 1000
+
+
+@dataclasses.dataclass
+class Row:
+    """Usage of one key, model or user.
+
+    Attributes:
+        name: the key name, model name or OpenWebUI user ("-": none).
+        requests: requests received (answered or not).
+        ok: requests answered successfully (status < 400, not cut).
+        errors: error kind -> count (see kind()).
+        queue_p50_ms, queue_p99_ms: queue wait (Tw) of requests that were queued, ms; None if none.
+        slot_seconds: busy slot-seconds.
+        gpu_hours: GPU-hours (slot-seconds x gpus.count / parallel / 3600, per model).
+        bytes_out: response bytes sent to clients.
+    """
+
+    name: str
+    requests: int = 0
+    ok: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    queue_p50_ms: float | None = None
+    queue_p99_ms: float | None = None
+    slot_seconds: float = 0.0
+    gpu_hours: float = 0.0
+    bytes_out: int = 0
+
+
+def _percentile(values: list[int], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
+              since: float | None = None, until: float | None = None) -> list[Row]:
+    """Usage rows grouped `by` "key", "model" or "user", for requests that started in
+    [since, until) (epoch seconds; None: unbounded), sorted by GPU-hours then name.
+
+    Raises:
+        ValueError: `by` is not one of GROUPINGS.
+    """
+    if by not in GROUPINGS:
+        raise ValueError(f"expected one of {', '.join(GROUPINGS)}, got {by!r}")
+    models = {m.name: m for m in deployment.models}
+    rows: dict[str, Row] = {}
+    waits: dict[str, list[int]] = {}
+    for record in records:
+        started = float(record.get("time", 0))
+        if (since is not None and started < since) or (until is not None and started >= until):
+            continue
+        model = model_of(record)
+        name = model if by == "model" else str(record.get(by, "-"))
+        row = rows.setdefault(name, Row(name))
+        row.requests += 1
+        outcome = kind(record)
+        if outcome == "ok":
+            row.ok += 1
+        else:
+            row.errors[outcome] = row.errors.get(outcome, 0) + 1
+        if int(record.get("Tw", -1)) >= 0:
+            waits.setdefault(name, []).append(int(record["Tw"]))
+        held = slot_seconds(record)
+        row.slot_seconds += held
+        if model in models and held:
+            m = models[model]
+            row.gpu_hours += held * m.gpus.count / m.parallel / 3600
+        row.bytes_out += max(0, int(record.get("bytes_out", 0)))
+    for name, row in rows.items():
+        row.queue_p50_ms = _percentile(waits.get(name, []), 50)
+        row.queue_p99_ms = _percentile(waits.get(name, []), 99)
+    return sorted(rows.values(), key=lambda r: (-r.gpu_hours, r.name))
