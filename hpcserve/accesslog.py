@@ -68,13 +68,14 @@ def ensure_writer(deployment: Deployment, timeout: float = 10.0) -> bool:
     sock.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "hpcserve.accesslog", str(sock), str(log_file(deployment)),
             str(settings.access_log_max_bytes), str(settings.access_log_files)]
-    with open(deployment.state_dir / "logs" / "access-writer.err", "ab") as errors:
+    error_file = deployment.state_dir / "logs" / "access-writer.err"
+    with open(os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as errors:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
                                    start_new_session=True)
     deadline = time.monotonic() + timeout
     while not sock.exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            raise OSError(f"the access log writer did not start (see {errors.name})")
+            raise OSError(f"the access log writer did not start (see {error_file})")
         time.sleep(0.02)
     _pid_file(deployment).write_text(f"{process.pid}\n")
     return True

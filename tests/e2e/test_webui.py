@@ -5,6 +5,7 @@ test-artifacts/webui-chat.png."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import socket
 import subprocess
@@ -36,14 +37,21 @@ def sign_in(base: str, env: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def assert_chat_served(pool, base: str, auth: dict[str, str]) -> None:
-    """A chat sent to OpenWebUI's API is answered, by a backend of the pool (HAProxy counted it)."""
+def assert_chat_served(pool, base: str, auth: dict[str, str], user: str) -> None:
+    """A chat sent to OpenWebUI's API is answered, by a backend of the pool (HAProxy counted it),
+    and the access log accounts it to OpenWebUI's key and to the signed-in `user` (e-mail)."""
     before = served(pool)
     reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
         "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
         "stream": False}).json()
     assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
     assert served(pool) == before + 1
+    log = pool.dir / "state" / "logs" / "access.log"
+    deadline = time.monotonic() + 10
+    while not any((r["key"], r["user"], r["status"]) == ("openwebui", user, 200) and r["server"].startswith("job")
+                  for r in map(json.loads, log.read_text().splitlines())):
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
 
 
 def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
@@ -66,7 +74,7 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         # OpenWebUI's own API lists the pool's model and reaches it.
         auth = sign_in(base, env)
         assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
-        assert_chat_served(pool, base, auth)
+        assert_chat_served(pool, base, auth, env["WEBUI_ADMIN_EMAIL"])
 
         # A person in a browser.
         ARTIFACTS.mkdir(exist_ok=True)
@@ -147,6 +155,6 @@ def test_openwebui_as_a_slurm_job_on_a_cpu_partition_chats_with_the_pool(pool_fa
             assert time.monotonic() < deadline, [log.read_text()[-2000:]
                                                  for log in (pool.dir / "state" / "logs").glob("webui-*.out")]
             time.sleep(2)
-        assert_chat_served(pool, base, sign_in(base, env))
+        assert_chat_served(pool, base, sign_in(base, env), env["WEBUI_ADMIN_EMAIL"])
     finally:
         subprocess.run(["scancel", job_id], env=slurm_env)

@@ -1,0 +1,311 @@
+"""One pool for many people, with the real haproxy binary and simulated backends: named keys that
+take effect without a reload, per-key limits (429), interactive before batch in HAProxy's queue,
+OpenWebUI's users, and the access log that `hpcserve usage` accounts from."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from hpcserve.haproxy import runtime
+from hpcserve.haproxy.config import Server
+from hpcserve.haproxy.process import HAProxy
+from hpcserve.state import StateDir
+from hpcserve.usage import slot_seconds
+from tests.conftest import free_port, haproxy_for, minimal, simulator, write_deployment
+
+pytestmark = pytest.mark.haproxy
+
+KEY = "backend-key"
+
+
+@dataclasses.dataclass
+class Pool:
+    proxy: HAProxy
+    file: Path
+    url: str
+    owner: str
+
+    def hpcserve(self, *args: str) -> subprocess.CompletedProcess:
+        """Run the CLI on this deployment; returns the finished process (its exit code not checked)."""
+        return subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(self.file), *args],
+                              capture_output=True, text=True, env=os.environ)
+
+    def add_key(self, name: str, *options: str) -> str:
+        result = self.hpcserve("keys", "add", name, *options, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["key"]
+
+    def records(self, count: int, timeout: float = 10) -> list[dict]:
+        """The access log's lines, once it holds `count` (the writer gets them a moment later)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [json.loads(line) for path in sorted(self.proxy.paths.root.glob("logs/access.log*"))
+                     for line in path.read_text().splitlines()]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.1)
+
+    def reloads(self) -> int:
+        return runtime.show_proc(self.proxy.paths.master_socket).reloads
+
+
+@contextlib.contextmanager
+def pool(tmp_path: Path, gguf: Path, servers: int = 1, slots: int = 4, token_rate: float = 200,
+         gpus: int = 1, **haproxy):
+    """HAProxy (auth: keys) over `servers` simulators of `slots` slots, started the way a reconcile
+    step starts it (HAProxy.update); the deployment file is written for the CLI."""
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "keys",
+                                           **haproxy})
+    raw["models"][0].update(parallel=slots, gpus={"count": gpus})
+    path = write_deployment(tmp_path, raw)
+    proxy = haproxy_for(raw, tmp_path, key=KEY)
+    owner = StateDir(proxy.deployment.state_dir).api_key()
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(simulator(tmp_path / f"sim{i}.log", slots, token_rate, KEY, prefill_rate=1e6))
+                 for i in range(servers)]
+        assert proxy.update([Server("m", str(101 + i), "127.0.0.1", port) for i, port in enumerate(ports)]) == "started"
+        try:
+            yield Pool(proxy, path, f"http://127.0.0.1:{proxy.deployment.haproxy.port}", owner)
+        finally:
+            proxy.stop(timeout=5)
+
+
+def chat(url: str, key: str, tokens: int = 2, **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {key}", **headers},
+                      json={"model": "m", "max_tokens": tokens, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_keys_are_added_changed_and_revoked_without_a_reload(tmp_path, gguf):
+    with pool(tmp_path, gguf) as p:
+        reloads = p.reloads()
+        alice = p.add_key("alice")
+        assert chat(p.url, alice).status_code == 200
+        # A client on a keep-alive connection to a worker from before a reload keeps being answered
+        # by that worker: the revocation reaches old workers too.
+        with httpx.Client(headers={"Authorization": f"Bearer {alice}"}) as client:
+            assert client.get(f"{p.url}/v1/models").status_code == 200
+            p.proxy.reload()
+            reloads += 1
+            assert runtime.show_proc(p.proxy.paths.master_socket).old_workers
+            assert p.hpcserve("keys", "revoke", "alice").returncode == 0
+            answer = client.get(f"{p.url}/v1/models")
+            assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
+        assert chat(p.url, alice).status_code == 401
+        bob = p.add_key("bob", "--class", "batch")
+        assert chat(p.url, bob).status_code == 200
+        assert p.reloads() == reloads            # none of it reloaded HAProxy
+        listed = json.loads(p.hpcserve("keys", "list", "--json").stdout)
+        assert [(k["name"], k["class"]) for k in listed] == [("owner", "interactive"), ("bob", "batch")]
+        on_disk = "".join(f.read_text() for f in p.proxy.paths.root.rglob("*") if f.is_file() and "log" not in f.name)
+        assert bob not in on_disk and alice not in on_disk   # only digests are kept
+        # A restart reads the map file: the keys survive it.
+        p.proxy.stop(timeout=5)
+        p.proxy.update([])
+        assert chat(p.url, bob).status_code != 401 and chat(p.url, alice).status_code == 401
+        # A mistake changes nothing.
+        for args in (["keys", "add", "bob"], ["keys", "add", "x;y"], ["keys", "revoke", "owner"],
+                     ["keys", "set", "carol", "--rate", "1"], ["keys", "add", "dan", "--rate", "5/h"]):
+            result = p.hpcserve(*args)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert json.loads(p.hpcserve("keys", "list", "--json").stdout) == listed
+
+
+def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
+    """Never more than max_concurrent in service or queued, never more than the rate per minute;
+    the 429 has the OpenAI error shape, and the openai client sees a RateLimitError."""
+    with pool(tmp_path, gguf, slots=8, token_rate=20) as p:
+        capped = p.add_key("capped", "--max-concurrent", "3")
+        other = p.add_key("other")
+
+        async def burst(key: str, n: int, tokens: int) -> list[int]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def one():
+                    r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                          json={"model": "m", "max_tokens": tokens, "messages": [{"role": "user", "content": "x"}]})
+                    return r.status_code
+                return await asyncio.gather(*(one() for _ in range(n)))
+
+        async def both():
+            return await asyncio.gather(burst(capped, 8, 20), burst(other, 4, 20))
+
+        capped_codes, other_codes = asyncio.run(both())
+        assert sorted(capped_codes) == [200] * 3 + [429] * 5 and other_codes == [200] * 4
+
+        rated = p.add_key("rated", "--rate", "5/min")
+        client = openai.OpenAI(base_url=f"{p.url}/v1", api_key=rated, max_retries=0)
+        codes = []
+        for _ in range(8):
+            try:
+                client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+                codes.append(200)
+            except openai.RateLimitError as exc:
+                codes.append(429)
+                assert exc.body["code"] == "rate_limit_exceeded" and "5" in exc.body["message"]
+                assert exc.response.headers["retry-after"] == "12"    # one request's share of the minute
+        assert codes == [200] * 5 + [429] * 3
+        # Raised at runtime: the next two are admitted (refused requests did not count), then 429.
+        assert p.hpcserve("keys", "set", "rated", "--rate", "7").returncode == 0
+        assert [chat(p.url, rated).status_code for _ in range(3)] == [200, 200, 429]
+        assert p.hpcserve("keys", "set", "capped", "--max-concurrent", "5").returncode == 0
+        assert sorted(asyncio.run(burst(capped, 8, 20))) == [200] * 5 + [429] * 3
+
+
+def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
+    """A batch key keeps 300 requests in flight on 16 slots; 30 chats sent meanwhile wait at most
+    one slot's turnover (the longest time a request held a slot), not behind the flood."""
+    with pool(tmp_path, gguf, servers=2, slots=8, token_rate=20, batch_delay=30, timeout_queue=60) as p:
+        batch = p.add_key("batch-user", "--class", "batch", "--max-concurrent", "300")
+        person = p.add_key("person")
+
+        async def flood():
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=400)) as client:
+                async def one(key, **headers):
+                    r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}", **headers},
+                                          json={"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+                    return r.status_code
+
+                done = asyncio.Event()
+
+                async def batch_client():
+                    codes = []
+                    while not done.is_set():
+                        codes.append(await one(batch))
+                    return codes
+
+                batch_tasks = [asyncio.create_task(batch_client()) for _ in range(300)]
+                await asyncio.sleep(3)       # the queue is full of batch requests now
+                chats = []
+                for _ in range(30):          # a person: one chat after the other
+                    chats.append(await one(person))
+                # A client may lower its own priority, never raise it.
+                lowered = await one(person, **{"X-Priority-Class": "batch"})
+                done.set()
+                return [c for codes in await asyncio.gather(*batch_tasks) for c in codes], chats, lowered
+
+        batch_codes, chat_codes, lowered = asyncio.run(flood())
+        assert set(batch_codes) == {200} and chat_codes == [200] * 30 and lowered == 200
+        records = p.records(len(batch_codes) + 31)
+        person_records = [r for r in records if r["key"] == "person"]
+        chat_waits = [r["Tw"] / 1000 for r in person_records if r["class"] == "interactive"]
+        batch_waits = [r["Tw"] / 1000 for r in records if r["key"] == "batch-user"]
+        turnover = max(slot_seconds(r) for r in records)
+        chat_p99 = statistics.quantiles(chat_waits, n=100, method="inclusive")[98]
+        with capsys.disabled():
+            print(f"\n  interactive queue wait p50 {statistics.median(chat_waits) * 1000:.0f} ms, p99 {chat_p99 * 1000:.0f} ms "
+                  f"(slot turnover {turnover * 1000:.0f} ms); "
+                  f"batch queue wait p50 {statistics.median(batch_waits):.1f} s, max {max(batch_waits):.1f} s "
+                  f"({len(batch_codes)} batch requests)")
+        assert statistics.median(batch_waits) > 4 * turnover   # the flood really queued
+        # A chat waits for one slot to free (100 ms for scheduling on a busy 2-core machine).
+        assert chat_p99 <= turnover + 0.1
+        # The lowered request went in with the batch requests (it waited like them).
+        assert [r["class"] for r in person_records] == ["interactive"] * 30 + ["batch"]
+        assert person_records[-1]["Tw"] / 1000 > 4 * turnover
+
+
+def test_a_batch_request_is_not_starved_by_an_interactive_flood(tmp_path, gguf):
+    """Interactive requests that arrive more than batch_delay after a batch request never overtake
+    it: under an endless interactive flood a batch request waits about batch_delay, not forever."""
+    with pool(tmp_path, gguf, servers=1, slots=4, token_rate=40, batch_delay=3, timeout_queue=60) as p:
+        batch = p.add_key("nightly", "--class", "batch")
+        person = p.add_key("crowd")
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+                stop = time.monotonic() + 16
+
+                async def crowd_member():
+                    codes = []
+                    while time.monotonic() < stop:   # 24 clients on 4 slots: a queue for 16 s
+                        r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {person}"},
+                                              json={"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+                        codes.append(r.status_code)
+                    return codes
+
+                crowd = [asyncio.create_task(crowd_member()) for _ in range(24)]
+                await asyncio.sleep(2)
+                started = time.monotonic()
+                r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {batch}"},
+                                      json={"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+                served_after = time.monotonic() - started
+                left = stop - time.monotonic()
+                await asyncio.gather(*crowd)
+                return r.status_code, served_after, left
+
+        code, served_after, left = asyncio.run(run())
+        assert code == 200
+        assert 3 <= served_after < 3 + 3, served_after   # batch_delay, plus the interactive backlog before it
+        assert left > 5, left                             # served while the flood went on
+
+
+def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
+    """A mixed run: every request is one access log line, rotated files included, and `hpcserve
+    usage` totals equal the client-side counts exactly, per key, per model, per OpenWebUI user."""
+    with pool(tmp_path, gguf, slots=4, token_rate=100, gpus=2, access_log_max_bytes=65536) as p:
+        alice = p.add_key("alice")
+        bob = p.add_key("bob", "--rate", "30")
+        webui_key = "w" * 43
+        (p.proxy.paths.root / "webui").mkdir(mode=0o700)
+        (p.proxy.paths.root / "webui" / "api.key").write_text(webui_key + "\n")
+        p.proxy.sync_keys()   # what `hpcserve webui` does
+        sent = {"alice": {"ok": 0, "invalid": 0}, "bob": {"ok": 0, "rate_limited": 0}, "openwebui": {"ok": 0}, "-": {"unauthorized": 0}}
+        users = {"ann@example.org": 0, "ben@example.org": 0, "-": 0}
+        for i in range(300):
+            answer = chat(p.url, alice, **{"X-OpenWebUI-User-Email": "forged@example.org"})
+            sent["alice"]["ok"] += answer.status_code == 200
+            users["-"] += 1
+        for i in range(40):
+            answer = chat(p.url, bob)
+            sent["bob"]["ok" if answer.status_code == 200 else "rate_limited"] += 1
+            users["-"] += 1
+        for i in range(30):
+            user = "ann@example.org" if i % 3 else "ben@example.org"
+            assert chat(p.url, webui_key, tokens=5, **{"X-OpenWebUI-User-Email": user}).status_code == 200
+            sent["openwebui"]["ok"] += 1
+            users[user] += 1
+        for i in range(20):
+            assert httpx.post(f"{p.url}/v1/chat/completions", json={"model": "gpt-4"},
+                              headers={"Authorization": f"Bearer {alice}"}).status_code == 404
+            sent["alice"]["invalid"] += 1
+            users["-"] += 1
+        for i in range(10):
+            assert chat(p.url, "not-a-key").status_code == 401
+            sent["-"]["unauthorized"] += 1
+            users["-"] += 1
+        assert sent["bob"] == {"ok": 30, "rate_limited": 10}
+        total = sum(sum(v.values()) for v in sent.values())
+        assert len(p.records(total)) == total
+        assert (p.proxy.paths.root / "logs" / "access.log.1").exists()     # rotated at 64 KiB, none lost
+
+        report = json.loads(p.hpcserve("usage", "--json").stdout)
+        by_key = {r["name"]: r for r in report["rows"]}
+        for name, counts in sent.items():
+            row = by_key[name]
+            assert row["requests"] == sum(counts.values()) and row["ok"] == counts.get("ok", 0), (name, row)
+            assert row["errors"] == {k: v for k, v in counts.items() if k != "ok" and v}, (name, row)
+        by_user = {r["name"]: r["requests"] for r in json.loads(p.hpcserve("usage", "--json", "--by", "user").stdout)["rows"]}
+        assert by_user == users    # a forged user header from another key is not accounted
+        by_model = json.loads(p.hpcserve("usage", "--by", "model", "--json").stdout)["rows"]
+        served = [r for r in by_model if r["name"] == "m"][0]
+        assert served["requests"] == 300 + 40 - 10 + 30    # the 429s were refused before the body was read
+        # Each served request held a slot for its 2-5 tokens at 100 tokens/s; GPU-hours are
+        # slot-seconds x 2 GPUs / 4 slots.
+        assert 360 * 0.02 <= served["slot_seconds"] <= 360 * 0.5
+        assert served["gpu_hours"] == pytest.approx(served["slot_seconds"] * 2 / 4 / 3600)
+        future = p.hpcserve("usage", "--since", "2999-01-01", "--json")
+        assert json.loads(future.stdout)["rows"] == []
+        csv_lines = p.hpcserve("usage", "--csv").stdout.splitlines()
+        assert csv_lines[0].startswith("key,requests,ok,errors") and len(csv_lines) == 1 + len(sent)

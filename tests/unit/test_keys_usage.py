@@ -1,0 +1,134 @@
+"""Keys (registry, HAProxy map, runtime diff) and usage accounting, without HAProxy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpcserve import config, keys, usage
+from hpcserve.errors import ConfigError, HpcserveError
+from hpcserve.haproxy.process import keys_commands
+from tests.conftest import minimal
+
+
+def deployment(tmp_path, gguf, **haproxy):
+    raw = minimal(gguf, tmp_path, haproxy={"auth": "keys", **haproxy})
+    raw["models"][0].update(parallel=4, gpus={"count": 2})
+    raw["models"].append({"name": "cpu", "gguf": str(gguf), "parallel": 2, "gpus": {"count": 0}})
+    return config.parse(raw, base=tmp_path)
+
+
+def test_registry_keeps_digests_and_refuses_bad_names(tmp_path, gguf):
+    d = deployment(tmp_path, gguf)
+    registry = keys.KeyRegistry(d)
+    entry, secret = registry.add("alice", "batch", 8, 600)
+    assert entry.sha256 == keys.digest(secret) and secret not in registry.file.read_text()
+    assert registry.file.stat().st_mode & 0o077 == 0
+    assert entry.map_value(d) == "alice|batch|8|600|0|1"
+    for name in ("owner", "openwebui", "file-1234", "a b", "a|b", "a;b", "", "-x", "x" * 64, "al\nice"):
+        with pytest.raises(ConfigError, match="NAME"):
+            registry.add(name)
+    with pytest.raises(ConfigError, match="exists"):
+        registry.add("alice")
+    with pytest.raises(ConfigError, match="--class"):
+        registry.add("bob", "urgent")
+    assert registry.change("alice", rate_per_minute=0).map_value(d) == "alice|batch|8|0|0|1"
+    assert registry.change("alice", priority_class="interactive").max_concurrent == 8
+    with pytest.raises(ConfigError, match="no named key 'owner'.*own keys"):
+        registry.revoke("owner")
+    registry.revoke("alice")
+    assert registry.named() == []
+    registry.file.write_text("{not json")
+    with pytest.raises(HpcserveError, match="unreadable key registry"):
+        registry.named()
+
+
+def test_rates_and_retry_after():
+    assert [keys.parse_rate(t) for t in ("600", "600/min", "10/s", " 5 / minute ", "0")] == [600, 600, 600, 5, 0]
+    for bad in ("5/h", "-1", "1.5", "ten", "2000000"):
+        with pytest.raises(ValueError):
+            keys.parse_rate(bad)
+    key = keys.Key("k", "0" * 64, rate_per_minute=7)
+    assert key.map_value(deployment_stub()).endswith("|7|0|9")   # ceil(60 / 7)
+
+
+def deployment_stub():
+    class HAProxy:
+        max_requests_per_client = 256
+
+    class Stub:
+        haproxy = HAProxy()
+    return Stub()
+
+
+def test_key_map_holds_every_accepted_key_once(tmp_path, gguf):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# old style\nfile-key-0123456789\nfile-key-0123456789\n")
+    d = deployment(tmp_path, gguf, api_keys_file=str(keys_file))
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "api.key").write_text("o" * 43 + "\n")
+    keys.KeyRegistry(d).add("alice")
+    entries = keys.key_map(d)
+    names = sorted(v.split("|")[0] for v in entries.values())
+    assert names == ["alice", "file-" + keys.digest("file-key-0123456789")[:8], "owner"]
+    assert keys.map_text(entries).count("\n") == 3 and "o" * 43 not in keys.map_text(entries)
+    open_pool = deployment(tmp_path, gguf, auth="open")
+    assert keys.key_map(open_pool) is None and keys.accepted_keys(open_pool) == []
+
+
+def test_runtime_commands_turn_the_live_map_into_the_wanted_one():
+    live = {"a" * 64: "alice|interactive|256|0|0|1", "b" * 64: "bob|batch|4|0|0|1"}
+    wanted = {"a" * 64: "alice|interactive|256|60|0|1", "c" * 64: "carol|batch|256|0|0|1"}
+    assert keys_commands("/s/keys.map", live, wanted) == [
+        f"del map /s/keys.map {'b' * 64}",
+        f"set map /s/keys.map {'a' * 64} alice|interactive|256|60|0|1",
+        f"add map /s/keys.map {'c' * 64} carol|batch|256|0|0|1"]
+    assert keys_commands("/s/keys.map", wanted, wanted) == []
+
+
+def record(**fields):
+    base = {"time": 1000.0, "key": "alice", "user": "-", "class": "interactive", "model": "m", "backend": "model_m",
+            "server": "job7", "status": 200, "TR": 0, "Tw": 0, "Tc": 0, "Tr": 10, "Ta": 1000, "bytes_out": 100,
+            "ts": "--"}
+    return {**base, **fields}
+
+
+def test_gpu_hours_by_hand(tmp_path, gguf):
+    """m: 2 GPUs, 4 slots; cpu: no GPU. Slot time = Ta - TR - Tw - Tc."""
+    d = deployment(tmp_path, gguf)
+    records = [
+        record(Ta=3_600_000 + 500, TR=300, Tw=150, Tc=50),          # 3600 s on a slot of m
+        record(Ta=1_800_000, key="bob"),                             # 1800 s
+        record(Ta=7_200_000, backend="model_cpu", key="bob"),        # 7200 s on cpu: 0 GPU-hours
+        record(status=429, server="<NOSRV>", Tw=-1, Tc=-1, Tr=-1, Ta=0, backend="openai", model="-"),
+        record(status=200, ts="CD", Ta=360_000),                     # cut by its client after 360 s
+        record(time=5000.0, Ta=3_600_000),                           # outside [0, 2000)
+    ]
+    rows = {r.name: r for r in usage.summarize(records, d, by="key", since=0, until=2000)}
+    # alice: (3600 + 360) s x 2 GPUs / 4 slots = 1980 GPU-s = 0.55 GPU-h; bob: 1800 x 2 / 4 = 0.25 GPU-h
+    assert rows["alice"].gpu_hours == pytest.approx(0.55) and rows["alice"].slot_seconds == pytest.approx(3960)
+    assert rows["bob"].gpu_hours == pytest.approx(0.25) and rows["bob"].slot_seconds == pytest.approx(9000)
+    assert (rows["alice"].requests, rows["alice"].ok, rows["alice"].errors) == (3, 1, {"rate_limited": 1, "client_aborted": 1})
+    assert rows["alice"].queue_p50_ms == 150 / 2 and rows["alice"].queue_p99_ms == pytest.approx(148.5)
+    by_model = {r.name: r for r in usage.summarize(records, d, by="model")}
+    assert set(by_model) == {"m", "cpu", "-"} and by_model["cpu"].gpu_hours == 0
+    with pytest.raises(ValueError):
+        usage.summarize(records, d, by="account")
+
+
+def test_records_read_rotated_files_oldest_first_and_skip_broken_lines(tmp_path, gguf):
+    from hpcserve import accesslog
+    d = deployment(tmp_path, gguf)
+    logs = tmp_path / "state" / "logs"
+    logs.mkdir(parents=True)
+    for suffix, t in ((".2", 1), (".1", 2), ("", 3), (".10", 0)):
+        (logs / f"access.log{suffix}").write_text(json.dumps(record(time=t)) + "\n{cut\n[1]\n")
+    assert [r["time"] for r in accesslog.records(d)] == [0, 1, 2, 3]
+
+
+def test_batch_delay_must_be_shorter_than_the_queue_timeout(tmp_path, gguf):
+    assert deployment(tmp_path, gguf).haproxy.batch_delay_or_default == 30
+    with pytest.raises(ConfigError, match="batch_delay"):
+        deployment(tmp_path, gguf, batch_delay=60)
+    assert deployment(tmp_path, gguf, batch_delay=5, timeout_queue=10).haproxy.batch_delay_or_default == 5
