@@ -1,5 +1,5 @@
 """The hpcserve command line: up, status, scale, down, render, reconcile, autoscale, batch, webui
-(keys and usage: cli_access.py).
+(keys, usage and metrics: cli_access.py).
 
 Each changing command is one reconcile step with a new desired state (reconcile.py); the CLI only
 parses arguments, takes the deployment lock, waits where asked, and prints. Errors are one line
@@ -725,8 +725,9 @@ def main() -> None:
         sys.exit(130)
 
 
-# The commands of a shared pool (keys, usage) live in their own module.
+# The commands of a shared pool (keys, usage, metrics) live in their own module.
 from . import cli_access  # noqa: E402
 
 cli.add_command(cli_access.keys)
 cli.add_command(cli_access.usage)
+cli.add_command(cli_access.metrics)

@@ -1,5 +1,6 @@
 """The commands of a shared pool: `hpcserve keys` (who may use it, in which class, within which
-limits) and `hpcserve usage` (who used how much, from the access log). hpcserve.cli adds them to
+limits), `hpcserve usage` (who used how much, from the access log) and `hpcserve metrics` (for
+Prometheus). hpcserve.cli adds them to
 its command group."""
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import json
 import re
 import time
 
+from pathlib import Path
+
 import click
 import filelock
+from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
-from . import accesslog, keys as keys_mod, usage as usage_mod
+from . import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
 from .cli import Context, _late_options, out, pass_ctx
-from .errors import ConfigError, HpcserveError
+from .endpoints import observe
+from .errors import ConfigError, HAProxyError, HpcserveError, SlurmError
+from .haproxy import runtime
 from .haproxy.process import HAProxy
 from .state import StateDir
 
@@ -227,3 +233,35 @@ def _num(value: float | None) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
+
+
+@click.command()
+@_late_options
+@click.option("--textfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the metrics to this file (atomically) for node_exporter's textfile collector, "
+                   "e.g. from cron every minute, instead of printing them.")
+@pass_ctx
+def metrics(ctx: Context, textfile: Path | None) -> None:
+    """Prometheus series HAProxy's exporter lacks: replicas by state, per-key requests and limits.
+
+    HAProxy's own exporter (frontends, backends, servers) answers on the stats port at /metrics.
+    """
+    deployment = ctx.deployment
+    state = StateDir(deployment.state_dir)
+    try:
+        key = state.key_file.read_text().strip() if state.key_file.exists() else None
+        backends = observe(deployment, ctx.scheduler(), key=key)
+    except SlurmError:
+        backends = None   # hpcserve_scheduler_up 0; the desired replicas are still exported
+    table = {}
+    haproxy = HAProxy(deployment, "")
+    if haproxy.running():
+        try:
+            table = runtime.show_table(haproxy.paths.admin_socket, "openai")
+        except HAProxyError:
+            pass
+    registry = metrics_mod.registry(metrics_mod.PoolCollector(deployment, state.read_desired(), backends, table))
+    if textfile:
+        write_to_textfile(str(textfile), registry)
+    else:
+        click.echo(generate_latest(registry).decode(), nl=False)

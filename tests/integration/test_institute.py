@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -18,13 +19,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hpcserve.haproxy import runtime
 from hpcserve.haproxy.config import Server
 from hpcserve.haproxy.process import HAProxy
 from hpcserve.state import StateDir
 from hpcserve.usage import slot_seconds
-from tests.conftest import free_port, haproxy_for, minimal, simulator, write_deployment
+from tests.conftest import ROOT, free_port, haproxy_for, minimal, simulator, write_deployment
 
 pytestmark = pytest.mark.haproxy
 
@@ -161,6 +163,29 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
         assert [chat(p.url, rated).status_code for _ in range(3)] == [200, 200, 429]
         assert p.hpcserve("keys", "set", "capped", "--max-concurrent", "5").returncode == 0
         assert sorted(asyncio.run(burst(capped, 8, 20))) == [200] * 5 + [429] * 3
+        # The same counts for Prometheus (`hpcserve metrics`), next to the pool's replicas.
+        exported = p.hpcserve("metrics")
+        assert exported.returncode == 0, exported.stderr
+        samples = {(s.name, s.labels.get("key") or s.labels.get("state")): s.value
+                   for family in text_string_to_metric_families(exported.stdout) for s in family.samples}
+        assert samples[("hpcserve_key_requests_total", "capped")] == 16
+        assert samples[("hpcserve_key_requests_total", "rated")] == 11
+        assert samples[("hpcserve_key_requests_total", "other")] == 4
+        assert samples[("hpcserve_key_requests_in_flight", "capped")] == 0
+        assert samples[("hpcserve_key_admitted_per_minute", "rated")] == 7
+        assert samples[("hpcserve_replicas", "desired")] == 0 and samples[("hpcserve_scheduler_up", None)] == 1
+        textfile = tmp_path / "hpcserve.prom"
+        assert p.hpcserve("metrics", "--textfile", str(textfile)).returncode == 0
+        assert "hpcserve_key_requests_total" in textfile.read_text()
+        # Every series the Grafana dashboard plots exists: ours, or HAProxy's exporter's.
+        stats = f"http://127.0.0.1:{p.proxy.deployment.haproxy.stats_port_or_default}/metrics"
+        haproxy_series = httpx.get(stats, headers={"Authorization": f"Bearer {p.owner}"}).text
+        dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+        plotted = {name for panel in dashboard["panels"] for target in panel["targets"]
+                   for name in re.findall(r"\b(?:haproxy|hpcserve)_[a-z_]+\b", target["expr"])}
+        series = {s.name for family in text_string_to_metric_families(exported.stdout + haproxy_series)
+                  for s in family.samples}
+        assert len(plotted) >= 8 and plotted <= series, plotted - series
 
 
 def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
