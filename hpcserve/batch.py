@@ -147,13 +147,20 @@ def finished_ids(output: Path) -> set[str]:
 
 
 async def run(rows: Iterable[Row], base_url: str, output: Path, *, concurrency: int, api_key: str | None,
-              retries: int, timeout: float, on_done: Callable[[bool], None]) -> tuple[int, int]:
+              retries: int, timeout: float, on_done: Callable[[bool], None],
+              priority_class: str = "batch") -> tuple[int, int]:
     """Send `rows` through the pool, `concurrency` at a time, appending a result line per row.
 
+    Args:
+        priority_class: "batch" (the default) asks the frontend to queue these requests after
+            interactive ones (X-Priority-Class: batch, see templates/haproxy.cfg.j2); "interactive"
+            sends no such header (the key's own class holds).
     Returns:
         (rows answered with status 200, rows written with an error).
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if priority_class == "batch":
+        headers["X-Priority-Class"] = "batch"
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     pending = iter(rows)  # workers take the next row in turn (one event loop: no lock needed)

@@ -339,10 +339,13 @@ def _cron_line(ctx: Context) -> str:
               help="Seconds one request may take.")
 @click.option("--api-key", envvar="HPCSERVE_API_KEY",
               help="A frontend API key [default: the owner key, STATE_DIR/api.key, when readable].")
+@click.option("--priority", type=click.Choice(["batch", "interactive"]), default="batch", show_default=True,
+              help="batch: chats of interactive keys leave the queue first (a key of class batch is "
+                   "always batch).")
 @pass_ctx
 def batch(ctx: Context, input_path: Path, output_path: Path, template: str | None, id_field: str,
           model_name: str | None, max_tokens: int | None, concurrency: int | None, retries: int,
-          timeout: float, api_key: str | None) -> None:
+          timeout: float, api_key: str | None, priority: str) -> None:
     """Send every row of a JSONL file through the pool; write one result per row.
 
     Resumable: rows already in --output are skipped, so rerunning after an interruption finishes
@@ -379,7 +382,8 @@ def batch(ctx: Context, input_path: Path, output_path: Path, template: str | Non
 
         answered, failed = asyncio.run(batch_mod.run(
             (row for row in read() if row.custom_id not in done), deployment.url, output_path,
-            concurrency=concurrency, api_key=api_key, retries=retries, timeout=timeout, on_done=on_done))
+            concurrency=concurrency, api_key=api_key, retries=retries, timeout=timeout, on_done=on_done,
+            priority_class=priority))
     summary = {"rows": total, "already_done": total - todo, "answered": answered, "failed": failed,
                "output": str(output_path)}
     if ctx.as_json:

@@ -38,12 +38,19 @@ def _rate(_ctx, _param, value: str | None) -> int | None:
         raise click.BadParameter(str(exc)) from None
 
 
-class_option = click.option("--class", "priority_class", type=click.Choice(keys_mod.PRIORITY_CLASSES),
-                            help="Priority class: interactive requests leave the queue before batch ones.")
-max_option = click.option("--max-concurrent", type=click.IntRange(1, keys_mod.MAX_CONCURRENT),
-                          help="Requests in service or queued at once [default: haproxy.max_requests_per_client].")
-rate_option = click.option("--rate", callback=_rate, metavar="R/min",
-                           help="Requests per minute (600, 600/min or 10/s); 0 = no limit [default: 0].")
+def _key_options(command):
+    """NAME and the class and limit options of `keys add` and `keys set`."""
+    for option in reversed([
+            _late_options, click.argument("name"),
+            click.option("--class", "priority_class", type=click.Choice(keys_mod.PRIORITY_CLASSES),
+                         help="Priority class: interactive requests leave the queue before batch ones."),
+            click.option("--max-concurrent", type=click.IntRange(1, keys_mod.MAX_CONCURRENT),
+                         help="Requests in service or queued at once [default: haproxy.max_requests_per_client]."),
+            click.option("--rate", callback=_rate, metavar="R/min",
+                         help="Requests per minute (600, 600/min or 10/s); 0 = no limit [default: 0]."),
+            pass_ctx]):
+        command = option(command)
+    return command
 
 
 @click.group()
@@ -69,10 +76,7 @@ def _locked(ctx: Context, change):
         with state.lock(timeout=60):
             result = change()
             haproxy = HAProxy(ctx.deployment, "")
-            try:
-                haproxy.sync_keys()
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
+            haproxy.sync_keys()
     except filelock.Timeout:
         raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
     return result, ("in effect now" if haproxy.running() else "in effect when the pool starts")
@@ -85,12 +89,7 @@ def _describe(key: keys_mod.Key, ctx: Context) -> dict:
 
 
 @keys.command("add")
-@_late_options
-@click.argument("name")
-@class_option
-@max_option
-@rate_option
-@pass_ctx
+@_key_options
 def keys_add(ctx: Context, name: str, priority_class: str | None, max_concurrent: int | None,
              rate: int | None) -> None:
     """Make a key called NAME and print it: the only time it is shown."""
@@ -105,12 +104,7 @@ def keys_add(ctx: Context, name: str, priority_class: str | None, max_concurrent
 
 
 @keys.command("set")
-@_late_options
-@click.argument("name")
-@class_option
-@max_option
-@rate_option
-@pass_ctx
+@_key_options
 def keys_set(ctx: Context, name: str, priority_class: str | None, max_concurrent: int | None,
              rate: int | None) -> None:
     """Change the class or limits of the key NAME (the key itself stays)."""

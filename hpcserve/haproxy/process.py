@@ -21,7 +21,7 @@ import psutil
 
 from .. import accesslog, keys, proc
 from ..config import Deployment
-from ..errors import CommandError, HAProxyError
+from ..errors import CommandError, ConfigError, HAProxyError
 from ..state import write_private
 from . import runtime
 from .config import Paths, Server, backend_name, leaving_state, models_list, paths, render, server_options
@@ -370,7 +370,10 @@ class HAProxy:
             (self.paths.root / old).unlink(missing_ok=True)
 
     def _write_key_map(self) -> dict[str, str] | None:
-        entries = keys.key_map(self.deployment)
+        try:
+            entries = keys.key_map(self.deployment)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
         if entries is not None:
             text = keys.map_text(entries)
             if not self.paths.keys_map_file.exists() or self.paths.keys_map_file.read_text() != text:
@@ -386,7 +389,7 @@ class HAProxy:
 
         Raises:
             HAProxyError: the runtime API refused a change.
-            OSError, ValueError, HpcserveError: the keys could not be read (see keys.key_map).
+            ConfigError: the api_keys_file cannot be read; HpcserveError: keys.json is unreadable.
         """
         entries = self._write_key_map()
         if entries is None or not self.running():

@@ -39,6 +39,13 @@ def test_batch_killed_halfway_resumes_and_writes_every_row_exactly_once(pool_fac
     assert sorted(ids) == sorted(f"row-{i}" for i in range(3000))       # every row, exactly once
     assert all(r["error"] is None and r["response"]["status_code"] == 200 for r in results)
     assert all(r["response"]["body"]["model"] == pool.model_name for r in results)
+    # The owner key is interactive, but hpcserve batch asks to be queued as batch; the access log
+    # accounts every served row to the owner key (a killed run's cut requests count too).
+    usage = json.loads(pool.ok("usage", "--json").stdout)["rows"]
+    owner = [r for r in usage if r["name"] == "owner"][0]
+    assert owner["ok"] >= 3000 and owner["gpu_hours"] > 0
+    log = [json.loads(line) for line in (pool.dir / "state" / "logs" / "access.log").read_text().splitlines()]
+    assert {r["class"] for r in log if r["status"] == 200 and r["server"].startswith("job")} == {"batch"}
 
 
 def test_batch_in_openai_format_and_bad_input(pool_factory, tmp_path):
