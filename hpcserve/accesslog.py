@@ -7,7 +7,7 @@ and appends them through Python's RotatingFileHandler (access.log, access.log.1 
 never blocks on logging: were the writer gone, lines would be dropped and counted by HAProxy
 (`show info`, DroppedLogs), which is why every step of hpcserve restarts a writer that is not running.
 
-Run as `python -m hpcserve.accesslog SOCKET FILE MAX_BYTES BACKUPS` (by `ensure_writer`).
+Run as `python -m hpcserve.accesslog SOCKET FILE MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def ensure_writer(deployment: Deployment, timeout: float = 10.0) -> bool:
     sock = paths(deployment).access_log_socket
     sock.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "hpcserve.accesslog", str(sock), str(log_file(deployment)),
-            str(settings.access_log_max_bytes), str(settings.access_log_files)]
+            str(settings.access_log_max_bytes), str(settings.access_log_files), str(paths(deployment).pid_file)]
     error_file = deployment.state_dir / "logs" / "access-writer.err"
     with open(os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as errors:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
@@ -94,9 +94,22 @@ def stop_writer(deployment: Deployment, timeout: float = 5.0) -> None:
     _pid_file(deployment).unlink(missing_ok=True)
 
 
-def serve(sock_path: Path, file: Path, max_bytes: int, backups: int) -> None:
+#: Seconds the writer waits for its HAProxy to (re)appear before it exits.
+ORPHAN_GRACE = 60.0
+
+
+def _haproxy_alive(pid_file: Path) -> bool:
+    try:
+        return psutil.pid_exists(int(pid_file.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def serve(sock_path: Path, file: Path, max_bytes: int, backups: int, haproxy_pid_file: Path) -> None:
     """Receive datagrams on `sock_path` (made 0600) and append each as a line of `file`, rotating it
-    at `max_bytes` bytes and keeping `backups` older files. Returns on SIGTERM or SIGINT."""
+    at `max_bytes` bytes and keeping `backups` older files. Returns on SIGTERM or SIGINT, or once
+    the HAProxy of `haproxy_pid_file` has been gone for ORPHAN_GRACE seconds (killed, or stopped
+    without hpcserve): the next step that starts HAProxy starts a writer again."""
     os.umask(0o077)
     handler = logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups,
                                                    encoding="utf-8")
@@ -111,14 +124,17 @@ def serve(sock_path: Path, file: Path, max_bytes: int, backups: int) -> None:
             running = False
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        sock.settimeout(0.5)
+        sock.settimeout(1.0)
+        last_seen = time.monotonic()
         try:
             while running:
                 try:
                     data = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                except InterruptedError:
+                except (TimeoutError, InterruptedError):
+                    if _haproxy_alive(haproxy_pid_file):
+                        last_seen = time.monotonic()
+                    elif time.monotonic() - last_seen > ORPHAN_GRACE:
+                        return
                     continue
                 line = data.decode("utf-8", errors="replace").rstrip("\n")
                 handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
@@ -149,4 +165,4 @@ def records(deployment: Deployment) -> Iterator[dict]:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    serve(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))

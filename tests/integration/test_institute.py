@@ -206,8 +206,8 @@ def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
 
                 async def batch_client():
                     codes = []
-                    while not done.is_set():
-                        codes.append(await one(batch))
+                    while not done.is_set():   # asking to be interactive does not raise a batch key
+                        codes.append(await one(batch, **{"X-Priority-Class": "interactive"}))
                     return codes
 
                 batch_tasks = [asyncio.create_task(batch_client()) for _ in range(300)]
@@ -226,6 +226,7 @@ def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
         person_records = [r for r in records if r["key"] == "person"]
         chat_waits = [r["Tw"] / 1000 for r in person_records if r["class"] == "interactive"]
         batch_waits = [r["Tw"] / 1000 for r in records if r["key"] == "batch-user"]
+        assert {r["class"] for r in records if r["key"] == "batch-user"} == {"batch"}
         turnover = max(slot_seconds(r) for r in records)
         chat_p99 = statistics.quantiles(chat_waits, n=100, method="inclusive")[98]
         with capsys.disabled():
