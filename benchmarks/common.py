@@ -16,6 +16,7 @@ import httpx
 from hpcserve import config
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy.process import HAProxy
+from hpcserve.state import StateDir
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"
@@ -65,10 +66,13 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
     if not no_delay:
         text = re.sub(r"^\s*option http-no-delay\n", "", text, flags=re.MULTILINE)
     proxy = HAProxy(deployment, KEY)
+    # With auth: keys the stats page asks for a key too: the owner key, made here.
+    owner = StateDir(folder).api_key() if deployment.haproxy.auth == "keys" else None
     proxy.apply(text)
     stats = f"http://127.0.0.1:{deployment.haproxy.stats_port}/stats;csv"
+    headers = {"Authorization": f"Bearer {owner}"} if owner else {}
     deadline = time.monotonic() + 30
-    while httpx.get(stats).text.count(",UP,") < len(backend_ports):
+    while httpx.get(stats, headers=headers).text.count(",UP,") < len(backend_ports):
         if time.monotonic() > deadline:
             raise SystemExit("HAProxy did not mark every llama-server UP")
         time.sleep(0.2)
