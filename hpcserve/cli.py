@@ -9,6 +9,7 @@ on stderr with an exit code from hpcserve.errors (2 bad input, 3 Slurm, 4 HAProx
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -126,6 +127,18 @@ def _keep(current: Desired) -> Desired:
     return current
 
 
+@contextlib.contextmanager
+def _deployment_lock(ctx: Context, timeout: float = 600.0):
+    """Hold the deployment's lock (one changing command at a time); a wait longer than `timeout`
+    seconds ends the command with one line naming the lock file."""
+    state = StateDir(ctx.deployment.state_dir)
+    try:
+        with state.lock(timeout=timeout):
+            yield
+    except filelock.Timeout:
+        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+
+
 def _step(ctx: Context, change: Change = _keep, drain_timeout: float | None = None,
           timeout: float = 600.0) -> Outcome:
     """One reconcile step toward `change(stored desired state)`, under the deployment lock.
@@ -136,11 +149,8 @@ def _step(ctx: Context, change: Change = _keep, drain_timeout: float | None = No
     """
     state = StateDir(ctx.deployment.state_dir)
     reconciler = ctx.reconciler()
-    try:
-        with state.lock(timeout=timeout):
-            outcome = reconciler.step(change(state.read_desired()), drain_timeout)
-    except filelock.Timeout:
-        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+    with _deployment_lock(ctx, timeout):
+        outcome = reconciler.step(change(state.read_desired()), drain_timeout)
     for line in describe(outcome):
         ctx.say(line)
     return outcome
@@ -467,12 +477,8 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
 
 def _sync_keys(ctx: Context) -> None:
     """Bring the running HAProxy's key map up to date (keys.py), under the deployment lock."""
-    state = StateDir(ctx.deployment.state_dir)
-    try:
-        with state.lock(timeout=60):
-            HAProxy(ctx.deployment, "").sync_keys()
-    except filelock.Timeout:
-        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+    with _deployment_lock(ctx, timeout=60):
+        HAProxy(ctx.deployment, "").sync_keys()
 
 
 def _answers(url: str) -> bool:

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import click
-import filelock
 from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
 from . import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
-from .cli import Context, _late_options, out, pass_ctx
+from .cli import Context, _deployment_lock, _late_options, out, pass_ctx
 from .endpoints import observe
-from .errors import ConfigError, HAProxyError, HpcserveError, SlurmError
+from .errors import ConfigError, HAProxyError, SlurmError
 from .haproxy import runtime
 from .haproxy.process import HAProxy
 from .state import StateDir
@@ -71,14 +70,10 @@ def _registry(ctx: Context) -> keys_mod.KeyRegistry:
 def _locked(ctx: Context, change):
     """Run `change()` under the deployment lock, then bring the running HAProxy's key map up to
     date; returns (change's result, where it took effect)."""
-    state = StateDir(ctx.deployment.state_dir)
-    try:
-        with state.lock(timeout=60):
-            result = change()
-            haproxy = HAProxy(ctx.deployment, "")
-            haproxy.sync_keys()
-    except filelock.Timeout:
-        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+    with _deployment_lock(ctx, timeout=60):
+        result = change()
+        haproxy = HAProxy(ctx.deployment, "")
+        haproxy.sync_keys()
     return result, ("in effect now" if haproxy.running() else "in effect when the pool starts")
 
 
@@ -110,10 +105,7 @@ def keys_set(ctx: Context, name: str, priority_class: str | None, max_concurrent
     """Change the class or limits of the key NAME (the key itself stays)."""
     registry = _registry(ctx)
     entry, where = _locked(ctx, lambda: registry.change(name, priority_class, max_concurrent, rate))
-    if ctx.as_json:
-        click.echo(json.dumps(_describe(entry, ctx), indent=2))
-        return
-    out.print(f"key {name}: {_limits(entry, ctx)}, {where}")
+    _print_key(ctx, entry, f"key {name}: {_limits(entry, ctx)}, {where}")
 
 
 @keys.command("revoke")
@@ -124,10 +116,15 @@ def keys_revoke(ctx: Context, name: str) -> None:
     """Revoke the key NAME: its next request gets 401."""
     registry = _registry(ctx)
     entry, where = _locked(ctx, lambda: registry.revoke(name))
+    _print_key(ctx, entry, f"key {name} revoked, {where}")
+
+
+def _print_key(ctx: Context, entry: keys_mod.Key, line: str) -> None:
+    """The key's entry as JSON (--json), else `line`."""
     if ctx.as_json:
         click.echo(json.dumps(_describe(entry, ctx), indent=2))
-        return
-    out.print(f"key {name} revoked, {where}")
+    else:
+        out.print(line)
 
 
 @keys.command("list")
@@ -136,11 +133,7 @@ def keys_revoke(ctx: Context, name: str) -> None:
 def keys_list(ctx: Context) -> None:
     """List the accepted keys (names, classes, limits; never a key)."""
     _registry(ctx)
-    try:
-        accepted = keys_mod.accepted_keys(ctx.deployment)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
-    rows = [_describe(k, ctx) for k in accepted]
+    rows = [_describe(k, ctx) for k in keys_mod.accepted_keys(ctx.deployment)]
     if ctx.as_json:
         click.echo(json.dumps(rows, indent=2))
         return

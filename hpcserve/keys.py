@@ -26,11 +26,11 @@ import json
 import math
 import re
 import secrets
-from pathlib import Path
 
 from .config import Deployment, read_api_keys
 from .errors import ConfigError, HpcserveError
 from .state import StateDir, write_private
+from .webui import key_file as webui_key_file
 
 #: Priority classes: interactive requests leave HAProxy's queue before batch ones (see haproxy.batch_delay).
 PRIORITY_CLASSES = ("interactive", "batch")
@@ -100,11 +100,6 @@ def parse_rate(text: str) -> int:
     if rate > MAX_RATE:
         raise ValueError(f"expected at most {MAX_RATE} requests per minute, got {rate}")
     return rate
-
-
-def webui_key_file(deployment: Deployment) -> Path:
-    """OpenWebUI's frontend key (0600), made by `hpcserve webui`."""
-    return deployment.state_dir / "webui" / "api.key"
 
 
 class KeyRegistry:
@@ -211,7 +206,7 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
     haproxy.api_keys_file, and the named keys; [] when haproxy.auth is open.
 
     Raises:
-        OSError, ValueError: the api_keys_file cannot be read (see config.read_api_keys).
+        ConfigError: the api_keys_file cannot be read or holds no key (see config.read_api_keys).
         HpcserveError: keys.json is unreadable.
     """
     if deployment.haproxy.auth == "open":
@@ -227,8 +222,11 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
     if webui:
         keys.append(Key("openwebui", digest(webui), forwards_users=True, source="openwebui"))
     if deployment.haproxy.api_keys_file:
-        for key in read_api_keys(deployment.haproxy.api_keys_file):
-            keys.append(Key(f"file-{digest(key)[:8]}", digest(key), source="file"))
+        try:
+            file_keys = read_api_keys(deployment.haproxy.api_keys_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
+        keys += [Key(f"file-{digest(key)[:8]}", digest(key), source="file") for key in file_keys]
     keys += KeyRegistry(deployment).named()
     return keys
 

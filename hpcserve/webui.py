@@ -19,12 +19,16 @@ from pathlib import Path
 from . import templates
 from .config import ANY_ADDRESSES, Deployment, url_host
 from .errors import ConfigError
-from .keys import webui_key_file
 from .state import StateDir, secret_file, write_private
 
 
 def folder(deployment: Deployment) -> Path:
     return deployment.state_dir / "webui"
+
+
+def key_file(deployment: Deployment) -> Path:
+    """OpenWebUI's frontend API key (0600), made on first use; keys.py accepts it as "openwebui"."""
+    return folder(deployment) / "api.key"
 
 
 def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str, str]:
@@ -44,7 +48,7 @@ def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str
         "OPENAI_API_BASE_URL": pool_url or deployment.url,
         # OpenWebUI's own key (keys.py, "openwebui"): the one key whose requests may name their
         # user (X-OpenWebUI-User-Email, forwarded below), accounted per user in the access log.
-        "OPENAI_API_KEY": secret_file(webui_key_file(deployment)) if deployment.haproxy.auth == "keys" else "hpcserve",
+        "OPENAI_API_KEY": secret_file(key_file(deployment)) if deployment.haproxy.auth == "keys" else "hpcserve",
         "ENABLE_OLLAMA_API": "False",
         "OFFLINE_MODE": "True",
         "ENABLE_PERSISTENT_CONFIG": "False",

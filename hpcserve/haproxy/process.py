@@ -16,12 +16,13 @@ import shlex
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 
 from .. import accesslog, keys, proc
 from ..config import Deployment
-from ..errors import CommandError, ConfigError, HAProxyError
+from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
 from .config import Paths, Server, backend_name, leaving_state, models_list, paths, render, server_options
@@ -361,23 +362,16 @@ class HAProxy:
 
     def _write_served_files(self) -> None:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
-        models = models_list(self.deployment)
-        if not self.paths.models_file.exists() or self.paths.models_file.read_text() != models:
-            write_private(self.paths.models_file, models)
+        _write_if_changed(self.paths.models_file, models_list(self.deployment))
         self._write_key_map()
         # Older hpcserve kept the keys ("Bearer KEY" lines), then their hashes, in these: gone now.
         for old in ("frontend-keys.lst", "frontend-key-hashes.lst"):
             (self.paths.root / old).unlink(missing_ok=True)
 
     def _write_key_map(self) -> dict[str, str] | None:
-        try:
-            entries = keys.key_map(self.deployment)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
+        entries = keys.key_map(self.deployment)
         if entries is not None:
-            text = keys.map_text(entries)
-            if not self.paths.keys_map_file.exists() or self.paths.keys_map_file.read_text() != text:
-                write_private(self.paths.keys_map_file, text)
+            _write_if_changed(self.paths.keys_map_file, keys.map_text(entries))
         return entries
 
     def sync_keys(self) -> int:
@@ -521,6 +515,13 @@ class HAProxy:
         for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self._base_file):
             path.unlink(missing_ok=True)
         accesslog.stop_writer(self.deployment)   # after HAProxy: it has the last lines
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` (0600, atomically) unless it holds that already: HAProxy reads these
+    files at each reload, and an unchanged file keeps its time."""
+    if not path.exists() or path.read_text() != text:
+        write_private(path, text)
 
 
 def keys_commands(map_file: str, live: dict[str, str], wanted: dict[str, str]) -> list[str]:
