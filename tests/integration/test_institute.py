@@ -302,8 +302,9 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
             assert chat(p.url, webui_key, tokens=5, **{"X-OpenWebUI-User-Email": user}).status_code == 200
             sent["openwebui"]["ok"] += 1
             users[user] += 1
+        hostile = 'gpt-4","key":"owner","user":"x\\'   # tries to rewrite the log line's other fields
         for i in range(20):
-            assert httpx.post(f"{p.url}/v1/chat/completions", json={"model": "gpt-4"},
+            assert httpx.post(f"{p.url}/v1/chat/completions", json={"model": hostile},
                               headers={"Authorization": f"Bearer {alice}"}).status_code == 404
             sent["alice"]["invalid"] += 1
             users["-"] += 1
@@ -313,7 +314,9 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
             users["-"] += 1
         assert sent["bob"] == {"ok": 30, "rate_limited": 10}
         total = sum(sum(v.values()) for v in sent.values())
-        assert len(p.records(total)) == total
+        records = p.records(total)
+        assert len(records) == total
+        assert [(r["key"], r["user"]) for r in records if r["model"] == hostile] == [("alice", "-")] * 20
         assert (p.proxy.paths.root / "logs" / "access.log.1").exists()     # rotated at 64 KiB, none lost
 
         report = json.loads(p.hpcserve("usage", "--json").stdout)
