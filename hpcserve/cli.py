@@ -29,12 +29,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, autoscaler, sbatch
+from . import check as check_mod
 from . import batch as batch_mod
 from . import webui as webui_mod
 from . import config as config_mod
 from .config import Deployment
 from .endpoints import Backend, Health, observe
-from .errors import HpcserveError, SlurmError, WaitTimeout
+from .errors import ConfigError, HAProxyError, HpcserveError, SlurmError, WaitTimeout
 from .haproxy import config as haproxy_config
 from .haproxy import runtime
 from .haproxy.process import HAProxy
@@ -190,12 +191,26 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
     again is harmless: only what is missing is submitted.
     """
     deployment = ctx.deployment
+    _preflight(ctx)
     desired = Desired(up=True, replicas={m.name: m.replicas for m in deployment.models})
     outcome = _finish_drains(ctx, _step(ctx, lambda _current: desired), None)
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout)
     _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + _still_coming(deployment, desired, outcome.backends)
                    + _key_hint(deployment))
+
+
+def _preflight(ctx: Context) -> None:
+    """Stop before changing anything when a check of `hpcserve check` fails (check.preflight).
+
+    Raises:
+        ConfigError, SlurmError or HAProxyError (by the first failed check's kind), naming every
+        failed check and its fix.
+    """
+    failed = [c for c in check_mod.preflight(ctx.deployment, ctx.scheduler()) if c.status == check_mod.FAIL]
+    if failed:
+        error = {"slurm": SlurmError, "haproxy": HAProxyError}.get(failed[0].kind, ConfigError)
+        raise error("; ".join(f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed))
 
 
 @cli.command()
@@ -449,11 +464,11 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
         out.print("OpenWebUI stopped")
         return
     settings = deployment.webui
-    program = (shutil.which(settings.command) or str(Path(sys.executable).parent / settings.command)
-               if "/" not in settings.command else settings.command)
-    if not os.path.exists(program):
-        raise HpcserveError("open-webui is not installed: pip install 'hpcserve[webui]' "
-                            "(or run it your own way with the output of `hpcserve webui --env`)")
+    program = webui_mod.find_program(settings.command)
+    if program is None:
+        raise HpcserveError(f"{settings.command} is not installed: pip install 'hpcserve[webui]', or "
+                            "scripts/setup.sh in a checkout (or run it your own way with the output of "
+                            "`hpcserve webui --env`)")
     env = {**os.environ, **webui_mod.environment(deployment)}
     _sync_keys(ctx)   # OpenWebUI's key, made on first use, is accepted from its first request
     with open(deployment.state_dir / "logs" / "webui.log", "a") as log:
@@ -741,3 +756,9 @@ from . import cli_access  # noqa: E402
 cli.add_command(cli_access.keys)
 cli.add_command(cli_access.usage)
 cli.add_command(cli_access.metrics)
+
+# Day one at a site (init, check) lives in its own module too.
+from . import cli_site  # noqa: E402
+
+cli.add_command(cli_site.init)
+cli.add_command(cli_site.check)

@@ -12,8 +12,12 @@ secret key and admin password live in STATE_DIR/webui, private to the owner.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import shlex
+import shutil
 import socket
+import sys
 from pathlib import Path
 
 from . import templates
@@ -54,6 +58,11 @@ def environment(deployment: Deployment, pool_url: str | None = None) -> dict[str
         "ENABLE_PERSISTENT_CONFIG": "False",
         "BYPASS_MODEL_ACCESS_CONTROL": "True",
         "ENABLE_FORWARD_USER_INFO_HEADERS": "True",
+        # The pool's (first) model preselected in a new chat, and no release-notes dialog at the
+        # first sign-in (open_webui/config.py: DEFAULT_MODELS, DEFAULT_INTERFACE_SETTINGS, whose
+        # showChangelog the frontend reads before showing "What's New").
+        "DEFAULT_MODELS": deployment.models[0].name,
+        "DEFAULT_INTERFACE_SETTINGS": json.dumps({"showChangelog": False}),
         "DATA_DIR": str(root / "data"),
         "WEBUI_SECRET_KEY": secret_file(root / "secret-key"),
         "WEBUI_ADMIN_EMAIL": deployment.webui.admin_email,
@@ -98,6 +107,20 @@ def pool_url_from_compute_nodes(deployment: Deployment) -> str:
                               "address (keep haproxy.auth: keys), or run `hpcserve webui` here")
         host = bind
     return f"http://{url_host(host)}:{deployment.haproxy.port}/v1"
+
+
+def find_program(command: str) -> str | None:
+    """The open-webui program `hpcserve webui` starts: `command` itself when it is a path; else the
+    name on PATH, beside this Python (pip install 'hpcserve[webui]'), or in the .venv-webui that
+    scripts/setup.sh installs beside this checkout's .venv (OpenWebUI's dependencies pin versions
+    of packages hpcserve uses too, so setup keeps it apart). None when none is there."""
+    if "/" in command:
+        return command if os.path.exists(command) else None
+    prefix = Path(sys.prefix)
+    for candidate in (shutil.which(command), prefix / "bin" / command, prefix.parent / ".venv-webui" / "bin" / command):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
 
 
 def url(deployment: Deployment) -> str:

@@ -47,7 +47,8 @@ def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
 
 
 def test_webui_without_open_webui_installed_says_how_to_get_it(tmp_path, gguf):
-    path = write_deployment(tmp_path, minimal(gguf, tmp_path))
+    # A name found nowhere: not on PATH, not beside this Python, not in the checkout's .venv-webui.
+    path = write_deployment(tmp_path, {**minimal(gguf, tmp_path), "webui": {"command": "open-webui-of-nowhere"}})
     result = hpcserve(path, "webui", env={**os.environ, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1 and "pip install 'hpcserve[webui]'" in result.stderr
     assert "Traceback" not in result.stderr
