@@ -276,7 +276,7 @@ def test_a_check_job_that_cannot_start_is_reported_and_cancelled(sites, model, t
     env = sites["c"].env
     init(env, tmp_path, "--gguf", model)
     # Another job holds the only node's CPUs and memory: the check job waits behind it.
-    blocker = subprocess.run(["sbatch", "--parsable", "-c", "8", "--mem=16000", "--wrap", "sleep 300"], env=env,
+    blocker = subprocess.run(["sbatch", "--parsable", "-c", "8", "--mem=16000", "--output=/dev/null", "--wrap", "sleep 300"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()
     try:
         code, checks = check(env, tmp_path, "--job", "--timeout", "10")
