@@ -104,7 +104,7 @@ def _sbatch_fix(message: str, deployment: Deployment, index: int) -> str:
     if "contact slurm controller" in message or "could not run" in message:
         return "start slurmctld, or point SLURM_CONF at the cluster's slurm.conf"
     try:
-        layout = layout_mod.read()
+        layout = layout_mod.read(accounts=False)
     except HpcserveError:
         return ""
     names = ", ".join(p.name for p in layout.partitions)
@@ -231,7 +231,7 @@ def state_dir_check(deployment: Deployment) -> Check:
         return Check("state_dir", PASS, f"{state.root} (scheduler: local, jobs run on this host)")
     fstype = filesystem_type(state.root)
     try:
-        hosts = {n.hostname for p in layout_mod.read().partitions
+        hosts = {n.hostname for p in layout_mod.read(accounts=False).partitions
                  if p.name == deployment.slurm.partition or (deployment.slurm.partition is None and p.default)
                  for n in p.nodes}
     except HpcserveError:
@@ -337,8 +337,9 @@ def _wait_for_report(deployment, scheduler, job_id, timeout, on_progress):
             return job.comment, job
         if job is None or job.state.ended or time.monotonic() > deadline:
             return None, job
-        news = f"check job {job_id}: {job.state.value}" + (f" ({job.reason})" if job.state is JobState.PENDING else
-                                                            f" on {job.node}")
+        waiting = job.state is JobState.PENDING
+        news = f"check job {job_id}: {job.state.value}" + (
+            (f" ({job.reason})" if job.reason not in ("None", "") else "") if waiting else f" on {job.node}")
         if news != said:
             on_progress(news)
             said = news

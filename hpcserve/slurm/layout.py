@@ -153,8 +153,9 @@ def parse_associations(text: str) -> tuple[Association, ...]:
     return tuple(rows)
 
 
-def read(env: Mapping[str, str] | None = None, timeout: float = 30.0) -> Layout:
-    """Read the cluster with sinfo, and the user's associations with sacctmgr where it answers.
+def read(env: Mapping[str, str] | None = None, timeout: float = 30.0, accounts: bool = True) -> Layout:
+    """Read the cluster with sinfo, and (with `accounts`) the user's associations with sacctmgr
+    where it answers; without, no slurmdbd is asked (it may be slow or down).
 
     Raises:
         SlurmError: sinfo failed (slurmctld unreachable) or printed something unexpected.
@@ -166,6 +167,8 @@ def read(env: Mapping[str, str] | None = None, timeout: float = 30.0) -> Layout:
     partitions = parse_sinfo(text)
     user = getpass.getuser()
     associations = default_account = None
+    if not accounts:
+        return Layout(partitions=partitions)
     try:
         # Without slurmdbd sacctmgr prints its complaint and exits 0: no rows then means "unknown".
         out = proc.run(["sacctmgr", "--noheader", "--parsable2", "show", "associations", f"user={user}",

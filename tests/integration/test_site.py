@@ -257,8 +257,9 @@ def test_each_check_on_the_compute_node_fails_on_what_it_checks(sites, slurm_env
         assert code == len(failed(checks)) >= 1
         return checks
 
-    checks = broken("setup", lambda raw: raw["slurm"].update(setup=["module load cuda/12.4"]))
-    assert failed(checks) == {"node:setup"} and "module load cuda/12.4" in checks["node:setup"]["detail"]
+    checks = broken("setup", lambda raw: raw["slurm"].update(setup=["true", "module load cuda/12.4 # token=s3cret"]))
+    # Named by its index: the comment that carries the report is visible to every user.
+    assert failed(checks) == {"node:setup"} and checks["node:setup"]["detail"] == "slurm.setup[1] exited 127"
 
     checks = broken("command", lambda raw: raw["models"][0].update(command="llama-server-of-another-site"))
     assert failed(checks) == {"node:llama-server:gemma3-270m"}
