@@ -301,7 +301,12 @@ def job_check(deployment: Deployment, scheduler: Scheduler, timeout: float,
     write_private(marker, nonce)
     job_id = None
     try:
-        job_id = scheduler.submit(job_script(deployment, marker, nonce))
+        try:
+            script = job_script(deployment, marker, nonce)
+        except jinja2.TemplateError as exc:
+            return [Check("job", FAIL, f"the check job template is broken: {exc}",
+                          f"repair check.sbatch.j2 in templates_dir {deployment.templates_dir}")]
+        job_id = scheduler.submit(script)
         on_progress(f"check job {job_id} submitted to partition {deployment.slurm.partition or '(default)'}")
         comment, job = _wait_for_report(deployment, scheduler, job_id, timeout, on_progress)
         if comment is None:

@@ -314,3 +314,23 @@ def test_the_layout_reader_sees_what_slurm_conf_says(sites):
     assert layout.associations is None    # no slurmdbd: sacctmgr does not answer
     node = layout.partition("gpu-h100").nodes[0]
     assert (node.name, node.cpus, node.memory_mb) == ("h1", 64, 512000)
+
+
+def test_init_asks_what_slurm_cannot_tell_on_a_terminal(slurm_env, model, tmp_path):
+    """On a terminal, init asks for the partition (two have GPUs here), the model file, its name and
+    the replicas; Enter takes the default shown."""
+    import os
+    import pty
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "hpcserve", "init", "--state-dir", str(tmp_path / "state")],
+                               stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=slurm_env,
+                               cwd=tmp_path, text=True)
+    os.close(follower)
+    os.write(leader, f"cpu\n{model}\n\n3\n".encode())
+    out, err = process.communicate(timeout=120)
+    os.close(leader)
+    assert process.returncode == 0, err
+    assert "partition for the backends (cpu, gpu) [gpu]" in err and "model name [gemma3-270m]" in err
+    raw = yaml.safe_load((tmp_path / "hpcserve.yaml").read_text())
+    assert raw["slurm"]["partition"] == "cpu"
+    assert (raw["models"][0]["gguf"], raw["models"][0]["name"], raw["models"][0]["replicas"]) == (model, "gemma3-270m", 3)

@@ -17,6 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hpcserve import check as check_mod
 from hpcserve import config, sbatch
 from hpcserve.errors import ConfigError
 from hpcserve.haproxy import config as haproxy_config
@@ -191,9 +192,12 @@ def stubs(tmp_path_factory) -> Path:
     """A folder of stand-ins for what the job script runs: llama-server records its argv and says
     where it listens; scontrol and hostname answer as on a node."""
     folder = tmp_path_factory.mktemp("stubs")
-    (folder / "llama-server").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_ARGV"\n'
+    (folder / "llama-server").write_text('#!/bin/bash\n[ "$1" = --version ] && { echo "version: stub"; exit 0; }\n'
+                                         'printf "%s\\0" "$@" > "$STUB_ARGV"\n'
                                          'echo "main: server is listening on http://0.0.0.0:5555 - starting"\nsleep 0.7\n')
     (folder / "scontrol").write_text("#!/bin/bash\nexit 0\n")
+    # The check job's listener: says its port and ends at once.
+    (folder / "python3").write_text("#!/bin/bash\necho 5555\n")
     (folder / "hostname").write_text("#!/bin/bash\necho node1\n")
     for stub in folder.iterdir():
         stub.chmod(0o755)
@@ -251,6 +255,18 @@ def test_every_string_field_is_refused_or_inert(tmp_path_factory, stubs, field, 
     argv = argv_file.read_bytes().decode().split("\0")[:-1]
     assert argv[argv.index("--model") + 1] == str(model.gguf) and argv[-2:] == model.extra_args[-2:]
     assert argv[argv.index("--alias") + 1] == model.name
+    # The check job's script (hpcserve check --job): a replica's directives with its own name, output
+    # and time limit, and running it runs nothing it was not meant to.
+    check_script = check_mod.job_script(deployment, folder / "marker", "nonce")
+    own = {f"--job-name=hpcserve-check:{deployment.name}", "--output=/dev/null", "--time=10"}
+    replica = expected - {f"--job-name=hpcserve:{deployment.name}:{model.name}", "--open-mode=append",
+                          f"--output={deployment.state_dir}/logs/job-%j.out", f"--time={deployment.slurm.time_limit}",
+                          f"--signal=B:USR1@{deployment.slurm.signal_before}"}
+    assert sorted(_directives(check_script)) == sorted(replica | own)
+    result = subprocess.run(["bash", "-c", check_script], capture_output=True, timeout=30, cwd=folder,
+                            env={"PATH": f"{stubs}:/usr/bin:/bin", "SLURM_JOB_ID": "7"})
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert not mark.exists(), f"{path}={value!r} ran a command in the check job"
     # haproxy.cfg: the one frontend bind and the stats bind, nothing smuggled in.
     cfg = haproxy_config.render(deployment, [])
     binds = [line.strip() for line in cfg.splitlines() if re.match(r"\s*bind\s", line)]
