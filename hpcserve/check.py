@@ -69,8 +69,8 @@ class Check:
 
 
 def preflight(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
-    """The checks that need no job (module docstring). The state directory comes first: the
-    HAProxy check writes the files its config names there."""
+    """The checks that need no job (module docstring), the state directory's listed last. It is
+    made first: the HAProxy check writes the files its config names there."""
     state = state_dir_check(deployment)
     checks = [*job_scripts(deployment, scheduler), *model_files(deployment)]
     if os.path.isdir(deployment.state_dir):
