@@ -235,7 +235,7 @@ def test_every_string_field_is_refused_or_inert(tmp_path_factory, stubs, field, 
     # sbatch reads exactly the directives it was meant to, each with the value it was given.
     expected = {f"--job-name=hpcserve:{deployment.name}:{model.name}", f"--partition={deployment.slurm.partition}",
                 f"--mem={model.memory}", f"--time={deployment.slurm.time_limit}", f"--gres={model.gpus.gres}",
-                f"--output={deployment.state_dir}/logs/job-%j.out", *deployment.slurm.extra_directives}
+                f"--output={deployment.state_dir / 'logs'}/job-%j.out", *deployment.slurm.extra_directives}
     for key in ("account", "qos", "constraint"):
         if getattr(deployment.slurm, key):
             expected.add(f"--{key}={getattr(deployment.slurm, key)}")
@@ -260,7 +260,7 @@ def test_every_string_field_is_refused_or_inert(tmp_path_factory, stubs, field, 
     check_script = check_mod.job_script(deployment, folder / "marker", "nonce")
     own = {f"--job-name=hpcserve-check:{deployment.name}", "--output=/dev/null", "--time=10"}
     replica = expected - {f"--job-name=hpcserve:{deployment.name}:{model.name}", "--open-mode=append",
-                          f"--output={deployment.state_dir}/logs/job-%j.out", f"--time={deployment.slurm.time_limit}",
+                          f"--output={deployment.state_dir / 'logs'}/job-%j.out", f"--time={deployment.slurm.time_limit}",
                           f"--signal=B:USR1@{deployment.slurm.signal_before}"}
     assert sorted(_directives(check_script)) == sorted(replica | own)
     result = subprocess.run(["bash", "-c", check_script], capture_output=True, timeout=30, cwd=folder,
