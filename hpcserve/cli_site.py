@@ -17,6 +17,7 @@ from . import site
 from .cli import Context, _late_options, err, out, pass_ctx
 from .errors import ConfigError
 from .slurm import layout as layout_mod
+from .state import write_atomic
 
 
 def _default_llama_server() -> str:
@@ -95,9 +96,7 @@ def init(ctx: Context, gguf: Path | None, model_name: str | None, replicas: int 
     # What init writes, the loader must accept as it is: check it before the file exists.
     config_mod.parse(config_mod.parse_yaml(text, str(target)), base=target.resolve().parent, source=str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(text)
-    partial.replace(target)
+    write_atomic(target, text, 0o644)   # a deployment file holds no secret
     ctx.say(f"cluster: {plan.cluster}")
     for warning in plan.warnings:
         ctx.say(f"warning: {warning}")
