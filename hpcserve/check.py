@@ -30,7 +30,7 @@ from .config import Deployment, Model
 from .endpoints import resolve
 from .errors import CommandError, HpcserveError
 from .haproxy import config as haproxy_config
-from .haproxy.process import HAProxy, check_port_free
+from .haproxy.process import HAProxy
 from .slurm import Scheduler
 from .slurm import layout as layout_mod
 from .slurm.states import JobState
@@ -190,8 +190,7 @@ def haproxy_checks(deployment: Deployment) -> list[Check]:
         checks.append(Check("ports", PASS, f"{ports} are served by this pool's HAProxy (pid {pid})"))
         return checks
     try:
-        check_port_free(settings.bind, settings.port, "haproxy.port")
-        check_port_free("127.0.0.1", settings.stats_port_or_default, "haproxy.stats_port")
+        haproxy.check_ports()
         checks.append(Check("ports", PASS, f"{ports} are free"))
     except HpcserveError as exc:
         checks.append(Check("ports", FAIL, str(exc), "choose free ports in haproxy.port and haproxy.stats_port",

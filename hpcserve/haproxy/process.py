@@ -429,15 +429,23 @@ class HAProxy:
             raise
         return True
 
+    def check_ports(self) -> None:
+        """Raise HAProxyError, naming the field, if the frontend or the stats port is taken.
+
+        Raises:
+            HAProxyError: something listens on haproxy.bind:port or 127.0.0.1:stats_port.
+        """
+        settings = self.deployment.haproxy
+        check_port_free(settings.bind, settings.port, "haproxy.port")
+        check_port_free("127.0.0.1", settings.stats_port_or_default, "haproxy.stats_port")
+
     def start(self) -> None:
         """Start the master (daemonised) with the config file in place.
 
         Raises:
             HAProxyError: the frontend or stats port is in use, or haproxy failed to start.
         """
-        settings = self.deployment.haproxy
-        check_port_free(settings.bind, settings.port, "haproxy.port")
-        check_port_free("127.0.0.1", settings.stats_port_or_default, "haproxy.stats_port")
+        self.check_ports()
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
         argv = [*self._argv0, "-W", "-D", "-S", f"{self.paths.master_socket},mode,600",
                 "-p", str(self.paths.pid_file), "-f", str(self.paths.config)]
