@@ -108,8 +108,7 @@ def _sbatch_fix(message: str, deployment: Deployment, index: int) -> str:
     except HpcserveError:
         return ""
     names = ", ".join(p.name for p in layout.partitions)
-    partition = layout.partition(deployment.slurm.partition) if deployment.slurm.partition else \
-        next((p for p in layout.partitions if p.default), None)
+    partition = layout.partition(deployment.slurm.partition)
     if "partition" in message.lower() or partition is None:
         return f"slurm.partition: one of {names}"
     if "time limit" in message.lower():
@@ -123,29 +122,19 @@ def unfit(model: Model, partition: layout_mod.Partition) -> str:
     gres_type = model.gpus.type if model.gpus.count else None
     nodes = partition.nodes
     offers = "; ".join(sorted({f"{n.cpus} CPUs, {n.memory_mb} MB, gres {_gres_text(n)}" for n in nodes}))
-    wanted_mb = _megabytes(model.memory)
     reasons = []
     if model.gpus.count and not any(n.gpus(gres_type) >= model.gpus.count for n in nodes):
-        types = ", ".join(f"{c} {t or 'untyped'}" for t, c in partition.gpu_types().items()) or "none"
-        reasons.append(f"gpus asks for {model.gpus.count} {gres_type or ''} GPU(s) per node (GPUs there: {types})"
-                       .replace("  ", " "))
+        reasons.append(f"gpus asks for {layout_mod.gpu_words(model.gpus.count, gres_type)} per node "
+                       f"(GPUs there: {partition.gpu_summary()})")
     if not any(n.cpus >= model.cpus for n in nodes):
         reasons.append(f"cpus {model.cpus} is more than a node has")
-    if wanted_mb is not None and not any(n.memory_mb >= wanted_mb for n in nodes):
+    if not any(n.memory_mb >= model.memory_mb for n in nodes):
         reasons.append(f"memory {model.memory} is more than a node has")
     return (", ".join(reasons) or "sbatch's reason above") + f"; nodes of {partition.name}: {offers}"
 
 
 def _gres_text(node: layout_mod.Node) -> str:
     return ",".join(f"{g.name}:{g.type + ':' if g.type else ''}{g.count}" for g in node.gres) or "none"
-
-
-def _megabytes(memory: str) -> int | None:
-    match = re.fullmatch(r"(\d+)([KMGT]?)", memory)
-    if not match:
-        return None
-    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1 << 20}[match.group(2)]
-    return int(int(match.group(1)) * scale)
 
 
 def haproxy_release(command: str) -> tuple[int, ...] | None:
@@ -230,9 +219,8 @@ def state_dir_check(deployment: Deployment) -> Check:
         return Check("state_dir", PASS, f"{state.root} (scheduler: local, jobs run on this host)")
     fstype = filesystem_type(state.root)
     try:
-        hosts = {n.hostname for p in layout_mod.read(accounts=False).partitions
-                 if p.name == deployment.slurm.partition or (deployment.slurm.partition is None and p.default)
-                 for n in p.nodes}
+        partition = layout_mod.read(accounts=False).partition(deployment.slurm.partition)
+        hosts = {n.hostname for n in partition.nodes} if partition else set()
     except HpcserveError:
         hosts = set()
     status, detail = shared_verdict(fstype, hosts, this_host_names())

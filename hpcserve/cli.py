@@ -42,6 +42,7 @@ from .haproxy.process import HAProxy
 from .reconcile import Outcome, Reconciler, describe
 from .local import LocalScheduler
 from .slurm import Scheduler, pyslurm_adapter
+from .slurm.cli import format_duration
 from .state import Desired, StateDir, write_private
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
@@ -635,11 +636,7 @@ def _dash(value) -> str:
 
 
 def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    days, rest = divmod(seconds, 86400)
-    text = time.strftime("%H:%M:%S", time.gmtime(rest))
-    return f"{days}-{text}" if days else text
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float,

@@ -113,7 +113,8 @@ def init(ctx: Context, gguf: Path | None, model_name: str | None, replicas: int 
 
 def _resources(model: dict) -> str:
     gpus = model["gpus"]
-    gpu_text = f"{gpus['count']} {gpus.get('type', '')} GPU".replace("  ", " ") if gpus["count"] else "no GPU"
+    gpu_text = " ".join(str(part) for part in (gpus["count"], gpus.get("type"), "GPU") if part) if gpus["count"] \
+        else "no GPU"
     return f"{gpu_text}, {model['cpus']} CPUs, {model['memory']}"
 
 

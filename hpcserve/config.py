@@ -142,6 +142,12 @@ class Model(_Strict):
         """The llama-server command as an argv list."""
         return shlex.split(self.command)
 
+    @property
+    def memory_mb(self) -> int:
+        """`memory` in MB (sbatch(1) --mem: a unit suffix K, M, G or T; M when there is none)."""
+        number, unit = re.fullmatch(r"(\d+)([KMGT]?)", self.memory).groups()
+        return int(number) * {"K": 1, "": 1 << 10, "M": 1 << 10, "G": 1 << 20, "T": 1 << 30}[unit] >> 10
+
 
 def _command_line(value: str, what: str) -> str:
     """`value` if it splits into shell words (it is run as an argv list, each word quoted)."""

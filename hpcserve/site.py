@@ -25,8 +25,8 @@ from pathlib import Path
 
 from . import templates
 from .errors import ConfigError
-from .slurm.cli import parse_duration
-from .slurm.layout import Layout, Node, Partition
+from .slurm.cli import format_duration, parse_duration
+from .slurm.layout import Layout, Node, Partition, gpu_words
 
 TEMPLATE = "hpcserve.yaml.j2"
 DAY_S = 86400
@@ -112,14 +112,6 @@ def gpu_partitions(layout: Layout) -> list[Partition]:
     return [p for p in layout.partitions if p.gpus]
 
 
-def format_time(seconds: int) -> str:
-    """Seconds as Slurm's D-HH:MM:SS (sbatch(1) --time)."""
-    days, rest = divmod(int(seconds), DAY_S)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
 def plan(layout: Layout, answers: Answers, gguf_bytes: int | None = None) -> Plan:
     """The deployment for `answers` on `layout` (rules in the module docstring).
 
@@ -145,14 +137,14 @@ def plan(layout: Layout, answers: Answers, gguf_bytes: int | None = None) -> Pla
         nodes = [n for n in partition.nodes if n.gpus(gpu_type)]
         most = max(n.gpus(gpu_type) for n in nodes)
         if answers.gpus > most:
-            raise ConfigError(f"--gpus: a node of partition {partition.name} has at most {most} "
-                              f"{gpu_type or ''} GPU(s), not {answers.gpus}".replace("  ", " "))
+            raise ConfigError(f"--gpus: a node of partition {partition.name} has at most "
+                              f"{gpu_words(most, gpu_type)}, not {answers.gpus}")
         nodes = [n for n in nodes if n.gpus(gpu_type) >= answers.gpus]
         smallest = min(nodes, key=lambda n: (n.cpus / n.gpus(gpu_type), n.memory_mb / n.gpus(gpu_type)))
         share = answers.gpus / smallest.gpus(gpu_type)
         gpus = {"type": gpu_type, "count": answers.gpus} if gpu_type else {"count": answers.gpus}
-        notes["gpus"] = f"gres gpu{':' + gpu_type if gpu_type else ''}; GPUs of partition {partition.name}: " + ", ".join(
-            f"{c} {t or 'untyped'}" for t, c in types.items())
+        notes["gpus"] = (f"gres gpu{':' + gpu_type if gpu_type else ''}; GPUs of partition {partition.name}: "
+                         f"{partition.gpu_summary()}")
         cpus, memory_mb = _share(smallest, share)
         why = f"{smallest.cpus} CPUs and {smallest.memory_mb} MB per node of {smallest.gpus(gpu_type)} GPUs, x {answers.gpus}"
     else:
@@ -169,7 +161,7 @@ def plan(layout: Layout, answers: Answers, gguf_bytes: int | None = None) -> Pla
 
     time_limit, renew_before = _time_limit(partition, answers.time_limit)
     notes["slurm.time_limit"] = ("MaxTime of " + partition.name + ": "
-                                 + (format_time(partition.max_time_s) if partition.max_time_s else "unlimited")
+                                 + (format_duration(partition.max_time_s, days=True) if partition.max_time_s else "unlimited")
                                  + "; a replica's successor is submitted before it ends")
     model: dict = {"name": answers.model_name, "gguf": str(answers.gguf), "command": answers.llama_server,
                    "replicas": answers.replicas, "parallel": answers.parallel,
@@ -210,13 +202,13 @@ def _time_limit(partition: Partition, wanted: str | None) -> tuple[str, int]:
             raise ConfigError(f"--time-limit: expected D-HH:MM:SS, HH:MM:SS or minutes, got {wanted!r}")
         if ":" not in wanted and "-" not in wanted and seconds is not None:
             seconds *= 60   # sbatch(1): a bare number is minutes
-            wanted = format_time(seconds)
+            wanted = format_duration(seconds, days=True)
         if limit is not None and (seconds is None or seconds > limit):
-            raise ConfigError(f"--time-limit: partition {partition.name} allows at most {format_time(limit)} "
+            raise ConfigError(f"--time-limit: partition {partition.name} allows at most {format_duration(limit, days=True)} "
                               f"(MaxTime), got {wanted}")
     else:
         seconds = DAY_S if limit is None else min(DAY_S, limit)
-        wanted = format_time(seconds)
+        wanted = format_duration(seconds, days=True)
     renew = DEFAULT_RENEW_BEFORE_S if seconds is None else min(DEFAULT_RENEW_BEFORE_S, seconds // 4)
     return wanted, renew
 

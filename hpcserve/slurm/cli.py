@@ -166,3 +166,13 @@ def parse_duration(text: str) -> int | None:
         numbers.insert(0, 0)
     hours, minutes, seconds = numbers[-3:]
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def format_duration(seconds: int, days: bool = False) -> str:
+    """Seconds as Slurm writes a duration, [D-]HH:MM:SS (the inverse of parse_duration): the day
+    field always with `days` (as sbatch(1) --time takes it), else only when not 0 (as squeue %L)."""
+    day_count, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{day_count}-{clock}" if days or day_count else clock

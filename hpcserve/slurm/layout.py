@@ -77,6 +77,10 @@ class Partition:
                     totals[g.type] = totals.get(g.type, 0) + g.count
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
+    def gpu_summary(self) -> str:
+        """The GPUs per type in words, e.g. "32 a100, 4 untyped", or "none"."""
+        return ", ".join(f"{count} {gpu_type or 'untyped'}" for gpu_type, count in self.gpu_types().items()) or "none"
+
 
 @dataclasses.dataclass(frozen=True)
 class Association:
@@ -96,8 +100,17 @@ class Layout:
     associations: tuple[Association, ...] | None = None
     default_account: str | None = None
 
-    def partition(self, name: str) -> Partition | None:
+    def partition(self, name: str | None) -> Partition | None:
+        """The partition called `name`, or with None the default partition (sbatch's without
+        --partition); None when there is no such partition."""
+        if name is None:
+            return next((p for p in self.partitions if p.default), None)
         return next((p for p in self.partitions if p.name == name), None)
+
+
+def gpu_words(count: int, gpu_type: str | None) -> str:
+    """GPUs in words: "2 a100 GPU(s)", or "2 GPU(s)" for untyped gres."""
+    return f"{count} {gpu_type} GPU(s)" if gpu_type else f"{count} GPU(s)"
 
 
 def parse_gres(text: str) -> tuple[Gres, ...]:
