@@ -334,3 +334,19 @@ def test_init_asks_what_slurm_cannot_tell_on_a_terminal(slurm_env, model, tmp_pa
     raw = yaml.safe_load((tmp_path / "hpcserve.yaml").read_text())
     assert raw["slurm"]["partition"] == "cpu"
     assert (raw["models"][0]["gguf"], raw["models"][0]["name"], raw["models"][0]["replicas"]) == (model, "gemma3-270m", 3)
+
+
+def test_init_refuses_flags_that_would_reach_a_job_script_or_the_file(slurm_env, model, tmp_path):
+    """init's answers go through the deployment file's validation before a file exists: a value
+    that could end an #SBATCH line, a YAML scalar or a shell line is refused, naming the field."""
+    for args, field in [(("--account", "phys;touch /tmp/x"), "slurm.account"),
+                        (("--qos", "normal --wrap=id"), "slurm.qos"),
+                        (("--setup", "module load cuda\nid"), "slurm.setup"),
+                        (("--model-name", 'm"\nname: evil'), "models[0].name"),
+                        (("--name", "a b"), "name"),
+                        (("--bind", "127.0.0.1:9000\n  bind *"), "haproxy.bind")]:
+        result = hpcserve("init", "--non-interactive", "--gguf", model, *args, env=slurm_env, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"hpcserve.yaml: {field}: " in result.stderr and "expected" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "hpcserve.yaml").exists()
