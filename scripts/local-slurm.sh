@@ -78,6 +78,9 @@ PartitionName=gpu Nodes=gpu[1-$nodes] Default=YES MaxTime=INFINITE State=UP
 # The CPU partition a site runs OpenWebUI in (hpcserve webui --sbatch): the same nodes here.
 PartitionName=cpu Nodes=gpu[1-$nodes] MaxTime=INFINITE State=UP
 EOF
+    # Slurm 23.02 and later start a cgroup plugin in slurmd unless told not to; the nodes here
+    # share one host and track processes by PID (proctrack/linuxproc), as on 22.05 without it.
+    printf 'CgroupPlugin=disabled\n' >"$dir/cgroup.conf"
     cat >"$dir/gres.conf" <<EOF
 NodeName=gpu[1-$nodes] Name=gpu Type=a100 File=$dir/gpus/nvidia[0-7]
 EOF

@@ -81,6 +81,7 @@ class Cluster:
                          f"MaxTime={p.max_time} State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         (self.root / "gres.conf").write_text("\n".join(gres) + "\n")
+        (self.root / "cgroup.conf").write_text("CgroupPlugin=disabled\n")   # as scripts/local-slurm.sh
 
     def start(self) -> Cluster:
         self._write()
