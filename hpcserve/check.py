@@ -16,7 +16,6 @@ import dataclasses
 import os
 import re
 import secrets
-import shlex
 import socket
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pathlib import Path
 import jinja2
 import psutil
 
-from . import proc, sbatch, templates
+from . import releases, sbatch, templates
 from .config import Deployment, Model
 from .endpoints import resolve
 from .errors import CommandError, HpcserveError
@@ -37,9 +36,6 @@ from .slurm.states import JobState
 from .state import StateDir, write_private
 
 PASS, FAIL, WARN = "pass", "fail", "warn"
-#: The oldest HAProxy hpcserve runs on: the release its config and runtime-API use are verified
-#: on (Debian bookworm's 2.6.12); older ones were never tried.
-MIN_HAPROXY = (2, 6)
 #: Filesystems one host exports to others (mount types as /proc/mounts names them).
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "cifs", "smb3",
                                  "glusterfs", "fuse.glusterfs", "panfs", "wekafs", "fuse.sshfs", "9p", "afs"})
@@ -72,10 +68,23 @@ def preflight(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
     """The checks that need no job (module docstring), the state directory's listed last. It is
     made first: the HAProxy check writes the files its config names there."""
     state = state_dir_check(deployment)
-    checks = [*job_scripts(deployment, scheduler), *model_files(deployment)]
+    checks = [*slurm_release(deployment), *job_scripts(deployment, scheduler), *model_files(deployment)]
     if os.path.isdir(deployment.state_dir):
         checks += haproxy_checks(deployment)
     return [*checks, state]
+
+
+def slurm_release(deployment: Deployment) -> list[Check]:
+    """Slurm's release from `sbatch --version`: a warning when older than the oldest tested one
+    (releases.TESTED_SLURM) or unknown; nothing for the workstation launcher."""
+    if deployment.scheduler != "slurm":
+        return []
+    release = releases.slurm(os.environ.get("SLURM_CONF", ""))
+    tested = releases.text(releases.TESTED_SLURM, slurm=True)
+    if release is None or release[:2] < releases.TESTED_SLURM:
+        return [Check("slurm", WARN, f"Slurm {releases.text(release, slurm=True)}: hpcserve is tested on {tested} and newer",
+                      "expect to find differences first; report them with `hpcserve check --json`")]
+    return [Check("slurm", PASS, f"Slurm {releases.text(release, slurm=True)} (tested on {tested} and newer)")]
 
 
 def job_scripts(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
@@ -137,32 +146,20 @@ def _gres_text(node: layout_mod.Node) -> str:
     return ",".join(f"{g.name}:{g.type + ':' if g.type else ''}{g.count}" for g in node.gres) or "none"
 
 
-def haproxy_release(command: str) -> tuple[int, ...] | None:
-    """(major, minor, patch) from `haproxy -v` ("HAProxy version 2.6.12-1+deb12u2 ..."), None if unknown.
-
-    Raises:
-        CommandError: haproxy could not be run.
-    """
-    out = proc.run([*shlex.split(command), "-v"], timeout=30).stdout
-    match = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
-    return tuple(int(x) for x in match.groups(default="0")) if match else None
-
-
 def haproxy_checks(deployment: Deployment) -> list[Check]:
     """HAProxy's release, the rendered config through `haproxy -c`, and the two ports."""
     settings = deployment.haproxy
     try:
-        release = haproxy_release(settings.command)
+        release = releases.haproxy(settings.command)
     except CommandError as exc:
         return [Check("haproxy", FAIL, str(exc), "install HAProxy (Debian/Ubuntu: apt install haproxy; "
                       "RHEL: dnf install haproxy) or set haproxy.command to its path", kind="haproxy")]
-    minimum = ".".join(map(str, MIN_HAPROXY))
-    if release is None or release[:2] < MIN_HAPROXY:
-        found = ".".join(map(str, release)) if release else "an unknown release"
-        return [Check("haproxy", FAIL, f"{settings.command} is {found}; hpcserve needs {minimum} or newer "
-                      "(its config and runtime API are verified on 2.6.12)",
-                      "install HAProxy 2.6 or newer, or set haproxy.command to it", kind="haproxy")]
-    checks = [Check("haproxy", PASS, f"HAProxy {'.'.join(map(str, release))} (hpcserve needs {minimum} or newer)")]
+    minimum = ".".join(map(str, releases.MIN_HAPROXY))
+    refusal = releases.haproxy_refusal(release)
+    if refusal:
+        return [Check("haproxy", FAIL, f"{settings.command}: {refusal}",
+                      f"install HAProxy {minimum} or newer, or set haproxy.command to it", kind="haproxy")]
+    checks = [Check("haproxy", PASS, f"HAProxy {releases.text(release)} (hpcserve needs {minimum} or newer)")]
     haproxy = HAProxy(deployment, "")
     try:
         haproxy.validate(haproxy_config.render(deployment, []))

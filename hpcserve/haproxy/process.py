@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import accesslog, keys, proc
+from .. import accesslog, keys, proc, releases
 from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
@@ -44,6 +44,15 @@ class HAProxy:
         self.paths: Paths = paths(deployment)
         self._argv0 = shlex.split(deployment.haproxy.command)
         self._env = {**os.environ, KEY_ENV: backend_key}
+
+    @property
+    def release(self) -> releases.Release | None:
+        """This HAProxy's release from `haproxy -v`, read once per process.
+
+        Raises:
+            CommandError: haproxy could not be run.
+        """
+        return releases.haproxy(self.deployment.haproxy.command)
 
     @property
     def log_file(self):
@@ -295,11 +304,16 @@ class HAProxy:
     def sync_servers(self, servers: list[Server]) -> None:
         """Add, drain, un-drain and delete servers of the running worker to match `servers`.
 
-        A new server (or one back from drain) gets weight 0, its state, and only then weight 1.
-        Measured with HAProxy 2.6.12 under 200 queued streams (maxconn 8): a server that leaves
-        maintenance with its weight already set takes up to twice its maxconn from the backend
-        queue at once (the extra requests wait inside llama-server); raised from weight 0, it takes
-        exactly maxconn. A server to delete is put in maintenance first; HAProxy refuses
+        A new server (or one back from drain) enters rotation in one of two ways, by release
+        (releases.fixes_queue_overshoot). Where HAProxy issue #2744 is unfixed (Debian's 2.6.12 and
+        3.0.11 among them), a server that leaves maintenance with its weight set may take up to
+        twice its maxconn from the backend queue (measured once on 2.6.12 under 200 queued streams,
+        maxconn 8), so it gets weight 0, its state, and only then weight 1. The price, measured on
+        2.6.12 and 3.0.11 (tests/integration/test_haproxy.py): raising the weight takes nothing
+        from the backend queue, so requests already waiting stay for the other servers and the
+        returning server gets new arrivals only. Where #2744 is fixed, it gets its weight first and
+        then its state: it takes up to maxconn of the waiting requests at once. A server to
+        delete is put in maintenance first; HAProxy refuses
         `del server` while connections remain, so such a server stays in maintenance (taking no
         request) and the next step deletes it.
 
@@ -312,6 +326,7 @@ class HAProxy:
         live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
                 if ls.backend in ours}
         state = leaving_state(self.deployment)
+        weight_last = not releases.fixes_queue_overshoot(self.release)
         added: list[str] = []
         commands: list[str] = []
         for (backend, name), server in sorted(wanted.items()):
@@ -321,11 +336,10 @@ class HAProxy:
                 added += [f"add server {where} {server.address}:{server.port} {options} weight 0 "
                           f"id {server.id}", f"enable health {where}"]
                 commands += ([f"set server {where} state {state}"] if server.draining else
-                             [f"set server {where} state ready", f"set server {where} weight 1"])
+                             _into_rotation(where, weight_last))
             elif _leaving(live[(backend, name)], state) != server.draining:
                 commands += ([f"set server {where} state {state}"] if server.draining else
-                             [f"set server {where} weight 0", f"set server {where} state ready",
-                              f"set server {where} weight 1"])
+                             _into_rotation(where, weight_last))
             elif live[(backend, name)].down and server.healthy and not server.draining:
                 commands.append(f"set server {where} health up")   # see config.server_options
         for backend, name in sorted(live.keys() - wanted.keys()):
@@ -443,8 +457,15 @@ class HAProxy:
         """Start the master (daemonised) with the config file in place.
 
         Raises:
-            HAProxyError: the frontend or stats port is in use, or haproxy failed to start.
+            HAProxyError: the release is older than hpcserve needs (releases.MIN_HAPROXY), the
+                frontend or stats port is in use, or haproxy failed to start.
         """
+        try:
+            refusal = releases.haproxy_refusal(self.release)
+        except CommandError as exc:
+            raise HAProxyError(f"haproxy.command: {exc}") from None
+        if refusal:
+            raise HAProxyError(refusal)
         self.check_ports()
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
         argv = [*self._argv0, "-W", "-D", "-S", f"{self.paths.master_socket},mode,600",
@@ -539,6 +560,14 @@ def keys_commands(map_file: str, live: dict[str, str], wanted: dict[str, str]) -
     commands += [f"set map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k in live and live[k] != v]
     commands += [f"add map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k not in live]
     return commands
+
+
+def _into_rotation(where: str, weight_last: bool) -> list[str]:
+    """The runtime commands that put server `where` ("backend/server") into rotation: its weight
+    after its state where HAProxy #2744 is unfixed, else before it (see HAProxy.sync_servers)."""
+    if weight_last:
+        return [f"set server {where} weight 0", f"set server {where} state ready", f"set server {where} weight 1"]
+    return [f"set server {where} weight 1", f"set server {where} state ready"]
 
 
 def _leaving(server: runtime.LiveServer, state: str) -> bool:

@@ -3,7 +3,7 @@
 pyslurm talks to slurmctld through libslurm instead of forking sbatch/squeue. Each pyslurm release
 builds only against its own Slurm major version, and PyPI has none for Slurm 22.05 (the local
 cluster here), so `choose()` takes this adapter only when `import pyslurm` works and its version
-matches the cluster's major.minor (`scontrol --version`); otherwise the CLI adapter.
+matches the cluster's major.minor (`sbatch --version`); otherwise the CLI adapter.
 
 API used (pyslurm's class API, the same from its 22.5 to its 25.11 releases; source:
 pyslurm/core/job/job.pyx, submission.pyx, node.pyx): `JobSubmitDescription(script=...)`,
@@ -18,10 +18,10 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import subprocess
 import sys
 from types import ModuleType
 
+from .. import releases
 from ..errors import SlurmError
 from .base import Job, Scheduler
 from .cli import CLIScheduler, first_node
@@ -80,13 +80,9 @@ class PyslurmScheduler(Scheduler):
 
 
 def slurm_version() -> tuple[int, int] | None:
-    """(major, minor) of the cluster's Slurm from `scontrol --version` ("slurm 22.05.8"), or None."""
-    try:
-        out = subprocess.run(["scontrol", "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"(\d+)\.(\d+)", out)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    """(major, minor) of the cluster's Slurm (releases.slurm: `sbatch --version`), or None."""
+    release = releases.slurm(os.environ.get("SLURM_CONF", ""))
+    return release[:2] if release else None
 
 
 def choose(notice=lambda line: print(line, file=sys.stderr)) -> Scheduler:

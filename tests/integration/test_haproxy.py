@@ -63,6 +63,19 @@ def test_the_longest_state_dir_allowed_works(haproxy_bin, gguf, tmp_path):
         h.stop(timeout=5)
 
 
+def test_a_release_older_than_the_minimum_is_refused_before_starting(gguf, tmp_path):
+    """RHEL 9's HAProxy 2.4 (a script printing its version: no such binary is reachable here)."""
+    old = tmp_path / "haproxy-2.4"
+    old.write_text("#!/bin/sh\necho 'HAProxy version 2.4.22-f8e3218 2023/02/14 - https://haproxy.org/'\n")
+    old.chmod(0o755)
+    h = haproxy_for(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
+                                                     "command": str(old)}), tmp_path)
+    with pytest.raises(HAProxyError, match=r"^HAProxy 2\.4\.22: hpcserve needs 2\.6 or newer \(its haproxy.cfg uses "
+                                           r"option idle-close-on-response \(HAProxy 2\.6\)"):
+        h.start()
+    assert not h.running()
+
+
 def test_private_files(proxy):
     proxy.apply(haproxy_config.render(proxy.deployment, []))
     for path in (proxy.paths.config, proxy.paths.master_socket, proxy.paths.admin_socket):
@@ -260,6 +273,43 @@ def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy,
     assert results + later_results == [200] * 9
     stats = httpx.get(f"http://127.0.0.1:{simulator4}/sim/stats").json()
     assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
+
+
+def test_a_server_added_under_a_full_queue_never_takes_more_than_its_slots(haproxy_bin, gguf, tmp_path):
+    """Scale-up under a backlog: 2 servers of 4 slots, 40 streams (32 wait in the backend queue),
+    then a third server is added at runtime. On every release it holds at most its 4 slots and
+    nothing waits inside it. Where HAProxy #2744 is fixed (releases.fixes_queue_overshoot) it takes
+    4 waiting requests at once; where it is not, hpcserve raises its weight last, and that leaves it
+    idle while the queue waits (the documented price of the workaround, asserted so that a release
+    that changes it is noticed)."""
+    from hpcserve import releases
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "timeout_queue": 120},
+                  models=[{"name": "m", "gguf": str(gguf), "parallel": 4}])
+    h = haproxy_for(raw, tmp_path, key="test-key")
+    with simulator(tmp_path / "a.log", slots=4, token_rate=20, key="test-key") as pa, \
+            simulator(tmp_path / "b.log", slots=4, token_rate=20, key="test-key") as pb, \
+            simulator(tmp_path / "c.log", slots=4, token_rate=20, key="test-key") as pc:
+        a, b, c = (Server("m", str(i), "127.0.0.1", port) for i, port in ((1, pa), (2, pb), (3, pc)))
+        try:
+            assert h.update([a, b]) == "started"
+            threads, results = _streams(f"http://127.0.0.1:{h.deployment.haproxy.port}/v1/chat/completions", 40,
+                                        tokens=30)
+            deadline = time.monotonic() + 20
+            while sum(s.queued for s in runtime.parse_stat(runtime.command(h.paths.admin_socket, "show stat"),
+                                                           rows="BACKEND")) < 30:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert h.update([a, b, c]) == "runtime"
+            time.sleep(0.5)    # less than one stream (1.5 s): no slot of a or b has freed yet
+            taken = httpx.get(f"http://127.0.0.1:{pc}/sim/stats").json()["busy"]
+            for t in threads:
+                t.join()
+            stats = httpx.get(f"http://127.0.0.1:{pc}/sim/stats").json()
+            assert results == [200] * 40
+            assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
+            assert taken == (4 if releases.fixes_queue_overshoot(h.release) else 0), (h.release, taken)
+        finally:
+            h.stop(timeout=5)
 
 
 def test_models_list_and_unknown_model(haproxy_bin, gguf, tmp_path):

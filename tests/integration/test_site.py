@@ -199,7 +199,8 @@ def test_each_check_before_a_job_fails_on_what_it_checks(slurm_env, model, tmp_p
     old.write_text("#!/bin/sh\necho 'HAProxy version 2.4.22-f8e3218 2023/02/14 - https://haproxy.org/'\n")
     old.chmod(0o755)
     checks = broken("old-haproxy", lambda raw: raw["haproxy"].update(command=str(old)))
-    assert failed(checks) == {"haproxy"} and "2.4.22; hpcserve needs 2.6 or newer" in checks["haproxy"]["detail"]
+    assert failed(checks) == {"haproxy"} and ("HAProxy 2.4.22: hpcserve needs 2.6 or newer (its haproxy.cfg uses option idle-close-on-response"
+                                         in checks["haproxy"]["detail"])
 
     site = tmp_path / "site"
     site.mkdir()
