@@ -1,8 +1,8 @@
 """The Slurm adapter over pyslurm's class API, for sites that install a pyslurm matching their Slurm.
 
 pyslurm talks to slurmctld through libslurm instead of forking sbatch/squeue. Each pyslurm release
-builds only against its own Slurm major version, and PyPI has none for Slurm 22.05 (the local
-cluster here), so `choose()` takes this adapter only when `import pyslurm` works and its version
+builds only against its own Slurm major version, and PyPI has 25.11 only while the Slurm releases
+tested here are 22.05, 24.11 and 26.05 (README, "Tested with"), so `choose()` takes this adapter only when `import pyslurm` works and its version
 matches the cluster's major.minor (`sbatch --version`); otherwise the CLI adapter.
 
 API used (pyslurm's class API, the same from its 22.5 to its 25.11 releases; source:

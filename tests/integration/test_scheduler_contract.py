@@ -40,7 +40,7 @@ def load_pyslurm(standin: bool):
     try:
         import pyslurm
     except ImportError:
-        pytest.skip("no pyslurm installed (PyPI has none for Slurm 22.05): the stand-in runs instead")
+        pytest.skip("no pyslurm installed (PyPI has 25.11 only; no Slurm here is 25.11): the stand-in runs instead")
     if pyslurm_adapter.choose(notice=lambda _: None).__class__ is not PyslurmScheduler:
         pytest.skip(f"pyslurm {pyslurm.__version__} does not match this cluster's Slurm")
     return pyslurm
