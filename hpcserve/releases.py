@@ -1,11 +1,12 @@
 """The HAProxy and Slurm releases a deployment runs with: read once per process, and what hpcserve
 needs of each.
 
-HAProxy: 2.6 or newer. hpcserve's haproxy.cfg uses `option idle-close-on-response` (new in 2.6:
-HAProxy 2.6 configuration manual, section 4 "option idle-close-on-response"), and the runtime API
-adds servers with health checks (`add server ... check`, `enable health`: dynamic servers gained
-health checks in 2.5; the 2.4 management guide's `add server` takes no check keywords). So RHEL 9's
-HAProxy 2.4 cannot serve a pool and is refused with that reason (`hpcserve check`, `up`).
+HAProxy: 2.6 or newer. hpcserve's haproxy.cfg uses `option idle-close-on-response` (HAProxy 2.6
+configuration manual, section 4; the option is new in 2.6), and the runtime API adds servers with
+health checks (`add server ... check`, `enable health`; servers added at runtime gained health
+checks in 2.5). Both are from HAProxy's release history, not tried on a 2.4 binary (none is
+reachable here). So RHEL 9's HAProxy 2.4 cannot serve a pool and is refused with that reason
+(`hpcserve check`, and before HAProxy starts).
 Tested releases (scripts/matrix.sh): 2.6.12 (Debian 12), 3.0.11 (Debian 13), 3.2.x (Debian sid).
 
 Slurm: tested on 22.05 (Debian 12), 24.11 (Debian 13) and 26.05 (Debian sid). hpcserve uses only

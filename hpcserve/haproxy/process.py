@@ -326,7 +326,10 @@ class HAProxy:
         live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
                 if ls.backend in ours}
         state = leaving_state(self.deployment)
-        weight_last = not releases.fixes_queue_overshoot(self.release)
+        try:
+            weight_last = not releases.fixes_queue_overshoot(self.release)
+        except CommandError:    # `haproxy -v` failed now: the way that is safe on every release
+            weight_last = True
         added: list[str] = []
         commands: list[str] = []
         for (backend, name), server in sorted(wanted.items()):
