@@ -78,9 +78,13 @@ PartitionName=gpu Nodes=gpu[1-$nodes] Default=YES MaxTime=INFINITE State=UP
 # The CPU partition a site runs OpenWebUI in (hpcserve webui --sbatch): the same nodes here.
 PartitionName=cpu Nodes=gpu[1-$nodes] MaxTime=INFINITE State=UP
 EOF
-    # Slurm 23.02 and later start a cgroup plugin in slurmd unless told not to; the nodes here
-    # share one host and track processes by PID (proctrack/linuxproc), as on 22.05 without it.
-    printf 'CgroupPlugin=disabled\n' >"$dir/cgroup.conf"
+    # Slurm 24.11's slurmd starts a cgroup plugin unless told not to; the nodes here share one
+    # host and track processes by PID (proctrack/linuxproc). `CgroupPlugin=disabled` exists from
+    # 23.02 on; 22.05's slurmd fails on it, and needs no cgroup.conf.
+    rm -f "$dir/cgroup.conf"
+    if slurmd -V | awk '{ split($2, v, "."); exit !(v[1] > 23 || (v[1] == 23 && v[2] >= 2)) }'; then
+        printf 'CgroupPlugin=disabled\n' >"$dir/cgroup.conf"
+    fi
     cat >"$dir/gres.conf" <<EOF
 NodeName=gpu[1-$nodes] Name=gpu Type=a100 File=$dir/gpus/nvidia[0-7]
 EOF

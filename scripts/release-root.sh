@@ -71,7 +71,9 @@ build() {  # build SUITE: the root with the suite's packages, and the venv; both
 
 # inside SUITE network|isolated COMMAND: COMMAND by bash in the root, in a mount and PID namespace of
 # its own (its /proc, /dev, the checkout at its path); `isolated` adds a network namespace with
-# only a loopback, so the suite's slurmctld, slurmd and HAProxy ports never meet the host's.
+# only a loopback, so the suite's slurmctld, slurmd and HAProxy ports never meet the host's. The
+# suite's cluster lives in /tmp/hpcserve-slurm-SUITE: the host sees its daemons' command lines, and
+# the host's scripts/local-slurm.sh (which finds its daemons by theirs) must not take them for its own.
 inside() {
     local suite="$1" mode="$2" command="$3" root="$roots/$1"
     local net=(); [ "$mode" = isolated ] && net=(--net)
@@ -91,6 +93,7 @@ inside() {
             ip addr add 10.213.0.1/32 dev lo
         fi
         exec chroot "$root" /usr/bin/env -i HOME=/root TERM="${TERM:-dumb}" LANG=C.UTF-8 \
+            HPCSERVE_SLURM_DIR="/tmp/hpcserve-slurm-$(basename "$root")" \
             PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin CI="${CI:-}" \
             bash -euc "cd $repo; $command"' _ "$root" "$repo" "$mode" "$command"
 }

@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from hpcserve import releases
 from tests.conftest import free_port
 
 
@@ -81,7 +82,8 @@ class Cluster:
                          f"MaxTime={p.max_time} State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         (self.root / "gres.conf").write_text("\n".join(gres) + "\n")
-        (self.root / "cgroup.conf").write_text("CgroupPlugin=disabled\n")   # as scripts/local-slurm.sh
+        if releases.parse(subprocess.run(["slurmd", "-V"], capture_output=True, text=True).stdout) >= (23, 2, 0):
+            (self.root / "cgroup.conf").write_text("CgroupPlugin=disabled\n")   # as scripts/local-slurm.sh
 
     def start(self) -> Cluster:
         self._write()
