@@ -79,7 +79,7 @@ def slurm_release(deployment: Deployment) -> list[Check]:
     (releases.TESTED_SLURM) or unknown; nothing for the workstation launcher."""
     if deployment.scheduler != "slurm":
         return []
-    release = releases.slurm(os.environ.get("SLURM_CONF", ""))
+    release = releases.slurm()
     tested = releases.text(releases.TESTED_SLURM, slurm=True)
     if release is None or release[:2] < releases.TESTED_SLURM:
         return [Check("slurm", WARN, f"Slurm {releases.text(release, slurm=True)}: hpcserve is tested on {tested} and newer",
@@ -154,7 +154,7 @@ def haproxy_checks(deployment: Deployment) -> list[Check]:
     except CommandError as exc:
         return [Check("haproxy", FAIL, str(exc), "install HAProxy (Debian/Ubuntu: apt install haproxy; "
                       "RHEL: dnf install haproxy) or set haproxy.command to its path", kind="haproxy")]
-    minimum = ".".join(map(str, releases.MIN_HAPROXY))
+    minimum = releases.text(releases.MIN_HAPROXY)
     refusal = releases.haproxy_refusal(release)
     if refusal:
         return [Check("haproxy", FAIL, f"{settings.command}: {refusal}",

@@ -18,6 +18,7 @@ as untested by `hpcserve check`.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shlex
 
@@ -63,7 +64,7 @@ def haproxy_refusal(release: Release | None) -> str | None:
     """Why hpcserve cannot serve with this HAProxy release, or None when it can."""
     if release is not None and release[:2] >= MIN_HAPROXY:
         return None
-    return f"HAProxy {text(release)}: hpcserve needs {'.'.join(map(str, MIN_HAPROXY))} or newer ({MIN_HAPROXY_WHY})"
+    return f"HAProxy {text(release)}: hpcserve needs {text(MIN_HAPROXY)} or newer ({MIN_HAPROXY_WHY})"
 
 
 #: HAProxy issue #2744: a server leaving maintenance while requests wait in the backend's queue
@@ -84,11 +85,15 @@ def fixes_queue_overshoot(release: Release | None) -> bool:
     return first is not None and release >= first
 
 
-@functools.lru_cache(maxsize=4)
-def slurm(env_key: str = "") -> Release | None:
+def slurm() -> Release | None:
     """The release of the Slurm commands on PATH, from `sbatch --version` ("slurm 24.11.5"), or None
-    when sbatch cannot be run. `env_key` (e.g. SLURM_CONF) only keys the cache: Slurm 24.11's
-    commands read their config even for --version."""
+    when sbatch cannot be run; read once per SLURM_CONF (Slurm 24.11's commands read their config
+    even for --version)."""
+    return _slurm(os.environ.get("SLURM_CONF", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _slurm(slurm_conf: str) -> Release | None:
     try:
         return parse(proc.run(["sbatch", "--version"], timeout=30).stdout)
     except CommandError:

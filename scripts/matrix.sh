@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 suites=("$@"); [ "${#suites[@]}" -gt 0 ] || suites=(host trixie sid)
 mkdir -p test-artifacts
 rows=() failed=0
+field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$versions"; }   # field NAME: from "slurm=24.11.5 haproxy=..."
 
 for suite in "${suites[@]}"; do
     junit="test-artifacts/matrix-$suite.xml"
@@ -37,7 +38,6 @@ except (OSError, ET.ParseError, AttributeError, TypeError):
 EOF
 )"
     [ "$status" -eq 0 ] || failed=$((failed + 1))
-    field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$versions"; }
     rows+=("| $suite | $(field slurm) | $(field haproxy) | $(field python) | $result | $minutes |")
 done
 

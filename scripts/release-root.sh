@@ -137,5 +137,5 @@ case "${1:-}" in
     shell) suite="${2:?suite}"; shift 2; build "$suite"
            command="exec bash -i"; [ "$#" -gt 0 ] && command="$(printf '%q ' "$@")"
            inside "$suite" isolated "scripts/local-slurm.sh start >&2; eval \"\$(scripts/local-slurm.sh env)\"; $command" ;;
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2 ;;   # the header above
 esac

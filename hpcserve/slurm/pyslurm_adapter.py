@@ -2,8 +2,9 @@
 
 pyslurm talks to slurmctld through libslurm instead of forking sbatch/squeue. Each pyslurm release
 builds only against its own Slurm major version, and PyPI has 25.11 only while the Slurm releases
-tested here are 22.05, 24.11 and 26.05 (README, "Tested with"), so `choose()` takes this adapter only when `import pyslurm` works and its version
-matches the cluster's major.minor (`sbatch --version`); otherwise the CLI adapter.
+tested here are 22.05, 24.11 and 26.05 (README, "Tested with"), so `choose()` takes this adapter
+only when `import pyslurm` works and its version matches the cluster's major.minor (`sbatch
+--version`); otherwise the CLI adapter.
 
 API used (pyslurm's class API, the same from its 22.5 to its 25.11 releases; source:
 pyslurm/core/job/job.pyx, submission.pyx, node.pyx): `JobSubmitDescription(script=...)`,
@@ -81,7 +82,7 @@ class PyslurmScheduler(Scheduler):
 
 def slurm_version() -> tuple[int, int] | None:
     """(major, minor) of the cluster's Slurm (releases.slurm: `sbatch --version`), or None."""
-    release = releases.slurm(os.environ.get("SLURM_CONF", ""))
+    release = releases.slurm()
     return release[:2] if release else None
 
 
