@@ -100,6 +100,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port P with P and P + 1 both free now: a deployment's frontend and its default stats port
+    (haproxy.stats_port = port + 1). A bare free_port() + 1 can be a port another test's daemon
+    holds (the Slurm layouts of tests/slurm_layouts.py keep theirs for the whole session)."""
+    while True:
+        port = free_port()
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def haproxy_for(raw: dict, base: Path, key: str = "k"):
     """The HAProxy of a raw deployment dict, its state folders made (nothing started).
 
