@@ -26,10 +26,11 @@ from hpcserve.errors import SlurmError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy.process import HAProxy
 from hpcserve.reconcile import Reconciler
-from hpcserve.slurm.base import Job
+from hpcserve.core.jobs import Job
 from hpcserve.slurm.cli import CLIScheduler
-from hpcserve.slurm.states import JobState
-from hpcserve.state import Desired, write_private
+from hpcserve.core.jobs import JobState
+from hpcserve.core.pool import Desired
+from hpcserve.state import write_private
 
 BACKENDS = 512
 QUEUED = 2000

@@ -169,7 +169,7 @@ def scenario_c(settings: Settings) -> list[dict]:
 def _changing_pool(settings: Settings, name: str) -> dict:
     import threading
 
-    from hpcserve.haproxy.config import Server
+    from hpcserve.core.pool import Server
     from hpcserve.haproxy.process import HAProxy
 
     folder = settings.folder / "c" / name

@@ -1,4 +1,4 @@
-"""One autoscale run: read the load from HAProxy, decide per model (autoscale.py), apply as one
+"""One autoscale run: read the load from HAProxy, decide per model (core/autoscale.py), apply as one
 reconcile step, and append each decision as a JSON line to STATE_DIR/decisions.jsonl."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
-from .autoscale import Memory, Signals, decide
+from .core.autoscale import Memory, Signals, decide
+from .core.jobs import JobState
+from .core.pool import Desired
 from .errors import HAProxyError
 from .haproxy import runtime
 from .haproxy.config import backend_name
 from .reconcile import Outcome, Reconciler
-from .slurm import JobState
-from .state import Desired
 
 DECISIONS = "decisions.jsonl"
 
@@ -39,7 +40,8 @@ def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dic
     memory = state.read_json("autoscale", {})
     memory = memory if isinstance(memory, dict) else {}
     replicas = dict(desired.replicas)
-    records, new_memory = [], {}
+    records: list[dict[str, Any]] = []
+    new_memory: dict[str, dict[str, Any]] = {}
     for name, policy in policies.items():
         model = deployment.model(name)
         served = backends.get(backend_name(model))

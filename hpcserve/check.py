@@ -26,13 +26,13 @@ import psutil
 
 from . import releases, sbatch, templates
 from .config import Deployment, Model
+from .core.jobs import JobState
 from .endpoints import resolve
 from .errors import CommandError, HpcserveError
 from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
 from .slurm import Scheduler
 from .slurm import layout as layout_mod
-from .slurm.states import JobState
 from .state import StateDir, write_private
 
 PASS, FAIL, WARN = "pass", "fail", "warn"

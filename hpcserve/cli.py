@@ -1,5 +1,5 @@
 """The hpcserve command line: up, status, scale, down, render, reconcile, autoscale, batch, webui
-(keys, usage and metrics: cli_access.py).
+(keys, usage and metrics: cli_access.py; init and check: cli_site.py; what they share: cli_context.py).
 
 Each changing command is one reconcile step with a new desired state (reconcile.py); the CLI only
 parses arguments, takes the deployment lock, waits where asked, and prints. Errors are one line
@@ -9,7 +9,6 @@ on stderr with an exit code from hpcserve.errors (2 bad input, 3 Slurm, 4 HAProx
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shlex
@@ -24,85 +23,24 @@ from pathlib import Path
 import click
 import filelock
 import httpx
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, autoscaler, sbatch
+from . import __version__, autoscaler, cli_access, cli_site, sbatch
 from . import check as check_mod
 from . import batch as batch_mod
 from . import webui as webui_mod
-from . import config as config_mod
 from .config import Deployment
-from .endpoints import Backend, Health, observe
+from .core.pool import Desired, Health, Replica, server_name
+from .endpoints import observe
 from .errors import ConfigError, HAProxyError, HpcserveError, SlurmError, WaitTimeout
 from .haproxy import config as haproxy_config
 from .haproxy import runtime
 from .haproxy.process import HAProxy
-from .reconcile import Outcome, Reconciler, describe
-from .local import LocalScheduler
-from .slurm import Scheduler, pyslurm_adapter
+from .cli_context import Context, deployment_lock, err, late_options, out, pass_ctx
+from .reconcile import Outcome, describe
 from .slurm.cli import format_duration
-from .state import Desired, StateDir, write_private
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
-# Piped into a file or another program, rich would cut the table at 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-
-
-class Context:
-    """What every command gets: the deployment file's path and how to print."""
-
-    def __init__(self, file: Path, as_json: bool):
-        self.file = file
-        self.as_json = as_json
-        self._deployment: Deployment | None = None
-        self._scheduler: Scheduler | None = None
-
-    @property
-    def deployment(self) -> Deployment:
-        if self._deployment is None:
-            self._deployment = config_mod.load(self.file)
-        return self._deployment
-
-    def scheduler(self) -> Scheduler:
-        """The deployment's scheduler: local processes (scheduler: local), or Slurm through a
-        matching pyslurm if one imports, else through Slurm's commands."""
-        deployment = self.deployment
-        if deployment.scheduler == "local":
-            return LocalScheduler(deployment.state_dir / "local", deployment.local.gpus,
-                                  deployment.local.gpus_per_backend)
-        if self._scheduler is None:
-            self._scheduler = pyslurm_adapter.choose(notice=self.say)
-        return self._scheduler
-
-    def reconciler(self) -> Reconciler:
-        return Reconciler(self.deployment, self.scheduler())
-
-    def say(self, line: str) -> None:
-        """Progress and changes go to stderr, so --json output on stdout stays clean."""
-        err.print(line)
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-
-def _late_options(command):
-    """`-f FILE` and `--json` after the command too (`hpcserve status -f x.yaml`, as kubectl takes
-    `apply -f`): the value given there wins over one given before the command."""
-    def set_file(click_ctx: click.Context, _param, value: Path | None) -> None:
-        if value is not None:
-            click_ctx.find_object(Context).file = value
-
-    def set_json(click_ctx: click.Context, _param, value: bool) -> None:
-        if value:
-            click_ctx.find_object(Context).as_json = True
-
-    command = click.option("-f", "--file", type=click.Path(dir_okay=False, path_type=Path), expose_value=False,
-                           callback=set_file, is_eager=True, help="The deployment file (as before the command).")(command)
-    return click.option("--json", is_flag=True, expose_value=False, callback=set_json, is_eager=True,
-                        help="Print a JSON document on stdout (as before the command).")(command)
-
+from .state import StateDir, write_private
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path),
@@ -129,18 +67,6 @@ def _keep(current: Desired) -> Desired:
     return current
 
 
-@contextlib.contextmanager
-def _deployment_lock(ctx: Context, timeout: float = 600.0):
-    """Hold the deployment's lock (one changing command at a time); a wait longer than `timeout`
-    seconds ends the command with one line naming the lock file."""
-    state = StateDir(ctx.deployment.state_dir)
-    try:
-        with state.lock(timeout=timeout):
-            yield
-    except filelock.Timeout:
-        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
-
-
 def _step(ctx: Context, change: Change = _keep, drain_timeout: float | None = None,
           timeout: float = 600.0) -> Outcome:
     """One reconcile step toward `change(stored desired state)`, under the deployment lock.
@@ -151,7 +77,7 @@ def _step(ctx: Context, change: Change = _keep, drain_timeout: float | None = No
     """
     state = StateDir(ctx.deployment.state_dir)
     reconciler = ctx.reconciler()
-    with _deployment_lock(ctx, timeout):
+    with deployment_lock(ctx, timeout):
         outcome = reconciler.step(change(state.read_desired()), drain_timeout)
     for line in describe(outcome):
         ctx.say(line)
@@ -159,7 +85,7 @@ def _step(ctx: Context, change: Change = _keep, drain_timeout: float | None = No
 
 
 def _finish_drains(ctx: Context, outcome: Outcome, drain_timeout: float | None) -> Outcome:
-    """Step until no server drains: each is cancelled once idle or at its deadline (plan.py)."""
+    """Step until no server drains: each is cancelled once idle or at its deadline (core/plan.py)."""
     with err.status("draining", spinner="dots") as spinner:
         while outcome.plan.draining:
             sessions = outcome.sessions or {}
@@ -179,7 +105,7 @@ drain_option = click.option(
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until every model has a ready backend.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
@@ -215,7 +141,7 @@ def _preflight(ctx: Context) -> None:
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.argument("replicas", type=click.IntRange(min=0, max=1024))
 @click.option("--model", "model_name", help="The model to scale (needed when there are several).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
@@ -252,7 +178,7 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for the jobs to end after scancel.")
 @drain_option
@@ -277,7 +203,7 @@ def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -
 
 
 @cli.command()
-@_late_options
+@late_options
 @drain_option
 @pass_ctx
 def reconcile(ctx: Context, drain_timeout: float | None) -> None:
@@ -287,7 +213,7 @@ def reconcile(ctx: Context, drain_timeout: float | None) -> None:
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.option("--watch", is_flag=True, help="Decide again every --interval seconds until interrupted.")
 @click.option("--interval", type=click.FloatRange(min=1), default=30, show_default=True,
               help="Seconds between decisions with --watch.")
@@ -348,7 +274,7 @@ def _cron_line(ctx: Context) -> str:
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL: OpenAI batch requests, or plain records with --template.")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -435,7 +361,7 @@ def _free_slots(deployment: Deployment, model) -> int:
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.option("--env", "print_env", is_flag=True, help="Print the environment (KEY=value lines) and exit.")
 @click.option("--stop", is_flag=True, help="Stop the OpenWebUI this command started.")
 @click.option("--sbatch", "print_sbatch", is_flag=True,
@@ -493,7 +419,7 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
 
 def _sync_keys(ctx: Context) -> None:
     """Bring the running HAProxy's key map up to date (keys.py), under the deployment lock."""
-    with _deployment_lock(ctx, timeout=60):
+    with deployment_lock(ctx, timeout=60):
         HAProxy(ctx.deployment, "").sync_keys()
 
 
@@ -514,7 +440,7 @@ def _stop_pid_file(pid_file: Path) -> None:
 
 
 @cli.command()
-@_late_options
+@late_options
 @click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
 @pass_ctx
 def render(ctx: Context, what: str) -> None:
@@ -536,7 +462,7 @@ def render(ctx: Context, what: str) -> None:
 
 
 @cli.command()
-@_late_options
+@late_options
 @pass_ctx
 def status(ctx: Context) -> None:
     """Show the pool: jobs, endpoints, health, slots, HAProxy sessions. Exit 3 if Slurm is down."""
@@ -545,7 +471,7 @@ def status(ctx: Context) -> None:
     desired = state.read_desired()
     haproxy = HAProxy(deployment, "")
     slurm_error = None
-    backends: list[Backend] = []
+    backends: list[Replica] = []
     try:
         key = state.key_file.read_text().strip() if state.key_file.exists() else None
         backends = observe(deployment, ctx.scheduler(), key=key, slots=True)
@@ -571,7 +497,7 @@ def _status_report(deployment, desired, haproxy, backends, stats, slurm_error) -
     for b in backends:
         if b.health is Health.ENDED:
             continue
-        s = stats.get(f"job{b.job.job_id}")
+        s = stats.get(server_name(b.job.job_id))
         rows.append({
             "job_id": b.job.job_id, "model": b.model, "state": b.job.state.value, "node": b.job.node,
             "endpoint": b.endpoint, "health": b.health.value,
@@ -688,10 +614,10 @@ def _key_hint(deployment: Deployment) -> str:
     return f"; API key in {StateDir(deployment.state_dir).api_key_file} (`hpcserve status` shows it)"
 
 
-def _still_coming(deployment: Deployment, desired: Desired, backends: tuple[Backend, ...]) -> str:
+def _still_coming(deployment: Deployment, desired: Desired, backends: tuple[Replica, ...]) -> str:
     """The summary's tail when some wanted backends are not ready yet: they join HAProxy later.
 
-    A backend enters HAProxy only at a reconcile step that finds it ready (plan.py), so the ones
+    A backend enters HAProxy only at a reconcile step that finds it ready (core/plan.py), so the ones
     still loading when `up` returns join at the next `hpcserve reconcile` (what cron runs).
     """
     short = []
@@ -706,7 +632,7 @@ def _still_coming(deployment: Deployment, desired: Desired, backends: tuple[Back
             "which cron runs, or `hpcserve scale N --wait`)")
 
 
-def _phase(backends: tuple[Backend, ...], model: str) -> str:
+def _phase(backends: tuple[Replica, ...], model: str) -> str:
     counts: dict[str, int] = {}
     for b in backends:
         if b.model == model and b.health is not Health.ENDED:
@@ -747,15 +673,7 @@ def main() -> None:
         sys.exit(130)
 
 
-# The commands of a shared pool (keys, usage, metrics) live in their own module.
-from . import cli_access  # noqa: E402
-
-cli.add_command(cli_access.keys)
-cli.add_command(cli_access.usage)
-cli.add_command(cli_access.metrics)
-
-# Day one at a site (init, check) lives in its own module too.
-from . import cli_site  # noqa: E402
-
-cli.add_command(cli_site.init)
-cli.add_command(cli_site.check)
+# The commands of a shared pool (keys, usage, metrics) and of day one at a site (init, check) live
+# in modules of their own.
+for _command in (cli_access.keys, cli_access.usage, cli_access.metrics, cli_site.init, cli_site.check):
+    cli.add_command(_command)

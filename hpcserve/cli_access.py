@@ -20,7 +20,7 @@ from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
 from . import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
-from .cli import Context, _deployment_lock, _late_options, out, pass_ctx
+from .cli_context import Context, deployment_lock, late_options, out, pass_ctx
 from .endpoints import observe
 from .errors import ConfigError, HAProxyError, SlurmError
 from .haproxy import runtime
@@ -40,7 +40,7 @@ def _rate(_ctx, _param, value: str | None) -> int | None:
 def _key_options(command):
     """NAME and the class and limit options of `keys add` and `keys set`."""
     for option in reversed([
-            _late_options, click.argument("name"),
+            late_options, click.argument("name"),
             click.option("--class", "priority_class", type=click.Choice(keys_mod.PRIORITY_CLASSES),
                          help="Priority class: interactive requests leave the queue before batch ones."),
             click.option("--max-concurrent", type=click.IntRange(1, keys_mod.MAX_CONCURRENT),
@@ -70,7 +70,7 @@ def _registry(ctx: Context) -> keys_mod.KeyRegistry:
 def _locked(ctx: Context, change):
     """Run `change()` under the deployment lock, then bring the running HAProxy's key map up to
     date; returns (change's result, where it took effect)."""
-    with _deployment_lock(ctx, timeout=60):
+    with deployment_lock(ctx, timeout=60):
         result = change()
         haproxy = HAProxy(ctx.deployment, "")
         haproxy.sync_keys()
@@ -109,7 +109,7 @@ def keys_set(ctx: Context, name: str, priority_class: str | None, max_concurrent
 
 
 @keys.command("revoke")
-@_late_options
+@late_options
 @click.argument("name")
 @pass_ctx
 def keys_revoke(ctx: Context, name: str) -> None:
@@ -128,7 +128,7 @@ def _print_key(ctx: Context, entry: keys_mod.Key, line: str) -> None:
 
 
 @keys.command("list")
-@_late_options
+@late_options
 @pass_ctx
 def keys_list(ctx: Context) -> None:
     """List the accepted keys (names, classes, limits; never a key)."""
@@ -168,7 +168,7 @@ def _when(_ctx, param, value: str | None) -> float | None:
 
 
 @click.command()
-@_late_options
+@late_options
 @click.option("--since", callback=_when, help="From this time (2026-11-01, 2026-11-01T08:00, or 24h, 7d ago).")
 @click.option("--until", callback=_when, help="Until this time (same forms) [default: now].")
 @click.option("--by", type=click.Choice(usage_mod.GROUPINGS), default="key", show_default=True,
@@ -223,7 +223,7 @@ def _ms(value: float | None) -> str:
 
 
 @click.command()
-@_late_options
+@late_options
 @click.option("--textfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the metrics to this file (atomically) for node_exporter's textfile collector, "
                    "e.g. from cron every minute, instead of printing them.")

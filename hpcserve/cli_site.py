@@ -14,7 +14,7 @@ import click
 from . import check as check_mod
 from . import config as config_mod
 from . import site
-from .cli import Context, _late_options, err, out, pass_ctx
+from .cli_context import Context, err, late_options, out, pass_ctx
 from .errors import ConfigError
 from .slurm import layout as layout_mod
 from .state import write_atomic
@@ -29,7 +29,7 @@ def _default_llama_server() -> str:
 
 
 @click.command()
-@_late_options
+@late_options
 @click.option("--gguf", type=click.Path(dir_okay=False, path_type=Path),
               help="The model's GGUF file, on a filesystem the compute nodes share (asked if missing).")
 @click.option("--model-name", help="The model id clients ask for [default: from the file name].")
@@ -122,7 +122,7 @@ _STYLE = {check_mod.PASS: "[green]PASS[/]", check_mod.FAIL: "[red]FAIL[/]", chec
 
 
 @click.command()
-@_late_options
+@late_options
 @click.option("--job", "with_job", is_flag=True,
               help="Also run one short job on the pool's partition that checks from a compute node.")
 @click.option("--timeout", type=click.FloatRange(min=10), default=600, show_default=True,

@@ -145,7 +145,10 @@ class Model(_Strict):
     @property
     def memory_mb(self) -> int:
         """`memory` in MB (sbatch(1) --mem: a unit suffix K, M, G or T; M when there is none)."""
-        number, unit = re.fullmatch(r"(\d+)([KMGT]?)", self.memory).groups()
+        match = re.fullmatch(r"(\d+)([KMGT]?)", self.memory)
+        if match is None:   # ruled out by the field's validation
+            raise ValueError(f"memory: {self.memory!r} is not a number with an optional K, M, G or T")
+        number, unit = match.groups()
         return int(number) * {"K": 1, "": 1 << 10, "M": 1 << 10, "G": 1 << 20, "T": 1 << 30}[unit] >> 10
 
 
@@ -423,7 +426,7 @@ class _NoAliasLoader(yaml.SafeLoader):
     """PyYAML's safe loader without anchors and aliases: a deployment file needs none, and a few
     nested aliases expand to gigabytes (the "billion laughs" of YAML)."""
 
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+    def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.MarkedYAMLError(problem="aliases (*name) are not accepted in a deployment file; write the value out",

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 
 from .errors import SlurmError
-from .slurm.base import Job, Scheduler
-from .slurm.states import JobState
+from .core.jobs import Job, JobState
+from .slurm.base import Scheduler
 
 NODE = "local"
 

@@ -16,8 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import Deployment
-from .endpoints import Backend, Health
-from .state import Desired
+from .core.pool import Desired, Health, Replica
 
 #: Replica states exported: desired (what the user asked for), and the jobs Slurm has, by health.
 STATES = ("desired", "ready", "loading", "starting", "pending", "unreachable")
@@ -35,7 +34,7 @@ class PoolCollector(Collector):
             HAProxy does not run.
     """
 
-    def __init__(self, deployment: Deployment, desired: Desired, backends: Iterable[Backend] | None,
+    def __init__(self, deployment: Deployment, desired: Desired, backends: Iterable[Replica] | None,
                  table: Mapping[str, Mapping[str, int]]):
         self.deployment = deployment
         self.desired = desired

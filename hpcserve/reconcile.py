@@ -21,11 +21,12 @@ from collections.abc import Mapping
 
 from . import sbatch
 from .config import Deployment
-from .endpoints import Backend, Health, observe
+from .core.plan import Plan, plan, renewal_lead
+from .core.pool import Desired, Health, Replica
+from .endpoints import observe
 from .haproxy.process import HAProxy
-from .plan import Plan, plan
 from .slurm import Scheduler
-from .state import Desired, StateDir, write_private
+from .state import StateDir, write_private
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Outcome:
         sessions: job id -> HAProxy sessions of its server before the step (None if unknown).
     """
 
-    backends: tuple[Backend, ...]
+    backends: tuple[Replica, ...]
     plan: Plan
     submitted: tuple[tuple[str, str], ...]
     haproxy_change: str
@@ -76,7 +77,7 @@ class Reconciler:
         """The deployment's HAProxy (its backend key created on first use)."""
         return HAProxy(self.deployment, self.state.backend_key())
 
-    def _learn_startups(self, backends: list[Backend], now: float) -> dict:
+    def _learn_startups(self, backends: list[Replica], now: float) -> dict:
         """Startup times (submit -> first seen ready: queue wait plus model load, in seconds) of
         the last 20 backends, from the record in the state directory plus what is new now."""
         record = self.state.read_json("startups", {})
@@ -109,7 +110,7 @@ class Reconciler:
         sessions = haproxy.server_sessions()
         now = time.time()
         startups = self._learn_startups(backends, now)
-        the_plan = plan(self.deployment, desired, backends, self.in_rotation(),
+        the_plan = plan([m.name for m in self.deployment.models], desired, backends, self.in_rotation(),
                         draining=self.state.read_draining(), sessions=sessions, now=now,
                         drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout,
                         renew_lead=renewal_lead(self.deployment.slurm.renew_before, startups["seconds"]))
@@ -134,12 +135,6 @@ class Reconciler:
         self.state.write_json("startups", startups)
         self.state.write_desired(desired)
         return Outcome(tuple(backends), the_plan, tuple(submitted), change, sessions)
-
-
-def renewal_lead(floor: float, startups: list[float]) -> float:
-    """Seconds before a backend's time limit to submit its successor: the deployment's floor, or
-    1.5 times the slowest recent startup (queue wait plus model load) when that is longer."""
-    return max(floor, 1.5 * max(startups, default=0.0))
 
 
 def describe(outcome: Outcome) -> list[str]:

@@ -65,7 +65,7 @@ class Simulator:
         self.default_tokens, self.api_key = default_tokens, api_key
         self.ready_at = time.monotonic() + load_time
         self.busy: list[bool] = [False] * slots
-        self.free = asyncio.Queue()
+        self.free: asyncio.Queue[int] = asyncio.Queue()
         for i in range(slots):
             self.free.put_nowait(i)
         self.waiting = 0

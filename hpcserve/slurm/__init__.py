@@ -1,7 +1,7 @@
-"""Slurm: the scheduler interface (base), job states (states) and the CLI adapter (cli)."""
+"""Slurm adapters: the scheduler interface (base), squeue's job states (states), the adapter on
+Slurm's commands (cli), the pyslurm one (pyslurm_adapter) and the cluster reader (layout)."""
 
-from .base import Job, Scheduler
+from .base import Scheduler
 from .cli import CLIScheduler
-from .states import JobState
 
-__all__ = ["CLIScheduler", "Job", "JobState", "Scheduler"]
+__all__ = ["CLIScheduler", "Scheduler"]

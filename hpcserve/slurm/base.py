@@ -1,42 +1,14 @@
-"""The scheduler interface hpcserve plans against, and the job record it returns.
+"""The scheduler interface hpcserve plans against (it returns core.jobs.Job records).
 
 One adapter talks to Slurm through its commands (cli.py); a pyslurm adapter can sit behind the
-same interface. Adapters only translate: every decision is made in plan.py.
+same interface. Adapters only translate: every decision is made in the core (core/plan.py).
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
 
-from .states import JobState
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One Slurm job as squeue reports it.
-
-    Attributes:
-        job_id: Slurm job id (str, e.g. "1234").
-        name: job name (--job-name).
-        state: the job state.
-        node: the node it runs on (the first of its node list), or None while pending.
-        comment: the job comment, where a backend announces its endpoint ("" when unset).
-        time_limit_s: the time limit in seconds, None for UNLIMITED.
-        time_left_s: seconds until the time limit, None when unlimited or not running.
-        reason: why it is pending or ended ("None" when there is no reason).
-        submit_time: when it was submitted (epoch seconds), None if unknown.
-    """
-
-    job_id: str
-    name: str
-    state: JobState
-    node: str | None
-    comment: str
-    time_limit_s: int | None
-    time_left_s: int | None
-    reason: str
-    submit_time: float | None = None
+from ..core.jobs import Job
 
 
 class Scheduler(abc.ABC):

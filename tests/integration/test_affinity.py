@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from hpcserve.haproxy import runtime
-from hpcserve.haproxy.config import Server
+from hpcserve.core.pool import Server
 from tests.conftest import free_port, haproxy_for, minimal, simulator
 
 pytestmark = pytest.mark.haproxy

@@ -23,7 +23,7 @@ import pytest
 
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy import runtime
-from hpcserve.haproxy.config import Server
+from hpcserve.core.pool import Server
 from hpcserve.state import StateDir
 from tests.conftest import LLAMA_SERVER, free_port, haproxy_for, minimal, simulator
 

@@ -15,7 +15,7 @@ import pytest
 from hpcserve.errors import HAProxyError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy import runtime
-from hpcserve.haproxy.config import Server
+from hpcserve.core.pool import Server
 from hpcserve.haproxy.process import HAProxy
 from tests.conftest import free_port, haproxy_for, minimal, simulator
 

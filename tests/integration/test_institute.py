@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcserve.haproxy import runtime
-from hpcserve.haproxy.config import Server
+from hpcserve.core.pool import Server
 from hpcserve.haproxy.process import HAProxy
 from hpcserve.state import StateDir
 from hpcserve.usage import slot_seconds

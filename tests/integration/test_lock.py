@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from hpcserve.state import Desired, StateDir
+from hpcserve.core.pool import Desired
+from hpcserve.state import StateDir
 from tests.conftest import free_port, minimal, write_deployment
 
 pytestmark = pytest.mark.haproxy

@@ -13,7 +13,8 @@ import pytest
 
 from hpcserve.errors import SlurmError
 from hpcserve.local import LocalScheduler
-from hpcserve.slurm import CLIScheduler, JobState, pyslurm_adapter
+from hpcserve.core.jobs import JobState
+from hpcserve.slurm import CLIScheduler, pyslurm_adapter
 from hpcserve.slurm.pyslurm_adapter import PyslurmScheduler
 
 SCRIPT = """#!/bin/bash

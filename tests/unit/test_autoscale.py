@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from hpcserve.autoscale import Memory, Signals, decide
+from hpcserve.core.autoscale import Memory, Signals, decide
 from hpcserve.config import Autoscale
 
 POLICY = Autoscale(min=1, max=6, target_utilization=0.75, scale_up_delay=30, scale_down_delay=120,

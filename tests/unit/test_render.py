@@ -17,7 +17,7 @@ import yaml
 
 from hpcserve import config, sbatch
 from hpcserve.haproxy import config as haproxy_config
-from hpcserve.haproxy.config import Server
+from hpcserve.core.pool import Server
 from tests.conftest import ROOT, minimal
 
 EXAMPLE = ROOT / "examples" / "reference-site.yaml"

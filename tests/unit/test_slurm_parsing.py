@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hpcserve.errors import SlurmError
-from hpcserve.slurm import JobState
+from hpcserve.core.jobs import JobState
 from hpcserve.slurm.cli import SEP, first_node, parse_duration, parse_squeue_line
 from hpcserve.slurm.states import parse_state
 

@@ -1,4 +1,4 @@
-"""The reconcile plan: desired state + observed backends -> what to change. Pure, no I/O.
+"""The reconcile plan: desired state + observed replicas -> what to change. Pure, no I/O.
 
 Every command (up, scale, down, reconcile) is the same step with a different desired state, so a
 repeated command or a cron run plans nothing new, and a crash between two steps is repaired by
@@ -8,13 +8,10 @@ the next one (the Kubernetes controller pattern, ../shared/DESIGN.md).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from .config import Deployment
-from .endpoints import Backend, Health
-from .haproxy.config import Server
-from .slurm import JobState
-from .state import Desired
+from .jobs import JobState
+from .pool import Desired, Health, Replica, Server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +30,7 @@ class Plan:
     Attributes:
         submit: one model name per job to submit.
         cancel: jobs to take out of rotation and cancel.
-        servers: the HAProxy membership after the step: every ready backend not being cancelled,
+        servers: the HAProxy membership after the step: every ready replica not being cancelled,
             those leaving the pool marked draining.
         draining: job id -> deadline (epoch seconds) of every server draining after the step.
         haproxy_running: HAProxy should run (the deployment is up, or servers are still draining).
@@ -48,26 +45,26 @@ class Plan:
 
 # Which active job goes first when a model has more than it should: the ones that serve nobody yet
 # (pending, then starting or loading, newest first), then ready ones closest to their time limit.
-def _cancel_order(backend: Backend) -> tuple[int, float]:
-    job_number = -int(backend.job.job_id) if backend.job.job_id.isdigit() else 0
-    if backend.health is Health.PENDING:
+def _cancel_order(replica: Replica) -> tuple[int, float]:
+    job_number = -int(replica.job.job_id) if replica.job.job_id.isdigit() else 0
+    if replica.health is Health.PENDING:
         return (0, job_number)
-    if backend.health is not Health.READY:
+    if replica.health is not Health.READY:
         return (1, job_number)
-    time_left = backend.job.time_left_s if backend.job.time_left_s is not None else float("inf")
+    time_left = replica.job.time_left_s if replica.job.time_left_s is not None else float("inf")
     return (2, time_left)
 
 
-def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
+def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
          in_rotation: frozenset[str] = frozenset(), *, draining: Mapping[str, float] | None = None,
          sessions: Mapping[str, int] | None = None, now: float = 0.0, drain_timeout: float = 0.0,
          renew_lead: float | None = None) -> Plan:
-    """The plan that moves `backends` (observed) toward `desired`.
+    """The plan that moves `replicas` (observed) toward `desired`.
 
     Args:
-        deployment: the validated deployment file.
+        models: the names of the deployment file's models, in its order (submissions follow it).
         desired: replicas wanted per model, and whether the deployment is up.
-        backends: every job of the deployment as observed (endpoints.observe), ended ones included.
+        replicas: every job of the deployment as observed (endpoints.observe), ended ones included.
         in_rotation: job ids of the servers in HAProxy now. Such a server stays while its job
             runs even if one probe failed (a busy server may answer slowly): HAProxy's own health
             checks take a dead one out of rotation within a few intervals, and a reload for every
@@ -96,14 +93,14 @@ def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
     new_draining: dict[str, float] = {}
     submit: list[str] = []
     cancel: list[Cancel] = []
-    models = {m.name for m in deployment.models}
-    active = [b for b in backends if b.job.state.active]
+    known = set(models)
+    active = [b for b in replicas if b.job.state.active]
 
-    def serving(b: Backend) -> bool:
-        return (b.address is not None and b.port is not None and b.model in models
+    def serving(b: Replica) -> bool:
+        return (b.address is not None and b.port is not None and b.model in known
                 and (b.health is Health.READY or (b.job.job_id in in_rotation and b.health is Health.UNREACHABLE)))
 
-    def leave(b: Backend, reason: str) -> None:
+    def leave(b: Replica, reason: str) -> None:
         job_id = b.job.job_id
         if not (serving(b) and job_id in in_rotation) or drain_timeout <= 0:
             cancel.append(Cancel(job_id, b.model, reason))
@@ -114,37 +111,44 @@ def plan(deployment: Deployment, desired: Desired, backends: list[Backend],
         else:
             new_draining[job_id] = draining.get(job_id, now + drain_timeout)
 
-    for backend in active:
-        if backend.model not in models:
-            leave(backend, "model no longer in the deployment file")
+    for replica in active:
+        if replica.model not in known:
+            leave(replica, "model no longer in the deployment file")
 
-    def renewing(b: Backend) -> bool:
+    def renewing(b: Replica) -> bool:
         near_end = (renew_lead is not None and b.job.time_left_s is not None
                     and b.job.state is JobState.RUNNING and b.job.time_left_s < renew_lead)
         return b.leaving or near_end
 
-    for model in deployment.models:
-        want = desired.replicas_of(model.name)
-        mine = [b for b in active if b.model == model.name]
+    for model in models:
+        want = desired.replicas_of(model)
+        mine = [b for b in active if b.model == model]
         staying = sorted((b for b in mine if not renewing(b)),
                          key=lambda b: (b.job.job_id not in draining, _cancel_order(b)))
         if len(staying) < want:
-            submit.extend([model.name] * (want - len(staying)))
-        reason = "deployment is down" if not desired.up else f"scaling {model.name} to {want}"
-        for backend in staying[:max(0, len(staying) - want)]:
-            leave(backend, reason)
+            submit.extend([model] * (want - len(staying)))
+        reason = "deployment is down" if not desired.up else f"scaling {model} to {want}"
+        for replica in staying[:max(0, len(staying) - want)]:
+            leave(replica, reason)
         ready = sum(1 for b in staying if b.health is Health.READY)
-        for backend in (b for b in mine if renewing(b)):
-            if backend.leaving:
-                leave(backend, "Slurm warned the job that it ends soon")
+        for replica in (b for b in mine if renewing(b)):
+            if replica.leaving:
+                leave(replica, "Slurm warned the job that it ends soon")
             elif ready >= want:
-                leave(backend, "time limit near, its successor is ready" if want else reason)
+                leave(replica, "time limit near, its successor is ready" if want else reason)
 
     cancelled = {c.job_id for c in cancel}
     servers = tuple(sorted(
-        Server(model=b.model, job_id=b.job.job_id, address=b.address, port=b.port,
+        Server(model=b.model, job_id=b.job.job_id, address=b.address or "", port=b.port or 0,
                draining=b.job.job_id in new_draining, healthy=b.health is Health.READY)
         for b in active if serving(b) and b.job.job_id not in cancelled
     ))
     return Plan(submit=tuple(submit), cancel=tuple(cancel), servers=servers,
                 haproxy_running=desired.up or bool(new_draining), draining=new_draining)
+
+
+def renewal_lead(floor: float, startups: Sequence[float]) -> float:
+    """Seconds before a replica's time limit to submit its successor: the deployment's floor
+    (slurm.renew_before, seconds), or 1.5 times the slowest recent startup (queue wait plus model
+    load, seconds) when that is longer."""
+    return max(floor, 1.5 * max(startups, default=0.0))

@@ -1,6 +1,7 @@
 """Autoscaling decisions: load signals + policy + what happened before -> desired replicas. Pure.
 
-`hpcserve autoscale` (cron, once a minute, or --watch) reads the signals from HAProxy, asks
+`hpcserve autoscale` (cron, once a minute, or --watch) reads the signals from HAProxy
+(hpcserve/autoscaler.py), asks
 `decide()` for each model with a policy, and applies the result as one reconcile step. The memory
 between runs (since when the need has differed, when the last change was) is a small JSON record
 in the state directory, so every run is independent and a crashed run loses nothing.
@@ -10,8 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Protocol
 
-from .config import Autoscale
+
+class Policy(Protocol):
+    """A model's autoscale policy: the deployment file's `autoscale` section (config.Autoscale,
+    where each field is validated and documented)."""
+
+    @property
+    def min(self) -> int: ...
+    @property
+    def max(self) -> int: ...
+    @property
+    def target_utilization(self) -> float: ...
+    @property
+    def scale_up_delay(self) -> float: ...
+    @property
+    def scale_down_delay(self) -> float: ...
+    @property
+    def cooldown(self) -> float: ...
+    @property
+    def max_step(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +81,7 @@ class Decision:
         return self.after != self.before
 
 
-def decide(policy: Autoscale, current: int, signals: Signals, memory: Memory, now: float) -> Decision:
+def decide(policy: Policy, current: int, signals: Signals, memory: Memory, now: float) -> Decision:
     """Desired replicas for one model.
 
     Args:
@@ -76,7 +96,7 @@ def decide(policy: Autoscale, current: int, signals: Signals, memory: Memory, no
         must persist for scale_up_delay (more) or scale_down_delay (fewer); a change moves at
         most max_step replicas toward the need.
     """
-    def decision(after: int, reason: str, **mem) -> Decision:
+    def decision(after: int, reason: str, **mem: float | None) -> Decision:
         fields = {"above_since": memory.above_since, "below_since": memory.below_since,
                   "last_change": memory.last_change, **mem}
         if after != current:

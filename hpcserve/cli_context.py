@@ -1,0 +1,92 @@
+"""What every hpcserve command shares: the click context object, the consoles, the options that
+may follow a command, and the deployment lock. The command modules (cli.py, cli_access.py,
+cli_site.py) import from here, never from each other."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import filelock
+from rich.console import Console
+
+from . import config as config_mod
+from .config import Deployment
+from .errors import HpcserveError
+from .local import LocalScheduler
+from .reconcile import Reconciler
+from .slurm import Scheduler, pyslurm_adapter
+from .state import StateDir
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
+# Piped into a file or another program, rich would cut the table at 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+class Context:
+    """What every command gets: the deployment file's path and how to print."""
+
+    def __init__(self, file: Path, as_json: bool):
+        self.file = file
+        self.as_json = as_json
+        self._deployment: Deployment | None = None
+        self._scheduler: Scheduler | None = None
+
+    @property
+    def deployment(self) -> Deployment:
+        if self._deployment is None:
+            self._deployment = config_mod.load(self.file)
+        return self._deployment
+
+    def scheduler(self) -> Scheduler:
+        """The deployment's scheduler: local processes (scheduler: local), or Slurm through a
+        matching pyslurm if one imports, else through Slurm's commands."""
+        deployment = self.deployment
+        if deployment.scheduler == "local":
+            return LocalScheduler(deployment.state_dir / "local", deployment.local.gpus,
+                                  deployment.local.gpus_per_backend)
+        if self._scheduler is None:
+            self._scheduler = pyslurm_adapter.choose(notice=self.say)
+        return self._scheduler
+
+    def reconciler(self) -> Reconciler:
+        return Reconciler(self.deployment, self.scheduler())
+
+    def say(self, line: str) -> None:
+        """Progress and changes go to stderr, so --json output on stdout stays clean."""
+        err.print(line)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def late_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`-f FILE` and `--json` after the command too (`hpcserve status -f x.yaml`, as kubectl takes
+    `apply -f`): the value given there wins over one given before the command."""
+    def set_file(click_ctx: click.Context, _param, value: Path | None) -> None:
+        if value is not None:
+            click_ctx.ensure_object(Context).file = value
+
+    def set_json(click_ctx: click.Context, _param, value: bool) -> None:
+        if value:
+            click_ctx.ensure_object(Context).as_json = True
+
+    command = click.option("-f", "--file", type=click.Path(dir_okay=False, path_type=Path), expose_value=False,
+                           callback=set_file, is_eager=True, help="The deployment file (as before the command).")(command)
+    return click.option("--json", is_flag=True, expose_value=False, callback=set_json, is_eager=True,
+                        help="Print a JSON document on stdout (as before the command).")(command)
+
+
+@contextlib.contextmanager
+def deployment_lock(ctx: Context, timeout: float = 600.0) -> Iterator[None]:
+    """Hold the deployment's lock (one changing command at a time); a wait longer than `timeout`
+    seconds ends the command with one line naming the lock file."""
+    state = StateDir(ctx.deployment.state_dir)
+    try:
+        with state.lock(timeout=timeout):
+            yield
+    except filelock.Timeout:
+        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None

@@ -1,0 +1,141 @@
+"""HAProxy membership as arithmetic: which runtime commands turn the live servers into the wanted
+ones, and how the slots of a server are shared between HAProxy workers. Pure, no I/O; the HAProxy
+adapter (hpcserve/haproxy/process.py) reads the live state and sends what these functions return.
+
+Sources: HAProxy 2.6 management guide (`add server`, `set server ... state|weight|health`,
+`del server`, `set maxconn server`); HAProxy issue #2744 for the order of weight and state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from .pool import Server
+
+
+class LiveServer(Protocol):
+    """A server as the running worker has it (haproxy.runtime.LiveServer, from `show servers state`)."""
+
+    @property
+    def down(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def in_maintenance(self) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MembershipChange:
+    """The runtime API commands of one membership change, in the order they must be sent.
+
+    Attributes:
+        added: `add server` and `enable health` of each new server (sent first).
+        commands: state, weight and health changes, then `del server` of each server to remove
+            (a `del server` HAProxy refuses because connections remain is not an error: the server
+            stays in maintenance and the next change deletes it).
+        old_workers: commands each worker from before a reload must get too: those workers still
+            dispatch their own queued requests, so a leaving server must leave theirs as well.
+    """
+
+    added: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
+    old_workers: tuple[str, ...] = ()
+
+
+def into_rotation(where: str, weight_last: bool) -> list[str]:
+    """The runtime commands that put server `where` ("backend/server") into rotation.
+
+    Where HAProxy #2744 is unfixed (weight_last), a server that leaves maintenance with its weight
+    set may take up to twice its maxconn from the backend queue, so it gets weight 0, its state,
+    then weight 1; elsewhere its weight first, then its state (see releases.fixes_queue_overshoot).
+    """
+    if weight_last:
+        return [f"set server {where} weight 0", f"set server {where} state ready", f"set server {where} weight 1"]
+    return [f"set server {where} weight 1", f"set server {where} state ready"]
+
+
+def is_leaving(server: LiveServer, state: str) -> bool:
+    """The running worker has `server` out of rotation the way `state` ("drain" or "maint") puts it."""
+    return server.in_maintenance if state == "maint" else server.draining
+
+
+def membership_change(wanted: Mapping[tuple[str, str], Server], live: Mapping[tuple[str, str], LiveServer], *,
+                      leaving_state: str, weight_last: bool,
+                      options: Callable[[Server], str]) -> MembershipChange:
+    """The commands that make the live servers of our backends match `wanted`.
+
+    Args:
+        wanted: (HAProxy backend, server name) -> the server as the plan wants it.
+        live: (backend, server name) -> the server as the running worker has it, for our
+            backends only.
+        leaving_state: "drain" or "maint": how a server leaves rotation (haproxy.config.leaving_state).
+        weight_last: HAProxy #2744 is unfixed on this release (see into_rotation).
+        options: the `add server` options of a server (haproxy.config.server_options of its model).
+    Returns:
+        A MembershipChange. A new server is added with weight 0 and its health check enabled, then
+        put into rotation (or straight into `leaving_state` when it is draining). A live server
+        whose leaving differs from the wanted one changes state; a live server marked DOWN that
+        hpcserve saw healthy gets `health up`; a server no longer wanted goes to maintenance and is
+        deleted.
+    """
+    added: list[str] = []
+    commands: list[str] = []
+    for (backend, name), server in sorted(wanted.items()):
+        where = f"{backend}/{name}"
+        current = live.get((backend, name))
+        if current is None:
+            added += [f"add server {where} {server.address}:{server.port} {options(server)} weight 0 "
+                      f"id {server.id}", f"enable health {where}"]
+        elif is_leaving(current, leaving_state) == server.draining:
+            if current.down and server.healthy and not server.draining:
+                commands.append(f"set server {where} health up")   # see haproxy.config.server_options
+            continue
+        commands += ([f"set server {where} state {leaving_state}"] if server.draining else
+                     into_rotation(where, weight_last))
+    gone = sorted(live.keys() - wanted.keys())
+    for backend, name in gone:
+        commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
+    old_workers = [f"set server {b}/{n} state {leaving_state}" for (b, n), s in sorted(wanted.items()) if s.draining]
+    old_workers += [f"set server {b}/{n} state maint" for b, n in gone]
+    return MembershipChange(tuple(added), tuple(commands), tuple(old_workers))
+
+
+def free_slots(slots: int, claimed: int) -> int:
+    """The maxconn a server gets in the current worker when other workers claim `claimed` of its
+    `slots` (llama-server --parallel): what is left, and 1 at least.
+
+    Not 0, which HAProxy reads as "no limit" (HAProxy 2.6 configuration manual, `maxconn` of a
+    server), nor weight 0: a server with weight 0 is not eligible, and when every server of a
+    backend is full (a reload at saturation) the new worker would answer 503 at once instead of
+    queueing. So a server may get one request more than its slots, waiting inside llama-server.
+    """
+    return max(1, slots - claimed)
+
+
+def within_slots(servers: Sequence[Server], slots: Callable[[Server], int],
+                 claims: Mapping[str, int]) -> list[Server]:
+    """`servers` with maxconn lowered by the slots other workers claim (server name -> slots), by
+    free_slots(); draining servers and servers nobody else claims are unchanged."""
+    return [dataclasses.replace(s, maxconn=free_slots(slots(s), claims[s.name]))
+            if claims.get(s.name) and not s.draining else s for s in servers]
+
+
+def worker_claim(limit: int, sessions: int, *, old: bool, queued: int) -> tuple[int, int]:
+    """(the worker's maxconn on a server after capping, the slots it claims there).
+
+    A worker with requests in its backend's queue refills every slot its maxconn allows, so it
+    claims max(sessions, maxconn). An old worker (from before a reload: it accepts no new
+    connection) whose queue is empty only finishes its streams: its maxconn is capped to
+    max(1, sessions), so that it cannot take those slots back, and it claims max(sessions, that).
+
+    Args:
+        limit: the worker's maxconn on the server now (`show stat` slim).
+        sessions: its sessions on the server now (scur).
+        old: the worker is an old one.
+        queued: requests in its backend's queue (qcur).
+    """
+    if old and not queued and limit > max(1, sessions):
+        limit = max(1, sessions)
+    return limit, max(sessions, limit)
