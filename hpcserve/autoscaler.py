@@ -60,7 +60,7 @@ def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dic
                         "wakeups": wakeups, "desired_before": decision.before, "desired_after": decision.after,
                         "reason": decision.reason})
     outcome = reconciler.step(Desired(up=True, replicas=replicas))
-    pending = {name: sum(1 for b in outcome.backends if b.model == name and b.job.state is JobState.PENDING)
+    pending = {name: sum(1 for b in outcome.replicas if b.model == name and b.job.state is JobState.PENDING)
                for name in policies}
     state.write_json("autoscale", new_memory)
     fd = os.open(state.root / DECISIONS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -21,14 +21,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jinja2
 import psutil
 
 from . import releases, sbatch, templates
 from .config import Deployment, Model
 from .core.jobs import JobState
 from .endpoints import resolve
-from .errors import CommandError, HpcserveError
+from .errors import CommandError, HpcserveError, TemplateError
 from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
 from .slurm import Scheduler
@@ -94,7 +93,7 @@ def job_scripts(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
         name = f"sbatch:{model.name}"
         try:
             script = sbatch.render(deployment, model)
-        except jinja2.TemplateError as exc:
+        except TemplateError as exc:
             checks.append(Check(name, FAIL, f"the job script template is broken: {exc}",
                                 f"repair {sbatch.TEMPLATE} in templates_dir {deployment.templates_dir}"))
             continue
@@ -164,7 +163,7 @@ def haproxy_checks(deployment: Deployment) -> list[Check]:
     try:
         haproxy.validate(haproxy_config.render(deployment, []))
         checks.append(Check("haproxy.cfg", PASS, "haproxy -c accepts the rendered config"))
-    except jinja2.TemplateError as exc:
+    except TemplateError as exc:
         checks.append(Check("haproxy.cfg", FAIL, f"the haproxy.cfg template is broken: {exc}",
                             f"repair haproxy.cfg.j2 in templates_dir {deployment.templates_dir}", kind="haproxy"))
     except HpcserveError as exc:
@@ -258,7 +257,7 @@ def job_script(deployment: Deployment, marker: Path, nonce: str, minutes: int = 
     """The check job's script (templates/check.sbatch.j2): the first model's resources, every model's files.
 
     Raises:
-        jinja2.TemplateError: a site template is broken.
+        TemplateError: a template is broken (one line naming file and line).
     """
     return templates.render("check.sbatch.j2", deployment.templates_dir, deployment=deployment,
                             model=deployment.models[0], slurm=deployment.slurm,
@@ -287,7 +286,7 @@ def job_check(deployment: Deployment, scheduler: Scheduler, timeout: float,
     try:
         try:
             script = job_script(deployment, marker, nonce)
-        except jinja2.TemplateError as exc:
+        except TemplateError as exc:
             return [Check("job", FAIL, f"the check job template is broken: {exc}",
                           f"repair check.sbatch.j2 in templates_dir {deployment.templates_dir}")]
         job_id = scheduler.submit(script)

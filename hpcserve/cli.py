@@ -123,7 +123,7 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
     outcome = _finish_drains(ctx, _step(ctx, lambda _current: desired), None)
     if wait:
         outcome = _wait_ready(ctx, desired, outcome, timeout)
-    _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + _still_coming(deployment, desired, outcome.backends)
+    _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + _still_coming(deployment, desired, outcome.replicas)
                    + _key_hint(deployment))
 
 
@@ -582,18 +582,18 @@ def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float
     with err.status("waiting for ready backends", spinner="dots") as spinner:
         while True:
             leaving = {c.job_id for c in outcome.plan.cancel}
-            ready = {name: sum(1 for b in outcome.backends if b.model == name and b.health is Health.READY
+            ready = {name: sum(1 for b in outcome.replicas if b.model == name and b.health is Health.READY
                                and b.job.job_id not in leaving)
                      for name in wanted}
             if all(ready[name] >= n for name, n in wanted.items()):
                 return outcome
-            failed = [b for b in outcome.backends if b.job.job_id in submitted and b.health is Health.ENDED]
+            failed = [b for b in outcome.replicas if b.job.job_id in submitted and b.health is Health.ENDED]
             if failed:
                 b = failed[0]
                 log = sbatch.log_dir(deployment) / f"job-{b.job.job_id}.out"
                 raise HpcserveError(f"job {b.job.job_id} ({b.model}) ended {b.job.state.value} before it "
                                     f"was ready; see {log}")
-            progress = ", ".join(f"{name} {ready[name]}/{n} ready ({_phase(outcome.backends, name)})"
+            progress = ", ".join(f"{name} {ready[name]}/{n} ready ({_phase(outcome.replicas, name)})"
                                  for name, n in wanted.items())
             spinner.update(f"waiting: {progress}")
             if progress != last and not err.is_terminal:

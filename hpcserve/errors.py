@@ -19,6 +19,11 @@ class ConfigError(HpcserveError):
     exit_code = 2
 
 
+class TemplateError(ConfigError):
+    """A template (packaged, or a site's copy in templates_dir) is missing, broken or uses a value
+    it does not have; the message names the template file and line."""
+
+
 class CommandError(HpcserveError):
     """An outside command failed.
 

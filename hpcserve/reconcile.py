@@ -3,7 +3,8 @@
 Order of the apply, chosen so that a failure at any point loses nothing:
 1. observe (squeue, /health). If Slurm does not answer, stop here: nothing was changed, and the
    HAProxy membership stays as it is (a failure of squeue never empties the pool);
-2. HAProxy: validate the new config, then start or reload; on failure the old config keeps running
+   then plan, and render every job script to submit: a broken template stops the step here too;
+2. HAProxy (its config rendered first): validate the new config, then start or reload; on failure the old config keeps running
    and no job is touched;
 3. cancel surplus jobs, which HAProxy no longer routes to: a serving job is first drained (kept
    with weight 0) and cancelled by a later step once its sessions reach zero or its deadline passes;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from . import sbatch
 from .config import Deployment
@@ -34,7 +35,7 @@ class Outcome:
     """What a step saw and did.
 
     Attributes:
-        backends: the observed backends (before the step's own changes).
+        replicas: the observed replicas (before the step's own changes).
         plan: the plan it applied.
         submitted: (model, job id) of each job it submitted.
         haproxy_change: "started", "reloaded", "runtime" (membership changed through the runtime
@@ -42,7 +43,7 @@ class Outcome:
         sessions: job id -> HAProxy sessions of its server before the step (None if unknown).
     """
 
-    backends: tuple[Replica, ...]
+    replicas: tuple[Replica, ...]
     plan: Plan
     submitted: tuple[tuple[str, str], ...]
     haproxy_change: str
@@ -55,12 +56,16 @@ class Reconciler:
     Args:
         deployment: the validated deployment file.
         scheduler: the Slurm adapter.
+        haproxy: makes the deployment's HAProxy from (deployment, backend key); HAProxy itself
+            unless a test records the calls.
     """
 
-    def __init__(self, deployment: Deployment, scheduler: Scheduler):
+    def __init__(self, deployment: Deployment, scheduler: Scheduler,
+                 haproxy: Callable[[Deployment, str], HAProxy] = HAProxy):
         self.deployment = deployment
         self.scheduler = scheduler
         self.state = StateDir(deployment.state_dir)
+        self._make_haproxy = haproxy
 
     @property
     def _membership_file(self):
@@ -75,15 +80,15 @@ class Reconciler:
 
     def haproxy(self) -> HAProxy:
         """The deployment's HAProxy (its backend key created on first use)."""
-        return HAProxy(self.deployment, self.state.backend_key())
+        return self._make_haproxy(self.deployment, self.state.backend_key())
 
-    def _learn_startups(self, backends: list[Replica], now: float) -> dict:
+    def _learn_startups(self, replicas: list[Replica], now: float) -> dict:
         """Startup times (submit -> first seen ready: queue wait plus model load, in seconds) of
-        the last 20 backends, from the record in the state directory plus what is new now."""
+        the last 20 replicas, from the record in the state directory plus what is new now."""
         record = self.state.read_json("startups", {})
         seen = [str(j) for j in record.get("jobs", [])] if isinstance(record, dict) else []
         seconds = [float(x) for x in record.get("seconds", [])] if isinstance(record, dict) else []
-        for b in backends:
+        for b in replicas:
             if b.health is Health.READY and b.job.submit_time is not None and b.job.job_id not in seen:
                 seen.append(b.job.job_id)
                 seconds.append(max(0.0, now - b.job.submit_time))
@@ -98,6 +103,7 @@ class Reconciler:
                 None = the deployment's haproxy.drain_timeout, 0 = cancel at once.
         Raises:
             SlurmError: Slurm did not answer; nothing was changed.
+            TemplateError: a job script or haproxy.cfg template is broken; nothing was changed.
             HAProxyError: the new HAProxy config was refused; no job was touched.
             ConfigError: the state directory cannot be created.
         """
@@ -105,16 +111,18 @@ class Reconciler:
         key = self.state.backend_key()
         if self.deployment.haproxy.auth == "keys":
             self.state.api_key()  # the owner's frontend key: the frontend is never open by default
-        backends = observe(self.deployment, self.scheduler, key=key)
-        haproxy = HAProxy(self.deployment, key)
+        replicas = observe(self.deployment, self.scheduler, key=key)
+        haproxy = self._make_haproxy(self.deployment, key)
         sessions = haproxy.server_sessions()
         now = time.time()
-        startups = self._learn_startups(backends, now)
-        the_plan = plan([m.name for m in self.deployment.models], desired, backends, self.in_rotation(),
+        startups = self._learn_startups(replicas, now)
+        the_plan = plan([m.name for m in self.deployment.models], desired, replicas, self.in_rotation(),
                         draining=self.state.read_draining(), sessions=sessions, now=now,
                         drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout,
                         renew_lead=renewal_lead(self.deployment.slurm.renew_before, startups["seconds"]))
 
+        scripts = {name: sbatch.render(self.deployment, self.deployment.model(name))
+                   for name in dict.fromkeys(the_plan.submit)}
         change = "unchanged"
         if the_plan.haproxy_running:
             servers = list(the_plan.servers)
@@ -128,13 +136,12 @@ class Reconciler:
         self.scheduler.cancel([c.job_id for c in the_plan.cancel])
         submitted = []
         for model_name in the_plan.submit:
-            script = sbatch.render(self.deployment, self.deployment.model(model_name))
-            write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", script)
-            submitted.append((model_name, self.scheduler.submit(script)))
+            write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", scripts[model_name])
+            submitted.append((model_name, self.scheduler.submit(scripts[model_name])))
         self.state.write_draining(the_plan.draining)
         self.state.write_json("startups", startups)
         self.state.write_desired(desired)
-        return Outcome(tuple(backends), the_plan, tuple(submitted), change, sessions)
+        return Outcome(tuple(replicas), the_plan, tuple(submitted), change, sessions)
 
 
 def describe(outcome: Outcome) -> list[str]:

@@ -48,7 +48,7 @@ def render(deployment: Deployment, model: Model) -> str:
     """The batch script (text) for one backend job of `model`.
 
     Raises:
-        jinja2.TemplateError: a site template is broken or uses an undefined value.
+        TemplateError: a template is broken or uses an undefined value (one line naming file and line).
     """
     return templates.render(TEMPLATE, deployment.templates_dir, deployment=deployment, model=model,
                             slurm=deployment.slurm, job_name=job_name(deployment, model),

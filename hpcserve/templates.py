@@ -9,9 +9,12 @@ every value that reaches a shell goes through the `q` filter (shlex.quote).
 from __future__ import annotations
 
 import shlex
+import traceback
 from pathlib import Path
 
 import jinja2
+
+from .errors import TemplateError
 
 _HERE = Path(__file__).resolve().parent
 
@@ -48,6 +51,21 @@ def render(name: str, site_dir: Path | None = None, **context: object) -> str:
     """Render template `name` with `context`.
 
     Raises:
-        jinja2.TemplateError: the template is missing or uses an undefined value.
+        TemplateError: the template is missing, is not valid Jinja2, uses an undefined value or
+            fails while rendering; one line naming the template file and line (exit code 2).
     """
-    return environment(site_dir).get_template(name).render(**context)
+    try:
+        template = environment(site_dir).get_template(name)
+    except jinja2.TemplateNotFound:
+        where = " or ".join(str(d) for d in (site_dir, packaged_dir()) if d)
+        raise TemplateError(f"template {name}: not found in {where}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"template {exc.filename or name}:{exc.lineno}: {exc.message}") from None
+    try:
+        return template.render(**context)
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        # Jinja2 puts the template's own frames in the traceback, with the template's line numbers.
+        lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == template.filename]
+        where = f"{template.filename}:{lines[-1]}" if lines else str(template.filename or name)
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise TemplateError(f"template {where}: {message}") from None

@@ -76,7 +76,7 @@ def job_script(deployment: Deployment) -> str:
     STATE_DIR/webui/env (0600) and only named by the script.
 
     Raises:
-        jinja2.TemplateError: a site template is broken.
+        TemplateError: a template is broken (one line naming file and line).
     """
     env_file = folder(deployment) / "env"
     env = environment(deployment, pool_url_from_compute_nodes(deployment))

@@ -151,7 +151,7 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
     gives the same text and an unchanged pool never causes a reload.
 
     Raises:
-        jinja2.TemplateError: a site template is broken or uses an undefined value.
+        TemplateError: a template is broken or uses an undefined value (one line naming file and line).
     """
     by_model: dict[str, list[Server]] = {}
     for server in sorted(servers, key=lambda s: (s.model, s.id)):

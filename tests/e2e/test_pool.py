@@ -127,6 +127,13 @@ def test_failures_leave_jobs_and_haproxy_untouched(pool_factory, tmp_path):
     assert result.returncode == 4 and "haproxy rejected the new config" in error_line(result)
     untouched()
 
+    # A broken job script template: exit 2 with one line naming it, before HAProxy or Slurm is touched.
+    (site / "haproxy.cfg.j2").unlink()
+    (site / "llama-server.sbatch.j2").write_text("#!/bin/bash\n{{ model.no_such_field.x }}\n")
+    result = pool.run("scale", "2", file=refused)
+    assert result.returncode == 2 and f"template {site / 'llama-server.sbatch.j2'}:2:" in error_line(result)
+    untouched()
+
     # The frontend port taken: a second deployment on the same port fails with exit 4 and submits nothing.
     other = pool_factory(replicas=1, subdir="b")
     other.raw["haproxy"]["port"] = pool.raw["haproxy"]["port"]

@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
-import jinja2
 import pytest
 import yaml
 
-from hpcserve import config, sbatch
-from hpcserve.haproxy import config as haproxy_config
+from hpcserve import config, sbatch, templates
 from hpcserve.core.pool import Server
-from tests.conftest import ROOT, minimal
+from hpcserve.errors import TemplateError
+from hpcserve.haproxy import config as haproxy_config
+from tests.conftest import ROOT, minimal, write_deployment
 
 EXAMPLE = ROOT / "examples" / "reference-site.yaml"
 
@@ -101,9 +102,31 @@ def test_site_template_overrides_and_undefined_values_fail(gguf, tmp_path):
     raw = minimal(gguf, tmp_path, templates_dir=str(site))
     d = config.parse(raw, base=tmp_path)
     assert sbatch.render(d, d.models[0]) == "#!/bin/bash\n# site m\n"
-    (site / sbatch.TEMPLATE).write_text("#!/bin/bash\n{{ no_such_value }}\n")
-    with pytest.raises(jinja2.UndefinedError):
+    (site / sbatch.TEMPLATE).write_text("#!/bin/bash\n\n{{ no_such_value }}\n")
+    with pytest.raises(TemplateError, match=rf"^template {site / sbatch.TEMPLATE}:3: 'no_such_value' is undefined$"):
         sbatch.render(d, d.models[0])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("#!/bin/bash\n{% if model.name %}\n", r":2: Unexpected end of template"),
+    ("#!/bin/bash\n# {{ model.name | no_such_filter }}\n", r":2: No filter named 'no_such_filter'"),
+    ("#!/bin/bash\n\n\n{{ 1 // 0 }}\n", r":4: integer division or modulo by zero"),
+    ("#!/bin/bash\n{{ model.no_such_field.x }}\n", r":2: .*no_such_field"),
+])
+def test_a_broken_site_template_is_one_error_naming_its_file_and_line(gguf, tmp_path, text, message):
+    """Syntax, unknown filters, errors while rendering: each a TemplateError (exit code 2)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / sbatch.TEMPLATE).write_text(text)
+    d = config.parse(minimal(gguf, tmp_path, templates_dir=str(site)), base=tmp_path)
+    with pytest.raises(TemplateError, match=f"^template {re.escape(str(site / sbatch.TEMPLATE))}{message}") as caught:
+        sbatch.render(d, d.models[0])
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
+def test_a_missing_template_names_where_it_was_looked_for(tmp_path):
+    with pytest.raises(TemplateError, match=r"^template nothing\.j2: not found in .*templates"):
+        templates.render("nothing.j2", tmp_path)
 
 
 def test_haproxy_config_is_stable_and_sorted(gguf, tmp_path):
@@ -133,3 +156,16 @@ def test_with_affinity_a_leaving_server_is_disabled_not_drained(gguf, tmp_path):
     assert "server job1 n:1 id 1 disabled\n" in text and "server job2 n:2 id 2\n" in text
     assert haproxy_config.leaving_state(d) == "maint"
     assert haproxy_config.leaving_state(config.parse(minimal(gguf, tmp_path), base=tmp_path)) == "drain"
+
+
+def test_the_cli_reports_a_broken_template_in_one_line_with_exit_code_2(gguf, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / haproxy_config.TEMPLATE).write_text("global\n    maxconn {{ deployment.haproxy.no_such_field }}\n")
+    path = write_deployment(tmp_path, minimal(gguf, tmp_path, templates_dir=str(site)))
+    result = subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(path), "render", "--what", "haproxy"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"hpcserve: error: template {site / haproxy_config.TEMPLATE}:2: 'hpcserve.config.HAProxy object' has no "
+        "attribute 'no_such_field'"]

@@ -1,0 +1,194 @@
+"""The promises of one reconcile step (reconcile.py's module docstring), checked with a fake
+scheduler and a recording HAProxy: the order of the apply, and that a failure at each point leaves
+jobs, HAProxy and the state files as they were. (The same step against real Slurm and HAProxy:
+tests/integration and tests/e2e.)"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from hpcserve import config
+from hpcserve.core.jobs import Job, JobState
+from hpcserve.core.pool import Desired, Server
+from hpcserve.errors import HAProxyError, SlurmError, TemplateError
+from hpcserve.reconcile import Reconciler
+from hpcserve.slurm import Scheduler
+from hpcserve.state import StateDir
+from tests.conftest import minimal
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def health_port() -> Iterator[int]:
+    """A port where GET /health answers 200, as a loaded llama-server does."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+class FakeScheduler(Scheduler):
+    """Slurm as a list of jobs; every change is appended to `log` with whether the desired state
+    was already persisted at that moment."""
+
+    def __init__(self, log: list, state: StateDir, jobs: list[Job] | None = None):
+        self.log, self.state, self.listed = log, state, list(jobs or [])
+        self.fail = False
+
+    def _record(self, *event) -> None:
+        self.log.append((*event, self.state.desired_file.exists()))
+
+    def submit(self, script: str) -> str:
+        name = next(line.split("=", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH --job-name="))
+        job_id = str(100 + len(self.listed))
+        self.listed.append(Job(job_id, name.strip("'"), JobState.PENDING, None, "", 3600, None, "Priority"))
+        self._record("submit", name.strip("'").rsplit(":", 1)[1])
+        return job_id
+
+    def test_submit(self, script: str) -> str:
+        return "ok"
+
+    def jobs(self, name_prefix: str) -> list[Job]:
+        if self.fail:
+            raise SlurmError("squeue exited 1: slurm_load_jobs error: Unable to contact slurm controller")
+        return [j for j in self.listed if j.name.startswith(name_prefix)]
+
+    def cancel(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self._record("cancel", tuple(job_ids))
+
+    def node_addresses(self) -> dict[str, str]:
+        return {}
+
+
+class RecordingHAProxy:
+    """HAProxy as the reconcile step sees it; `sessions` is what `show stat` would say."""
+
+    def __init__(self, log: list, state: StateDir):
+        self.log, self.state = log, state
+        self.is_running, self.fail, self.sessions = False, False, {}
+
+    def __call__(self, deployment: config.Deployment, key: str) -> RecordingHAProxy:
+        return self
+
+    def server_sessions(self) -> dict[str, int]:
+        return dict(self.sessions)
+
+    def running(self) -> bool:
+        return self.is_running
+
+    def update(self, servers: list[Server]) -> str:
+        if self.fail:
+            raise HAProxyError("haproxy -c refused the new config")
+        self.log.append(("haproxy", tuple((s.job_id, s.draining) for s in servers), self.state.desired_file.exists()))
+        change, self.is_running = ("reloaded" if self.is_running else "started"), True
+        return change
+
+    def stop(self) -> None:
+        self.log.append(("haproxy stop", (), self.state.desired_file.exists()))
+        self.is_running = False
+
+
+def ready_job(job_id: str, model: str, port: int, time_left: int = 3600) -> Job:
+    return Job(job_id, f"hpcserve:t:{model}", JobState.RUNNING, None, f"endpoint=127.0.0.1:{port}",
+               7200, time_left, "None", submit_time=time.time() - 60)
+
+
+@pytest.fixture
+def pool(gguf, tmp_path):
+    """(reconciler, scheduler, haproxy, log) for a deployment of models a and b."""
+    def make(jobs: list[Job], **overrides) -> tuple[Reconciler, FakeScheduler, RecordingHAProxy, list]:
+        raw = minimal(gguf, tmp_path, **overrides)
+        raw["models"] = [{"name": "a", "gguf": str(gguf)}, {"name": "b", "gguf": str(gguf)}]
+        deployment = config.parse(raw, base=tmp_path)
+        log: list = []
+        state = StateDir(deployment.state_dir)
+        scheduler, haproxy = FakeScheduler(log, state, jobs), RecordingHAProxy(log, state)
+        return Reconciler(deployment, scheduler, haproxy=haproxy), scheduler, haproxy, log
+    return make
+
+
+def test_haproxy_changes_first_then_jobs_are_cancelled_then_submitted_then_the_state_is_kept(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
+    outcome = reconciler.step(Desired(up=True, replicas={"a": 1, "b": 1}), drain_timeout=0)
+    assert [event[0] for event in log] == ["haproxy", "cancel", "submit"]
+    assert log[0][1] == (("2", False),) and log[1][1] == ("1",) and log[2][1] == "b"
+    assert not any(persisted for *_, persisted in log)            # the desired state is written last
+    assert reconciler.state.read_desired() == Desired(up=True, replicas={"a": 1, "b": 1})
+    assert outcome.submitted == (("b", "102"),) and reconciler.in_rotation() == frozenset({"2"})
+
+
+def test_a_repeated_step_changes_nothing(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port)])
+    reconciler.step(Desired(up=True, replicas={"a": 1}))
+    del log[:]
+    outcome = reconciler.step(Desired(up=True, replicas={"a": 1}))
+    assert [event[0] for event in log] == ["haproxy"] and outcome.plan.submit == () and outcome.plan.cancel == ()
+
+
+def test_when_squeue_fails_nothing_is_changed(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port)])
+    reconciler.step(Desired(up=True, replicas={"a": 1}))
+    before = (reconciler.state.desired_file.read_text(), reconciler.in_rotation())
+    del log[:]
+    scheduler.fail = True
+    with pytest.raises(SlurmError):
+        reconciler.step(Desired(up=True, replicas={"a": 0}), drain_timeout=0)
+    assert log == [] and haproxy.is_running
+    assert (reconciler.state.desired_file.read_text(), reconciler.in_rotation()) == before
+
+
+def test_when_haproxy_refuses_its_config_no_job_is_touched(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
+    haproxy.fail = True
+    with pytest.raises(HAProxyError):
+        reconciler.step(Desired(up=True, replicas={"a": 1, "b": 1}), drain_timeout=0)
+    assert log == [] and not reconciler.state.desired_file.exists()
+
+
+def test_a_broken_template_stops_the_step_before_anything_changes(pool, health_port, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "llama-server.sbatch.j2").write_text("#!/bin/bash\n{{ model.no_such_field.x }}\n")
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)],
+                                               templates_dir=str(site))
+    with pytest.raises(TemplateError, match="llama-server.sbatch.j2:2"):
+        reconciler.step(Desired(up=True, replicas={"a": 1, "b": 1}), drain_timeout=0)
+    assert log == [] and not haproxy.is_running and not reconciler.state.desired_file.exists()
+
+
+def test_a_serving_surplus_drains_before_it_is_cancelled(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port, time_left=1000),
+                                                ready_job("2", "a", health_port)])
+    reconciler.step(Desired(up=True, replicas={"a": 2}))
+    del log[:]
+    haproxy.sessions = {"1": 3, "2": 1}
+    reconciler.step(Desired(up=True, replicas={"a": 1}), drain_timeout=60)
+    assert log == [("haproxy", (("1", True), ("2", False)), True)]     # drained: weight 0, no scancel
+    del log[:]
+    haproxy.sessions = {"1": 0, "2": 1}
+    reconciler.step(Desired(up=True, replicas={"a": 1}), drain_timeout=60)
+    assert [e[:2] for e in log] == [("haproxy", (("2", False),)), ("cancel", ("1",))]
+
+
+def test_down_stops_haproxy_and_cancels_every_job(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port)])
+    reconciler.step(Desired(up=True, replicas={"a": 1}))
+    del log[:]
+    reconciler.step(Desired(up=False, replicas={"a": 1}), drain_timeout=0)
+    assert [e[:2] for e in log] == [("haproxy stop", ()), ("cancel", ("1",))] and not haproxy.is_running
+    assert reconciler.in_rotation() == frozenset()
