@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -47,15 +48,22 @@ from .state import StateDir, write_private
               default="hpcserve.yaml", envvar="HPCSERVE_FILE", show_default=True, show_envvar=True,
               help="The deployment file.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document on stdout for scripts.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log every outside command (Slurm, haproxy) and HAProxy runtime API command on stderr.")
 @click.version_option(__version__, prog_name="hpcserve")
 @click.pass_context
-def cli(click_ctx: click.Context, file: Path, as_json: bool) -> None:
+def cli(click_ctx: click.Context, file: Path, as_json: bool, verbose: bool) -> None:
     """Serve LLMs from a Slurm GPU cluster behind one OpenAI-compatible HAProxy endpoint.
 
     \b
     Exit codes: 0 done, 1 failure, 2 bad deployment file or arguments,
     3 Slurm unreachable or refusing, 4 HAProxy failure, 5 a wait timed out.
     """
+    if verbose:   # hpcserve's own loggers only: httpx and asyncio would drown them
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.getLogger("hpcserve").addHandler(handler)
+        logging.getLogger("hpcserve").setLevel(logging.DEBUG)
     click_ctx.obj = Context(file, as_json)
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import psutil
 
-from .errors import SlurmError
+from . import proc
 from .core.jobs import Job, JobState
+from .errors import SlurmError
 from .slurm.base import Scheduler
 
 NODE = "local"
@@ -93,7 +94,7 @@ class LocalScheduler(Scheduler):
 
     def test_submit(self, script: str) -> str:
         """Check the script's shell syntax (bash -n): there is no queue to ask."""
-        result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+        result = proc.run(["bash", "-n"], input=script, check=False)
         if result.returncode != 0:
             raise SlurmError(f"bash -n: {result.stderr.strip()}")
         return "local: the script would start now"

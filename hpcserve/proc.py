@@ -1,12 +1,21 @@
-"""The one helper that runs outside commands (Slurm CLI, haproxy): argv lists, never a shell."""
+"""The one helper that runs outside commands (Slurm CLI, haproxy): argv lists, never a shell.
+
+Each command is logged at debug level (`hpcserve -v`): its argv, exit status and seconds. Argv
+holds no secret (secrets travel in files and stdin only), and stdin is not logged.
+"""
 
 from __future__ import annotations
 
+import logging
+import shlex
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import CommandError
+
+log = logging.getLogger(__name__)
 
 
 def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
@@ -28,6 +37,8 @@ def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
         CommandError: it could not be started, timed out, or (with check) exited non-zero; the
             error carries argv, returncode, stdout and stderr.
     """
+    log.debug("run: %s", shlex.join(argv))
+    started = time.monotonic()
     try:
         if output is None:
             result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
@@ -40,10 +51,13 @@ def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
             result.stderr = "\n".join(output.read_text(errors="replace").splitlines()[-20:])
             result.stdout = ""
     except FileNotFoundError as exc:
+        log.debug("%s: not found", argv[0])
         raise CommandError(argv, None, "", "", why=f"not found ({exc.filename})") from exc
     except subprocess.TimeoutExpired as exc:
+        log.debug("%s: no answer within %g s", argv[0], timeout)
         raise CommandError(argv, None, _text(exc.stdout), _text(exc.stderr),
                            why=f"no answer within {timeout:g} s") from exc
+    log.debug("%s exited %d after %.2f s", argv[0], result.returncode, time.monotonic() - started)
     if check and result.returncode != 0:
         raise CommandError(argv, result.returncode, result.stdout, result.stderr)
     return result

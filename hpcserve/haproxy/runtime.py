@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import re
 import socket
 from pathlib import Path
 
 from ..errors import HAProxyError
+
+log = logging.getLogger(__name__)
 
 
 def command(socket_path: Path, line: str, timeout: float = 5.0) -> str:
@@ -23,6 +26,7 @@ def command(socket_path: Path, line: str, timeout: float = 5.0) -> str:
     Raises:
         HAProxyError: the socket is missing, refuses, or does not answer within `timeout` seconds.
     """
+    log.debug("%s: %s", socket_path.name, line)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

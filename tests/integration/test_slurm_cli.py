@@ -3,12 +3,17 @@ listing and cancelling are in the scheduler contract (test_scheduler_contract.py
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from hpcserve import config, sbatch
 from hpcserve.errors import SlurmError
 from hpcserve.slurm import CLIScheduler
-from tests.conftest import minimal
+from tests.conftest import minimal, write_deployment
 
 pytestmark = pytest.mark.slurm
 
@@ -52,3 +57,15 @@ def test_openwebui_job_script_passes_sbatch_test_only(slurm_env, gguf, tmp_path)
     d = config.parse(raw, base=tmp_path)
     (d.state_dir / "logs").mkdir(parents=True)
     assert "to start at" in CLIScheduler().test_submit(webui.job_script(d))
+
+
+def test_verbose_logs_each_slurm_command_on_stderr_and_quiet_logs_none(slurm_env, gguf, tmp_path):
+    path = write_deployment(tmp_path, minimal(gguf, tmp_path))
+    run = lambda *flags: subprocess.run([sys.executable, "-m", "hpcserve", *flags, "-f", str(path), "status"],
+                                        capture_output=True, text=True, env={**os.environ, **slurm_env}, timeout=60)
+    verbose, quiet = run("-v"), run()
+    assert verbose.returncode == quiet.returncode == 0 and verbose.stdout == quiet.stdout
+    lines = verbose.stderr.splitlines()
+    assert any(line.startswith("hpcserve.proc: run: squeue --me ") for line in lines), verbose.stderr
+    assert any(re.fullmatch(r"hpcserve\.proc: squeue exited 0 after \d+\.\d\d s", line) for line in lines)
+    assert "hpcserve.proc" not in quiet.stderr and "httpcore" not in verbose.stderr
