@@ -4,8 +4,8 @@ Order of the apply, chosen so that a failure at any point loses nothing:
 1. observe (squeue, /health). If Slurm does not answer, stop here: nothing was changed, and the
    HAProxy membership stays as it is (a failure of squeue never empties the pool);
    then plan, and render every job script to submit: a broken template stops the step here too;
-2. HAProxy (its config rendered first): validate the new config, then start or reload; on failure the old config keeps running
-   and no job is touched;
+2. HAProxy (its config rendered first): validate the new config, then start or reload; on failure
+   the old config keeps running and no job is touched;
 3. cancel surplus jobs, which HAProxy no longer routes to: a serving job is first drained (kept
    with weight 0) and cancelled by a later step once its sessions reach zero or its deadline passes;
 4. submit missing jobs;

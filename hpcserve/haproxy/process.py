@@ -21,11 +21,11 @@ import psutil
 
 from .. import accesslog, keys, proc, releases
 from ..config import Deployment
+from ..core.membership import free_slots, membership_change, within_slots, worker_claim
+from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from ..core.membership import free_slots, membership_change, within_slots, worker_claim
-from ..core.pool import Server, job_id_of
 from .config import Paths, backend_name, leaving_state, models_list, paths, render, server_options
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
