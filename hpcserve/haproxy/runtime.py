@@ -183,13 +183,22 @@ class LiveServer:
 
 
 def show_servers(socket_path: Path) -> list[LiveServer]:
-    """Every server of the running worker, from `show servers state` (format version 1:
-    be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ... srv_port is field 19).
+    """Every server of the running worker, from `show servers state` (see parse_servers_state).
 
     Raises:
         HAProxyError: the runtime API did not answer, or not in format version 1.
     """
-    text = command(socket_path, "show servers state")
+    return parse_servers_state(command(socket_path, "show servers state"))
+
+
+def parse_servers_state(text: str) -> list[LiveServer]:
+    """The servers of a `show servers state` answer (format version 1: be_id be_name srv_id
+    srv_name srv_addr srv_op_state srv_admin_state ... srv_port is field 19; HAProxy 2.6
+    management guide, and unchanged through 3.2: tests/replay).
+
+    Raises:
+        HAProxyError: the answer is not in format version 1.
+    """
     lines = text.splitlines()
     if not lines or lines[0].strip() != "1":
         raise HAProxyError(f"unexpected answer to 'show servers state': {text[:200]!r}")
@@ -226,7 +235,16 @@ def show_proc(master_socket: Path) -> ProcInfo:
     Raises:
         HAProxyError: the master did not answer or printed no master line.
     """
-    text = command(master_socket, "show proc")
+    return parse_proc(command(master_socket, "show proc"))
+
+
+def parse_proc(text: str) -> ProcInfo:
+    """The master CLI's `show proc` answer: reload counters and the pids of current and old
+    workers (the "# workers" and "# old workers" sections; HAProxy 2.6 to 3.2: tests/replay).
+
+    Raises:
+        HAProxyError: the answer has no master line.
+    """
     master = re.search(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", text, re.MULTILINE)
     if not master:
         raise HAProxyError(f"unexpected answer to 'show proc': {text[:200]!r}")

@@ -1,0 +1,57 @@
+"""hpcserve's readers of HAProxy's runtime API against answers captured from real HAProxy 2.6.12
+(Debian 12), 3.0.11 (Debian 13) and 3.2.26 (sid): tests/replay/capture_haproxy.py made them, with
+two servers of maxconn 1, three requests (one queued), job2 in drain and one reload whose old
+worker still holds its streams."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from hpcserve.core.membership import worker_claim
+from hpcserve.haproxy.runtime import parse_proc, parse_servers_state, parse_stat
+
+REPLAY = Path(__file__).resolve().parent.parent / "replay"
+RELEASES = sorted(p.name for p in REPLAY.glob("haproxy-*"))
+
+
+def test_every_release_of_the_matrix_has_its_answers():
+    assert RELEASES == ["haproxy-2.6.12", "haproxy-3.0.11", "haproxy-3.2.26"]
+
+
+@pytest.fixture(params=RELEASES)
+def answers(request) -> dict[str, str]:
+    return {p.stem: p.read_text() for p in (REPLAY / request.param).glob("*.txt")}
+
+
+def test_show_proc_names_the_current_and_the_old_worker(answers):
+    text = answers["show-proc"]
+    info = parse_proc(text)
+    pids = [int(m) for m in re.findall(r"^(\d+)\s+worker", text, re.MULTILINE)]
+    assert (info.reloads, info.failed_reloads) == (1, 0)
+    assert len(info.workers) == len(info.old_workers) == 1 and sorted(info.workers + info.old_workers) == sorted(pids)
+
+
+def test_the_old_workers_show_stat_has_its_streams_and_its_queue(answers):
+    servers = {s.server: s for s in parse_stat(answers["show-stat-old-worker"])}
+    backend = {s.backend: s for s in parse_stat(answers["show-stat-old-worker"], rows="BACKEND")}["model_m"]
+    assert set(servers) == {"job1", "job2"} and backend.queued == 1
+    assert [(s.sessions, s.limit) for s in servers.values()] == [(1, 1), (1, 1)]
+    assert servers["job2"].status == "DRAIN" and servers["job1"].weight == 1
+    # An old worker with a queue refills its slots: it claims all of them (core.membership).
+    assert worker_claim(servers["job1"].limit, servers["job1"].sessions, old=True, queued=backend.queued) == (1, 1)
+
+
+def test_the_new_worker_starts_with_no_session(answers):
+    servers = parse_stat(answers["show-stat"])
+    assert {s.server for s in servers} == {"job1", "job2"} and all(s.sessions == 0 for s in servers)
+
+
+def test_show_servers_state_gives_address_port_and_drain(answers):
+    live = {s.name: s for s in parse_servers_state(answers["show-servers-state"])}
+    assert set(live) == {"job1", "job2"} and {s.backend for s in live.values()} == {"model_m"}
+    assert live["job2"].draining and not live["job1"].draining
+    assert not any(s.down or s.in_maintenance for s in live.values())
+    assert live["job1"].address == "127.0.0.1" and live["job1"].port == live["job2"].port > 0
