@@ -31,6 +31,7 @@ from . import __version__, autoscaler, cli_access, cli_site, sbatch
 from . import check as check_mod
 from . import batch as batch_mod
 from . import webui as webui_mod
+from .cli_context import Context, deployment_lock, err, late_options, out, pass_ctx
 from .config import Deployment
 from .core.pool import Desired, Health, Replica, server_name
 from .endpoints import observe
@@ -38,10 +39,10 @@ from .errors import ConfigError, HAProxyError, HpcserveError, SlurmError, WaitTi
 from .haproxy import config as haproxy_config
 from .haproxy import runtime
 from .haproxy.process import HAProxy
-from .cli_context import Context, deployment_lock, err, late_options, out, pass_ctx
 from .reconcile import Outcome, describe
 from .slurm.cli import format_duration
 from .state import StateDir, write_private
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path),
