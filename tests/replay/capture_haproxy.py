@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from hpcserve.haproxy.runtime import command
+
 HERE = Path(__file__).resolve().parent
 
 CONFIG = """global
@@ -41,18 +43,6 @@ backend model_m
     server job1 127.0.0.1:{silent} maxconn 1 id 1
     server job2 127.0.0.1:{silent} maxconn 1 id 2
 """
-
-
-def command(path: Path, line: str) -> str:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(path))
-        sock.sendall(line.encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
 
 
 def free_port() -> int:
