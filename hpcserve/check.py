@@ -23,10 +23,11 @@ from pathlib import Path
 
 import psutil
 
-from . import releases, sbatch, templates
+from . import releases, templates
+from .slurm import jobscript
 from .config import Deployment, Model
 from .core.jobs import JobState
-from .endpoints import resolve
+from .llama.probe import resolve
 from .errors import CommandError, HpcserveError, TemplateError
 from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
@@ -92,10 +93,10 @@ def job_scripts(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
     for i, model in enumerate(deployment.models):
         name = f"sbatch:{model.name}"
         try:
-            script = sbatch.render(deployment, model)
+            script = jobscript.render(deployment, model)
         except TemplateError as exc:
             checks.append(Check(name, FAIL, f"the job script template is broken: {exc}",
-                                f"repair {sbatch.TEMPLATE} in templates_dir {deployment.templates_dir}"))
+                                f"repair {jobscript.TEMPLATE} in templates_dir {deployment.templates_dir}"))
             continue
         try:
             answer = scheduler.test_submit(script)

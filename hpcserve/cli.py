@@ -27,19 +27,20 @@ import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, autoscaler, cli_access, cli_site, sbatch
-from . import check as check_mod
+from . import __version__, autoscaler, cli_access, cli_site
 from . import batch as batch_mod
+from . import check as check_mod
 from . import webui as webui_mod
 from .cli_context import Context, deployment_lock, err, late_options, out, pass_ctx
 from .config import Deployment
 from .core.pool import Desired, Health, Replica, server_name
-from .endpoints import observe
 from .errors import ConfigError, HAProxyError, HpcserveError, SlurmError, WaitTimeout
 from .haproxy import config as haproxy_config
 from .haproxy import runtime
 from .haproxy.process import HAProxy
+from .llama.probe import observe
 from .reconcile import Outcome, describe
+from .slurm import jobscript
 from .slurm.cli import format_duration
 from .state import StateDir, write_private
 
@@ -201,7 +202,7 @@ def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -
     deadline = time.monotonic() + timeout
     scheduler = ctx.scheduler()
     while True:
-        active = [j for j in scheduler.jobs(sbatch.job_name_prefix(ctx.deployment)) if not j.state.ended]
+        active = [j for j in scheduler.jobs(jobscript.job_name_prefix(ctx.deployment)) if not j.state.ended]
         if not active:
             break
         if time.monotonic() > deadline:
@@ -458,7 +459,7 @@ def render(ctx: Context, what: str) -> None:
     documents: dict[str, str] = {}
     if what in ("all", "sbatch"):
         for model in deployment.models:
-            documents[f"sbatch:{model.name}"] = sbatch.render(deployment, model)
+            documents[f"sbatch:{model.name}"] = jobscript.render(deployment, model)
     if what in ("all", "haproxy"):
         documents["haproxy.cfg"] = haproxy_config.render(deployment, [])
     if ctx.as_json:
@@ -599,7 +600,7 @@ def _wait_ready(ctx: Context, desired: Desired, outcome: Outcome, timeout: float
             failed = [b for b in outcome.replicas if b.job.job_id in submitted and b.health is Health.ENDED]
             if failed:
                 b = failed[0]
-                log = sbatch.log_dir(deployment) / f"job-{b.job.job_id}.out"
+                log = jobscript.log_dir(deployment) / f"job-{b.job.job_id}.out"
                 raise HpcserveError(f"job {b.job.job_id} ({b.model}) ended {b.job.state.value} before it "
                                     f"was ready; see {log}")
             progress = ", ".join(f"{name} {ready[name]}/{n} ready ({_phase(outcome.replicas, name)})"

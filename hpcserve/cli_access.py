@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
 from .cli_context import Context, deployment_lock, late_options, out, pass_ctx
-from .endpoints import observe
+from .llama.probe import observe
 from .errors import ConfigError, HAProxyError, SlurmError
 from .haproxy import runtime
 from .haproxy.process import HAProxy

@@ -16,7 +16,7 @@ from rich.console import Console
 from . import config as config_mod
 from .config import Deployment
 from .errors import HpcserveError
-from .local import LocalScheduler
+from .slurm.local import LocalScheduler
 from .reconcile import Reconciler
 from .slurm import Scheduler, pyslurm_adapter
 from .state import StateDir

@@ -20,11 +20,11 @@ import json
 import time
 from collections.abc import Callable, Mapping
 
-from . import sbatch
+from .slurm import jobscript
 from .config import Deployment
 from .core.plan import Plan, plan, renewal_lead
 from .core.pool import Desired, Health, Replica
-from .endpoints import observe
+from .llama.probe import observe
 from .haproxy.process import HAProxy
 from .slurm import Scheduler
 from .state import StateDir, write_private
@@ -121,7 +121,7 @@ class Reconciler:
                         drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout,
                         renew_lead=renewal_lead(self.deployment.slurm.renew_before, startups["seconds"]))
 
-        scripts = {name: sbatch.render(self.deployment, self.deployment.model(name))
+        scripts = {name: jobscript.render(self.deployment, self.deployment.model(name))
                    for name in dict.fromkeys(the_plan.submit)}
         change = "unchanged"
         if the_plan.haproxy_running:

@@ -36,7 +36,7 @@ def simulator(log: Path, slots: int, token_rate: float, key: str, alias: str = "
     `prefill_rate` prompt tokens/s, backend key `key` and model id `alias`; yields its port, stops
     it on exit. Its output goes to `log`."""
     with open(log, "w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "hpcserve.simulator", "--port", "0", "--parallel",
+        process = subprocess.Popen([sys.executable, "-m", "hpcserve.llama.simulator", "--port", "0", "--parallel",
                                     str(slots), "--sim-load-time", "0", "--sim-token-rate", str(token_rate),
                                     "--sim-prefill-rate", str(prefill_rate), "--alias", alias],
                                    stdout=sink, stderr=subprocess.STDOUT,

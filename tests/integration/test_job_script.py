@@ -8,7 +8,8 @@ import signal
 import subprocess
 import time
 
-from hpcserve import config, sbatch
+from hpcserve import config
+from hpcserve.slurm import jobscript
 from tests.conftest import minimal
 
 FAKE_SERVER = """#!/bin/bash
@@ -27,9 +28,9 @@ def test_the_job_waits_for_the_port_announces_it_and_stops_the_server(gguf, tmp_
     raw["models"][0]["command"] = str(server)
     d = config.parse(raw, base=tmp_path)
     (d.state_dir / "logs").mkdir(parents=True)
-    sbatch.key_file(d).write_text("k\n")
+    jobscript.key_file(d).write_text("k\n")
     comment = tmp_path / "comment"
-    job = subprocess.Popen(["bash", "-c", sbatch.render(d, d.models[0])], stdout=subprocess.PIPE,
+    job = subprocess.Popen(["bash", "-c", jobscript.render(d, d.models[0])], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            env={**os.environ, "SLURM_JOB_ID": "77", "HPCSERVE_COMMENT_FILE": str(comment)})
     deadline = time.monotonic() + 20

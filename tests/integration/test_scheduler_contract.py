@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpcserve.errors import SlurmError
-from hpcserve.local import LocalScheduler
+from hpcserve.slurm.local import LocalScheduler
 from hpcserve.core.jobs import JobState
 from hpcserve.slurm import CLIScheduler, pyslurm_adapter
 from hpcserve.slurm.pyslurm_adapter import PyslurmScheduler

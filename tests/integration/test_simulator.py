@@ -90,7 +90,7 @@ def servers(real_model, tmp_path_factory):
                                 stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
     real_url = f"http://127.0.0.1:{port}"
     loading = {"real": wait_ready(real_url)}
-    sim, sim_url = start([sys.executable, "-m", "hpcserve.simulator", *common, "--port", "0", "--sim-load-time", "0.3"],
+    sim, sim_url = start([sys.executable, "-m", "hpcserve.llama.simulator", *common, "--port", "0", "--sim-load-time", "0.3"],
                          folder / "sim.log")
     loading["sim"] = wait_ready(sim_url)
     yield {"real": real_url, "sim": sim_url, "loading": loading}

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from hpcserve import config, sbatch
+from hpcserve import config
+from hpcserve.slurm import jobscript
 from hpcserve.errors import SlurmError
 from hpcserve.slurm import CLIScheduler
 from tests.conftest import minimal, write_deployment
@@ -23,7 +24,7 @@ def test_rendered_script_passes_sbatch_test_only(slurm_env, gguf, tmp_path):
                                          "extra_directives": ["--requeue"], "setup": ["echo setup"]})
     raw["models"][0]["gpus"] = {"type": "a100", "count": 2}
     d = config.parse(raw, base=tmp_path)
-    answer = CLIScheduler().test_submit(sbatch.render(d, d.models[0]))
+    answer = CLIScheduler().test_submit(jobscript.render(d, d.models[0]))
     assert "to start at" in answer and "gpu" in answer
 
 
@@ -31,7 +32,7 @@ def test_sbatch_test_only_rejects_an_impossible_request(slurm_env, gguf, tmp_pat
     raw = minimal(gguf, tmp_path, slurm={"partition": "no-such-partition"})
     d = config.parse(raw, base=tmp_path)
     with pytest.raises(SlurmError, match="(?i)invalid partition"):
-        CLIScheduler().test_submit(sbatch.render(d, d.models[0]))
+        CLIScheduler().test_submit(jobscript.render(d, d.models[0]))
 
 
 def test_node_addresses(slurm_env):

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpcserve import check as check_mod
-from hpcserve import config, sbatch
+from hpcserve import config
+from hpcserve.slurm import jobscript
 from hpcserve.errors import ConfigError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.state import StateDir
@@ -231,7 +232,7 @@ def test_every_string_field_is_refused_or_inert(tmp_path_factory, stubs, field, 
         assert str(exc).startswith("deployment: ") and "\n" not in str(exc)
         return
     model = deployment.models[0]
-    script = sbatch.render(deployment, model)
+    script = jobscript.render(deployment, model)
     # sbatch reads exactly the directives it was meant to, each with the value it was given.
     expected = {f"--job-name=hpcserve:{deployment.name}:{model.name}", f"--partition={deployment.slurm.partition}",
                 f"--mem={model.memory}", f"--time={deployment.slurm.time_limit}", f"--gres={model.gpus.gres}",

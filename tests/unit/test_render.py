@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcserve import config, sbatch, templates
+from hpcserve import config, templates
+from hpcserve.slurm import jobscript
 from hpcserve.core.pool import Server
 from hpcserve.errors import TemplateError
 from hpcserve.haproxy import config as haproxy_config
@@ -38,7 +39,7 @@ def check_golden(path: Path, text: str) -> None:
 def test_sbatch_golden(index):
     d = reference_site()
     model = d.models[index]
-    check_golden(ROOT / "sbatch" / f"reference-site-{model.name}.sbatch", sbatch.render(d, model))
+    check_golden(ROOT / "sbatch" / f"reference-site-{model.name}.sbatch", jobscript.render(d, model))
 
 
 def test_haproxy_golden():
@@ -51,7 +52,7 @@ def test_haproxy_golden():
 
 def test_sbatch_has_every_requested_directive():
     d = reference_site()
-    script = sbatch.render(d, d.models[0])
+    script = jobscript.render(d, d.models[0])
     for directive in ("--job-name=hpcserve:research-llm:llama-3.1-70b-instruct", "--gres=gpu:a100:2",
                       "--cpus-per-task=16", "--mem=128G", "--time=2-00:00:00", "--partition=gpu",
                       "--account=llm-service", "--qos=long", "--constraint=a100", "--requeue",
@@ -64,7 +65,7 @@ def test_no_gres_line_for_a_cpu_only_model(gguf, tmp_path):
     raw = minimal(gguf, tmp_path)
     raw["models"][0]["gpus"] = {"count": 0}
     d = config.parse(raw, base=tmp_path)
-    assert "--gres" not in sbatch.render(d, d.models[0])
+    assert "--gres" not in jobscript.render(d, d.models[0])
 
 
 def test_hostile_values_reach_llama_server_verbatim(tmp_path):
@@ -77,7 +78,7 @@ def test_hostile_values_reach_llama_server_verbatim(tmp_path):
     raw["models"][0]["extra_args"] = ["--system-prompt", "be nice; rm -rf / `id`", "--x=\"$HOME\""]
     raw["models"][0]["command"] = "llama-server --flag 'two words'"
     d = config.parse(raw, base=tmp_path)
-    script = sbatch.render(d, d.models[0])
+    script = jobscript.render(d, d.models[0])
     block = re.search(r"^server_argv=\(\n.*?^\)\n", script, re.MULTILINE | re.DOTALL).group(0)
     result = subprocess.run(["bash", "-c", block + 'printf "%s\\n" "${server_argv[@]}"'],
                             capture_output=True, text=True, cwd=tmp_path, check=True)
@@ -91,20 +92,20 @@ def test_hostile_values_reach_llama_server_verbatim(tmp_path):
 
 def test_the_key_never_appears_in_the_script(gguf, tmp_path):
     d = config.parse(minimal(gguf, tmp_path), base=tmp_path)
-    script = sbatch.render(d, d.models[0])
+    script = jobscript.render(d, d.models[0])
     assert "LLAMA_API_KEY=\"$(< \"$key_file\")\"" in script and "--api-key" not in script
 
 
 def test_site_template_overrides_and_undefined_values_fail(gguf, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    (site / sbatch.TEMPLATE).write_text("#!/bin/bash\n# site {{ model.name }}\n")
+    (site / jobscript.TEMPLATE).write_text("#!/bin/bash\n# site {{ model.name }}\n")
     raw = minimal(gguf, tmp_path, templates_dir=str(site))
     d = config.parse(raw, base=tmp_path)
-    assert sbatch.render(d, d.models[0]) == "#!/bin/bash\n# site m\n"
-    (site / sbatch.TEMPLATE).write_text("#!/bin/bash\n\n{{ no_such_value }}\n")
-    with pytest.raises(TemplateError, match=rf"^template {site / sbatch.TEMPLATE}:3: 'no_such_value' is undefined$"):
-        sbatch.render(d, d.models[0])
+    assert jobscript.render(d, d.models[0]) == "#!/bin/bash\n# site m\n"
+    (site / jobscript.TEMPLATE).write_text("#!/bin/bash\n\n{{ no_such_value }}\n")
+    with pytest.raises(TemplateError, match=rf"^template {site / jobscript.TEMPLATE}:3: 'no_such_value' is undefined$"):
+        jobscript.render(d, d.models[0])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -117,10 +118,10 @@ def test_a_broken_site_template_is_one_error_naming_its_file_and_line(gguf, tmp_
     """Syntax, unknown filters, errors while rendering: each a TemplateError (exit code 2)."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / sbatch.TEMPLATE).write_text(text)
+    (site / jobscript.TEMPLATE).write_text(text)
     d = config.parse(minimal(gguf, tmp_path, templates_dir=str(site)), base=tmp_path)
-    with pytest.raises(TemplateError, match=f"^template {re.escape(str(site / sbatch.TEMPLATE))}{message}") as caught:
-        sbatch.render(d, d.models[0])
+    with pytest.raises(TemplateError, match=f"^template {re.escape(str(site / jobscript.TEMPLATE))}{message}") as caught:
+        jobscript.render(d, d.models[0])
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
 
 

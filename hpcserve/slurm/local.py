@@ -19,10 +19,10 @@ from pathlib import Path
 
 import psutil
 
-from . import proc
-from .core.jobs import Job, JobState
-from .errors import SlurmError
-from .slurm.base import Scheduler
+from .. import proc
+from ..core.jobs import Job, JobState
+from ..errors import SlurmError
+from .base import Scheduler
 
 NODE = "local"
 
