@@ -52,5 +52,4 @@ def render(deployment: Deployment, model: Model) -> str:
     """
     return templates.render(TEMPLATE, deployment.templates_dir, deployment=deployment, model=model,
                             slurm=deployment.slurm, job_name=job_name(deployment, model),
-                            key_file=key_file(deployment), log_dir=log_dir(deployment),
-                            local=deployment.scheduler == "local")
+                            key_file=key_file(deployment), log_dir=log_dir(deployment))

@@ -2,9 +2,10 @@
 Slurm (a laptop, one GPU server). `scheduler: local` in the deployment file selects it.
 
 A "job" is the same batch script hpcserve renders for Slurm, run by bash in its own process group
-(session). Its record lives in STATE_DIR/local/ID.json; the job announces its endpoint in
-STATE_DIR/local/ID.comment (where a Slurm job uses its job comment), and its exit status lands in
-ID.rc. GPUs listed in `local.gpus` are handed out through CUDA_VISIBLE_DEVICES, one set per job;
+(session). Its record lives in STATE_DIR/local/ID.json and its exit status lands in ID.rc. The job
+announces its endpoint as on Slurm, with `scontrol update JobId=ID Comment=TEXT`: the launcher puts
+its own `scontrol` first on the job's PATH (STATE_DIR/local/bin), which writes the comment to
+STATE_DIR/local/ID.comment, so the job script knows nothing of where it runs. GPUs listed in `local.gpus` are handed out through CUDA_VISIBLE_DEVICES, one set per job;
 with none listed, backends run on the CPU.
 """
 
@@ -25,6 +26,25 @@ from ..errors import SlurmError
 from .base import Scheduler
 
 NODE = "local"
+
+# The one scontrol call a job script makes, for jobs with no Slurm: the comment goes to the file
+# named by HPCSERVE_COMMENT_FILE. Anything else is refused, so a script that expects more of Slurm
+# fails loudly instead of silently.
+SCONTROL_SHIM = """#!/bin/bash
+# hpcserve's workstation launcher: `scontrol update JobId=ID Comment=TEXT` writes the job comment
+# to $HPCSERVE_COMMENT_FILE; nothing else of scontrol exists here.
+set -eu
+if [ "${1:-}" != update ]; then
+    echo "scontrol (hpcserve local launcher): only 'update JobId=ID Comment=TEXT' is supported" >&2
+    exit 1
+fi
+shift
+for arg in "$@"; do
+    case "$arg" in
+        Comment=*) printf '%s\\n' "${arg#Comment=}" > "$HPCSERVE_COMMENT_FILE" ;;
+    esac
+done
+"""
 
 
 class LocalScheduler(Scheduler):
@@ -64,9 +84,11 @@ class LocalScheduler(Scheduler):
             SlurmError: every listed GPU is taken by a running job.
         """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        bin_dir = self._scontrol_shim()
         records = self._records()
         job_id = str(max((int(r["job_id"]) for r in records), default=0) + 1)
         env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURMD_NODENAME": NODE,
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
                "HPCSERVE_COMMENT_FILE": str(self.root / f"{job_id}.comment")}
         devices: list[int] = []
         if self.gpus:
@@ -91,6 +113,16 @@ class LocalScheduler(Scheduler):
                   "gpus": devices, "cancelled": False}
         (self.root / f"{job_id}.json").write_text(json.dumps(record))
         return job_id
+
+    def _scontrol_shim(self) -> Path:
+        """Write the launcher's `scontrol` (SCONTROL_SHIM) into STATE_DIR/local/bin; return that folder."""
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(mode=0o700, exist_ok=True)
+        shim = bin_dir / "scontrol"
+        if not shim.exists() or shim.read_text() != SCONTROL_SHIM:
+            shim.write_text(SCONTROL_SHIM)
+            shim.chmod(0o700)
+        return bin_dir
 
     def test_submit(self, script: str) -> str:
         """Check the script's shell syntax (bash -n): there is no queue to ask."""

@@ -22,11 +22,7 @@ SCRIPT = """#!/bin/bash
 #SBATCH --mem=100M
 #SBATCH --output={out}/job-%j.out
 comment="endpoint=$(hostname):4242 gpus=${{CUDA_VISIBLE_DEVICES:-none}}"
-if [ -n "${{HPCSERVE_COMMENT_FILE:-}}" ]; then
-    printf '%s\\n' "$comment" > "$HPCSERVE_COMMENT_FILE"
-else
-    scontrol update JobId="$SLURM_JOB_ID" Comment="$comment"
-fi
+scontrol update JobId="$SLURM_JOB_ID" Comment="$comment"
 sleep 300
 """
 
