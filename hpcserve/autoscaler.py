@@ -1,11 +1,15 @@
 """One autoscale run: read the load from HAProxy, decide per model (core/autoscale.py), apply as one
-reconcile step, and append each decision as a JSON line to STATE_DIR/decisions.jsonl."""
+reconcile step, and append each decision as a JSON line to STATE_DIR/decisions.jsonl; and the
+crontab line that runs it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +17,6 @@ from typing import Any
 from .core.autoscale import Memory, Signals, decide
 from .core.jobs import JobState
 from .core.pool import Desired
-from .errors import HAProxyError
-from .haproxy import runtime
 from .haproxy.config import backend_name
 from .reconcile import Outcome, Reconciler
 
@@ -36,7 +38,8 @@ def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dic
     policies = {m.name: m.autoscale for m in deployment.models if m.autoscale is not None}
     if not desired.up or not policies:
         return [], None
-    backends = _backend_stats(reconciler)
+    stats = reconciler.haproxy().stats()
+    backends = stats.backends if stats else {}
     memory = state.read_json("autoscale", {})
     memory = memory if isinstance(memory, dict) else {}
     replicas = dict(desired.replicas)
@@ -87,11 +90,20 @@ def last_decisions(state_dir: Path, limit: int = 200) -> dict[str, dict]:
     return last
 
 
-def _backend_stats(reconciler: Reconciler) -> dict[str, runtime.ServerStats]:
-    haproxy = reconciler.haproxy()
-    if not haproxy.running():
-        return {}
-    try:
-        return runtime.show_backends(haproxy.paths.admin_socket)
-    except HAProxyError:
-        return {}
+def cron_line(deployment_file: Path, state_dir: Path) -> str:
+    """The crontab line that runs `hpcserve autoscale` every minute for `deployment_file`, with what
+    cron's environment lacks: PATH (sbatch, squeue, haproxy) and SLURM_CONF, as this process has
+    them; its output goes to STATE_DIR/logs/autoscale.log. The program is the one running now
+    (`python -m hpcserve`, a script path, or hpcserve on PATH)."""
+    env = [f"PATH={shlex.quote(os.environ.get('PATH', '/usr/bin:/bin'))}"]
+    if os.environ.get("SLURM_CONF"):
+        env.append(f"SLURM_CONF={shlex.quote(os.environ['SLURM_CONF'])}")
+    if sys.argv[0].endswith("__main__.py"):  # python -m hpcserve
+        program = f"{shlex.quote(sys.executable)} -m hpcserve"
+    elif os.path.exists(sys.argv[0]):
+        program = shlex.quote(os.path.abspath(sys.argv[0]))
+    else:
+        program = shlex.quote(shutil.which("hpcserve") or "hpcserve")
+    log = shlex.quote(str(state_dir / "logs" / "autoscale.log"))
+    return (f"* * * * * {' '.join(env)} {program} -f {shlex.quote(str(deployment_file.resolve()))} autoscale "
+            f">> {log} 2>&1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import string
@@ -24,7 +25,10 @@ from pathlib import Path
 import httpx
 import tenacity
 
+from .config import Deployment, Model
 from .errors import ConfigError, HpcserveError
+from .haproxy.config import backend_name
+from .haproxy.process import HAProxy
 
 RETRY_STATUS = {429, 502, 503, 504}
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions"}
@@ -144,6 +148,58 @@ def finished_ids(output: Path) -> set[str]:
         except (ValueError, KeyError, TypeError):
             raise HpcserveError(f"{output}: a line is not a batch result; use another --output") from None
     return done
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The rows of one `hpcserve batch` run.
+
+    Attributes:
+        total: rows in the input file.
+        todo: rows not yet in the output file (the ones rows() yields).
+    """
+
+    input: Path
+    output: Path
+    template: str | None
+    model: str
+    max_tokens: int | None
+    id_field: str
+    total: int
+    todo: int
+    done: frozenset[str]
+
+    def rows(self) -> Iterator[Row]:
+        """The rows still to send, read from the input again (a 500k-row file is never held in memory)."""
+        return (row for row in read_rows(self.input, template=self.template, model=self.model,
+                                         max_tokens=self.max_tokens, id_field=self.id_field)
+                if row.custom_id not in self.done)
+
+
+def workload(input_path: Path, output_path: Path, *, template: str | None, model: str,
+             max_tokens: int | None, id_field: str) -> Workload:
+    """Validate every line of `input_path` (before anything is sent) and find what `output_path`
+    already holds (a partial last line is cut off: finished_ids).
+
+    Raises:
+        ConfigError: a malformed input line (read_rows); HpcserveError: the output is no batch result file.
+    """
+    rows = functools.partial(read_rows, input_path, template=template, model=model, max_tokens=max_tokens,
+                             id_field=id_field)
+    total = sum(1 for _ in rows())
+    done = frozenset(finished_ids(output_path))
+    todo = total - sum(1 for row in rows() if row.custom_id in done)
+    return Workload(input_path, output_path, template, model, max_tokens, id_field, total, todo, done)
+
+
+def default_concurrency(deployment: Deployment, model: Model) -> int:
+    """Requests in flight when --concurrency is not given: the slots of the model's servers HAProxy
+    has UP (at least one backend's slots), within what the frontend lets one client have at once
+    (haproxy.max_requests_per_client)."""
+    stats = HAProxy(deployment, "").stats()
+    up = sum(1 for s in (stats.servers.values() if stats else ())
+             if s.backend == backend_name(model) and s.status.startswith("UP"))
+    return min(max(1, up) * model.parallel, deployment.haproxy.max_requests_per_client)
 
 
 async def run(rows: Iterable[Row], base_url: str, output: Path, *, concurrency: int, api_key: str | None,

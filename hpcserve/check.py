@@ -24,14 +24,13 @@ from pathlib import Path
 import psutil
 
 from . import releases, templates
-from .slurm import jobscript
 from .config import Deployment, Model
 from .core.jobs import JobState
-from .llama.probe import resolve
-from .errors import CommandError, HpcserveError, TemplateError
+from .errors import CommandError, ConfigError, HAProxyError, HpcserveError, SlurmError, TemplateError
 from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
-from .slurm import Scheduler
+from .llama.probe import resolve
+from .slurm import Scheduler, jobscript
 from .slurm import layout as layout_mod
 from .state import StateDir, write_private
 
@@ -72,6 +71,19 @@ def preflight(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
     if os.path.isdir(deployment.state_dir):
         checks += haproxy_checks(deployment)
     return [*checks, state]
+
+
+def refuse_on_failure(checks: list[Check]) -> None:
+    """Stop a command before it changes anything when a check failed (`up` runs preflight()).
+
+    Raises:
+        ConfigError, SlurmError or HAProxyError (by the first failed check's kind), naming every
+        failed check and its fix.
+    """
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:
+        error = {"slurm": SlurmError, "haproxy": HAProxyError}.get(failed[0].kind, ConfigError)
+        raise error("; ".join(f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed))
 
 
 def slurm_release(deployment: Deployment) -> list[Check]:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import click
-import filelock
 from rich.console import Console
 
 from . import config as config_mod
 from .config import Deployment
-from .errors import HpcserveError
 from .slurm.local import LocalScheduler
 from .reconcile import Reconciler
 from .slurm import Scheduler, pyslurm_adapter
@@ -53,7 +51,8 @@ class Context:
         return self._scheduler
 
     def reconciler(self) -> Reconciler:
-        return Reconciler(self.deployment, self.scheduler())
+        """The deployment's Reconciler; each change a step makes is said on stderr."""
+        return Reconciler(self.deployment, self.scheduler(), report=self.say)
 
     def say(self, line: str) -> None:
         """Progress and changes go to stderr, so --json output on stdout stays clean."""
@@ -80,13 +79,7 @@ def late_options(command: Callable[..., None]) -> Callable[..., None]:
                         help="Print a JSON document on stdout (as before the command).")(command)
 
 
-@contextlib.contextmanager
-def deployment_lock(ctx: Context, timeout: float = 600.0) -> Iterator[None]:
+def deployment_lock(ctx: Context, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
     """Hold the deployment's lock (one changing command at a time); a wait longer than `timeout`
-    seconds ends the command with one line naming the lock file."""
-    state = StateDir(ctx.deployment.state_dir)
-    try:
-        with state.lock(timeout=timeout):
-            yield
-    except filelock.Timeout:
-        raise HpcserveError(f"another hpcserve command holds {state.lock_file}; try again later") from None
+    seconds ends the command with one line naming the lock file (StateDir.exclusive)."""
+    return StateDir(ctx.deployment.state_dir).exclusive(timeout)

@@ -59,3 +59,7 @@ class WaitTimeout(HpcserveError):
     """A wait (for a ready backend, for a drain) ran past its deadline."""
 
     exit_code = 5
+
+
+class DeploymentBusy(HpcserveError):
+    """Another hpcserve command holds the deployment's lock past the wait allowed."""

@@ -11,6 +11,11 @@ Order of the apply, chosen so that a failure at any point loses nothing:
 4. submit missing jobs;
 5. persist the desired state and the drains, only now: a command that failed leaves the state files as they were,
    and the next step converges toward the desired state that was last applied in full.
+
+A command that must wait for the pool (drains to finish, backends to be ready, jobs to end) does not
+loop itself: `Reconciler.run_until` steps again every few seconds until a condition holds
+(controller-runtime's requeue: a reconciler returns "requeue after N s" instead of blocking), and
+the waits of `up`, `scale` and `down` are built on it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from .slurm import jobscript
 from .config import Deployment
@@ -27,7 +33,22 @@ from .core.pool import Desired, Health, Replica
 from .llama.probe import observe
 from .haproxy.process import HAProxy
 from .slurm import Scheduler
+from .errors import HpcserveError, WaitTimeout
 from .state import StateDir, write_private
+
+T = TypeVar("T")
+
+#: A change of the desired state: the stored one in, the wanted one out.
+Change = Callable[[Desired], Desired]
+
+
+def keep(current: Desired) -> Desired:
+    """The Change that keeps the stored desired state (a repair step)."""
+    return current
+
+
+def _ignore(_text: str) -> None:
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +79,17 @@ class Reconciler:
         scheduler: the Slurm adapter.
         haproxy: makes the deployment's HAProxy from (deployment, backend key); HAProxy itself
             unless a test records the calls.
+        report: gets one human line per change a step made (describe()); the CLI prints them.
     """
 
     def __init__(self, deployment: Deployment, scheduler: Scheduler,
-                 haproxy: Callable[[Deployment, str], HAProxy] = HAProxy):
+                 haproxy: Callable[[Deployment, str], HAProxy] = HAProxy,
+                 report: Callable[[str], None] = _ignore):
         self.deployment = deployment
         self.scheduler = scheduler
         self.state = StateDir(deployment.state_dir)
         self._make_haproxy = haproxy
+        self._report = report
 
     @property
     def _membership_file(self):
@@ -141,7 +165,132 @@ class Reconciler:
         self.state.write_draining(the_plan.draining)
         self.state.write_json("startups", startups)
         self.state.write_desired(desired)
-        return Outcome(tuple(replicas), the_plan, tuple(submitted), change, sessions)
+        outcome = Outcome(tuple(replicas), the_plan, tuple(submitted), change, sessions)
+        for line in describe(outcome):
+            self._report(line)
+        return outcome
+
+    def locked_step(self, change: Change = keep, drain_timeout: float | None = None,
+                    lock_timeout: float = 600.0) -> Outcome:
+        """One step toward `change(stored desired state)`, under the deployment lock.
+
+        The stored state is read after the lock is taken, so a command that waited behind another
+        (an autoscale run, a second `scale`) builds on what that one wrote instead of writing back
+        what it read before (a lost update).
+
+        Raises:
+            DeploymentBusy: another command held the lock for `lock_timeout` seconds.
+            whatever step() or `change` raises.
+        """
+        with self.state.exclusive(lock_timeout):
+            return self.step(change(self.state.read_desired()), drain_timeout)
+
+    def run_until(self, done: Callable[[Outcome], bool], outcome: Outcome, *, deadline: float | None = None,
+                  on_progress: Callable[[Outcome], None] = lambda _o: None, interval: float = 1.0,
+                  drain_timeout: float | None = None,
+                  on_timeout: Callable[[Outcome], Exception] | None = None) -> Outcome:
+        """Step toward the stored desired state every `interval` seconds until `done(outcome)`.
+
+        Args:
+            done: the condition, asked of `outcome` and of each later step's outcome; it may raise
+                to end the wait early (a job that failed).
+            outcome: the last step's outcome.
+            deadline: time.monotonic() after which the wait ends with on_timeout's error; None = none.
+            on_progress: called with the current outcome before each wait.
+            drain_timeout: passed to each step.
+        Raises:
+            WaitTimeout (or what on_timeout returns): the deadline passed first.
+        """
+        return _requeue(lambda: self.locked_step(drain_timeout=drain_timeout), done, outcome,
+                        deadline=deadline, interval=interval, on_progress=on_progress,
+                        on_timeout=on_timeout or (lambda _o: WaitTimeout("the pool did not get there in time")))
+
+    def finish_drains(self, outcome: Outcome, drain_timeout: float | None,
+                      on_progress: Callable[[str], None] = _ignore) -> Outcome:
+        """Step every second until no server drains: each is cancelled once idle or at its deadline
+        (core/plan.py), so this ends by itself. on_progress gets one line naming each drain."""
+        def progress(o: Outcome) -> None:
+            sessions = o.sessions or {}
+            on_progress(", ".join(f"job {job_id} ({sessions.get(job_id, '?')} session(s), "
+                                  f"{max(0, deadline - time.time()):.0f} s left)"
+                                  for job_id, deadline in sorted(o.plan.draining.items())))
+        return self.run_until(lambda o: not o.plan.draining, outcome, on_progress=progress,
+                              drain_timeout=drain_timeout)
+
+    def wait_ready(self, wanted: Mapping[str, int], outcome: Outcome, timeout: float,
+                   on_progress: Callable[[str], None] = _ignore) -> Outcome:
+        """Step every 2 s until each model of `wanted` (name -> count) has that many ready replicas
+        that the plan keeps.
+
+        Raises:
+            WaitTimeout: not ready within `timeout` seconds (the jobs stay; the pool keeps coming up).
+            HpcserveError: a job submitted by these steps ended before it was ready (its log named).
+        """
+        submitted: set[str] = set()
+
+        def ready(o: Outcome) -> dict[str, int]:
+            leaving = {c.job_id for c in o.plan.cancel}
+            return {name: sum(1 for b in o.replicas if b.model == name and b.health is Health.READY
+                              and b.job.job_id not in leaving) for name in wanted}
+
+        def progress_text(o: Outcome) -> str:
+            counts = ready(o)
+            return ", ".join(f"{name} {counts[name]}/{n} ready ({phases(o.replicas, name)})"
+                             for name, n in wanted.items())
+
+        def done(o: Outcome) -> bool:
+            submitted.update(job_id for _, job_id in o.submitted)
+            counts = ready(o)
+            if all(counts[name] >= n for name, n in wanted.items()):
+                return True
+            for b in o.replicas:
+                if b.job.job_id in submitted and b.health is Health.ENDED:
+                    log = jobscript.log_dir(self.deployment) / f"job-{b.job.job_id}.out"
+                    raise HpcserveError(f"job {b.job.job_id} ({b.model}) ended {b.job.state.value} before it "
+                                        f"was ready; see {log}")
+            return False
+
+        return self.run_until(
+            done, outcome, deadline=time.monotonic() + timeout, interval=2.0,
+            on_progress=lambda o: on_progress(progress_text(o)),
+            on_timeout=lambda o: WaitTimeout(f"no ready backend within {timeout:g} s ({progress_text(o)}); "
+                                             "the jobs stay queued, see `hpcserve status`"))
+
+    def wait_ended(self, timeout: float) -> None:
+        """Poll the scheduler every second until no job of the deployment is active (after `down`).
+
+        Raises:
+            WaitTimeout: some are still ending after `timeout` seconds (their ids named).
+            SlurmError: Slurm did not answer.
+        """
+        prefix = jobscript.job_name_prefix(self.deployment)
+        _requeue(lambda: [j for j in self.scheduler.jobs(prefix) if not j.state.ended], lambda active: not active,
+                 None, deadline=time.monotonic() + timeout, interval=1.0,
+                 on_timeout=lambda active: WaitTimeout(f"{len(active)} job(s) still ending after {timeout:g} s: "
+                                                       + ", ".join(j.job_id for j in active)))
+
+
+def _requeue(poll: Callable[[], T], done: Callable[[T], bool], first: T | None, *, deadline: float | None,
+             interval: float, on_timeout: Callable[[T], Exception],
+             on_progress: Callable[[T], None] = lambda _v: None) -> T:
+    """Poll until done(value): the one wait loop of the controller (see the module docstring)."""
+    value = poll() if first is None else first
+    while not done(value):
+        on_progress(value)
+        if deadline is not None and time.monotonic() > deadline:
+            raise on_timeout(value)
+        time.sleep(interval)
+        value = poll()
+    return value
+
+
+def phases(replicas: tuple[Replica, ...], model: str) -> str:
+    """How many of `model`'s replicas are in each health, e.g. "1 loading, 2 ready" ("no job")."""
+    counts: dict[str, int] = {}
+    for b in replicas:
+        if b.model == model and b.health is not Health.ENDED:
+            counts[b.health.value] = counts.get(b.health.value, 0) + 1
+    return ", ".join(f"{n} {h}" for h, n in sorted(counts.items())) or "no job"
 
 
 def describe(outcome: Outcome) -> list[str]:
@@ -157,3 +306,15 @@ def describe(outcome: Outcome) -> list[str]:
                      + (f", {draining} draining" if draining else ""))
     return lines
 
+
+def summary(outcome: Outcome, message: str, url: str) -> dict:
+    """The --json document of a changing command: {"message", "url", "submitted": [{"model",
+    "job_id"}], "cancelled": [{"job_id", "model", "reason"}], "servers": [{"name", "model",
+    "endpoint"}]} (servers: the membership the step gave HAProxy)."""
+    return {
+        "message": message, "url": url,
+        "submitted": [{"model": m, "job_id": j} for m, j in outcome.submitted],
+        "cancelled": [{"job_id": c.job_id, "model": c.model, "reason": c.reason} for c in outcome.plan.cancel],
+        "servers": [{"name": s.name, "model": s.model, "endpoint": f"{s.address}:{s.port}"}
+                    for s in outcome.plan.servers],
+    }

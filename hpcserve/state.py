@@ -7,18 +7,19 @@ created 0600 inside a 0700 directory, because the backend key and HAProxy's sock
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import filelock
 
 from .core.pool import Desired
-from .errors import ConfigError, HpcserveError
+from .errors import ConfigError, DeploymentBusy, HpcserveError
 
 
 class StateDir:
@@ -64,6 +65,19 @@ class StateDir:
         """
         self.ensure()
         return filelock.FileLock(str(self.lock_file), timeout=timeout, mode=0o600)
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 600.0) -> Iterator[None]:
+        """Hold the deployment's lock (lock()) for the `with` block.
+
+        Raises:
+            DeploymentBusy: another command held it for `timeout` seconds (the message names the lock file).
+        """
+        try:
+            with self.lock(timeout=timeout):
+                yield
+        except filelock.Timeout:
+            raise DeploymentBusy(f"another hpcserve command holds {self.lock_file}; try again later") from None
 
     def read_desired(self) -> Desired:
         """The desired state, or Desired() (down, no replicas) when none was written yet.

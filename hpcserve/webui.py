@@ -16,13 +16,18 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 from . import templates
 from .config import ANY_ADDRESSES, Deployment, url_host
-from .errors import ConfigError
+from .errors import ConfigError, HpcserveError, WaitTimeout
 from .state import StateDir, secret_file, write_private
 
 
@@ -126,3 +131,73 @@ def find_program(command: str) -> str | None:
 def url(deployment: Deployment) -> str:
     """Where OpenWebUI answers, e.g. http://127.0.0.1:8080."""
     return f"http://{deployment.webui.host}:{deployment.webui.port}"
+
+
+def answers(address: str) -> bool:
+    """Whether GET `address` answers 200 within 2 s."""
+    try:
+        return httpx.get(address, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def program(deployment: Deployment) -> str:
+    """The open-webui program to start (find_program of webui.command).
+
+    Raises:
+        HpcserveError: it is not installed.
+    """
+    found = find_program(deployment.webui.command)
+    if found is None:
+        raise HpcserveError(f"{deployment.webui.command} is not installed: pip install 'hpcserve[webui]', or "
+                            "scripts/setup.sh in a checkout (or run it your own way with the output of "
+                            "`hpcserve webui --env`)")
+    return found
+
+
+def start(deployment: Deployment, executable: str) -> subprocess.Popen:
+    """Start OpenWebUI (`EXECUTABLE serve`, see program()) in its own session with the pool wired
+    in (environment()); its pid goes to STATE_DIR/webui/webui.pid, its output to logs/webui.log."""
+    settings = deployment.webui
+    env = {**os.environ, **environment(deployment)}
+    with open(_log_file(deployment), "a") as log:
+        process = subprocess.Popen([executable, "serve", "--host", settings.host, "--port", str(settings.port)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                   start_new_session=True)
+    write_private(_pid_file(deployment), f"{process.pid}\n")
+    return process
+
+
+def wait_ready(deployment: Deployment, process: subprocess.Popen, timeout: float) -> None:
+    """Poll OpenWebUI's /health every second until it answers 200.
+
+    Raises:
+        HpcserveError: the process exited first (its log named).
+        WaitTimeout: no answer within `timeout` seconds (the process keeps starting).
+    """
+    deadline = time.monotonic() + timeout
+    while not answers(url(deployment) + "/health"):
+        if process.poll() is not None:
+            raise HpcserveError(f"OpenWebUI exited with status {process.returncode}; see {_log_file(deployment)}")
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"OpenWebUI did not answer within {timeout:g} s; it keeps starting "
+                              f"(pid {process.pid})")
+        time.sleep(1)
+
+
+def stop(deployment: Deployment) -> None:
+    """Stop the OpenWebUI that start() started (SIGTERM to its session); nothing if none runs."""
+    pid_file = _pid_file(deployment)
+    try:
+        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    pid_file.unlink(missing_ok=True)
+
+
+def _pid_file(deployment: Deployment) -> Path:
+    return folder(deployment) / "webui.pid"
+
+
+def _log_file(deployment: Deployment) -> Path:
+    return deployment.state_dir / "logs" / "webui.log"

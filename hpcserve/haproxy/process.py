@@ -1,4 +1,5 @@
-"""Running the deployment's HAProxy: validate, start, reload, stop. Unprivileged, master-worker.
+"""Running the deployment's HAProxy: validate, start, reload, stop, and `update()`, which decides
+between a runtime change (membership.py) and a reload. Unprivileged, master-worker.
 
 Facts relied on (HAProxy 2.6 management guide and tests on this machine, ../shared/DESIGN.md):
 `haproxy -c -f FILE` validates a config without binding; `-W -D -S SOCK` runs a daemonised master
@@ -10,25 +11,41 @@ catch a port already in use, so that is checked before starting.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
 
 from .. import accesslog, keys, proc, releases
 from ..config import Deployment
-from ..core.membership import free_slots, membership_change, within_slots, worker_claim
+from ..core.membership import within_slots
 from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError
 from ..state import write_private
 from . import runtime
-from .config import Paths, backend_name, leaving_state, models_list, paths, render, server_options
+from .membership import Membership
+from .config import Paths, models_list, paths, render
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """One `show stat` of the current worker.
+
+    Attributes:
+        servers: server name ("job" + job id) -> its counters.
+        backends: backend name -> its totals (queued: requests waiting in the backend's queue).
+    """
+
+    servers: Mapping[str, runtime.ServerStats]
+    backends: Mapping[str, runtime.ServerStats]
 
 
 class HAProxy:
@@ -45,6 +62,7 @@ class HAProxy:
         self.paths: Paths = paths(deployment)
         self._argv0 = shlex.split(deployment.haproxy.command)
         self._env = {**os.environ, KEY_ENV: backend_key}
+        self.membership = Membership(deployment, self.paths, lambda: self.release)
 
     @property
     def release(self) -> releases.Release | None:
@@ -121,9 +139,9 @@ class HAProxy:
         A new worker knows nothing of the streams its predecessor still serves (nor of the queue
         the predecessor goes on dispatching), so after a reload each server would take its full
         slots again on top of them. The slots of a server are therefore shared out: before the
-        reload `make_room()` frees one slot of every full server, the new worker starts with
-        each server's maxconn lowered by what the running workers can still fill (`claims()`),
-        and `settle()` hands the slots over as the old workers' queues and streams end.
+        reload `Membership.make_room()` frees one slot of every full server, the new worker starts
+        with each server's maxconn lowered by what the running workers can still fill
+        (`Membership.cap_old_workers()`), and `Membership.settle()` hands the slots over as the old workers' queues and streams end.
 
         Args:
             servers: the membership.
@@ -144,9 +162,9 @@ class HAProxy:
             raise HAProxyError(str(exc)) from None
         running = self.running()
         if running and text == self.live_config():
-            self.sync_servers(servers)   # the file is right; a server marked DOWN may return
+            self.membership.sync(servers)   # the file is right; a server marked DOWN may return
             self.sync_keys()
-            self.settle(servers, timeout=0)
+            self.membership.settle(servers, timeout=0)
             return "unchanged"
         try:
             same_base = running and self._base_file.read_text() == base
@@ -160,177 +178,33 @@ class HAProxy:
             self.validate(text)
             # The running worker first: the new one loads its server states (drain, weight) from
             # the server-state-file, and the old one must stop sending its queue to leaving servers.
-            self.sync_servers(servers)
-            self.make_room(servers, timeout=room_timeout)
-            claims = self.claims(servers, current=True)
-            self.apply(render(self.deployment, within_slots(servers, self._slots, claims)))  # make_room freed one first
+            self.membership.sync(servers)
+            self.membership.make_room(servers, timeout=room_timeout)
+            claims = self.membership.cap_old_workers(servers, current=True)
+            self.apply(render(self.deployment, within_slots(servers, self.membership.slots, claims)))  # make_room freed one first
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
             write_private(self._base_file, base)
             self.sync_keys()   # the old workers' maps, for requests on their open connections
-            self.settle(servers, timeout=settle_timeout)
+            self.membership.settle(servers, timeout=settle_timeout)
             return "reloaded"
         self.validate(text)
-        self.sync_servers(servers)
+        self.membership.sync(servers)
         self.sync_keys()
         write_private(self.paths.config, text)
-        self.settle(servers, timeout=0)
+        self.membership.settle(servers, timeout=0)
         return "runtime"
 
-    def _slots(self, server: Server) -> int:
-        return self.deployment.model(server.model).parallel
-
-    def held_sessions(self, old_only: bool = True) -> dict[str, int]:
-        """Server name -> sessions held by the old workers (or by every worker: old_only=False).
-
-        Raises:
-            HAProxyError: the master did not answer.
-        """
-        info = runtime.show_proc(self.paths.master_socket)
-        held: dict[str, int] = {}
-        for pid in info.old_workers + (() if old_only else info.workers):
-            for stat in runtime.worker_stats(self.paths.master_socket, pid)[0]:
-                held[stat.server] = held.get(stat.server, 0) + stat.sessions
-        return held
-
-    def claims(self, servers: list[Server], current: bool = False) -> dict[str, int]:
-        """Server name -> slots the old workers (and the current one: current=True) can fill, after
-        capping each old worker's maxconn (core.membership.worker_claim has the rule).
-
-        Raises:
-            HAProxyError: the master did not answer.
-        """
-        return self._cap_old_workers(servers, current)[0]
-
-    def _cap_old_workers(self, servers: list[Server], current: bool
-                         ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
-        """Cap the maxconn of each old worker on `servers` (`set maxconn server`, through the
-        master), from one `show stat` of each worker; return claims() and server name -> (maxconn
-        after the cap, worker pid, backend) of each worker read."""
-        info = runtime.show_proc(self.paths.master_socket)
-        ours = {s.name for s in servers}
-        claimed: dict[str, int] = {}
-        limits: dict[str, list[tuple[int, int, str]]] = {}
-        for pid in info.old_workers + (info.workers if current else ()):
-            stats, backends = runtime.worker_stats(self.paths.master_socket, pid)
-            for stat in stats:
-                if stat.server not in ours:
-                    continue
-                queue = backends.get(stat.backend)
-                limit, claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
-                                            queued=queue.queued if queue else 0)
-                if limit != stat.limit:
-                    runtime.command(self.paths.master_socket,
-                                    f"@!{pid} set maxconn server {stat.backend}/{stat.server} {limit}")
-                claimed[stat.server] = claimed.get(stat.server, 0) + claim
-                limits.setdefault(stat.server, []).append((limit, pid, stat.backend))
-        return claimed, limits
-
-    def make_room(self, servers: list[Server], timeout: float) -> bool:
-        """Before a reload: free one slot of every serving server the running workers fill.
-
-        On such a server, lowers by one the maxconn of the worker that has the most (not below 1:
-        a server of one slot held by one worker cannot be shared), then waits, polling every
-        0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when
-        every serving server has a free slot for the next worker. Errors of the runtime API end
-        the wait quietly (the reload then shares what it can).
-        """
-        deadline = time.monotonic() + timeout
-        lowered: set[str] = set()
-        master = self.paths.master_socket
-        models = {m.name for m in self.deployment.models}
+    def stats(self) -> Stats | None:
+        """The current worker's counters, from one `show stat`: None when HAProxy is not running or
+        did not answer (the one reader of HAProxy's load for status, autoscale and batch)."""
+        if not self.running():
+            return None
         try:
-            while True:
-                claims, limits = self._cap_old_workers(servers, current=True)
-                full = {s.name for s in servers if not s.draining and s.model in models
-                        and claims.get(s.name, 0) >= self._slots(s)}
-                if not full:
-                    return True
-                if time.monotonic() >= deadline:
-                    return False
-                for name in full - lowered:
-                    limit, pid, backend = max(limits.get(name, []), default=(0, 0, ""))
-                    if limit > 1:
-                        runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
-                        lowered.add(name)
-                if not full & lowered:
-                    return False  # every full server is at maxconn 1 in each worker: nothing to wait for
-                time.sleep(0.2)
+            text = runtime.command(self.paths.admin_socket, "show stat")
         except HAProxyError:
-            return False
-
-    def settle(self, servers: list[Server], timeout: float) -> bool:
-        """Give each server of the current worker the slots old workers no longer claim.
-
-        Polls every 0.2 s until no old worker is left or `timeout` seconds passed (0: one pass).
-        Returns True when settled (every serving server back at maxconn = slots).
-        Errors of the runtime API end the wait quietly: the next step settles again.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                claims = self.claims(servers)
-                current = {s.server: s for s in runtime.show_stat(self.paths.admin_socket)}
-                models = {m.name: m for m in self.deployment.models}
-                for server in servers:
-                    stat = current.get(server.name)
-                    if server.draining or stat is None or server.model not in models:
-                        continue
-                    where = f"{backend_name(models[server.model])}/{server.name}"
-                    free = free_slots(self._slots(server), claims.get(server.name, 0))
-                    if stat.limit != free:
-                        runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
-                if not runtime.show_proc(self.paths.master_socket).old_workers:
-                    return True
-            except HAProxyError:
-                return False
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.2)
-
-    def sync_servers(self, servers: list[Server]) -> None:
-        """Add, drain, un-drain and delete servers of the running worker to match `servers`.
-
-        A new server (or one back from drain) enters rotation in one of two ways, by release
-        (releases.fixes_queue_overshoot). Where HAProxy issue #2744 is unfixed (Debian's 2.6.12 and
-        3.0.11 among them), a server that leaves maintenance with its weight set may take up to
-        twice its maxconn from the backend queue (measured once on 2.6.12 under 200 queued streams,
-        maxconn 8), so it gets weight 0, its state, and only then weight 1. The price, measured on
-        2.6.12 and 3.0.11 (tests/integration/test_haproxy.py): raising the weight takes nothing
-        from the backend queue, so requests already waiting stay for the other servers and the
-        returning server gets new arrivals only. Where #2744 is fixed, it gets its weight first and
-        then its state: it takes up to maxconn of the waiting requests at once. A server to
-        delete is put in maintenance first; HAProxy refuses
-        `del server` while connections remain, so such a server stays in maintenance (taking no
-        request) and the next step deletes it.
-
-        Raises:
-            HAProxyError: the runtime API refused a command (other than a busy `del server`).
-        """
-        models = {m.name: m for m in self.deployment.models}
-        ours = {backend_name(m) for m in self.deployment.models}
-        wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
-        live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
-                if ls.backend in ours}
-        try:
-            weight_last = not releases.fixes_queue_overshoot(self.release)
-        except CommandError:    # `haproxy -v` failed now: the way that is safe on every release
-            weight_last = True
-        change = membership_change(wanted, live, leaving_state=leaving_state(self.deployment),
-                                   weight_last=weight_last,
-                                   options=lambda s: server_options(self.deployment, models[s.model]))
-        self._send(list(change.added + change.commands))
-        if change.old_workers:
-            for pid in runtime.show_proc(self.paths.master_socket).old_workers:
-                for line in change.old_workers:
-                    runtime.command(self.paths.master_socket, f"@!{pid} {line}")  # gone there: no matter
-
-    def _send(self, commands: list[str]) -> None:
-        for line in commands:
-            answer = runtime.command(self.paths.admin_socket, line).strip()
-            if line.startswith("del server") and "connections" in answer:
-                continue  # still in use: it stays in maintenance, the next step deletes it
-            if answer and not answer.startswith(("New server registered", "Server deleted")):
-                raise HAProxyError(f"HAProxy refused '{line}': {answer.splitlines()[0]}")
+            return None
+        return Stats(servers={s.server: s for s in runtime.parse_stat(text)},
+                     backends={s.backend: s for s in runtime.parse_stat(text, rows="BACKEND")})
 
     def server_sessions(self) -> dict[str, int] | None:
         """Job id -> sessions of its server in every worker, old ones included: {} when HAProxy is
@@ -339,7 +213,7 @@ class HAProxy:
         if not self.running():
             return {}
         try:
-            held = self.held_sessions(old_only=False)
+            held = self.membership.held_sessions(old_only=False)
         except HAProxyError:
             return None
         return {job_id: n for name, n in held.items() if (job_id := job_id_of(name)) is not None}

@@ -85,15 +85,6 @@ def worker_stats(master_socket: Path, pid: int) -> tuple[list[ServerStats], dict
     return parse_stat(text), {s.backend: s for s in parse_stat(text, rows="BACKEND")}
 
 
-def show_backends(socket_path: Path) -> dict[str, ServerStats]:
-    """Backend name -> its totals (server = "BACKEND"; queued = requests waiting in its queue).
-
-    Raises:
-        HAProxyError: the runtime API did not answer.
-    """
-    return {s.backend: s for s in parse_stat(command(socket_path, "show stat"), rows="BACKEND")}
-
-
 def show_map(socket_path: Path, map_file: Path, prefix: str = "") -> dict[str, str] | None:
     """The entries (key -> value) of the map loaded from `map_file`, or None when the worker has no
     such map. `prefix` "@!PID " asks a worker through the master CLI (HAProxy 2.6 management guide:

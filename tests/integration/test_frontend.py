@@ -269,7 +269,7 @@ def test_a_queued_request_whose_client_left_never_reaches_a_backend(tmp_path, gg
             sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
             time.sleep(0.5)
-            assert runtime.show_backends(proxy.paths.admin_socket)["model_big"].queued == 1
+            assert proxy.stats().backends["model_big"].queued == 1
         busy.join(30)
         time.sleep(0.5)
         served = {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}

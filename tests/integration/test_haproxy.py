@@ -174,7 +174,7 @@ def test_errors_keep_the_openai_shape(proxy):
     assert response.status_code == 503 and response.headers["retry-after"] == str(d.haproxy.retry_after)
     error = response.json()["error"]
     assert error["type"] == "model_starting" and "Model m is starting" in error["message"]
-    wake = runtime.show_backends(proxy.paths.admin_socket)["wake_m"]
+    wake = proxy.stats().backends["wake_m"]
     assert wake.total == 1   # what `hpcserve autoscale` counts to scale from zero
 
 
@@ -234,7 +234,7 @@ def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(pro
     first = HAProxy(d, "test-key")
     assert first.update([server]) == "started"
     streams, _ = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
-    while first.held_sessions(old_only=False).get("job21", 0) < 3:
+    while first.membership.held_sessions(old_only=False).get("job21", 0) < 3:
         time.sleep(0.05)
 
     second = HAProxy(_restructured(d, 9), "test-key")
@@ -246,7 +246,7 @@ def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(pro
 
     for t in streams:
         t.join()
-    assert second.settle([server], timeout=20)
+    assert second.membership.settle([server], timeout=20)
     stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
     assert stat.limit == 4 and stat.weight == 1
 
@@ -260,7 +260,7 @@ def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy,
     assert first.update([server]) == "started"
     url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
     streams, results = _streams(url, 6)                        # 4 in service, 2 in HAProxy's queue
-    while first.held_sessions(old_only=False).get("job22", 0) < 4:
+    while first.membership.held_sessions(old_only=False).get("job22", 0) < 4:
         time.sleep(0.05)
 
     started = time.monotonic()

@@ -192,8 +192,8 @@ def test_the_renewal_lead_is_the_floor_or_what_startups_took():
 
 def test_up_says_which_backends_join_later(deployment):
     """`up` returns at one ready backend per model; its summary names the ones still loading."""
-    from hpcserve.cli import _still_coming
+    from hpcserve.status import still_coming
     desired = Desired(up=True, replicas={"a": 2, "b": 1})
-    assert _still_coming(deployment, desired, (backend(1), backend(2), backend(3, "b"))) == ""
-    tail = _still_coming(deployment, desired, (backend(1), backend(2, health=Health.LOADING), backend(3, "b")))
+    assert still_coming(deployment, desired, (backend(1), backend(2), backend(3, "b"))) == ""
+    tail = still_coming(deployment, desired, (backend(1), backend(2, health=Health.LOADING), backend(3, "b")))
     assert "a 1/2 ready" in tail and "b " not in tail and "hpcserve reconcile" in tail

@@ -1,0 +1,199 @@
+"""The servers of a running HAProxy, changed through its runtime API, and their slots shared
+between the workers a reload leaves behind.
+
+Membership: a server is added, drained, returned to rotation or deleted without a reload (the
+commands come from core.membership.membership_change). Slot sharing: a reload starts a new worker
+that knows nothing of the streams and queue its predecessors still serve, so each server's
+maxconn is split between them (core.membership has the arithmetic; these methods read the
+workers' `show stat` through the master CLI's "@!PID" prefix and send `set maxconn server`).
+Facts relied on: HAProxy 2.6 management guide (add/del server, set server state/weight, set
+maxconn server, the master CLI), and the measurements cited in each method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .. import releases
+from ..config import Deployment
+from ..core.membership import free_slots, membership_change, worker_claim
+from ..core.pool import Server
+from ..errors import CommandError, HAProxyError
+from . import runtime
+from .config import Paths, backend_name, leaving_state, server_options
+
+
+class Membership:
+    """The runtime side of one deployment's HAProxy: its servers and their maxconn per worker.
+
+    Args:
+        deployment: the deployment (its models give each server's slots).
+        paths: the HAProxy files (admin and master sockets).
+        release: returns the running HAProxy's release (or None if unknown); raises CommandError
+            when `haproxy -v` fails.
+    """
+
+    def __init__(self, deployment: Deployment, paths: Paths,
+                 release: Callable[[], releases.Release | None]):
+        self.deployment = deployment
+        self.paths = paths
+        self._release = release
+
+    def slots(self, server: Server) -> int:
+        """The slots (llama-server --parallel) of `server`'s model."""
+        return self.deployment.model(server.model).parallel
+
+    def held_sessions(self, old_only: bool = True) -> dict[str, int]:
+        """Server name -> sessions held by the old workers (or by every worker: old_only=False).
+
+        Raises:
+            HAProxyError: the master did not answer.
+        """
+        info = runtime.show_proc(self.paths.master_socket)
+        held: dict[str, int] = {}
+        for pid in info.old_workers + (() if old_only else info.workers):
+            for stat in runtime.worker_stats(self.paths.master_socket, pid)[0]:
+                held[stat.server] = held.get(stat.server, 0) + stat.sessions
+        return held
+
+    def cap_old_workers(self, servers: list[Server], current: bool = False) -> dict[str, int]:
+        """Cap each old worker's maxconn on `servers` (`set maxconn server`, through the master;
+        core.membership.worker_claim has the rule); return server name -> slots the old workers (and
+        the current one: current=True) can still fill.
+
+        Raises:
+            HAProxyError: the master did not answer.
+        """
+        return self._cap_and_read(servers, current)[0]
+
+    def _cap_and_read(self, servers: list[Server], current: bool
+                         ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
+        """Cap the maxconn of each old worker on `servers` (`set maxconn server`, through the
+        master), from one `show stat` of each worker; return claims() and server name -> (maxconn
+        after the cap, worker pid, backend) of each worker read."""
+        info = runtime.show_proc(self.paths.master_socket)
+        ours = {s.name for s in servers}
+        claimed: dict[str, int] = {}
+        limits: dict[str, list[tuple[int, int, str]]] = {}
+        for pid in info.old_workers + (info.workers if current else ()):
+            stats, backends = runtime.worker_stats(self.paths.master_socket, pid)
+            for stat in stats:
+                if stat.server not in ours:
+                    continue
+                queue = backends.get(stat.backend)
+                limit, claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
+                                            queued=queue.queued if queue else 0)
+                if limit != stat.limit:
+                    runtime.command(self.paths.master_socket,
+                                    f"@!{pid} set maxconn server {stat.backend}/{stat.server} {limit}")
+                claimed[stat.server] = claimed.get(stat.server, 0) + claim
+                limits.setdefault(stat.server, []).append((limit, pid, stat.backend))
+        return claimed, limits
+
+    def make_room(self, servers: list[Server], timeout: float) -> bool:
+        """Before a reload: free one slot of every serving server the running workers fill.
+
+        On such a server, lowers by one the maxconn of the worker that has the most (not below 1:
+        a server of one slot held by one worker cannot be shared), then waits, polling every
+        0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when
+        every serving server has a free slot for the next worker. Errors of the runtime API end
+        the wait quietly (the reload then shares what it can).
+        """
+        deadline = time.monotonic() + timeout
+        lowered: set[str] = set()
+        master = self.paths.master_socket
+        models = {m.name for m in self.deployment.models}
+        try:
+            while True:
+                claims, limits = self._cap_and_read(servers, current=True)
+                full = {s.name for s in servers if not s.draining and s.model in models
+                        and claims.get(s.name, 0) >= self.slots(s)}
+                if not full:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                for name in full - lowered:
+                    limit, pid, backend = max(limits.get(name, []), default=(0, 0, ""))
+                    if limit > 1:
+                        runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
+                        lowered.add(name)
+                if not full & lowered:
+                    return False  # every full server is at maxconn 1 in each worker: nothing to wait for
+                time.sleep(0.2)
+        except HAProxyError:
+            return False
+
+    def settle(self, servers: list[Server], timeout: float) -> bool:
+        """Give each server of the current worker the slots old workers no longer claim.
+
+        Polls every 0.2 s until no old worker is left or `timeout` seconds passed (0: one pass).
+        Returns True when settled (every serving server back at maxconn = slots).
+        Errors of the runtime API end the wait quietly: the next step settles again.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                claims = self.cap_old_workers(servers)
+                current = {s.server: s for s in runtime.show_stat(self.paths.admin_socket)}
+                models = {m.name: m for m in self.deployment.models}
+                for server in servers:
+                    stat = current.get(server.name)
+                    if server.draining or stat is None or server.model not in models:
+                        continue
+                    where = f"{backend_name(models[server.model])}/{server.name}"
+                    free = free_slots(self.slots(server), claims.get(server.name, 0))
+                    if stat.limit != free:
+                        runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
+                if not runtime.show_proc(self.paths.master_socket).old_workers:
+                    return True
+            except HAProxyError:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+    def sync(self, servers: list[Server]) -> None:
+        """Add, drain, un-drain and delete servers of the running worker to match `servers`.
+
+        A new server (or one back from drain) enters rotation in one of two ways, by release
+        (releases.fixes_queue_overshoot). Where HAProxy issue #2744 is unfixed (Debian's 2.6.12 and
+        3.0.11 among them), a server that leaves maintenance with its weight set may take up to
+        twice its maxconn from the backend queue (measured once on 2.6.12 under 200 queued streams,
+        maxconn 8), so it gets weight 0, its state, and only then weight 1. The price, measured on
+        2.6.12 and 3.0.11 (tests/integration/test_haproxy.py): raising the weight takes nothing
+        from the backend queue, so requests already waiting stay for the other servers and the
+        returning server gets new arrivals only. Where #2744 is fixed, it gets its weight first and
+        then its state: it takes up to maxconn of the waiting requests at once. A server to
+        delete is put in maintenance first; HAProxy refuses
+        `del server` while connections remain, so such a server stays in maintenance (taking no
+        request) and the next step deletes it.
+
+        Raises:
+            HAProxyError: the runtime API refused a command (other than a busy `del server`).
+        """
+        models = {m.name: m for m in self.deployment.models}
+        ours = {backend_name(m) for m in self.deployment.models}
+        wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
+        live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
+                if ls.backend in ours}
+        try:
+            weight_last = not releases.fixes_queue_overshoot(self._release())
+        except CommandError:    # `haproxy -v` failed now: the way that is safe on every release
+            weight_last = True
+        change = membership_change(wanted, live, leaving_state=leaving_state(self.deployment),
+                                   weight_last=weight_last,
+                                   options=lambda s: server_options(self.deployment, models[s.model]))
+        self._send(list(change.added + change.commands))
+        if change.old_workers:
+            for pid in runtime.show_proc(self.paths.master_socket).old_workers:
+                for line in change.old_workers:
+                    runtime.command(self.paths.master_socket, f"@!{pid} {line}")  # gone there: no matter
+
+    def _send(self, commands: list[str]) -> None:
+        for line in commands:
+            answer = runtime.command(self.paths.admin_socket, line).strip()
+            if line.startswith("del server") and "connections" in answer:
+                continue  # still in use: it stays in maintenance, the next step deletes it
+            if answer and not answer.startswith(("New server registered", "Server deleted")):
+                raise HAProxyError(f"HAProxy refused '{line}': {answer.splitlines()[0]}")

@@ -1,0 +1,215 @@
+"""The pool as `hpcserve status` reports it: what Slurm, the backends, HAProxy and OpenWebUI say
+now, gathered once into a PoolStatus whose `to_json()` is the documented `status --json` shape,
+and print_report() its text form.
+
+Reading only: nothing here changes the pool, so it needs no lock and runs beside any command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import autoscaler, webui
+from .config import Deployment
+from .core.pool import Desired, Health, Replica, server_name
+from .errors import SlurmError
+from .haproxy.process import HAProxy
+from .llama.probe import observe
+from .slurm import Scheduler
+from .slurm.cli import format_duration
+from .state import StateDir
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """One job of the deployment that has not ended, with its llama-server and HAProxy server.
+
+    Attributes:
+        job_id, model, state (squeue's job state), node (None while pending), reason (squeue's
+            reason, "None" when there is none), time_left_s (seconds; None when unlimited or unknown).
+        endpoint: "HOST:PORT" the job announced, None before it did.
+        health: "pending", "loading", "ready", "unreachable" (core.pool.Health).
+        slots_busy, slots_total: llama-server's /slots (None when it did not answer).
+        haproxy_status, sessions, queued, served: the HAProxy server's status ("UP", "DRAIN", ...),
+            current sessions, requests queued on it, sessions served since the worker started; None
+            when the job is no server of HAProxy.
+    """
+
+    job_id: str
+    model: str
+    state: str
+    node: str | None
+    endpoint: str | None
+    health: str
+    slots_busy: int | None
+    slots_total: int | None
+    time_left_s: int | None
+    reason: str
+    haproxy_status: str | None
+    sessions: int | None
+    queued: int | None
+    served: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """One model's pool: `desired` replicas (the stored desired state), `jobs` not ended, `ready` ones."""
+
+    desired: int
+    jobs: int
+    ready: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HAProxyStatus:
+    """Whether the deployment's HAProxy master runs, and its pid."""
+
+    running: bool
+    pid: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WebUIStatus:
+    """OpenWebUI's URL and whether it answers /health now."""
+
+    url: str
+    up: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStatus:
+    """The whole report.
+
+    Attributes:
+        deployment, url: the deployment's name and the pool's OpenAI-compatible URL.
+        up: the stored desired state says the pool is up.
+        auth: {"mode": "open"}, or {"mode": "keys", "owner_key", "owner_key_file", "api_keys_file"}
+            (the owner key is None before the first `up`; api_keys_file None when not configured).
+        haproxy, webui: see HAProxyStatus, WebUIStatus.
+        models: model name -> ModelStatus, in the deployment file's order.
+        backends: the jobs that have not ended, by job id; [] when Slurm did not answer.
+        slurm_error: Slurm's error when it did not answer, else None.
+        last_autoscale: model -> its last autoscale decision record (autoscaler.last_decisions).
+    """
+
+    deployment: str
+    url: str
+    up: bool
+    auth: dict[str, str | None]
+    haproxy: HAProxyStatus
+    models: dict[str, ModelStatus]
+    backends: list[BackendStatus]
+    slurm_error: str | None
+    last_autoscale: dict[str, dict]
+    webui: WebUIStatus
+
+    def to_json(self) -> dict[str, Any]:
+        """The `hpcserve status --json` document: these fields, nested as plain JSON objects."""
+        return dataclasses.asdict(self)
+
+
+def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
+    """Ask Slurm (one squeue), every backend (/health, /slots), HAProxy (one `show stat`) and
+    OpenWebUI (/health) once. A Slurm failure is reported in `slurm_error`, never raised."""
+    state = StateDir(deployment.state_dir)
+    haproxy = HAProxy(deployment, "")
+    slurm_error = None
+    replicas: list[Replica] = []
+    try:
+        key = state.key_file.read_text().strip() if state.key_file.exists() else None
+        replicas = observe(deployment, scheduler, key=key, slots=True)
+    except SlurmError as exc:
+        slurm_error = str(exc)
+    desired = state.read_desired()
+    stats = haproxy.stats()
+    servers = stats.servers if stats else {}
+    rows = []
+    for b in replicas:
+        if b.health is Health.ENDED:
+            continue
+        s = servers.get(server_name(b.job.job_id))
+        rows.append(BackendStatus(
+            job_id=b.job.job_id, model=b.model, state=b.job.state.value, node=b.job.node,
+            endpoint=b.endpoint, health=b.health.value, slots_busy=b.slots_busy, slots_total=b.slots_total,
+            time_left_s=b.job.time_left_s, reason=b.job.reason,
+            haproxy_status=s.status if s else None, sessions=s.sessions if s else None,
+            queued=s.queued if s else None, served=s.total if s else None))
+    models = {}
+    for m in deployment.models:
+        mine = [r for r in rows if r.model == m.name]
+        models[m.name] = ModelStatus(desired=desired.replicas_of(m.name), jobs=len(mine),
+                                     ready=sum(1 for r in mine if r.health == Health.READY.value))
+    auth: dict[str, str | None] = {"mode": "open"}
+    if deployment.haproxy.auth != "open":
+        auth = {"mode": "keys", "owner_key": state.read_api_key(), "owner_key_file": str(state.api_key_file),
+                "api_keys_file": str(deployment.haproxy.api_keys_file) if deployment.haproxy.api_keys_file else None}
+    webui_url = webui.url(deployment)
+    return PoolStatus(deployment=deployment.name, url=deployment.url, up=desired.up, auth=auth,
+                      haproxy=HAProxyStatus(running=haproxy.running(), pid=haproxy.pid()),
+                      models=models, backends=rows, slurm_error=slurm_error,
+                      last_autoscale=autoscaler.last_decisions(deployment.state_dir),
+                      webui=WebUIStatus(url=webui_url, up=webui.answers(webui_url + "/health")))
+
+
+def still_coming(deployment: Deployment, desired: Desired, backends: tuple[Replica, ...]) -> str:
+    """The summary's tail when some wanted backends are not ready yet: they join HAProxy later.
+
+    A backend enters HAProxy only at a reconcile step that finds it ready (core/plan.py), so the ones
+    still loading when `up` returns join at the next `hpcserve reconcile` (what cron runs).
+    """
+    short = []
+    for m in deployment.models:
+        wanted = desired.replicas_of(m.name)
+        ready = sum(1 for b in backends if b.model == m.name and b.health is Health.READY)
+        if ready < wanted:
+            short.append(f"{m.name} {ready}/{wanted} ready")
+    if not short:
+        return ""
+    return (f" ({', '.join(short)}; the others join at the next `hpcserve reconcile`, "
+            "which cron runs, or `hpcserve scale N --wait`)")
+
+
+def print_report(report: PoolStatus, out: Console, err: Console) -> None:
+    """`hpcserve status` without --json: a summary per deployment and model on `out`, then one table
+    row per backend; a Slurm failure on `err`."""
+    h = report.haproxy
+    out.print(f"deployment [bold]{report.deployment}[/]: {'up' if report.up else 'down'}, "
+              f"URL {report.url}, HAProxy {'running (pid %s)' % h.pid if h.running else 'not running'}")
+    auth = report.auth
+    if auth["mode"] == "open":
+        out.print("  API keys: none (haproxy.auth: open): anyone who reaches the URL can use the pool")
+    else:
+        out.print(f"  API key: {auth['owner_key'] or '(made at the next up)'} (in {auth['owner_key_file']})",
+                  markup=False)
+    out.print(f"  OpenWebUI {report.webui.url}: {'up' if report.webui.up else 'not running'}")
+    for name, m in report.models.items():
+        out.print(f"  model {name}: {m.ready} ready of {m.jobs} job(s), {m.desired} wanted")
+        last = report.last_autoscale.get(name)
+        if last:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
+            out.print(f"    last autoscale {when}: {last['desired_before']} -> {last['desired_after']}, "
+                      f"{last['reason']}", markup=False)
+    if report.slurm_error:
+        err.print(f"[red]Slurm is not answering:[/] {report.slurm_error}")
+        return
+    if not report.backends:
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("JOB", "MODEL", "STATE", "NODE", "ENDPOINT", "HEALTH", "SLOTS", "SESS", "QUEUE",
+                   "SERVED", "TIME LEFT"):
+        table.add_column(column)
+    for r in report.backends:
+        table.add_row(r.job_id, r.model, r.state, r.node or r.reason, r.endpoint or "-", r.health,
+                      f"{r.slots_busy}/{r.slots_total}" if r.slots_total is not None else "-",
+                      _dash(r.sessions), _dash(r.queued), _dash(r.served),
+                      "-" if r.time_left_s is None else format_duration(r.time_left_s))
+    out.print(table)
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
