@@ -28,6 +28,7 @@ import psutil
 
 from .config import Deployment
 from .haproxy.config import paths
+from .state import StateDir
 
 #: The receive buffer asked for (bytes): a burst of lines waits here while a line is written.
 RECEIVE_BUFFER = 4 << 20
@@ -35,11 +36,11 @@ RECEIVE_BUFFER = 4 << 20
 
 def log_file(deployment: Deployment) -> Path:
     """STATE_DIR/logs/access.log (rotated ones: access.log.1 ... .N, the highest the oldest)."""
-    return deployment.state_dir / "logs" / "access.log"
+    return StateDir(deployment.state_dir).access_log
 
 
 def _pid_file(deployment: Deployment) -> Path:
-    return deployment.state_dir / "logs" / "access-writer.pid"
+    return StateDir(deployment.state_dir).access_writer_files[0]
 
 
 def writer_pid(deployment: Deployment) -> int | None:
@@ -68,7 +69,7 @@ def ensure_writer(deployment: Deployment, timeout: float = 10.0) -> bool:
     sock.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "hpcserve.accesslog", str(sock), str(log_file(deployment)),
             str(settings.access_log_max_bytes), str(settings.access_log_files), str(paths(deployment).pid_file)]
-    error_file = deployment.state_dir / "logs" / "access-writer.err"
+    error_file = StateDir(deployment.state_dir).access_writer_files[1]
     with open(os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as errors:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
                                    start_new_session=True)

@@ -19,9 +19,7 @@ from .core.jobs import JobState
 from .core.pool import Desired
 from .haproxy.config import backend_name
 from .reconcile import Outcome, Reconciler
-
-DECISIONS = "decisions.jsonl"
-
+from .state import StateDir
 
 def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dict], Outcome | None]:
     """Decide and apply once; the caller holds the deployment lock.
@@ -66,7 +64,7 @@ def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dic
     pending = {name: sum(1 for b in outcome.replicas if b.model == name and b.job.state is JobState.PENDING)
                for name in policies}
     state.write_json("autoscale", new_memory)
-    fd = os.open(state.root / DECISIONS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(state.decisions_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as log:
         for record in records:
             record["pending_jobs"] = pending[record["model"]]
@@ -77,7 +75,7 @@ def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dic
 def last_decisions(state_dir: Path, limit: int = 200) -> dict[str, dict]:
     """Model -> its most recent decision record (from the tail of STATE_DIR/decisions.jsonl)."""
     try:
-        lines = (state_dir / DECISIONS).read_text().splitlines()[-limit:]
+        lines = StateDir(state_dir).decisions_file.read_text().splitlines()[-limit:]
     except FileNotFoundError:
         return {}
     last = {}
@@ -104,6 +102,6 @@ def cron_line(deployment_file: Path, state_dir: Path) -> str:
         program = shlex.quote(os.path.abspath(sys.argv[0]))
     else:
         program = shlex.quote(shutil.which("hpcserve") or "hpcserve")
-    log = shlex.quote(str(state_dir / "logs" / "autoscale.log"))
+    log = shlex.quote(str(StateDir(state_dir).autoscale_log))
     return (f"* * * * * {' '.join(env)} {program} -f {shlex.quote(str(deployment_file.resolve()))} autoscale "
             f">> {log} 2>&1")

@@ -291,7 +291,7 @@ def job_check(deployment: Deployment, scheduler: Scheduler, timeout: float,
     state = StateDir(deployment.state_dir)
     state.ensure()
     nonce = secrets.token_hex(16)
-    folder = state.root / "check"
+    folder = state.check_dir
     folder.mkdir(mode=0o700, exist_ok=True)
     marker = folder / f"{nonce}.marker"
     write_private(marker, nonce)

@@ -44,7 +44,7 @@ class Context:
         matching pyslurm if one imports, else through Slurm's commands."""
         deployment = self.deployment
         if deployment.scheduler == "local":
-            return LocalScheduler(deployment.state_dir / "local", deployment.local.gpus,
+            return LocalScheduler(StateDir(deployment.state_dir).local_dir, deployment.local.gpus,
                                   deployment.local.gpus_per_backend)
         if self._scheduler is None:
             self._scheduler = pyslurm_adapter.choose(notice=self.say)

@@ -497,7 +497,7 @@ def _absolute(deployment: Deployment, base: Path) -> Deployment:
 #: HAProxy refuses a unix socket path longer than this many characters: "socket path '...' too
 #: long (max 97)" (measured with HAProxy 2.6.12, `stats socket` with 97 and 98 characters).
 HAPROXY_SOCKET_PATH_MAX = 97
-#: The longest socket name hpcserve puts in the state directory (haproxy.config.Paths.master_socket).
+#: The longest socket name hpcserve puts in the state directory (state.HAProxyFiles.master_socket).
 LONGEST_SOCKET_NAME = "haproxy-master.sock"
 
 

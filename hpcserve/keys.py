@@ -110,7 +110,7 @@ class KeyRegistry:
 
     def __init__(self, deployment: Deployment):
         self.deployment = deployment
-        self.file = deployment.state_dir / "keys.json"
+        self.file = StateDir(deployment.state_dir).keys_file
 
     def named(self) -> list[Key]:
         """The named keys, by name.

@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from .slurm import jobscript
 from .config import Deployment
-from .core.plan import Plan, plan, renewal_lead
+from .core.plan import Plan, effective_renew_before, plan
 from .core.pool import Desired, Health, Replica
 from .llama.probe import observe
 from .haproxy.process import HAProxy
@@ -91,14 +91,10 @@ class Reconciler:
         self._make_haproxy = haproxy
         self._report = report
 
-    @property
-    def _membership_file(self):
-        return self.state.root / "servers.json"
-
     def in_rotation(self) -> frozenset[str]:
         """Job ids of the servers written into the live HAProxy config by the last step."""
         try:
-            return frozenset(json.loads(self._membership_file.read_text()))
+            return frozenset(json.loads(self.state.servers_file.read_text()))
         except (FileNotFoundError, ValueError, TypeError):
             return frozenset()
 
@@ -143,7 +139,7 @@ class Reconciler:
         the_plan = plan([m.name for m in self.deployment.models], desired, replicas, self.in_rotation(),
                         draining=self.state.read_draining(), sessions=sessions, now=now,
                         drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout,
-                        renew_lead=renewal_lead(self.deployment.slurm.renew_before, startups["seconds"]))
+                        renew_before=effective_renew_before(self.deployment.slurm.renew_before, startups["seconds"]))
 
         scripts = {name: jobscript.render(self.deployment, self.deployment.model(name))
                    for name in dict.fromkeys(the_plan.submit)}
@@ -151,16 +147,16 @@ class Reconciler:
         if the_plan.haproxy_running:
             servers = list(the_plan.servers)
             change = haproxy.update(servers)
-            write_private(self._membership_file, json.dumps(sorted(s.job_id for s in servers)) + "\n")
+            write_private(self.state.servers_file, json.dumps(sorted(s.job_id for s in servers)) + "\n")
         elif haproxy.running():
             haproxy.stop()
-            self._membership_file.unlink(missing_ok=True)
+            self.state.servers_file.unlink(missing_ok=True)
             change = "stopped"
 
         self.scheduler.cancel([c.job_id for c in the_plan.cancel])
         submitted = []
         for model_name in the_plan.submit:
-            write_private(self.state.root / "sbatch" / f"{model_name}.sbatch", scripts[model_name])
+            write_private(self.state.sbatch_dir / f"{model_name}.sbatch", scripts[model_name])
             submitted.append((model_name, self.scheduler.submit(scripts[model_name])))
         self.state.write_draining(the_plan.draining)
         self.state.write_json("startups", startups)

@@ -1,8 +1,18 @@
-"""The deployment's state directory: desired state, backend key, lock. Private to its owner.
+"""The deployment's state directory, private to its owner, and the one place that names its files.
 
 Everything hpcserve must remember between commands lives here (Slurm holds the rest), so a crashed
 command loses nothing: files are replaced atomically (write to a temporary file, fsync, rename) and
 created 0600 inside a 0700 directory, because the backend key and HAProxy's sockets are secrets.
+
+Layout (STATE_DIR/...):
+    desired.json draining.json startups.json servers.json autoscale.json   the controller's memory
+    decisions.jsonl   autoscale decisions          keys.json   named API keys (keys.py)
+    backend.key api.key   secrets                   lock        one changing command at a time
+    haproxy.cfg haproxy-base.cfg haproxy.sock haproxy-master.sock haproxy.pid haproxy.state
+    models.json keys.map   HAProxy's files (HAProxyFiles)
+    logs/     job output, llama-server, HAProxy, access log (+ its socket and writer), OpenWebUI, autoscale
+    sbatch/   the last job script submitted per model      local/   the workstation launcher's jobs
+    webui/    OpenWebUI's data, secret key, admin password  check/   hpcserve check's job markers
 """
 
 from __future__ import annotations
@@ -22,11 +32,134 @@ from .core.pool import Desired
 from .errors import ConfigError, DeploymentBusy, HpcserveError
 
 
+@dataclasses.dataclass(frozen=True)
+class HAProxyFiles:
+    """Files of a deployment's HAProxy, all inside its private state directory `root`."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        """The config HAProxy runs (the live membership written in)."""
+        return self.root / "haproxy.cfg"
+
+    @property
+    def base_config(self) -> Path:
+        """The config rendered without servers: a change of it alone needs a reload."""
+        return self.root / "haproxy-base.cfg"
+
+    @property
+    def candidate_config(self) -> Path:
+        """Where a config is written for `haproxy -c` before it replaces `config`."""
+        return self.root / "haproxy.cfg.new"
+
+    @property
+    def admin_socket(self) -> Path:
+        """The runtime API socket of the current worker (stats socket ... level admin)."""
+        return self.root / "haproxy.sock"
+
+    @property
+    def master_socket(self) -> Path:
+        """The master CLI socket (-S): reload, show proc."""
+        return self.root / "haproxy-master.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "haproxy.pid"
+
+    @property
+    def server_state_file(self) -> Path:
+        return self.root / "haproxy.state"
+
+    @property
+    def models_file(self) -> Path:
+        """GET /v1/models as HAProxy answers it (written by hpcserve, see haproxy.config.models_list)."""
+        return self.root / "models.json"
+
+    @property
+    def keys_map_file(self) -> Path:
+        """HAProxy's map of accepted API keys, SHA-256 -> name and limits (keys.key_map); no key in it."""
+        return self.root / "keys.map"
+
+    @property
+    def access_log_socket(self) -> Path:
+        """The datagram socket HAProxy sends its access log lines to (see accesslog.py)."""
+        return self.root / "logs" / "access.sock"
+
+    @property
+    def log_file(self) -> Path:
+        """HAProxy's own output (start-up alerts)."""
+        return self.root / "logs" / "haproxy.log"
+
+
 class StateDir:
     """The files of one deployment under `root` (no I/O until a method is called)."""
 
     def __init__(self, root: Path):
         self.root = root
+
+    @property
+    def haproxy(self) -> HAProxyFiles:
+        return HAProxyFiles(self.root)
+
+    @property
+    def logs_dir(self) -> Path:
+        """Job output (job-ID.out), llama-server logs, HAProxy's, the access log, OpenWebUI's."""
+        return self.root / "logs"
+
+    @property
+    def access_log(self) -> Path:
+        """The access log (rotated ones: access.log.1 ... .N, the highest the oldest; accesslog.py)."""
+        return self.logs_dir / "access.log"
+
+    @property
+    def access_writer_files(self) -> tuple[Path, Path]:
+        """The access log writer's pid file and its error output."""
+        return self.logs_dir / "access-writer.pid", self.logs_dir / "access-writer.err"
+
+    @property
+    def webui_log(self) -> Path:
+        return self.logs_dir / "webui.log"
+
+    @property
+    def autoscale_log(self) -> Path:
+        """Where the crontab line of `hpcserve autoscale --print-cron` appends."""
+        return self.logs_dir / "autoscale.log"
+
+    @property
+    def sbatch_dir(self) -> Path:
+        """The last job script submitted for each model (MODEL.sbatch), for the admin to read."""
+        return self.root / "sbatch"
+
+    @property
+    def servers_file(self) -> Path:
+        """Job ids of the servers in the live HAProxy config (JSON list)."""
+        return self.root / "servers.json"
+
+    @property
+    def decisions_file(self) -> Path:
+        """Autoscale decisions, one JSON object per line."""
+        return self.root / "decisions.jsonl"
+
+    @property
+    def keys_file(self) -> Path:
+        """The named API keys (keys.py)."""
+        return self.root / "keys.json"
+
+    @property
+    def local_dir(self) -> Path:
+        """The workstation launcher's job records (slurm/local.py)."""
+        return self.root / "local"
+
+    @property
+    def webui_dir(self) -> Path:
+        """OpenWebUI's data folder, secret key and admin password."""
+        return self.root / "webui"
+
+    @property
+    def check_dir(self) -> Path:
+        """Markers of `hpcserve check`'s job."""
+        return self.root / "check"
 
     @property
     def desired_file(self) -> Path:
@@ -52,7 +185,7 @@ class StateDir:
             ConfigError: it cannot be created (the message names state_dir).
         """
         try:
-            for path in (self.root, self.root / "logs", self.root / "sbatch"):
+            for path in (self.root, self.logs_dir, self.sbatch_dir):
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
         except OSError as exc:

@@ -32,7 +32,8 @@ from .state import StateDir, secret_file, write_private
 
 
 def folder(deployment: Deployment) -> Path:
-    return deployment.state_dir / "webui"
+    """STATE_DIR/webui: OpenWebUI's data, secret key, admin password, env file (0700)."""
+    return StateDir(deployment.state_dir).webui_dir
 
 
 def key_file(deployment: Deployment) -> Path:
@@ -88,7 +89,7 @@ def job_script(deployment: Deployment) -> str:
     write_private(env_file, "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
     return templates.render("openwebui.sbatch.j2", deployment.templates_dir, deployment=deployment,
                             webui=deployment.webui, slurm=deployment.slurm, env_file=env_file,
-                            log_dir=deployment.state_dir / "logs")
+                            log_dir=StateDir(deployment.state_dir).logs_dir)
 
 
 def pool_url_from_compute_nodes(deployment: Deployment) -> str:
@@ -200,4 +201,4 @@ def _pid_file(deployment: Deployment) -> Path:
 
 
 def _log_file(deployment: Deployment) -> Path:
-    return deployment.state_dir / "logs" / "webui.log"
+    return StateDir(deployment.state_dir).webui_log

@@ -3,7 +3,7 @@
     jobs.py        Job, JobState: Slurm jobs as hpcserve reasons about them
     pool.py        Desired (what the user asked for), Replica (one job and its llama-server),
                    Health, Server (HAProxy's membership entry), server names
-    plan.py        plan(): desired + observed -> submit, cancel, drain, membership; renewal_lead()
+    plan.py        plan(): desired + observed -> submit, cancel, drain, membership; effective_renew_before()
     autoscale.py   decide(): load signals + policy + memory -> desired replicas
     membership.py  the runtime commands of a membership change, slot sharing between workers
 

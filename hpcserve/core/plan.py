@@ -58,7 +58,7 @@ def _cancel_order(replica: Replica) -> tuple[int, float]:
 def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
          in_rotation: frozenset[str] = frozenset(), *, draining: Mapping[str, float] | None = None,
          sessions: Mapping[str, int] | None = None, now: float = 0.0, drain_timeout: float = 0.0,
-         renew_lead: float | None = None) -> Plan:
+         renew_before: float | None = None) -> Plan:
     """The plan that moves `replicas` (observed) toward `desired`.
 
     Args:
@@ -74,15 +74,16 @@ def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
             None when unknown, and then a drain lasts until its deadline.
         now: the current time (epoch s).
         drain_timeout: seconds a leaving server may finish its requests; 0 cancels at once.
-        renew_lead: seconds before its time limit a running job is renewed; None = never.
+        renew_before: seconds before its time limit a running job is renewed; None = never.
 
     A surplus job that serves (in rotation) is drained first: it stays in HAProxy with weight 0
     and is cancelled once a later step sees it with no session, or at its deadline. A job that
     serves nobody yet (pending, loading) is cancelled at once. Draining jobs are the first
     surplus, so the choice is stable from step to step; scaling back up ends their drain.
 
-    Renewal: a running job within renew_lead of its time limit, or one Slurm warned (leaving),
-    no longer counts toward the replicas, so its successor is submitted now. A warned job is
+    Renewal: a running job within renew_before of its time limit, or one Slurm warned (its
+    comment says "leaving"), no longer counts toward the replicas, so its successor is submitted
+    now. A warned job is
     drained at once; one near its time limit keeps serving until enough others are ready, then
     is drained, so no request is lost over a renewal.
 
@@ -116,9 +117,9 @@ def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
             leave(replica, "model no longer in the deployment file")
 
     def renewing(b: Replica) -> bool:
-        near_end = (renew_lead is not None and b.job.time_left_s is not None
-                    and b.job.state is JobState.RUNNING and b.job.time_left_s < renew_lead)
-        return b.leaving or near_end
+        near_end = (renew_before is not None and b.job.time_left_s is not None
+                    and b.job.state is JobState.RUNNING and b.job.time_left_s < renew_before)
+        return b.warned or near_end
 
     for model in models:
         want = desired.replicas_of(model)
@@ -132,7 +133,7 @@ def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
             leave(replica, reason)
         ready = sum(1 for b in staying if b.health is Health.READY)
         for replica in (b for b in mine if renewing(b)):
-            if replica.leaving:
+            if replica.warned:
                 leave(replica, "Slurm warned the job that it ends soon")
             elif ready >= want:
                 leave(replica, "time limit near, its successor is ready" if want else reason)
@@ -147,7 +148,7 @@ def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
                 haproxy_running=desired.up or bool(new_draining), draining=new_draining)
 
 
-def renewal_lead(floor: float, startups: Sequence[float]) -> float:
+def effective_renew_before(floor: float, startups: Sequence[float]) -> float:
     """Seconds before a replica's time limit to submit its successor: the deployment's floor
     (slurm.renew_before, seconds), or 1.5 times the slowest recent startup (queue wait plus model
     load, seconds) when that is longer."""

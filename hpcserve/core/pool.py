@@ -52,7 +52,7 @@ class Replica:
         port: its TCP port, or None before it announced.
         health: see Health.
         slots_busy, slots_total: from /slots when asked for (status), else None.
-        leaving: Slurm warned the job that it will end (its comment says "leaving").
+        warned: Slurm warned the job that it will end (its comment says "leaving").
     """
 
     job: Job
@@ -62,7 +62,7 @@ class Replica:
     health: Health = Health.PENDING
     slots_busy: int | None = None
     slots_total: int | None = None
-    leaving: bool = False
+    warned: bool = False
 
     @property
     def endpoint(self) -> str | None:
@@ -90,7 +90,7 @@ class Server:
             server-state files and hashing keep meaning across changes of the pool.
         address: host or IP HAProxy connects to (the node's NodeAddr).
         port: the TCP port llama-server bound.
-        draining: the server is leaving: it finishes its sessions and takes no new request.
+        draining: the server finishes its sessions and takes no new request (weight 0 or drain).
         maxconn: a lower limit than the model's slots, while workers from before a reload still
             hold some of them; None otherwise.
         healthy: hpcserve saw its job RUNNING with this endpoint announced and /health answering

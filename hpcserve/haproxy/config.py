@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 from .. import templates
 from ..config import Deployment, Model
 from ..core.pool import Server
+from ..state import HAProxyFiles, StateDir
 
 TEMPLATE = "haproxy.cfg.j2"
 
@@ -70,53 +69,9 @@ def server_options(deployment: Deployment, model: Model) -> str:
     return options
 
 
-@dataclasses.dataclass(frozen=True)
-class Paths:
-    """Files of a deployment's HAProxy, all inside its private state directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "haproxy.cfg"
-
-    @property
-    def admin_socket(self) -> Path:
-        """The runtime API socket of the current worker (stats socket ... level admin)."""
-        return self.root / "haproxy.sock"
-
-    @property
-    def master_socket(self) -> Path:
-        """The master CLI socket (-S): reload, show proc."""
-        return self.root / "haproxy-master.sock"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.root / "haproxy.pid"
-
-    @property
-    def server_state_file(self) -> Path:
-        return self.root / "haproxy.state"
-
-    @property
-    def models_file(self) -> Path:
-        """GET /v1/models as HAProxy answers it (written by hpcserve, see models_list)."""
-        return self.root / "models.json"
-
-    @property
-    def keys_map_file(self) -> Path:
-        """HAProxy's map of accepted API keys, SHA-256 -> name and limits (keys.key_map); no key in it."""
-        return self.root / "keys.map"
-
-    @property
-    def access_log_socket(self) -> Path:
-        """The datagram socket HAProxy sends its access log lines to (see accesslog.py)."""
-        return self.root / "logs" / "access.sock"
-
-
-def paths(deployment: Deployment) -> Paths:
-    """The HAProxy files of `deployment`."""
-    return Paths(deployment.state_dir)
+def paths(deployment: Deployment) -> HAProxyFiles:
+    """The HAProxy files of `deployment` (their names: state.HAProxyFiles)."""
+    return StateDir(deployment.state_dir).haproxy
 
 
 def models_list(deployment: Deployment) -> str:

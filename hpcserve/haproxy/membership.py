@@ -21,7 +21,8 @@ from ..core.membership import free_slots, membership_change, worker_claim
 from ..core.pool import Server
 from ..errors import CommandError, HAProxyError
 from . import runtime
-from .config import Paths, backend_name, leaving_state, server_options
+from ..state import HAProxyFiles
+from .config import backend_name, leaving_state, server_options
 
 
 class Membership:
@@ -34,7 +35,7 @@ class Membership:
             when `haproxy -v` fails.
     """
 
-    def __init__(self, deployment: Deployment, paths: Paths,
+    def __init__(self, deployment: Deployment, paths: HAProxyFiles,
                  release: Callable[[], releases.Release | None]):
         self.deployment = deployment
         self.paths = paths

@@ -27,10 +27,10 @@ from ..config import Deployment
 from ..core.membership import within_slots
 from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError
-from ..state import write_private
+from ..state import HAProxyFiles, write_private
 from . import runtime
 from .membership import Membership
-from .config import Paths, models_list, paths, render
+from .config import models_list, paths, render
 
 KEY_ENV = "HPCSERVE_BACKEND_KEY"  # haproxy.cfg reads the backend key from this variable
 
@@ -59,7 +59,7 @@ class HAProxy:
 
     def __init__(self, deployment: Deployment, backend_key: str):
         self.deployment = deployment
-        self.paths: Paths = paths(deployment)
+        self.paths: HAProxyFiles = paths(deployment)
         self._argv0 = shlex.split(deployment.haproxy.command)
         self._env = {**os.environ, KEY_ENV: backend_key}
         self.membership = Membership(deployment, self.paths, lambda: self.release)
@@ -74,8 +74,8 @@ class HAProxy:
         return releases.haproxy(self.deployment.haproxy.command)
 
     @property
-    def log_file(self):
-        return self.deployment.state_dir / "logs" / "haproxy.log"
+    def log_file(self) -> Path:
+        return self.paths.log_file
 
     def pid(self) -> int | None:
         """The master's pid if this deployment's HAProxy runs, else None."""
@@ -105,7 +105,7 @@ class HAProxy:
             HAProxyError: HAProxy rejects it; the message carries HAProxy's first alert.
         """
         self._write_served_files()
-        candidate = self.paths.root / "haproxy.cfg.new"
+        candidate = self.paths.candidate_config
         write_private(candidate, text)
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
         try:
@@ -116,10 +116,6 @@ class HAProxy:
                                f"{(alerts or [str(exc)])[0].strip()}") from None
         finally:
             candidate.unlink(missing_ok=True)
-
-    @property
-    def _base_file(self):
-        return self.paths.root / "haproxy-base.cfg"
 
     def update(self, servers: list[Server], settle_timeout: float = 30.0, room_timeout: float = 30.0) -> str:
         """Make HAProxy serve `servers` with the deployment's config, disturbing as little as possible.
@@ -167,12 +163,12 @@ class HAProxy:
             self.membership.settle(servers, timeout=0)
             return "unchanged"
         try:
-            same_base = running and self._base_file.read_text() == base
+            same_base = running and self.paths.base_config.read_text() == base
         except FileNotFoundError:
             same_base = False
         if not running:
             self.apply(text)
-            write_private(self._base_file, base)
+            write_private(self.paths.base_config, base)
             return "started"
         if not same_base:
             self.validate(text)
@@ -183,7 +179,7 @@ class HAProxy:
             claims = self.membership.cap_old_workers(servers, current=True)
             self.apply(render(self.deployment, within_slots(servers, self.membership.slots, claims)))  # make_room freed one first
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
-            write_private(self._base_file, base)
+            write_private(self.paths.base_config, base)
             self.sync_keys()   # the old workers' maps, for requests on their open connections
             self.membership.settle(servers, timeout=settle_timeout)
             return "reloaded"
@@ -385,7 +381,7 @@ class HAProxy:
         _, alive = psutil.wait_procs(alive, timeout=5)
         for process in alive:
             process.kill()
-        for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self._base_file):
+        for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self.paths.base_config):
             path.unlink(missing_ok=True)
         accesslog.stop_writer(self.deployment)   # after HAProxy: it has the last lines
 

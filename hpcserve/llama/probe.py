@@ -75,7 +75,7 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
                 resolved[host] = resolve(host)
             address = resolved[host]
             replicas.append(Replica(job, model, address=address, port=endpoint[1] if address else None,
-                                    health=Health.UNREACHABLE, leaving=bool(_LEAVING.search(job.comment))))
+                                    health=Health.UNREACHABLE, warned=bool(_LEAVING.search(job.comment))))
     return asyncio.run(_probe_all(replicas, key, probe_timeout, slots))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import templates
 from ..config import Deployment, Model
+from ..state import StateDir
 
 TEMPLATE = "llama-server.sbatch.j2"
 
@@ -36,12 +37,12 @@ def model_of(deployment: Deployment, name: str) -> str | None:
 
 def key_file(deployment: Deployment) -> Path:
     """The 0600 file holding the deployment's backend key (read by the job, never printed)."""
-    return deployment.state_dir / "backend.key"
+    return StateDir(deployment.state_dir).key_file
 
 
 def log_dir(deployment: Deployment) -> Path:
     """Where job output and llama-server logs go (must exist before sbatch runs)."""
-    return deployment.state_dir / "logs"
+    return StateDir(deployment.state_dir).logs_dir
 
 
 def render(deployment: Deployment, model: Model) -> str:

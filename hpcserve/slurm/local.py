@@ -100,9 +100,10 @@ class LocalScheduler(Scheduler):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         script_path = self.root / f"{job_id}.sh"
         script_path.write_text(script)
-        name = next((line.split("=", 1)[1].strip() for line in script.splitlines()
-                     if line.startswith("#SBATCH --job-name=")), "")
-        log = open(self.root.parent / "logs" / f"job-{job_id}.out", "a")
+        name = _directive(script, "--job-name") or ""
+        # Where Slurm writes the job's output: --output with %j replaced (sbatch(1), filename pattern).
+        output = (_directive(script, "--output") or str(self.root / "job-%j.out")).replace("%j", job_id)
+        log = open(output, "a")
         process = subprocess.Popen(["bash", "-c", 'bash "$0"; echo $? > "$1"', str(script_path),
                                     str(self.root / f"{job_id}.rc")],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -176,6 +177,12 @@ class LocalScheduler(Scheduler):
 
     def node_addresses(self) -> dict[str, str]:
         return {NODE: "127.0.0.1"}
+
+
+def _directive(script: str, option: str) -> str | None:
+    """The value of `#SBATCH OPTION=VALUE` in `script`, or None."""
+    return next((line.split("=", 1)[1].strip() for line in script.splitlines()
+                 if line.startswith(f"#SBATCH {option}=")), None)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -135,12 +135,12 @@ def test_example_files_are_valid(name):
 
 def test_state_dir_leaves_room_for_haproxys_sockets(gguf, tmp_path):
     """HAProxy refuses socket paths over 97 characters; the deployment file is refused up front."""
-    from hpcserve.haproxy.config import Paths
+    from hpcserve.state import HAProxyFiles
     room = config.HAPROXY_SOCKET_PATH_MAX - len(config.LONGEST_SOCKET_NAME) - 1
     longest = tmp_path / ("s" * (room - len(str(tmp_path)) - 1))
     assert len(str(longest)) == room
     d = config.parse(minimal(gguf, tmp_path, state_dir=str(longest)), base=tmp_path)
-    sockets = [getattr(Paths(d.state_dir), n) for n in dir(Paths) if n.endswith("_socket")]
+    sockets = [getattr(HAProxyFiles(d.state_dir), n) for n in dir(HAProxyFiles) if n.endswith("_socket")]
     assert sockets and max(len(str(s)) for s in sockets) == config.HAPROXY_SOCKET_PATH_MAX
     with pytest.raises(ConfigError, match=rf"state_dir: expected a path of at most {room} characters"):
         config.parse(minimal(gguf, tmp_path, state_dir=str(longest) + "s"), base=tmp_path)

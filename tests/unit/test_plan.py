@@ -8,7 +8,7 @@ import pytest
 
 from hpcserve import config
 from hpcserve.core.jobs import Job, JobState
-from hpcserve.core.plan import plan, renewal_lead
+from hpcserve.core.plan import plan, effective_renew_before
 from hpcserve.core.pool import Desired, Health, Replica
 from hpcserve.llama.probe import parse_endpoint
 from tests.conftest import minimal
@@ -161,33 +161,33 @@ def test_unknown_sessions_keep_a_drain_until_its_deadline():
 def test_a_job_near_its_time_limit_is_renewed_without_a_gap():
     old, other = backend(1, time_left=100), backend(2, time_left=5000)
     first = plan(MODELS, Desired(up=True, replicas={"a": 2}), [old, other], in_rotation=frozenset({"1", "2"}),
-                 now=0, drain_timeout=60, renew_lead=300)
+                 now=0, drain_timeout=60, renew_before=300)
     assert first.submit == ("a",) and first.cancel == () and first.draining == {}   # successor first
     assert {s.job_id for s in first.servers} == {"1", "2"}                           # the old one serves on
 
     successor_pending = backend(3, health=Health.PENDING)
     waiting = plan(MODELS, Desired(up=True, replicas={"a": 2}), [old, other, successor_pending],
-                   in_rotation=frozenset({"1", "2"}), now=10, drain_timeout=60, renew_lead=300)
+                   in_rotation=frozenset({"1", "2"}), now=10, drain_timeout=60, renew_before=300)
     assert waiting.submit == () and waiting.draining == {} and waiting.cancel == ()
 
     successor_ready = backend(3)
     handover = plan(MODELS, Desired(up=True, replicas={"a": 2}), [old, other, successor_ready],
-                    in_rotation=frozenset({"1", "2", "3"}), sessions={"1": 2}, now=20, drain_timeout=60, renew_lead=300)
+                    in_rotation=frozenset({"1", "2", "3"}), sessions={"1": 2}, now=20, drain_timeout=60, renew_before=300)
     assert handover.submit == () and handover.draining == {"1": 80.0}               # now it drains
 
 
 def test_a_job_warned_by_slurm_is_drained_at_once():
-    warned = dataclasses.replace(backend(1), leaving=True)
+    warned = dataclasses.replace(backend(1), warned=True)
     p = plan(MODELS, Desired(up=True, replicas={"a": 1}), [warned], in_rotation=frozenset({"1"}),
              sessions={"1": 1}, now=0, drain_timeout=60)
     assert p.submit == ("a",) and p.draining == {"1": 60.0}
     assert [s.draining for s in p.servers] == [True]
 
 
-def test_the_renewal_lead_is_the_floor_or_what_startups_took():
-    assert renewal_lead(600, []) == 600
-    assert renewal_lead(600, [100, 300]) == 600
-    assert renewal_lead(60, [100, 300]) == 450      # 1.5 x the slowest recent startup
+def test_the_effective_renew_before_is_the_floor_or_what_startups_took():
+    assert effective_renew_before(600, []) == 600
+    assert effective_renew_before(600, [100, 300]) == 600
+    assert effective_renew_before(60, [100, 300]) == 450      # 1.5 x the slowest recent startup
 
 
 def test_up_says_which_backends_join_later(deployment):
