@@ -15,7 +15,7 @@ import pytest
 from hpcserve import config
 from hpcserve.core.jobs import Job, JobState
 from hpcserve.core.pool import Desired, Server
-from hpcserve.errors import HAProxyError, SlurmError, TemplateError
+from hpcserve.errors import HAProxyError, HpcserveError, SlurmError, TemplateError, WaitTimeout
 from hpcserve.reconcile import Reconciler
 from hpcserve.slurm import Scheduler
 from hpcserve.state import StateDir
@@ -192,3 +192,80 @@ def test_down_stops_haproxy_and_cancels_every_job(pool, health_port):
     reconciler.step(Desired(up=False, replicas={"a": 1}), drain_timeout=0)
     assert [e[:2] for e in log] == [("haproxy stop", ()), ("cancel", ("1",))] and not haproxy.is_running
     assert reconciler.in_rotation() == frozenset()
+
+
+# --- the waits built on Reconciler.run_until ------------------------------------------------------
+
+def test_wait_ready_steps_until_the_new_job_is_ready(pool, health_port, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    reconciler, scheduler, haproxy, log = pool([])
+    outcome = reconciler.locked_step(lambda _d: Desired(up=True, replicas={"a": 1}))
+    lines: list[str] = []
+    steps = [0]
+    original = scheduler.jobs
+
+    def jobs(prefix: str) -> list[Job]:     # the job starts and announces its endpoint at the 3rd step
+        steps[0] += 1
+        if steps[0] == 3:
+            scheduler.listed[0] = ready_job(scheduler.listed[0].job_id, "a", health_port)
+        return original(prefix)
+
+    scheduler.jobs = jobs
+    done = reconciler.wait_ready({"a": 1}, outcome, timeout=60, on_progress=lines.append)
+    assert [b.health.value for b in done.replicas] == ["ready"] and steps[0] == 3
+    assert lines[0] == "a 0/1 ready (no job)"          # what the first step saw, before its submit
+    assert lines[1:] and all(line == "a 0/1 ready (1 pending)" for line in lines[1:])
+    assert [event[0] for event in log].count("submit") == 1          # waiting submits nothing more
+
+
+def test_wait_ready_ends_when_a_submitted_job_failed(pool, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    reconciler, scheduler, haproxy, log = pool([])
+    outcome = reconciler.locked_step(lambda _d: Desired(up=True, replicas={"a": 1}))
+    job = scheduler.listed[0]
+    scheduler.listed[0] = Job(job.job_id, job.name, JobState.FAILED, "n1", "", 3600, None, "NonZeroExitCode")
+    with pytest.raises(HpcserveError, match=f"job {job.job_id} \\(a\\) ended FAILED before it was ready"):
+        reconciler.wait_ready({"a": 1}, outcome, timeout=60)
+
+
+def test_wait_ready_times_out_naming_the_progress(pool):
+    reconciler, scheduler, haproxy, log = pool([])
+    outcome = reconciler.locked_step(lambda _d: Desired(up=True, replicas={"a": 1}))
+    with pytest.raises(WaitTimeout, match=r"no ready backend within 0.01 s \(a 0/1 ready \(1 pending\)\)"):
+        reconciler.wait_ready({"a": 1}, outcome, timeout=0.01)
+
+
+def test_finish_drains_steps_until_the_draining_server_is_cancelled(pool, health_port, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
+    reconciler.step(Desired(up=True, replicas={"a": 2}))
+    haproxy.sessions = {"1": 1, "2": 1}
+    outcome = reconciler.step(Desired(up=True, replicas={"a": 1}), drain_timeout=600)
+    [leaving] = outcome.plan.draining
+    assert not outcome.plan.cancel
+    progress: list[str] = []
+
+    def idle_after_two(line: str) -> None:
+        progress.append(line)
+        if len(progress) == 2:
+            haproxy.sessions = {"1": 1, "2": 1, leaving: 0}
+
+    done = reconciler.finish_drains(outcome, drain_timeout=600, on_progress=idle_after_two)
+    assert not done.plan.draining and [c.job_id for c in done.plan.cancel] == [leaving]
+    assert len(progress) == 2 and progress[0].startswith(f"job {leaving} (1 session(s), ")
+
+
+def test_wait_ended_names_the_jobs_still_ending(pool):
+    reconciler, scheduler, haproxy, log = pool([Job("7", "hpcserve:t:a", JobState.RUNNING, "n1", "", 60, 0, "None")])
+    with pytest.raises(WaitTimeout, match="1 job\\(s\\) still ending after 0.01 s: 7"):
+        reconciler.wait_ended(0.01)
+    scheduler.listed = [Job("7", "hpcserve:t:a", JobState.CANCELLED, "n1", "", 60, 0, "None")]
+    reconciler.wait_ended(0.01)
+
+
+def test_a_step_reports_each_change(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port)])
+    lines: list[str] = []
+    reconciler._report = lines.append
+    reconciler.step(Desired(up=True, replicas={"a": 1, "b": 1}))
+    assert lines == ["submitted job 101 for model b", "HAProxy started: 1 server(s) in rotation"]
