@@ -121,8 +121,9 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
         out.print("OpenWebUI stopped")
         return
     executable = webui_mod.program(deployment)
-    _sync_keys(ctx)   # OpenWebUI's key, made on first use, is accepted from its first request
-    process = webui_mod.start(deployment, executable)
+    env = webui_mod.environment(deployment)   # makes OpenWebUI's key on first use
+    _sync_keys(ctx)   # so that HAProxy accepts that key from OpenWebUI's first request
+    process = webui_mod.start(deployment, executable, env)
     with err.status("waiting for OpenWebUI", spinner="dots"):
         webui_mod.wait_ready(deployment, process, timeout)
     settings = deployment.webui

@@ -156,11 +156,13 @@ def program(deployment: Deployment) -> str:
     return found
 
 
-def start(deployment: Deployment, executable: str) -> subprocess.Popen:
-    """Start OpenWebUI (`EXECUTABLE serve`, see program()) in its own session with the pool wired
-    in (environment()); its pid goes to STATE_DIR/webui/webui.pid, its output to logs/webui.log."""
+def start(deployment: Deployment, executable: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start OpenWebUI (`EXECUTABLE serve`, see program()) in its own session with `env` (from
+    environment(), which makes OpenWebUI's key: the caller brings HAProxy's key map up to date in
+    between, or the first model list is refused) added to this process's environment; its pid goes
+    to STATE_DIR/webui/webui.pid, its output to logs/webui.log."""
     settings = deployment.webui
-    env = {**os.environ, **environment(deployment)}
+    env = {**os.environ, **env}
     with open(_log_file(deployment), "a") as log:
         process = subprocess.Popen([executable, "serve", "--host", settings.host, "--port", str(settings.port)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
