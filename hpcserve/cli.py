@@ -1,6 +1,6 @@
-"""The hpcserve command line: up, status, scale, down, render, reconcile, autoscale
-(batch and webui: cli_clients.py; keys, usage and metrics: cli_access.py; init and check:
-cli_site.py; what they share: cli_context.py).
+"""The hpcserve command line: up, status, scale, down, reconcile, autoscale
+(batch and webui: cli_clients.py; keys, usage and metrics: cli_access.py; init, check and
+render: cli_site.py; what they share: cli_context.py).
 
 Each changing command is one reconcile step with a new desired state, and a wait is
 Reconciler.run_until (reconcile.py); the CLI only declares the commands and prints. Errors are one
@@ -10,7 +10,6 @@ line on stderr with an exit code from hpcserve.errors (2 bad input, 3 Slurm, 4 H
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -24,9 +23,7 @@ from . import status as status_mod
 from .cli_context import Context, err, late_options, out, pass_ctx
 from .core.pool import Desired
 from .errors import DeploymentBusy, HpcserveError, SlurmError
-from .haproxy import config as haproxy_config
-from .reconcile import Outcome, describe, summary
-from .slurm import jobscript
+from .reconcile import describe
 from .state import StateDir
 
 
@@ -46,31 +43,9 @@ def cli(click_ctx: click.Context, file: Path, as_json: bool, verbose: bool) -> N
     Exit codes: 0 done, 1 failure, 2 bad deployment file or arguments,
     3 Slurm unreachable or refusing, 4 HAProxy failure, 5 a wait timed out.
     """
-    if verbose:   # hpcserve's own loggers only: httpx and asyncio would drown them
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logging.getLogger("hpcserve").addHandler(handler)
-        logging.getLogger("hpcserve").setLevel(logging.DEBUG)
     click_ctx.obj = Context(file, as_json)
-
-
-def _finish_drains(ctx: Context, outcome: Outcome, drain_timeout: float | None) -> Outcome:
-    with err.status("draining", spinner="dots") as spinner:
-        return ctx.reconciler().finish_drains(outcome, drain_timeout,
-                                              on_progress=lambda line: spinner.update(f"draining: {line}"))
-
-
-def _wait_ready(ctx: Context, wanted: dict[str, int], outcome: Outcome, timeout: float) -> Outcome:
-    last = [""]
-
-    def show(line: str) -> None:
-        spinner.update(f"waiting: {line}")
-        if line != last[0] and not err.is_terminal:
-            ctx.say(f"waiting: {line}")
-        last[0] = line
-
-    with err.status("waiting for ready backends", spinner="dots") as spinner:
-        return ctx.reconciler().wait_ready(wanted, outcome, timeout, on_progress=show)
+    if verbose:
+        click_ctx.obj.log_commands()
 
 
 drain_option = click.option(
@@ -95,13 +70,10 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
     deployment = ctx.deployment
     check_mod.refuse_on_failure(check_mod.preflight(deployment, ctx.scheduler()))
     desired = Desired(up=True, replicas={m.name: m.replicas for m in deployment.models})
-    outcome = _finish_drains(ctx, ctx.reconciler().locked_step(lambda _current: desired), None)
+    outcome = ctx.finish_drains(ctx.reconciler().locked_step(lambda _current: desired), None)
     if wait:
-        outcome = _wait_ready(ctx, {m.name: 1 for m in deployment.models if m.replicas > 0}, outcome, timeout)
-    key_hint = ("; API key in " + str(StateDir(deployment.state_dir).api_key_file) + " (`hpcserve status` shows it)"
-                if deployment.haproxy.auth != "open" else " (open: no API key needed)")
-    _print_summary(ctx, outcome, f"pool is up: {deployment.url}" + status_mod.still_coming(deployment, desired, outcome.replicas)
-                   + key_hint)
+        outcome = ctx.wait_ready({m.name: 1 for m in deployment.models if m.replicas > 0}, outcome, timeout)
+    ctx.print_summary(outcome, status_mod.up_message(deployment, desired, outcome.replicas))
 
 
 @cli.command()
@@ -134,10 +106,10 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
             raise HpcserveError("the deployment is down; start it with `hpcserve up` first")
         return Desired(up=True, replicas={**current.replicas, model_name: replicas})
 
-    outcome = _finish_drains(ctx, ctx.reconciler().locked_step(change, drain_timeout), drain_timeout)
+    outcome = ctx.finish_drains(ctx.reconciler().locked_step(change, drain_timeout), drain_timeout)
     if wait and replicas > 0:
-        outcome = _wait_ready(ctx, {model_name: replicas}, outcome, timeout)
-    _print_summary(ctx, outcome, f"{model_name}: {replicas} replica(s) wanted")
+        outcome = ctx.wait_ready({model_name: replicas}, outcome, timeout)
+    ctx.print_summary(outcome, f"{model_name}: {replicas} replica(s) wanted")
 
 
 @cli.command()
@@ -152,9 +124,9 @@ def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -
     drain_timeout = 0 if now else drain_timeout
     outcome = ctx.reconciler().locked_step(lambda current: Desired(up=False, replicas=current.replicas),
                                             drain_timeout)
-    outcome = _finish_drains(ctx, outcome, drain_timeout)
+    outcome = ctx.finish_drains(outcome, drain_timeout)
     ctx.reconciler().wait_ended(timeout)
-    _print_summary(ctx, outcome, "pool is down: no job and no HAProxy left")
+    ctx.print_summary(outcome, "pool is down: no job and no HAProxy left")
 
 
 @cli.command()
@@ -164,7 +136,7 @@ def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -
 def reconcile(ctx: Context, drain_timeout: float | None) -> None:
     """Repair the pool toward its desired state once (what a cron job runs); drains advance one step."""
     outcome = ctx.reconciler().locked_step(drain_timeout=drain_timeout)
-    _print_summary(ctx, outcome, "reconciled" if describe(outcome) else "nothing to change")
+    ctx.print_summary(outcome, "reconciled" if describe(outcome) else "nothing to change")
 
 
 @cli.command()
@@ -209,28 +181,6 @@ def _autoscale_once(ctx: Context) -> None:
 
 @cli.command()
 @late_options
-@click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
-@pass_ctx
-def render(ctx: Context, what: str) -> None:
-    """Print the sbatch script(s) and haproxy.cfg that `up` would use, touching nothing."""
-    deployment = ctx.deployment
-    documents: dict[str, str] = {}
-    if what in ("all", "sbatch"):
-        for model in deployment.models:
-            documents[f"sbatch:{model.name}"] = jobscript.render(deployment, model)
-    if what in ("all", "haproxy"):
-        documents["haproxy.cfg"] = haproxy_config.render(deployment, [])
-    if ctx.as_json:
-        click.echo(json.dumps(documents, indent=2))
-        return
-    for title, text in documents.items():
-        if len(documents) > 1:
-            click.echo(f"# ===== {title} =====")
-        click.echo(text, nl=False)
-
-
-@cli.command()
-@late_options
 @pass_ctx
 def status(ctx: Context) -> None:
     """Show the pool: jobs, endpoints, health, slots, HAProxy sessions. Exit 3 if Slurm is down.
@@ -244,13 +194,6 @@ def status(ctx: Context) -> None:
         status_mod.print_report(report, out, err)
     if report.slurm_error:
         sys.exit(SlurmError.exit_code)
-
-
-def _print_summary(ctx: Context, outcome: Outcome, message: str) -> None:
-    if ctx.as_json:
-        click.echo(json.dumps(summary(outcome, message, ctx.deployment.url), indent=2))
-    else:
-        out.print(message)
 
 
 def main() -> None:
@@ -276,5 +219,5 @@ def main() -> None:
 # The commands of the pool's clients (batch, webui), of a shared pool (keys, usage, metrics) and of
 # day one at a site (init, check) live in modules of their own.
 for _command in (cli_clients.batch, cli_clients.webui, cli_access.keys, cli_access.usage, cli_access.metrics,
-                 cli_site.init, cli_site.check):
+                 cli_site.init, cli_site.check, cli_site.render):
     cli.add_command(_command)

@@ -5,6 +5,8 @@ cli_site.py) import from here, never from each other."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from rich.console import Console
 from . import config as config_mod
 from .config import Deployment
 from .slurm.local import LocalScheduler
-from .reconcile import Reconciler
+from .reconcile import Outcome, Reconciler, summary
 from .slurm import Scheduler, pyslurm_adapter
 from .state import StateDir
 
@@ -57,6 +59,43 @@ class Context:
     def say(self, line: str) -> None:
         """Progress and changes go to stderr, so --json output on stdout stays clean."""
         err.print(line)
+
+    @staticmethod
+    def log_commands() -> None:
+        """-v: hpcserve's debug log (every outside command, every runtime API command) on stderr;
+        hpcserve's own loggers only, since httpx and asyncio would drown them."""
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.getLogger("hpcserve").addHandler(handler)
+        logging.getLogger("hpcserve").setLevel(logging.DEBUG)
+
+    def finish_drains(self, outcome: Outcome, drain_timeout: float | None) -> Outcome:
+        """Reconciler.finish_drains with a spinner on stderr naming what is still draining."""
+        with err.status("draining", spinner="dots") as spinner:
+            return self.reconciler().finish_drains(
+                outcome, drain_timeout, on_progress=lambda line: spinner.update(f"draining: {line}"))
+
+    def wait_ready(self, wanted: dict[str, int], outcome: Outcome, timeout: float) -> Outcome:
+        """Reconciler.wait_ready with a spinner on stderr (each new line printed too when stderr is
+        not a terminal, so a log shows the progress)."""
+        last = [""]
+
+        def show(line: str) -> None:
+            spinner.update(f"waiting: {line}")
+            if line != last[0] and not err.is_terminal:
+                self.say(f"waiting: {line}")
+            last[0] = line
+
+        with err.status("waiting for ready backends", spinner="dots") as spinner:
+            return self.reconciler().wait_ready(wanted, outcome, timeout, on_progress=show)
+
+    def print_summary(self, outcome: Outcome, message: str) -> None:
+        """A changing command's last word: `message` on stdout, or with --json the step's summary
+        (reconcile.summary)."""
+        if self.as_json:
+            click.echo(json.dumps(summary(outcome, message, self.deployment.url), indent=2))
+        else:
+            out.print(message)
 
 
 pass_ctx = click.make_pass_decorator(Context)

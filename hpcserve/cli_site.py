@@ -1,6 +1,6 @@
-"""The commands of day one at a site: `hpcserve init` (a deployment file that fits the cluster)
-and `hpcserve check` (what would fail, before a job waits in the queue). hpcserve.cli adds them
-to its command group."""
+"""The commands of day one at a site: `hpcserve init` (a deployment file that fits the cluster),
+`hpcserve check` (what would fail, before a job waits in the queue) and `hpcserve render` (the job
+scripts and haproxy.cfg that `up` would use). hpcserve.cli adds them to its command group."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from . import config as config_mod
 from . import site
 from .cli_context import Context, err, late_options, out, pass_ctx
 from .errors import ConfigError
+from .haproxy import config as haproxy_config
+from .slurm import jobscript
 from .slurm import layout as layout_mod
 from .state import write_atomic
 
@@ -158,3 +160,25 @@ def check(ctx: Context, with_job: bool, timeout: float) -> None:
                 out.print(f"      fix: {c.fix}", markup=False)
         err.print(f"{len(checks)} checks, {failures} failed" if failures else f"{len(checks)} checks passed")
     sys.exit(min(failures, 100))
+
+
+@click.command()
+@late_options
+@click.option("--what", type=click.Choice(["all", "sbatch", "haproxy"]), default="all", show_default=True)
+@pass_ctx
+def render(ctx: Context, what: str) -> None:
+    """Print the sbatch script(s) and haproxy.cfg that `up` would use, touching nothing."""
+    deployment = ctx.deployment
+    documents: dict[str, str] = {}
+    if what in ("all", "sbatch"):
+        for model in deployment.models:
+            documents[f"sbatch:{model.name}"] = jobscript.render(deployment, model)
+    if what in ("all", "haproxy"):
+        documents["haproxy.cfg"] = haproxy_config.render(deployment, [])
+    if ctx.as_json:
+        click.echo(json.dumps(documents, indent=2))
+        return
+    for title, text in documents.items():
+        if len(documents) > 1:
+            click.echo(f"# ===== {title} =====")
+        click.echo(text, nl=False)

@@ -156,6 +156,13 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
                       webui=WebUIStatus(url=webui_url, up=webui.answers(webui_url + "/health")))
 
 
+def up_message(deployment: Deployment, desired: Desired, backends: tuple[Replica, ...]) -> str:
+    """`hpcserve up`'s last line: the URL, which backends are still coming, where the API key is."""
+    key_hint = (f"; API key in {StateDir(deployment.state_dir).api_key_file} (`hpcserve status` shows it)"
+                if deployment.haproxy.auth != "open" else " (open: no API key needed)")
+    return f"pool is up: {deployment.url}" + still_coming(deployment, desired, backends) + key_hint
+
+
 def still_coming(deployment: Deployment, desired: Desired, backends: tuple[Replica, ...]) -> str:
     """The summary's tail when some wanted backends are not ready yet: they join HAProxy later.
 
