@@ -1,6 +1,6 @@
 """hpcserve's benchmarks: the pool against the alternatives, side by side.
 
-    python -m benchmarks run [--scenario a --scenario b ...] [--window 30] [--out DIR]
+    python -m benchmarks run [--scenario a --scenario b ...] [--window 30] [--seeds 5] [--loads 0.5,0.95] [--out DIR]
     python -m benchmarks report [--out DIR]          # redraw report.md and plots from results.json
     python -m benchmarks load --url URL --model M --rate R --duration S   # your own pool
 """
@@ -44,10 +44,20 @@ def main() -> None:
               help="Comma-separated systems to compare.")
 @click.option("--window", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds of arrivals per case (5 for a smoke run; figures need 30 or more).")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Scenario (a): arrival sequences per load level (medians and intervals over them).")
+@click.option("--loads", default="0.5,0.8,0.95,1.2", show_default=True,
+              help="Scenario (a): comma-separated shares of the pool's capacity.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Folder for results.json, report.md and the PNG plots.")
-def run(chosen: tuple[str, ...], system_list: str, window: float, out: Path) -> None:
+def run(chosen: tuple[str, ...], system_list: str, window: float, seeds: int, loads: str, out: Path) -> None:
     """Start everything the scenarios need, run them, write the report."""
+    try:
+        shares = tuple(float(x) for x in loads.split(",") if x.strip())
+    except ValueError:
+        shares = ()
+    if not shares or not all(0 < x <= 5 for x in shares):
+        raise click.BadParameter(f"expected comma-separated numbers in (0, 5], got {loads!r}", param_hint="--loads")
     names = tuple(s.strip() for s in system_list.split(",") if s.strip())
     unknown = [n for n in names if n not in systems.SYSTEMS]
     if unknown:
@@ -57,11 +67,12 @@ def run(chosen: tuple[str, ...], system_list: str, window: float, out: Path) -> 
     # Configs, logs and HAProxy's sockets: in /tmp, since a UNIX socket path has at most 107 bytes.
     work = Path(tempfile.mkdtemp(prefix="hpcserve-bench-", dir="/tmp"))
     _say(f"configs and logs of this run: {work}")
-    settings = scenarios.Settings(window=window, systems=names, folder=work, progress=_say)
+    settings = scenarios.Settings(window=window, systems=names, folder=work, progress=_say, seeds=seeds, loads=shares)
     results = {"meta": {"started": datetime.datetime.now().isoformat(timespec="seconds"),
                         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}",
                         "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
-                        "window_s": window, "systems": list(names)}, "records": []}
+                        "window_s": window, "seeds": seeds, "loads": list(shares), "systems": list(names)},
+               "records": []}
     for name in chosen or sorted(SCENARIOS):
         _say(f"scenario {name}: {scenarios_doc(name)}")
         results["records"] += SCENARIOS[name](settings)

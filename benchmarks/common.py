@@ -51,8 +51,13 @@ def start_llama_server(model: Path, log: Path, parallel: int = 1, ctx: int = 102
 
 
 def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_delay: bool = True,
-                  **haproxy_settings) -> tuple[HAProxy, int]:
-    """HAProxy rendered from hpcserve's template over `backend_ports`, all servers UP; (proxy, port)."""
+                  without: tuple[str, ...] = (), **haproxy_settings) -> tuple[HAProxy, int]:
+    """HAProxy rendered from hpcserve's template over `backend_ports`, all servers UP; (proxy, port).
+
+    Ablations for the comparison: no_delay=False drops `option http-no-delay`; `without` names
+    directives to take out: "maxconn" (the per-server slot cap of default-server), "leastconn"
+    (`balance roundrobin` instead).
+    """
     port = free_port()
     deployment = config.parse({"name": "bench", "state_dir": str(folder),
                                "models": [{"name": "m", "gguf": str(folder / "unused.gguf"), "parallel": parallel}],
@@ -65,6 +70,10 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
     text = haproxy_config.render(deployment, servers)
     if not no_delay:
         text = re.sub(r"^\s*option http-no-delay\n", "", text, flags=re.MULTILINE)
+    if "maxconn" in without:
+        text = re.sub(r"^(\s*default-server .*) maxconn \d+", r"\1", text, flags=re.MULTILINE)
+    if "leastconn" in without:
+        text = re.sub(r"^(\s*)balance leastconn$", r"\1balance roundrobin", text, flags=re.MULTILINE)
     proxy = HAProxy(deployment, KEY)
     # With auth: keys the stats page asks for a key too: the owner key, made here.
     owner = StateDir(folder).api_key() if deployment.haproxy.auth == "keys" else None

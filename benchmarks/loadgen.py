@@ -25,8 +25,12 @@ class Outcome:
 
     Attributes:
         sent: when it was sent.
+        scheduled: when the workload said to send it (open loop); `sent` - `scheduled` is the
+            client's lateness, which a valid run keeps small (metrics.summarize).
         status: HTTP status, 0 when no response came.
-        ttft: seconds from sending to the first content token, None when none came.
+        ttft: seconds from the scheduled send (open loop; the actual send in a closed loop) to the
+            first content token, None when none came: a client that sends late does not hide the
+            delay from the figure.
         ended: when the answer ended (or failed).
         tokens: content tokens received.
         gaps: seconds between consecutive content tokens.
@@ -36,6 +40,7 @@ class Outcome:
     """
 
     sent: float
+    scheduled: float = 0.0
     status: int = 0
     ttft: float | None = None
     ended: float = 0.0
@@ -46,13 +51,15 @@ class Outcome:
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, request: Request, start: float,
-               headers: dict[str, str], outcome: Outcome) -> None:
+               headers: dict[str, str], outcome: Outcome, open_loop: bool = True) -> None:
     await asyncio.sleep(max(0.0, start + request.at - time.perf_counter()))
-    outcome.sent = time.perf_counter() - start
+    now = time.perf_counter()
+    outcome.sent = now - start
+    outcome.scheduled = request.at if open_loop else outcome.sent
     outcome.url = url
     body = {"model": model, "messages": [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens, "ignore_eos": True, "stream": True}
-    t0 = time.perf_counter()
+    t0 = start + outcome.scheduled
     last = None
     done = False
     try:
@@ -90,7 +97,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, request: Re
 
 async def _run(urls: list[str], model: str, requests: list[Request], headers: dict[str, str],
                deadline: float, progress) -> list[Outcome]:
-    outcomes = [Outcome(sent=r.at) for r in requests]
+    outcomes = [Outcome(sent=r.at, scheduled=r.at) for r in requests]
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -141,7 +148,8 @@ async def _closed(urls: list[str], model: str, clients: int, tokens: tuple[int, 
                 outcome = Outcome(sent=0.0)
                 outcomes.append(outcome)
                 request = Request(at=0.0, max_tokens=rng.randint(*tokens))
-                await _one(session, urls[i % len(urls)], model, request, start, headers, outcome)
+                await _one(session, urls[i % len(urls)], model, request, start, headers, outcome,
+                           open_loop=False)
         await asyncio.gather(*(client(i) for i in range(clients)))
     return outcomes
 

@@ -1,5 +1,5 @@
-"""Figures of a run from the client's outcomes (benchmarks/loadgen.py) or from the reference model
-(benchmarks/reference.py), in one shape so that the report can put them side by side."""
+"""Figures of a run from the client's outcomes (benchmarks/loadgen.py) or from a policy model
+(benchmarks/policies.py), in one shape so that the report can put them side by side."""
 
 from __future__ import annotations
 
@@ -7,40 +7,63 @@ import collections
 
 from benchmarks.common import percentile
 from benchmarks.loadgen import Outcome
-from benchmarks.reference import Served
+from benchmarks.policies import Served
+
+# A client whose sends are later than this (p99) measured itself, not the system: the run is invalid.
+MAX_LATENESS_P99 = 0.010
 
 
 def _pct(values: list[float], q: float) -> float | None:
     return round(percentile(sorted(values), q), 4) if values else None
 
 
-def summarize(outcomes: list[Outcome]) -> dict:
+def summarize(outcomes: list[Outcome], warmup: float = 0.0, slo: tuple[float, float] | None = None) -> dict:
     """Figures of one system's run.
 
+    Args:
+        warmup: seconds from the start whose requests (by scheduled send) are left out.
+        slo: (TTFT limit s, mean inter-token limit s): a request meets it when it completed within
+            both; an error is a miss.
     Returns:
         {"requests", "completed": int, "errors": {kind: count}, "throughput_rps": completed
         requests per second and "tokens_per_s" (both over the span from the first request sent to
         the last answer ended), "ttft_p50", "ttft_p99" (seconds, completed requests),
         "itl_p50", "itl_p99" (seconds between tokens), "itl_p01" (seconds: near 0 when tokens
-        arrive clumped)}. A percentile with no sample is None.
+        arrive clumped), "lateness_p99" (seconds the client sent after the scheduled time),
+        "valid" (lateness_p99 <= MAX_LATENESS_P99), and with `slo`: "slo_attainment" (share of
+        requests meeting it) and "goodput_rps" (requests meeting it per second of the span)}.
+        A percentile with no sample is None.
     """
+    outcomes = [o for o in outcomes if o.scheduled >= warmup]
     done = [o for o in outcomes if not o.error]
     errors = collections.Counter(o.error for o in outcomes if o.error)
     span = (max(o.ended for o in outcomes) - min(o.sent for o in outcomes)) if outcomes else 0.0
     gaps = [g for o in done for g in o.gaps]
     ttfts = [o.ttft for o in done if o.ttft is not None]
-    return {"requests": len(outcomes), "completed": len(done), "errors": dict(errors),
-            "throughput_rps": round(len(done) / span, 3) if span else 0.0,
-            "tokens_per_s": round(sum(o.tokens for o in done) / span, 1) if span else 0.0,
-            "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
-            "itl_p01": _pct(gaps, 1), "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99)}
+    lateness = _pct([o.sent - o.scheduled for o in outcomes], 99)
+    figures = {"requests": len(outcomes), "completed": len(done), "errors": dict(errors),
+               "throughput_rps": round(len(done) / span, 3) if span else 0.0,
+               "tokens_per_s": round(sum(o.tokens for o in done) / span, 1) if span else 0.0,
+               "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
+               "itl_p01": _pct(gaps, 1), "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99),
+               "lateness_p99": lateness, "valid": lateness is None or lateness <= MAX_LATENESS_P99}
+    if slo is not None:
+        met = sum(1 for o in done if o.ttft is not None and o.ttft <= slo[0]
+                  and (not o.gaps or sum(o.gaps) / len(o.gaps) <= slo[1]))
+        figures["slo_attainment"] = round(met / len(outcomes), 4) if outcomes else None
+        figures["goodput_rps"] = round(met / span, 3) if span else 0.0
+    return figures
 
 
-def summarize_reference(served: list[Served]) -> dict:
-    """The reference model's figures, in summarize()'s shape (no errors, no inter-token jitter)."""
+def summarize_model(served: list[Served], warmup: float = 0.0) -> dict:
+    """A policy model's figures (policies.simulate), in summarize()'s shape (no errors, no
+    inter-token jitter, no lateness; a refused request is an error "refused")."""
+    every = [s for s in served if s.request.at >= warmup]
+    refused = sum(1 for s in every if s.refused)
+    served = [s for s in every if not s.refused]
     ttfts = [s.ttft for s in served]
     span = max(s.ended for s in served) - min(s.request.at for s in served) if served else 0.0
-    return {"requests": len(served), "completed": len(served), "errors": {},
+    return {"requests": len(every), "completed": len(served), "errors": {"refused": refused} if refused else {},
             "throughput_rps": round(len(served) / span, 3) if span else 0.0,
             "tokens_per_s": round(sum(s.request.max_tokens for s in served) / span, 1) if span else 0.0,
             "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),

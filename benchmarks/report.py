@@ -1,8 +1,11 @@
 """The report of a benchmark run: results.json -> report.md (tables) and PNG plots (matplotlib).
 
 Tables give, per scenario and case, each system's throughput, TTFT and inter-token percentiles,
-errors by kind, and ratios: TTFT to the central-FCFS reference (1.0 = as good as the model) and to
-hpcserve (below 1.0 = better than hpcserve).
+errors by kind, and ratios: TTFT to its own policy's model (benchmarks/policies.py: the part of
+the latency its implementation adds), to the greedy central-queue model, and to hpcserve (below
+1.0 = better than hpcserve). Where a case ran over several seeds (scenario a), each figure is the
+median over the valid runs with a bootstrap 95% interval (benchmarks/stats.py); a ratio is taken
+per seed (the same arrivals for both) before the median.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks import stats
 from benchmarks.metrics import ratio
+from benchmarks.systems import POLICY
 
+REFERENCE = "greedy central-queue model"
 TITLES = {"a": "(a) Heterogeneous pool, Poisson arrivals", "b": "(b) Overload at 5x for a bounded time",
           "c": "(c) 200 streams while the pool changes 20 times", "d": "(d) Streaming fidelity",
           "e": "(e) Control plane at scale", "f": "(f) Two real llama-server backends, real model"}
@@ -36,7 +42,7 @@ def traffic_table(records: list[dict]) -> list[str]:
         rows = [r for r in records if r["case"] == case]
         ref = next((r["reference"] for r in rows if r.get("reference")), None)
         if ref:
-            lines.append(f"| {case} | reference (central FCFS model) | {ref['completed']}/{ref['requests']} | "
+            lines.append(f"| {case} | {REFERENCE} | {ref['completed']}/{ref['requests']} | "
                          f"{_f(ref['throughput_rps'])} | {_f(ref['tokens_per_s'], 0)} | {_f(ref['ttft_p50'])} | "
                          f"{_f(ref['ttft_p99'])} | 1.00 | 1.00 | - | - | - | - | - |")
         for r in rows:
@@ -48,6 +54,49 @@ def traffic_table(records: list[dict]) -> list[str]:
                 f"{_f(ratio(s['ttft_p50'], ref and ref['ttft_p50']))} | {_f(ratio(s['ttft_p99'], ref and ref['ttft_p99']))} | "
                 f"{_f(ratio(s['ttft_p99'], base and base['ttft_p99']))} | {_f(s['itl_p01'], 1, 1000)} | {_f(s['itl_p50'], 1, 1000)} | "
                 f"{_f(s['itl_p99'], 1, 1000)} | {_errors(s['errors'])} |")
+    return lines
+
+
+def _per_seed(rows: list[dict], key) -> dict[int, float | None]:
+    return {r["seed"]: key(r) for r in rows}
+
+
+def seeded_table(records: list[dict]) -> list[str]:
+    """Markdown lines for a scenario run over seeds: per (case, system) the median over the valid
+    runs (client lateness p99 within metrics.MAX_LATENESS_P99) with its bootstrap 95% interval."""
+    lines = ["| load | system (policy) | valid runs | TTFT p50 s | TTFT p99 s | p99 / own policy's model "
+             "| p99 / greedy model | p99 / hpcserve | SLO attainment | goodput req/s | errors (all runs) "
+             "| lateness p99 ms, worst |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in dict.fromkeys(r["case"] for r in records):
+        rows = [r for r in records if r["case"] == case]
+        valid = [r for r in rows if r["summary"].get("valid", True)]
+        hp = _per_seed([r for r in valid if r["system"] == "hpcserve"], lambda r: r["summary"]["ttft_p99"])
+        refs = {r["seed"]: r["reference"] for r in rows}
+        ref_p99 = stats.median_interval([v["ttft_p99"] for v in refs.values()])
+        ref_p50 = stats.median_interval([v["ttft_p50"] for v in refs.values()])
+        lines.append(f"| {case} | {REFERENCE} | {len(refs)} | {stats.text(ref_p50)} | {stats.text(ref_p99)} "
+                     "| - | 1.00 | - | - | - | - | - |")
+        order = {name: i for i, name in enumerate(POLICY)}
+        for system in sorted(dict.fromkeys(r["system"] for r in rows), key=lambda n: order.get(n, len(order))):
+            mine = [r for r in valid if r["system"] == system]
+            every = [r for r in rows if r["system"] == system]
+            p99 = _per_seed(mine, lambda r: r["summary"]["ttft_p99"])
+            errors: dict[str, int] = {}
+            for r in every:
+                for kind, n in r["summary"]["errors"].items():
+                    errors[kind] = errors.get(kind, 0) + n
+            late = [r["summary"].get("lateness_p99") for r in every if r["summary"].get("lateness_p99") is not None]
+            lines.append(
+                f"| {case} | {system} ({POLICY.get(system, '?')}) | {len(mine)}/{len(every)} "
+                f"| {stats.text(stats.median_interval([r['summary']['ttft_p50'] for r in mine]))} "
+                f"| {stats.text(stats.median_interval(list(p99.values())))} "
+                f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, _per_seed(mine, lambda r: r['model']['ttft_p99']))))} "
+                f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, {s: v['ttft_p99'] for s, v in refs.items()})))} "
+                f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, hp)))} "
+                f"| {stats.text(stats.median_interval([r['summary'].get('slo_attainment') for r in mine]), 3)} "
+                f"| {stats.text(stats.median_interval([r['summary'].get('goodput_rps') for r in mine]))} "
+                f"| {_errors(errors)} | {_f(max(late, default=None), 1, 1000)} |")
     return lines
 
 
@@ -64,14 +113,22 @@ def markdown(results: dict, plots: list[str]) -> str:
     meta = results["meta"]
     out = ["# hpcserve benchmark report", "",
            f"Run {meta['started']} on {meta['machine']}; command: `{meta['command']}`.", "",
-           "Ratios: `x ref` divides a system's TTFT by the central-FCFS reference model's for the same "
-           "arrivals and service times (1.00: as good as the model); `x hpcserve` divides by hpcserve's "
-           "(below 1.00: that system was faster). TTFT and ITL are over completed requests.", ""]
+           "Ratios: `x ref` and `/ greedy model` divide a system's TTFT by that of the greedy central-queue "
+           "model (benchmarks/policies.py: one FIFO queue handing each request to the fastest free slot; a "
+           "heuristic, not a bound) for the same arrivals and service times; `/ own policy's model` by "
+           "the model of the system's own policy (what its implementation adds); `x hpcserve` and "
+           "`/ hpcserve` by hpcserve's (below 1.00: that system was faster). TTFT counts from the "
+           "scheduled send and is over completed requests. Scenario (a): median over seeds "
+           "[bootstrap 95% interval]; a run whose client sent more than 10 ms late (p99) is invalid and "
+           "left out of the medians; the first 10% of each window is warm-up, left out; SLO: first token "
+           "within 2 s and mean inter-token gap within 1.5x the slower backends' (errors are misses).", ""]
     for scenario in sorted({r["scenario"] for r in results["records"]}):
         records = [r for r in results["records"] if r["scenario"] == scenario]
         out += [f"## {TITLES.get(scenario, scenario)}", ""]
         if scenario == "e":
             out += extra_table(records, ["seconds", "detail"])
+        elif any("seed" in r for r in records):
+            out += seeded_table(records)
         else:
             out += traffic_table(records)
             if scenario == "c":
@@ -90,22 +147,37 @@ def plots(results: dict, folder: Path) -> list[str]:
     a = [r for r in results["records"] if r["scenario"] == "a"]
     if a:
         systems = list(dict.fromkeys(r["system"] for r in a))
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+        def curve(axis, rows_of, figure, label, style="-o"):
+            loads = sorted({r["offered_rps"] for r in a})
+            points = [(x, stats.median_interval([figure(r) for r in rows_of(x)])) for x in loads]
+            points = [(x, i) for x, i in points if i is not None]
+            if points:
+                axis.errorbar([x for x, _ in points], [i[0] for _, i in points], fmt=style, label=label, capsize=3,
+                              yerr=[[i[0] - i[1] for _, i in points], [i[2] - i[0] for _, i in points]])
+
         for system in systems:
-            rows = [r for r in a if r["system"] == system]
-            x = [r["offered_rps"] for r in rows]
-            left.plot(x, [r["summary"]["ttft_p99"] for r in rows], marker="o", label=system)
-            right.plot(x, [r["summary"]["throughput_rps"] for r in rows], marker="o", label=system)
-        refs = {r["offered_rps"]: r["reference"] for r in a}
-        left.plot(list(refs), [v["ttft_p99"] for v in refs.values()], "k--", label="reference (FCFS model)")
-        right.plot(list(refs), [v["throughput_rps"] for v in refs.values()], "k--", label="reference (FCFS model)")
-        left.set(xlabel="offered load (requests/s)", ylabel="TTFT p99 (s)", yscale="log", title="Time to first token")
-        right.set(xlabel="offered load (requests/s)", ylabel="completed requests/s", title="Throughput")
-        left.legend(fontsize=8)
+            def rows_of(x, system=system):
+                return [r for r in a if r["system"] == system and r["offered_rps"] == x and r["summary"].get("valid", True)]
+            curve(left, rows_of, lambda r: r["summary"]["ttft_p99"], system)
+            curve(right, rows_of, lambda r: r["summary"].get("slo_attainment"), system)
+        first = {}
+        for r in a:
+            first.setdefault((r["offered_rps"], r.get("seed")), r)
+        curve(left, lambda x: [r for (o, _), r in first.items() if o == x], lambda r: r["reference"]["ttft_p99"],
+              REFERENCE, "k--")
+        left.set(xlabel="offered load (requests/s)", ylabel="TTFT p99 (s), median over seeds", yscale="log",
+                 title="Time to first token (95% interval)")
+        right.set(xlabel="offered load (requests/s)", ylabel="share of requests within the SLO",
+                  title="SLO attainment (TTFT <= 2 s, mean ITL <= 1.5x nominal)")
+        left.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / "a-ttft-throughput.png", dpi=110)
+        fig.savefig(folder / "a-ttft-slo.png", dpi=110)
         plt.close(fig)
-        names.append("a-ttft-throughput.png")
+        names.append("a-ttft-slo.png")
+        seeds = [r.get("seed") for r in a]
+        a = [r for r in a if r.get("seed") == min(seeds, key=lambda s: s or 0)]   # one run per system below
         loaded = [r for r in a if r["case"] == "95%" and r.get("per_backend")]
         if loaded:
             fig, ax = plt.subplots(figsize=(11, 3.5))

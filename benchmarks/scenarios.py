@@ -2,9 +2,10 @@
 workload against every system, and returns result records for the report.
 
 A record: {"scenario", "case", "system", "summary" (benchmarks.metrics.summarize), and where they
-apply "offered_rps", "reference" (the central-FCFS model's summary), "per_backend" (requests each
-backend served), "peaks" (each simulated backend's most busy slots and most requests waiting
-inside it)}.
+apply "seed", "offered_rps", "model" (metrics.summarize_model of the system's policy,
+benchmarks/policies.py, on the same requests), "reference" (the greedy central-queue model's),
+"per_backend" (requests each backend served), "peaks" (each simulated backend's most busy slots
+and most requests waiting inside it)}.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 
-from benchmarks import loadgen, metrics, reference, systems
+from benchmarks import loadgen, metrics, policies, systems
 from benchmarks.common import MODEL, start_llama_server
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
 
@@ -24,12 +25,19 @@ from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
 class Settings:
     """How long and how hard: `window` seconds of arrivals per case (quick runs are for smoke
     tests, not figures), `systems` to compare, `folder` for configs and logs, `progress` a
-    callable(str) for long waits."""
+    callable(str) for long waits; for scenario (a): `seeds` arrival sequences (1..seeds) and
+    `loads` (shares of the pool's capacity)."""
 
     window: float
     systems: tuple[str, ...]
     folder: Path
     progress: object = print
+    seeds: int = 5
+    loads: tuple[float, ...] = (0.5, 0.8, 0.95, 1.2)
+
+
+WARMUP_SHARE = 0.1   # the first 10% of a window's arrivals are left out of its figures
+TTFT_SLO = 2.0       # seconds: the SLO of goodput (time to first token)
 
 
 def _idle(backends: list[systems.Running], timeout: float = 60) -> None:
@@ -62,7 +70,9 @@ def _against_all(settings: Settings, scenario: str, cases: list[tuple[str, float
                 record = {"scenario": scenario, "case": case, "system": name, "offered_rps": round(offered, 2),
                           "summary": metrics.summarize(outcomes)}
                 if pool:
-                    record["reference"] = metrics.summarize_reference(reference.fcfs(requests, pool))
+                    record["model"] = metrics.summarize_model(policies.simulate(systems.POLICY[name], requests, pool))
+                    record["reference"] = metrics.summarize_model(
+                        policies.simulate("greedy central queue", requests, pool))
                 if simulated:
                     record["per_backend"] = [a - b for a, b in zip(systems.served_counts(backends), before)]
                 records.append(record)
@@ -89,19 +99,46 @@ def heterogeneous_pool(fast_rate: float = 10.0, count: int = 16, slots: int = 4)
 
 def scenario_a(settings: Settings) -> list[dict]:
     """(a) A heterogeneous pool (16 backends x 4 slots, half twice as slow), heavy-tailed answer
-    lengths, Poisson arrivals at 50%, 80%, 95% and 120% of the pool's capacity."""
+    lengths, Poisson arrivals at shares of the pool's capacity (Settings.loads), each seed's
+    arrival sequence scaled to each load (common random numbers); every system runs every (seed,
+    load), in an order rotated per seed, all started once over the same simulators."""
     pool = heterogeneous_pool()
     full = capacity(pool, mean_tokens())
-    cases = []
-    for share in (0.5, 0.8, 0.95, 1.2):
-        requests = poisson(full * share, settings.window, seed=int(share * 100))
-        cases.append((f"{int(share * 100)}%", full * share, requests, settings.window + 120))
+    # SLO: first token within TTFT_SLO s, mean inter-token gap within 1.5x the slower backends'.
+    slo = (TTFT_SLO, 1.5 / min(b.token_rate for b in pool))
+    warmup = WARMUP_SHARE * settings.window
     sims = systems.start_simulators(pool, settings.folder / "a" / "sims")
+    running: dict[str, systems.Running] = {}
+    records = []
     try:
-        return _against_all(settings, "a", cases, pool, sims, slots=4)
+        for name in settings.systems:
+            running[name] = systems.start(name, [s.urls[0] for s in sims], 4, settings.folder / "a")
+        for seed in range(1, settings.seeds + 1):
+            for share in settings.loads:
+                requests = poisson(full * share, settings.window, seed=seed)
+                case = f"{int(round(share * 100))}%"
+                models = {p: metrics.summarize_model(policies.simulate(p, requests, pool), warmup)
+                          for p in {*(systems.POLICY[n] for n in settings.systems), "greedy central queue"}}
+                k = seed % len(settings.systems)
+                for name in settings.systems[k:] + settings.systems[:k]:
+                    _idle(sims)
+                    before = systems.served_counts(sims)
+                    settings.progress(f"a {case} seed {seed}: {name}, {len(requests)} requests")
+                    system = running[name]
+                    outcomes = loadgen.run(system.urls, "m", requests, settings.window + 120, system.headers,
+                                           progress=throttled(settings.progress, f"a {case} seed {seed} {name}"))
+                    records.append({"scenario": "a", "case": case, "system": name, "seed": seed,
+                                    "offered_rps": round(full * share, 2),
+                                    "summary": metrics.summarize(outcomes, warmup, slo),
+                                    "model": models[systems.POLICY[name]],
+                                    "reference": models["greedy central queue"],
+                                    "per_backend": [a - b for a, b in zip(systems.served_counts(sims), before)]})
     finally:
+        for system in running.values():
+            system.stop()
         for sim in sims:
             sim.stop()
+    return records
 
 
 def scenario_b(settings: Settings) -> list[dict]:
@@ -163,7 +200,8 @@ def scenario_c(settings: Settings) -> list[dict]:
     leaving server before its backend stops and reloads HAProxy at every fourth change; the
     hand-written HAProxy and nginx get the admin's change: new config, reload, stop the leaving
     backend. LiteLLM (membership needs its database) and direct access take no part."""
-    return [_changing_pool(settings, name) for name in settings.systems if name in ("hpcserve", "haproxy-rr", "nginx")]
+    return [_changing_pool(settings, name) for name in settings.systems
+            if name == "hpcserve" or name.startswith(("haproxy-", "nginx-"))]
 
 
 def _changing_pool(settings: Settings, name: str) -> dict:
@@ -216,11 +254,11 @@ def _changing_pool(settings: Settings, name: str) -> dict:
                             break
                         time.sleep(0.2)
                     log.append(proxy.update(servers(active), settle_timeout=0))
-                elif name == "haproxy-rr":
-                    systems.reload_haproxy_rr(system, folder / "haproxy-rr", ports)
+                elif name.startswith("haproxy-"):
+                    systems.reload_haproxy_static(system, folder / name, ports, 8)
                     log.append("reloaded")
                 else:
-                    systems.reload_nginx(system, folder / "nginx", ports)
+                    systems.reload_nginx(system, folder / name, ports, 8)
                     log.append("reloaded")
                 for m in leaving:
                     m.stop()

@@ -1,5 +1,5 @@
 """What a benchmark runs: simulated or real llama-server backends, and the systems put in front of
-them (hpcserve's HAProxy, a hand-written round-robin HAProxy, nginx, LiteLLM, or none).
+them (hpcserve's HAProxy and its ablations, hand-written HAProxy, nginx, LiteLLM, or none).
 
 Every system forwards the backend key, so the backends are the same for all. Each start function
 returns a started thing with `url` (the OpenAI base URL clients use) and `stop()`.
@@ -29,7 +29,16 @@ from hpcserve.haproxy.process import HAProxy
 CONFIGS = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "configs"),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
-SYSTEMS = ("hpcserve", "haproxy-rr", "nginx", "litellm", "direct")
+# Each system and the policy (benchmarks/policies.py) it implements. The peers as an informed admin
+# configures them (haproxy-lc, nginx-lc, nginx-maxconns, litellm), the round-robin baselines
+# (haproxy-rr, nginx-rr, direct), and ablations of hpcserve's own config (without the per-server
+# maxconn; without leastconn).
+POLICY = {"hpcserve": "least-connections + slot cap", "haproxy-lc": "least-connections + slot cap",
+          "nginx-lc": "least-connections", "nginx-maxconns": "least-connections + slot cap, no queue",
+          "litellm": "least-connections", "haproxy-rr": "round-robin", "nginx-rr": "round-robin",
+          "direct": "round-robin", "hpcserve-no-maxconn": "least-connections",
+          "hpcserve-no-leastconn": "round-robin + slot cap"}
+SYSTEMS = tuple(POLICY)
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 
 
@@ -110,38 +119,43 @@ def _wait_http(url: str, ok=lambda r: r.status_code == 200, timeout: float = 60,
     raise SystemExit(f"{what or url} did not become ready within {timeout:g} s")
 
 
-def start_hpcserve(ports: list[int], slots: int, folder: Path, **haproxy_settings) -> Running:
-    """HAProxy with the config hpcserve generates (templates/haproxy.cfg.j2), every server UP."""
-    proxy, port = start_haproxy(folder, ports, parallel=slots, **haproxy_settings)
+def start_hpcserve(ports: list[int], slots: int, folder: Path, without: tuple[str, ...] = (),
+                   **haproxy_settings) -> Running:
+    """HAProxy with the config hpcserve generates (templates/haproxy.cfg.j2), every server UP;
+    `without` ablates directives (common.start_haproxy)."""
+    proxy, port = start_haproxy(folder, ports, parallel=slots, without=without, **haproxy_settings)
     return Running("hpcserve", [f"http://127.0.0.1:{port}/v1"], stop_hook=proxy.stop, proxy=proxy)
 
 
-def start_haproxy_rr(ports: list[int], folder: Path) -> Running:
-    """HAProxy with a plain round-robin config (configs/haproxy-roundrobin.cfg.j2), daemonised with
-    a pid file so that `reload_haproxy_rr` can replace it the usual way (-sf)."""
+def start_haproxy_static(variant: str, ports: list[int], slots: int, folder: Path) -> Running:
+    """HAProxy written by hand (configs/haproxy.cfg.j2, variant "rr" or "lc"), daemonised with a
+    pid file so that `reload_haproxy_static` can replace it the usual way (-sf)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    running = Running("haproxy-rr", [f"http://127.0.0.1:{port}/v1"])
-    write_haproxy_rr(folder, port, ports)
-    subprocess.run(["haproxy", "-D", "-p", str(folder / "haproxy-rr.pid"), "-f", str(folder / "haproxy-rr.cfg")],
+    running = Running(f"haproxy-{variant}", [f"http://127.0.0.1:{port}/v1"])
+    write_haproxy_static(folder, variant, port, ports, slots)
+    config = folder / f"haproxy-{variant}.cfg"
+    subprocess.run(["haproxy", "-D", "-p", str(folder / f"haproxy-{variant}.pid"), "-f", str(config)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    running.stop_hook = lambda: _kill_matching(str(folder / "haproxy-rr.cfg"))
-    _wait_http(f"http://127.0.0.1:{port}/v1/models", ok=lambda r: r.status_code < 500, what="haproxy-rr")
+    running.stop_hook = lambda: _kill_matching(str(config))
+    _wait_http(f"http://127.0.0.1:{port}/v1/models", ok=lambda r: r.status_code < 500, what=running.name)
     time.sleep(2.5)  # its checks (2 s) mark the servers UP
     return running
 
 
-def write_haproxy_rr(folder: Path, port: int, ports: list[int]) -> None:
-    (folder / "haproxy-rr.cfg").write_text(CONFIGS.get_template("haproxy-roundrobin.cfg.j2").render(
-        port=port, backend_ports=ports, key=KEY, folder=folder))
+def write_haproxy_static(folder: Path, variant: str, port: int, ports: list[int], slots: int) -> None:
+    (folder / f"haproxy-{variant}.cfg").write_text(CONFIGS.get_template("haproxy.cfg.j2").render(
+        variant=variant, port=port, backend_ports=ports, slots=slots, key=KEY, folder=folder))
 
 
-def reload_haproxy_rr(running: Running, folder: Path, ports: list[int]) -> None:
+def reload_haproxy_static(running: Running, folder: Path, ports: list[int], slots: int) -> None:
     """The admin's membership change: rewrite the config, start a new HAProxy that takes over the
     port and tells the old one to finish its connections and exit (-sf, HAProxy management guide)."""
-    write_haproxy_rr(folder, port_of(running.urls[0]), ports)
-    old = (folder / "haproxy-rr.pid").read_text().split()
-    subprocess.run(["haproxy", "-D", "-p", str(folder / "haproxy-rr.pid"), "-f", str(folder / "haproxy-rr.cfg"),
+    variant = running.name.removeprefix("haproxy-")
+    write_haproxy_static(folder, variant, port_of(running.urls[0]), ports, slots)
+    pid_file = folder / f"haproxy-{variant}.pid"
+    old = pid_file.read_text().split()
+    subprocess.run(["haproxy", "-D", "-p", str(pid_file), "-f", str(folder / f"haproxy-{variant}.cfg"),
                     "-sf", *old], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -154,8 +168,9 @@ def _kill_matching(needle: str) -> None:
     psutil.wait_procs(found, timeout=10)
 
 
-def start_nginx(ports: list[int], folder: Path) -> Running:
-    """nginx round-robin (configs/nginx.conf.j2), in the foreground, unprivileged paths in `folder`.
+def start_nginx(variant: str, ports: list[int], slots: int, folder: Path) -> Running:
+    """nginx (configs/nginx.conf.j2, variant "rr", "lc" or "maxconns"), in the foreground,
+    unprivileged paths in `folder`.
 
     Raises:
         SystemExit: nginx is not installed (Debian package nginx-light) or did not start.
@@ -166,27 +181,28 @@ def start_nginx(ports: list[int], folder: Path) -> Running:
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = folder / "nginx.conf"
-    write_nginx(folder, port, ports)
+    write_nginx(folder, variant, port, ports, slots)
     process = subprocess.Popen([binary, "-p", str(folder), "-c", str(config)], stdout=subprocess.DEVNULL,
                                stderr=(folder / "nginx.log").open("w"))
     _wait_http(f"http://127.0.0.1:{port}/v1/models", what=f"nginx (see {folder / 'nginx.log'})", process=process)
-    return Running("nginx", [f"http://127.0.0.1:{port}/v1"], process)
+    return Running(f"nginx-{variant}", [f"http://127.0.0.1:{port}/v1"], process)
 
 
-def write_nginx(folder: Path, port: int, ports: list[int]) -> None:
+def write_nginx(folder: Path, variant: str, port: int, ports: list[int], slots: int) -> None:
     (folder / "nginx.conf").write_text(CONFIGS.get_template("nginx.conf.j2").render(
-        port=port, backend_ports=ports, key=KEY, folder=folder))
+        variant=variant, port=port, backend_ports=ports, slots=slots, key=KEY, folder=folder))
 
 
-def reload_nginx(running: Running, folder: Path, ports: list[int]) -> None:
+def reload_nginx(running: Running, folder: Path, ports: list[int], slots: int) -> None:
     """The admin's membership change: rewrite the config and send the master SIGHUP (nginx -s
     reload); old workers finish their requests and exit."""
-    write_nginx(folder, port_of(running.urls[0]), ports)
+    write_nginx(folder, running.name.removeprefix("nginx-"), port_of(running.urls[0]), ports, slots)
     running.process.send_signal(signal.SIGHUP)
 
 
-def start_litellm(ports: list[int], folder: Path) -> Running:
-    """LiteLLM proxy with least-busy routing (configs/litellm.yaml.j2), from .venv-litellm.
+def start_litellm(ports: list[int], slots: int, folder: Path) -> Running:
+    """LiteLLM proxy with least-busy routing and max_parallel_requests = `slots` per backend
+    (configs/litellm.yaml.j2), 2 workers, from .venv-litellm.
 
     Raises:
         SystemExit: LiteLLM is not installed (scripts/setup-bench.sh) or did not start in 120 s.
@@ -196,12 +212,12 @@ def start_litellm(ports: list[int], folder: Path) -> Running:
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = folder / "litellm.yaml"
-    config.write_text(CONFIGS.get_template("litellm.yaml.j2").render(backend_ports=ports, key=KEY))
+    config.write_text(CONFIGS.get_template("litellm.yaml.j2").render(backend_ports=ports, slots=slots, key=KEY))
     master_key = "sk-" + secrets.token_hex(16)  # LiteLLM refuses to start without one
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True",
            "LITELLM_MASTER_KEY": master_key}
     process = subprocess.Popen([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-                                "--num_workers", "1"], stdout=subprocess.DEVNULL,
+                                "--num_workers", "2"], stdout=subprocess.DEVNULL,
                                stderr=(folder / "litellm.log").open("w"), env=env, cwd=folder)
     _wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120,
                what=f"LiteLLM (see {folder / 'litellm.log'})", process=process)
@@ -218,14 +234,17 @@ def start(name: str, backend_urls: list[str], slots: int, folder: Path,
         ValueError: an unknown name.
     """
     ports = [port_of(u) for u in backend_urls]
-    if name == "hpcserve":
-        return start_hpcserve(ports, slots, folder / "hpcserve", **(hpcserve_settings or {}))
-    if name == "haproxy-rr":
-        return start_haproxy_rr(ports, folder / "haproxy-rr")
-    if name == "nginx":
-        return start_nginx(ports, folder / "nginx")
+    if name == "hpcserve" or name.startswith("hpcserve-no-"):
+        running = start_hpcserve(ports, slots, folder / name, without=tuple(name.split("-no-")[1:]),
+                                 **(hpcserve_settings or {}))
+        running.name = name
+        return running
+    if name.startswith("haproxy-"):
+        return start_haproxy_static(name.removeprefix("haproxy-"), ports, slots, folder / name)
+    if name.startswith("nginx-"):
+        return start_nginx(name.removeprefix("nginx-"), ports, slots, folder / name)
     if name == "litellm":
-        return start_litellm(ports, folder / "litellm")
+        return start_litellm(ports, slots, folder / "litellm")
     if name == "direct":
         return Running("direct", list(backend_urls), headers={"Authorization": f"Bearer {KEY}"})
     raise ValueError(f"system: expected one of {', '.join(SYSTEMS)}, got {name!r}")

@@ -1,13 +1,19 @@
 """Workloads for the comparison benchmarks: when each request arrives and how long its answer is.
 
 Pure and seeded: the same arguments give the same requests, so every system in a run, and the
-discrete-event reference (benchmarks/reference.py), see exactly the same load.
+discrete-event models (benchmarks/policies.py), see exactly the same load. Common random numbers:
+one seed is one sequence of answer lengths and of arrival gaps at rate 1, which each load level
+scales in time (poisson), so that a higher load is the same trace, faster.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+
+# The simulator counts a chat completion's prompt as 20 tokens of chat template plus the text's
+# (hpcserve/llama/simulator.py, _chat: prompt_tokens=20 + _count(text)).
+CHAT_TEMPLATE_TOKENS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,12 +23,18 @@ class Request:
     Attributes:
         at: seconds after the start of the run when it is sent.
         max_tokens: tokens the answer has (the simulator and `ignore_eos` produce exactly this many).
-        prompt_tokens: the prompt's length in tokens (the simulator counts 4 characters a token).
+        prompt_tokens: the prompt text's length in tokens (the simulator counts 4 characters a
+            token, plus CHAT_TEMPLATE_TOKENS for a chat completion: counted_prompt_tokens).
     """
 
     at: float
     max_tokens: int
     prompt_tokens: int = 8
+
+    @property
+    def counted_prompt_tokens(self) -> int:
+        """Prompt tokens the backend prefills for this chat completion."""
+        return self.prompt_tokens + CHAT_TEMPLATE_TOKENS
 
     @property
     def prompt(self) -> str:
@@ -46,11 +58,11 @@ class Backend:
 
     def service_time(self, request: Request) -> float:
         """Seconds a slot is busy with `request`: prefill, then one token every 1/token_rate s."""
-        return request.prompt_tokens / self.prefill_rate + request.max_tokens / self.token_rate
+        return request.counted_prompt_tokens / self.prefill_rate + request.max_tokens / self.token_rate
 
     def first_token(self, request: Request) -> float:
         """Seconds from the start of service to the first token."""
-        return request.prompt_tokens / self.prefill_rate + 1.0 / self.token_rate
+        return request.counted_prompt_tokens / self.prefill_rate + 1.0 / self.token_rate
 
 
 def heavy_tailed_tokens(rng: random.Random, median: float = 16.0, sigma: float = 1.0,
@@ -64,22 +76,26 @@ def capacity(backends: list[Backend], mean_tokens: float, prompt_tokens: int = 8
     """Requests per second the pool completes when every slot is busy: sum over slots of
     1 / mean service time."""
     probe = Request(0.0, 1, prompt_tokens)
-    return sum(b.slots / (probe.prompt_tokens / b.prefill_rate + mean_tokens / b.token_rate) for b in backends)
+    return sum(b.slots / (probe.counted_prompt_tokens / b.prefill_rate + mean_tokens / b.token_rate)
+               for b in backends)
 
 
 def poisson(rate: float, duration: float, seed: int, tokens=heavy_tailed_tokens) -> list[Request]:
     """Poisson arrivals at `rate` requests/s for `duration` seconds, answer lengths from `tokens`.
+
+    The seed's trace at rate 1 scaled by 1/rate: poisson(2r, d, s) is poisson(r, 2d, s) at twice
+    the speed, the same requests in the same order (common random numbers across load levels).
 
     Raises:
         ValueError: rate or duration is not positive.
     """
     if rate <= 0 or duration <= 0:
         raise ValueError(f"rate and duration must be positive, got {rate} and {duration}")
-    rng = random.Random(seed)
-    requests, t = [], rng.expovariate(rate)
-    while t < duration:
-        requests.append(Request(at=t, max_tokens=tokens(rng)))
-        t += rng.expovariate(rate)
+    gaps, lengths = random.Random(seed), random.Random(seed + 1_000_003)
+    requests, unit = [], gaps.expovariate(1.0)
+    while unit / rate < duration:
+        requests.append(Request(at=unit / rate, max_tokens=tokens(lengths)))
+        unit += gaps.expovariate(1.0)
     return requests
 
 

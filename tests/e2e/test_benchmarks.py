@@ -1,5 +1,6 @@
-"""The benchmark entry point end to end, small: scenario (d) against hpcserve's HAProxy, the
-hand-written round-robin HAProxy and direct access over 4 simulated backends (real HAProxy)."""
+"""The benchmark entry point end to end, small: scenarios (a) (over two seeds) and (d) against
+hpcserve's HAProxy, the hand-written HAProxy (tuned and round-robin) and direct access over
+simulated backends (real HAProxy)."""
 
 from __future__ import annotations
 
@@ -16,28 +17,39 @@ pytestmark = [pytest.mark.e2e, pytest.mark.haproxy]
 
 def test_a_small_run_writes_results_a_report_and_ratios(tmp_path):
     out = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--scenario", "d", "--window", "3",
-                          "--systems", "hpcserve,haproxy-rr,direct", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--scenario", "d", "--scenario", "a",
+                          "--window", "3", "--seeds", "2", "--loads", "0.5",
+                          "--systems", "hpcserve,haproxy-lc,haproxy-rr,direct", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
     work = re.search(r"configs and logs of this run: (\S+)", run.stderr)
     if work:
         shutil.rmtree(work.group(1), ignore_errors=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "d 50%: haproxy-rr" in run.stderr                       # progress on long waits
     results = json.loads((out / "results.json").read_text())
-    records = {r["system"]: r for r in results["records"]}
-    assert set(records) == {"hpcserve", "haproxy-rr", "direct"}
+    records = {r["system"]: r for r in results["records"] if r["scenario"] == "d"}
+    assert set(records) == {"hpcserve", "haproxy-lc", "haproxy-rr", "direct"}
     for record in records.values():
         summary = record["summary"]
         assert summary["requests"] > 5 and summary["completed"] == summary["requests"], summary
         assert sum(record["per_backend"]) == summary["requests"]     # every answer counted once
     for name in ("hpcserve", "direct"):                              # 20 tokens/s per slot
         assert records[name]["summary"]["itl_p50"] == pytest.approx(0.05, abs=0.02)
+    # Scenario (a): every system ran every seed, in a rotated order, with its own policy's model.
+    seeded = [r for r in results["records"] if r["scenario"] == "a"]
+    assert sorted((r["seed"], r["system"]) for r in seeded) == sorted(
+        (seed, name) for seed in (1, 2) for name in ("hpcserve", "haproxy-lc", "haproxy-rr", "direct"))
+    assert all(r["model"]["requests"] == r["reference"]["requests"] for r in seeded)
+    assert all("slo_attainment" in r["summary"] and "lateness_p99" in r["summary"] for r in seeded)
     report = (out / "report.md").read_text()
-    assert "| 50% | reference (central FCFS model) |" in report and "| 50% | haproxy-rr |" in report
+    assert "| 50% | greedy central-queue model |" in report and "| 50% | haproxy-rr |" in report
+    assert "| 50% | haproxy-lc (least-connections + slot cap) |" in report
 
 
 def test_bad_options_are_named(tmp_path):
     run = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--systems", "hpcserve,envoy"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--systems" in run.stderr and "envoy" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--loads", "0.5,lots"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--loads" in run.stderr and "lots" in run.stderr

@@ -1,4 +1,4 @@
-"""The pure parts of the comparison benchmarks: workload, reference model, figures, report."""
+"""The pure parts of the comparison benchmarks: workload, policy models, figures, statistics, report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import metrics, reference, report
+from benchmarks import metrics, policies, report, stats
 from benchmarks.loadgen import Outcome
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
 
@@ -22,29 +22,74 @@ def test_the_workload_is_the_same_for_the_same_seed_and_has_the_asked_rate():
         poisson(0, 10, seed=1)
 
 
+def test_one_seed_is_one_trace_at_every_load():
+    slow, fast = poisson(10, 50, seed=7), poisson(20, 25, seed=7)   # common random numbers
+    assert [r.max_tokens for r in slow] == [r.max_tokens for r in fast]
+    assert [r.at for r in slow] == pytest.approx([2 * r.at for r in fast])
+
+
 def test_capacity_counts_every_slot_at_its_own_speed():
     pool = [Backend(4, 10.0, prefill_rate=1e9), Backend(4, 5.0, prefill_rate=1e9)]
     assert capacity(pool, 10) == pytest.approx(4 * 1.0 + 4 * 0.5)
     assert 15 < mean_tokens() < 35
 
 
-def test_the_reference_queues_first_come_first_served_on_the_fastest_free_slot():
+def test_the_greedy_model_queues_first_come_first_served_on_the_fastest_free_slot():
     slow, fast = Backend(1, 1.0, prefill_rate=1e9), Backend(1, 2.0, prefill_rate=1e9)
     requests = [Request(0.0, 2), Request(0.0, 2), Request(0.1, 2)]
-    served = reference.fcfs(requests, [slow, fast])
+    served = policies.simulate("greedy central queue", requests, [slow, fast])
     assert served[0].backend == 1 and served[0].ended == pytest.approx(1.0)       # fast: 2 tokens in 1 s
     assert served[1].backend == 0 and served[1].ended == pytest.approx(2.0)       # slow one is free too
     assert served[2].started == pytest.approx(1.0) and served[2].backend == 1     # waits for the first slot
     assert served[2].ttft == pytest.approx(0.9 + 0.5)                              # wait + first token at 2/s
     with pytest.raises(ValueError, match="no slot"):
-        reference.fcfs(requests, [])
+        policies.simulate("greedy central queue", requests, [])
+    with pytest.raises(ValueError, match="policy: expected one of"):
+        policies.simulate("random", requests, [slow])
 
 
-def test_more_slots_never_make_the_reference_slower():
+def test_more_slots_never_make_the_greedy_model_slower():
     requests = poisson(30, 20, seed=2)
-    small = reference.fcfs(requests, [Backend(4, 10.0)] * 8)
-    large = reference.fcfs(requests, [Backend(4, 10.0)] * 16)
+    small = policies.simulate("greedy central queue", requests, [Backend(4, 10.0)] * 8)
+    large = policies.simulate("greedy central queue", requests, [Backend(4, 10.0)] * 16)
     assert all(b.ttft <= a.ttft + 1e-9 for a, b in zip(small, large))
+
+
+def test_each_policy_places_requests_as_its_balancer_does():
+    one = [Backend(1, 1.0, prefill_rate=1e9)] * 2   # two backends of one slot, a token a second
+    # Backend 0 gets a long answer (until 10 s); short ones arrive while it is busy.
+    trace = [Request(0.0, 10), Request(0.5, 1), Request(1.6, 1), Request(1.7, 1)]
+
+    def placed(policy):
+        return [(s.backend, round(s.started, 2)) for s in policies.simulate(policy, trace, one)]
+    # Round-robin sends the third request behind the long answer.
+    assert placed("round-robin") == [(0, 0.0), (1, 0.5), (0, 10.0), (1, 1.7)]
+    # Least connections at arrival: backend 1 is idle again at 1.6, so the third goes there; the
+    # fourth finds one request on each and, a tie, waits inside a backend.
+    assert placed("least-connections")[2] == (1, 1.6)
+    # The slot cap holds the fourth in the balancer's queue until the first slot frees (2.6 s).
+    assert placed("least-connections + slot cap") == [(0, 0.0), (1, 0.5), (1, 1.6), (1, 2.6)]
+    assert placed("round-robin + slot cap") == [(0, 0.0), (1, 0.5), (1, 1.6), (1, 2.6)]
+    # Without a queue (nginx max_conns) the fourth is refused at once.
+    refused = policies.simulate("least-connections + slot cap, no queue", trace, one)
+    assert [s.refused for s in refused] == [False, False, False, True]
+    model = metrics.summarize_model(refused)
+    assert model["errors"] == {"refused": 1} and model["completed"] == 3 and model["requests"] == 4
+
+
+def test_the_slot_cap_never_puts_more_requests_on_a_backend_than_its_slots():
+    pool = [Backend(2, 10.0), Backend(2, 5.0)]
+    served = policies.simulate("least-connections + slot cap", poisson(8, 30, seed=1), pool)
+    for b in range(2):
+        spans = [(s.started, s.ended) for s in served if s.backend == b]
+        for t, _ in spans:
+            assert sum(1 for start, end in spans if start <= t < end) <= 2
+
+
+def test_the_model_counts_the_chat_template_as_the_simulator_does():
+    request = Request(0.0, 10, prompt_tokens=8)
+    assert request.counted_prompt_tokens == 28
+    assert Backend(1, 10.0, prefill_rate=28.0).service_time(request) == pytest.approx(1.0 + 1.0)
 
 
 def test_figures_count_errors_by_kind_and_take_percentiles_of_completed_requests():
@@ -60,21 +105,52 @@ def test_figures_count_errors_by_kind_and_take_percentiles_of_completed_requests
     assert metrics.ratio(2.0, 0.5) == 4.0 and metrics.ratio(None, 1) is None and metrics.ratio(1, 0) is None
 
 
-def test_the_report_has_ratios_to_the_reference_and_to_hpcserve_and_plots(tmp_path):
-    requests = poisson(5, 10, seed=1)
-    ref = metrics.summarize_reference(reference.fcfs(requests, [Backend(4, 10.0)] * 2))
-    def record(system, ttft):
-        outcomes = [Outcome(sent=r.at, status=200, ttft=ttft, ended=r.at + 1, tokens=5, gaps=[0.1] * 4, error="")
-                    for r in requests]
-        return {"scenario": "a", "case": "50%", "system": system, "offered_rps": 5.0,
-                "summary": metrics.summarize(outcomes), "reference": ref, "per_backend": [3, 4]}
+def test_ttft_counts_from_the_schedule_and_a_late_client_makes_the_run_invalid():
+    def outcome(scheduled, late, ttft, gaps=(0.1,)):
+        return Outcome(sent=scheduled + late, scheduled=scheduled, status=200, ttft=ttft, ended=scheduled + 2,
+                       tokens=len(gaps) + 1, gaps=list(gaps), error="")
+    on_time = [outcome(i * 0.1, 0.001, 0.5) for i in range(100)]
+    s = metrics.summarize(on_time, slo=(1.0, 0.15))
+    assert s["valid"] and s["lateness_p99"] == pytest.approx(0.001) and s["slo_attainment"] == 1.0
+    late = on_time[:90] + [outcome(9 + i * 0.1, 0.05, 1.5) for i in range(10)]
+    s = metrics.summarize(late, slo=(1.0, 0.15))
+    assert not s["valid"] and s["slo_attainment"] == 0.9
+    # Slow tokens miss the SLO too, errors count as misses, and warm-up requests are left out.
+    s = metrics.summarize(on_time[:50] + [outcome(6, 0, 0.5, gaps=(0.3,)), Outcome(sent=7, scheduled=7, error="http_502")],
+                          warmup=1.0, slo=(1.0, 0.15))
+    assert s["requests"] == 42 and s["slo_attainment"] == pytest.approx(40 / 42, abs=1e-4)
+
+
+def test_the_interval_of_a_median_holds_it_and_narrows_with_agreement():
+    m, lo, hi = stats.median_interval([1.0, 1.2, 0.9, 1.1, 3.0])
+    assert m == 1.1 and lo <= m <= hi and hi <= 3.0
+    assert stats.median_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    assert stats.median_interval([None]) is None and stats.text(None) == "-"
+    assert stats.paired_ratios({1: 2.0, 2: 3.0, 3: None}, {1: 1.0, 2: 0, 3: 1.0}) == [2.0]
+    assert stats.text((1.0, 0.5, 1.5)) == "1.00 [0.50-1.50]"
+
+
+def test_the_report_has_medians_intervals_and_paired_ratios_and_plots(tmp_path):
+    pool = [Backend(4, 10.0)] * 2
+    def record(system, seed, ttft, late=0.0):
+        requests = poisson(5, 10, seed=seed)
+        outcomes = [Outcome(sent=r.at + late, scheduled=r.at, status=200, ttft=ttft * seed, ended=r.at + 1, tokens=5,
+                            gaps=[0.1] * 4, error="") for r in requests]
+        return {"scenario": "a", "case": "50%", "system": system, "seed": seed, "offered_rps": 5.0,
+                "summary": metrics.summarize(outcomes, slo=(2.0, 0.3)),
+                "model": metrics.summarize_model(policies.simulate("least-connections", requests, pool)),
+                "reference": metrics.summarize_model(policies.simulate("greedy central queue", requests, pool)),
+                "per_backend": [3, 4]}
+    records = [record("hpcserve", seed, 0.2) for seed in (1, 2, 3)]
+    records += [record("nginx-lc", seed, 0.4) for seed in (1, 2)] + [record("nginx-lc", 3, 0.4, late=0.05)]
     results = {"meta": {"started": "now", "machine": "test", "command": "python -m benchmarks run", "window_s": 10,
-                        "systems": ["hpcserve", "nginx"]},
-               "records": [record("hpcserve", 0.2), record("nginx", 0.4)]}
+                        "systems": ["hpcserve", "nginx-lc"]}, "records": records}
     path = report.write(results, tmp_path)
     text = path.read_text()
-    nginx_row = next(line for line in text.splitlines() if "| nginx |" in line)
-    assert "| 2.00 |" in nginx_row                         # p99 TTFT twice hpcserve's
-    assert "reference (central FCFS model)" in text
-    assert (tmp_path / "a-ttft-throughput.png").stat().st_size > 1000
+    nginx_row = next(line for line in text.splitlines() if "| nginx-lc (least-connections) |" in line)
+    cells = [c.strip() for c in nginx_row.split("|")]
+    assert cells[3] == "2/3"                               # the late client's run is left out
+    assert cells[8] == "2.00 [2.00-2.00]"                  # p99 TTFT twice hpcserve's, seed by seed
+    assert "greedy central-queue model" in text
+    assert (tmp_path / "a-ttft-slo.png").stat().st_size > 1000
     assert json.loads((tmp_path / "results.json").read_text()) == results
