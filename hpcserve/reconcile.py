@@ -9,8 +9,10 @@ Order of the apply, chosen so that a failure at any point loses nothing:
 3. cancel surplus jobs, which HAProxy no longer routes to: a serving job is first drained (kept
    with weight 0) and cancelled by a later step once its sessions reach zero or its deadline passes;
 4. submit missing jobs;
-5. persist the desired state and the drains, only now: a command that failed leaves the state files as they were,
-   and the next step converges toward the desired state that was last applied in full.
+5. persist, only now: the step record (state.StepRecord: the servers HAProxy routes to, the drains,
+   startup times) once, whatever failed after the HAProxy change (so that it always names the
+   servers HAProxy really has), then the desired state. A command that failed leaves the desired
+   state as it was, and the next step converges toward the one that was last applied in full.
 
 A command that must wait for the pool (drains to finish, backends to be ready, jobs to end) does not
 loop itself: `Reconciler.run_until` steps again every few seconds until a condition holds
@@ -21,7 +23,6 @@ the waits of `up`, `scale` and `down` are built on it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -34,7 +35,7 @@ from .llama.probe import observe
 from .haproxy.process import HAProxy
 from .slurm import Scheduler
 from .errors import HpcserveError, WaitTimeout
-from .state import StateDir, write_private
+from .state import StateDir, StepRecord, write_private
 
 T = TypeVar("T")
 
@@ -92,22 +93,23 @@ class Reconciler:
         self._report = report
 
     def in_rotation(self) -> frozenset[str]:
-        """Job ids of the servers written into the live HAProxy config by the last step."""
-        try:
-            return frozenset(json.loads(self.state.servers_file.read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
-            return frozenset()
+        """Job ids of the servers written into the live HAProxy config by the last step.
+
+        Raises:
+            HpcserveError: the step record is unreadable (StateDir.read_step).
+        """
+        return self.state.read_step().in_rotation
 
     def haproxy(self) -> HAProxy:
         """The deployment's HAProxy (its backend key created on first use)."""
         return self._make_haproxy(self.deployment, self.state.backend_key())
 
-    def _learn_startups(self, replicas: list[Replica], now: float) -> dict:
+    @staticmethod
+    def _learn_startups(record: Mapping[str, list], replicas: list[Replica], now: float) -> dict:
         """Startup times (submit -> first seen ready: queue wait plus model load, in seconds) of
-        the last 20 replicas, from the record in the state directory plus what is new now."""
-        record = self.state.read_json("startups", {})
-        seen = [str(j) for j in record.get("jobs", [])] if isinstance(record, dict) else []
-        seconds = [float(x) for x in record.get("seconds", [])] if isinstance(record, dict) else []
+        the last 20 replicas: those of the last step's record plus what is new now."""
+        seen = list(record.get("jobs", []))
+        seconds = list(record.get("seconds", []))
         for b in replicas:
             if b.health is Health.READY and b.job.submit_time is not None and b.job.job_id not in seen:
                 seen.append(b.job.job_id)
@@ -135,31 +137,35 @@ class Reconciler:
         haproxy = self._make_haproxy(self.deployment, key)
         sessions = haproxy.server_sessions()
         now = time.time()
-        startups = self._learn_startups(replicas, now)
-        the_plan = plan([m.name for m in self.deployment.models], desired, replicas, self.in_rotation(),
-                        draining=self.state.read_draining(), sessions=sessions, now=now,
+        record = self.state.read_step()
+        startups = self._learn_startups(record.startups, replicas, now)
+        the_plan = plan([m.name for m in self.deployment.models], desired, replicas, record.in_rotation,
+                        draining=record.draining, sessions=sessions, now=now,
                         drain_timeout=self.deployment.haproxy.drain_timeout if drain_timeout is None else drain_timeout,
                         renew_before=effective_renew_before(self.deployment.slurm.renew_before, startups["seconds"]))
 
         scripts = {name: jobscript.render(self.deployment, self.deployment.model(name))
                    for name in dict.fromkeys(the_plan.submit)}
         change = "unchanged"
-        if the_plan.haproxy_running:
-            servers = list(the_plan.servers)
-            change = haproxy.update(servers)
-            write_private(self.state.servers_file, json.dumps(sorted(s.job_id for s in servers)) + "\n")
-        elif haproxy.running():
-            haproxy.stop()
-            self.state.servers_file.unlink(missing_ok=True)
-            change = "stopped"
-
-        self.scheduler.cancel([c.job_id for c in the_plan.cancel])
-        submitted = []
-        for model_name in the_plan.submit:
-            write_private(self.state.sbatch_dir / f"{model_name}.sbatch", scripts[model_name])
-            submitted.append((model_name, self.scheduler.submit(scripts[model_name])))
-        self.state.write_draining(the_plan.draining)
-        self.state.write_json("startups", startups)
+        applied = record   # what is true so far, written once below whatever fails from here on
+        try:
+            if the_plan.haproxy_running:
+                servers = list(the_plan.servers)
+                change = haproxy.update(servers)
+                applied = dataclasses.replace(applied, in_rotation=frozenset(s.job_id for s in servers))
+            elif haproxy.running():
+                haproxy.stop()
+                applied = dataclasses.replace(applied, in_rotation=frozenset())
+                change = "stopped"
+            self.scheduler.cancel([c.job_id for c in the_plan.cancel])
+            submitted = []
+            for model_name in the_plan.submit:
+                write_private(self.state.sbatch_dir / f"{model_name}.sbatch", scripts[model_name])
+                submitted.append((model_name, self.scheduler.submit(scripts[model_name])))
+            applied = StepRecord(applied.in_rotation, dict(the_plan.draining), startups)
+        finally:
+            if applied != record:
+                self.state.write_step(applied)
         self.state.write_desired(desired)
         outcome = Outcome(tuple(replicas), the_plan, tuple(submitted), change, sessions)
         for line in describe(outcome):

@@ -5,7 +5,8 @@ command loses nothing: files are replaced atomically (write to a temporary file,
 created 0600 inside a 0700 directory, because the backend key and HAProxy's sockets are secrets.
 
 Layout (STATE_DIR/...):
-    desired.json draining.json startups.json servers.json autoscale.json   the controller's memory
+    desired.json   what the user asked for        step.json   what the last reconcile step left (StepRecord)
+    autoscale.json   the autoscaler's memory
     decisions.jsonl   autoscale decisions          keys.json   named API keys (keys.py)
     backend.key api.key   secrets                   lock        one changing command at a time
     haproxy.cfg haproxy-base.cfg haproxy.sock haproxy-master.sock haproxy.pid haproxy.state
@@ -30,6 +31,25 @@ import filelock
 
 from .core.pool import Desired
 from .errors import ConfigError, DeploymentBusy, HpcserveError
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What the last reconcile step left behind, written once per step (StateDir.write_step).
+
+    Attributes:
+        in_rotation: job ids of the servers in the live HAProxy config.
+        draining: job id -> drain deadline (epoch seconds) of the servers being drained.
+        startups: {"jobs": [job id, ...] seen ready (last 50), "seconds": [startup s, ...] (last 20)}.
+    """
+
+    in_rotation: frozenset[str] = frozenset()
+    draining: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    startups: Mapping[str, list] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"in_rotation": sorted(self.in_rotation), "draining": dict(sorted(self.draining.items())),
+                "startups": dict(self.startups)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +152,6 @@ class StateDir:
         return self.root / "sbatch"
 
     @property
-    def servers_file(self) -> Path:
-        """Job ids of the servers in the live HAProxy config (JSON list)."""
-        return self.root / "servers.json"
-
-    @property
     def decisions_file(self) -> Path:
         """Autoscale decisions, one JSON object per line."""
         return self.root / "decisions.jsonl"
@@ -232,22 +247,41 @@ class StateDir:
         write_private(self.desired_file, json.dumps(dataclasses.asdict(desired), indent=2, sort_keys=True) + "\n")
 
     @property
-    def draining_file(self) -> Path:
-        return self.root / "draining.json"
+    def step_file(self) -> Path:
+        return self.root / "step.json"
 
-    def read_draining(self) -> dict[str, float]:
-        """Job id -> drain deadline (epoch seconds) of the servers being drained ({} when none)."""
+    # The records hpcserve 0.x kept before step.json, read once for an upgrade, removed by write_step.
+    _LEGACY_STEP_FILES = ("servers.json", "draining.json", "startups.json")
+
+    def read_step(self) -> StepRecord:
+        """The record of the last reconcile step (StepRecord() before the first); from the older
+        servers.json, draining.json and startups.json when step.json was not written yet.
+
+        Raises:
+            HpcserveError: the record exists but is not what hpcserve writes (losing it would
+                forget which servers HAProxy routes to and which are draining).
+        """
         try:
-            return {str(k): float(v) for k, v in json.loads(self.draining_file.read_text()).items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise HpcserveError(f"{self.draining_file}: unreadable drain state ({exc}); "
+            if self.step_file.exists():
+                data = json.loads(self.step_file.read_text())
+                return StepRecord(frozenset(str(j) for j in data["in_rotation"]),
+                                  {str(k): float(v) for k, v in data["draining"].items()},
+                                  _startups(data.get("startups")))
+            servers, draining, startups = (self.root / name for name in self._LEGACY_STEP_FILES)
+            return StepRecord(frozenset(str(j) for j in json.loads(servers.read_text())) if servers.exists()
+                              else frozenset(),
+                              {str(k): float(v) for k, v in json.loads(draining.read_text()).items()}
+                              if draining.exists() else {},
+                              _startups(self.read_json("startups", {})))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HpcserveError(f"{self.step_file}: unreadable record of the last step ({exc}); "
                                 "fix or remove it and run the command again") from None
 
-    def write_draining(self, draining: Mapping[str, float]) -> None:
-        """Replace the drain state atomically."""
-        write_private(self.draining_file, json.dumps(dict(sorted(draining.items())), indent=2) + "\n")
+    def write_step(self, record: StepRecord) -> None:
+        """Replace the step record atomically (and drop the older per-item files)."""
+        write_private(self.step_file, json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
+        for name in self._LEGACY_STEP_FILES:
+            (self.root / name).unlink(missing_ok=True)
 
     def read_json(self, name: str, default: object) -> object:
         """A JSON record of this state directory (`name`.json), or `default` when absent or unreadable.
@@ -317,6 +351,17 @@ def secret_file(path: Path, nbytes: int = 32) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
+
+
+def _startups(data: object) -> dict[str, list]:
+    """The startups part of a step record, or an empty one when it is not what hpcserve writes
+    (only history is lost: the next renewals fall back to the configured renew_before)."""
+    if not isinstance(data, dict):
+        return {}
+    try:
+        return {"jobs": [str(j) for j in data.get("jobs", [])], "seconds": [float(x) for x in data.get("seconds", [])]}
+    except (TypeError, ValueError):
+        return {}
 
 
 def write_private(path: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from hpcserve.core.pool import Desired, Server
 from hpcserve.errors import HAProxyError, HpcserveError, SlurmError, TemplateError, WaitTimeout
 from hpcserve.reconcile import Reconciler
 from hpcserve.slurm import Scheduler
-from hpcserve.state import StateDir
+from hpcserve.state import StateDir, StepRecord
 from tests.conftest import minimal
 
 
@@ -47,7 +47,7 @@ class FakeScheduler(Scheduler):
 
     def __init__(self, log: list, state: StateDir, jobs: list[Job] | None = None):
         self.log, self.state, self.listed = log, state, list(jobs or [])
-        self.fail = False
+        self.fail = self.cancel_fails = False
 
     def _record(self, *event) -> None:
         self.log.append((*event, self.state.desired_file.exists()))
@@ -68,6 +68,8 @@ class FakeScheduler(Scheduler):
         return [j for j in self.listed if j.name.startswith(name_prefix)]
 
     def cancel(self, job_ids: list[str]) -> None:
+        if job_ids and self.cancel_fails:
+            raise SlurmError("scancel exited 1: Unable to contact slurm controller")
         if job_ids:
             self._record("cancel", tuple(job_ids))
 
@@ -192,6 +194,50 @@ def test_down_stops_haproxy_and_cancels_every_job(pool, health_port):
     reconciler.step(Desired(up=False, replicas={"a": 1}), drain_timeout=0)
     assert [e[:2] for e in log] == [("haproxy stop", ()), ("cancel", ("1",))] and not haproxy.is_running
     assert reconciler.in_rotation() == frozenset()
+
+
+def test_the_step_record_is_written_once_per_step_and_not_when_nothing_changed(pool, health_port, monkeypatch):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
+    writes: list[StepRecord] = []
+    original = StateDir.write_step
+    monkeypatch.setattr(StateDir, "write_step", lambda self, record: (writes.append(record), original(self, record)))
+    reconciler.step(Desired(up=True, replicas={"a": 2}))
+    assert len(writes) == 1 and writes[0].in_rotation == frozenset({"1", "2"}) and writes[0].startups["jobs"] == ["1", "2"]
+    reconciler.step(Desired(up=True, replicas={"a": 2}))
+    assert len(writes) == 1                                              # nothing new: no write
+    assert reconciler.state.read_step() == writes[0]
+
+
+def test_when_scancel_fails_the_record_still_names_the_servers_haproxy_has(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
+    reconciler.step(Desired(up=True, replicas={"a": 2}))
+    scheduler.cancel_fails = True
+    with pytest.raises(SlurmError, match="scancel"):
+        reconciler.step(Desired(up=True, replicas={"a": 1}), drain_timeout=0)
+    record = reconciler.state.read_step()
+    assert record.in_rotation == frozenset({"2"}) == {job for job, _ in log[-1][1]}   # HAProxy lost job 1
+    assert reconciler.state.read_desired() == Desired(up=True, replicas={"a": 2})     # not applied in full
+    scheduler.cancel_fails = False
+    reconciler.step(Desired(up=True, replicas={"a": 1}), drain_timeout=0)
+    assert log[-1][:2] == ("cancel", ("1",))
+
+
+def test_the_older_per_item_records_are_read_once_and_replaced(pool, health_port):
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
+    root = reconciler.state.root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "servers.json").write_text('["1", "2"]\n')
+    (root / "draining.json").write_text('{"2": 4102444800.0}\n')
+    (root / "startups.json").write_text('{"jobs": ["1"], "seconds": [30.0]}\n')
+    assert reconciler.state.read_step() == StepRecord(frozenset({"1", "2"}), {"2": 4102444800.0},
+                                                      {"jobs": ["1"], "seconds": [30.0]})
+    haproxy.is_running, haproxy.sessions = True, {"2": 1}
+    reconciler.step(Desired(up=True, replicas={"a": 1}), drain_timeout=60)
+    assert log[-1][:2] == ("haproxy", (("1", False), ("2", True)))     # job 2 still drains, as recorded
+    assert sorted(p.name for p in root.glob("*.json")) == ["desired.json", "step.json"]
+    (root / "step.json").write_text("[1, 2]")
+    with pytest.raises(HpcserveError, match="step.json: unreadable"):
+        reconciler.step(Desired(up=True, replicas={"a": 1}))
 
 
 # --- the waits built on Reconciler.run_until ------------------------------------------------------
