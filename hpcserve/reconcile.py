@@ -10,8 +10,9 @@ Order of the apply, chosen so that a failure at any point loses nothing:
    with weight 0) and cancelled by a later step once its sessions reach zero or its deadline passes;
 4. submit missing jobs;
 5. persist, only now: the step record (state.StepRecord: the servers HAProxy routes to, the drains,
-   startup times) once, whatever failed after the HAProxy change (so that it always names the
-   servers HAProxy really has), then the desired state. A command that failed leaves the desired
+   startup times), whatever failed after the HAProxy change, then the desired state. (When step 2
+   changed HAProxy's membership the record is also written right then, so that a kill -9 during
+   3 or 4 cannot leave it naming servers HAProxy no longer has; otherwise it is written once.) A command that failed leaves the desired
    state as it was, and the next step converges toward the one that was last applied in full.
 
 A command that must wait for the pool (drains to finish, backends to be ready, jobs to end) does not
@@ -147,7 +148,7 @@ class Reconciler:
         scripts = {name: jobscript.render(self.deployment, self.deployment.model(name))
                    for name in dict.fromkeys(the_plan.submit)}
         change = "unchanged"
-        applied = record   # what is true so far, written once below whatever fails from here on
+        applied = written = record   # what is true so far / what the state directory says
         try:
             if the_plan.haproxy_running:
                 servers = list(the_plan.servers)
@@ -157,6 +158,11 @@ class Reconciler:
                 haproxy.stop()
                 applied = dataclasses.replace(applied, in_rotation=frozenset())
                 change = "stopped"
+            if applied != written:
+                # HAProxy's membership changed: on disk at once, so that even a kill -9 during
+                # scancel or sbatch leaves a record naming the servers HAProxy really has.
+                self.state.write_step(applied)
+                written = applied
             self.scheduler.cancel([c.job_id for c in the_plan.cancel])
             submitted = []
             for model_name in the_plan.submit:
@@ -164,7 +170,7 @@ class Reconciler:
                 submitted.append((model_name, self.scheduler.submit(scripts[model_name])))
             applied = StepRecord(applied.in_rotation, dict(the_plan.draining), startups)
         finally:
-            if applied != record:
+            if applied != written:
                 self.state.write_step(applied)
         self.state.write_desired(desired)
         outcome = Outcome(tuple(replicas), the_plan, tuple(submitted), change, sessions)

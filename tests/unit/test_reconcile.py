@@ -196,16 +196,21 @@ def test_down_stops_haproxy_and_cancels_every_job(pool, health_port):
     assert reconciler.in_rotation() == frozenset()
 
 
-def test_the_step_record_is_written_once_per_step_and_not_when_nothing_changed(pool, health_port, monkeypatch):
+def test_the_step_record_is_written_when_haproxy_changes_and_at_the_end_and_not_when_nothing_changed(
+        pool, health_port, monkeypatch):
     reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "a", health_port)])
-    writes: list[StepRecord] = []
+    writes: list[tuple[StepRecord, int]] = []
     original = StateDir.write_step
-    monkeypatch.setattr(StateDir, "write_step", lambda self, record: (writes.append(record), original(self, record)))
-    reconciler.step(Desired(up=True, replicas={"a": 2}))
-    assert len(writes) == 1 and writes[0].in_rotation == frozenset({"1", "2"}) and writes[0].startups["jobs"] == ["1", "2"]
-    reconciler.step(Desired(up=True, replicas={"a": 2}))
-    assert len(writes) == 1                                              # nothing new: no write
-    assert reconciler.state.read_step() == writes[0]
+    monkeypatch.setattr(StateDir, "write_step",
+                        lambda self, record: (writes.append((record, len(log))), original(self, record)))
+    reconciler.step(Desired(up=True, replicas={"a": 2, "b": 1}))
+    # Membership on disk right after the HAProxy change, before sbatch; the rest once at the end.
+    assert [(r.in_rotation, n) for r, n in writes] == [(frozenset({"1", "2"}), 1), (frozenset({"1", "2"}), 2)]
+    assert not writes[0][0].startups.get("jobs") and writes[1][0].startups["jobs"] == ["1", "2"]
+    del writes[:]
+    reconciler.step(Desired(up=True, replicas={"a": 2, "b": 1}))
+    assert writes == []                                                  # nothing new: no write
+    assert reconciler.state.read_step().in_rotation == frozenset({"1", "2"})
 
 
 def test_when_scancel_fails_the_record_still_names_the_servers_haproxy_has(pool, health_port):
