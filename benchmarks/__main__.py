@@ -3,6 +3,7 @@
     python -m benchmarks run [--scenario a --scenario b ...] [--window 30] [--seeds 5] [--loads 0.5,0.95] [--out DIR]
     python -m benchmarks report [--out DIR]          # redraw report.md and plots from results.json
     python -m benchmarks load --url URL --model M --rate R --duration S   # your own pool
+    python -m benchmarks calibrate [--parallel 4] [--out FILE]  # the simulator's profile from llama-server
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import click
 
-from benchmarks import loadgen, metrics, report, scenarios, systems
-from benchmarks.common import ROOT
+from benchmarks import calibrate, loadgen, metrics, report, scenarios, systems
+from benchmarks.common import KEY, MODEL, ROOT, start_llama_server
 from benchmarks.workload import poisson
 
 SCENARIOS = {"a": scenarios.scenario_a, "b": scenarios.scenario_b, "c": scenarios.scenario_c,
@@ -118,6 +119,34 @@ def load(url: str, model: str, rate: float, duration: float, seed: int, as_json:
         for key, value in summary.items():
             click.echo(f"{key:>15}: {value}")
     sys.exit(0 if not summary["errors"] else 1)
+
+
+@main.command("calibrate")
+@click.option("--parallel", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Slots of the measured llama-server (--parallel).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama-server --threads (its default if unset).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT / "profile.json",
+              show_default=True)
+def calibrate_command(parallel: int, threads: int | None, out: Path) -> None:
+    """Measure the real llama-server with the test model and write the simulator's batch-step
+    profile (hpcserve-llama-sim --sim-profile FILE). About a minute."""
+    with tempfile.TemporaryDirectory() as folder:
+        _say(f"starting llama-server --parallel {parallel} with {MODEL.name}")
+        server, port = start_llama_server(MODEL, Path(folder) / "llama-server.log", parallel=parallel,
+                                          ctx=2048 * parallel, threads=threads)
+        try:
+            _say("measuring decode steps and prefill")
+            profile = calibrate.calibrate(f"http://127.0.0.1:{port}", KEY, parallel, source={
+                "model": MODEL.name, "threads": threads, "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(), "date": datetime.date.today().isoformat()})
+        finally:
+            server.terminate()
+            server.wait(10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(profile.to_json())
+    steps = ", ".join(f"{s * 1000:.1f}" for s in profile.decode_step_s)
+    click.echo(f"{out}: decode steps of 1..{parallel} generating slots {steps} ms; prefill "
+               f"{profile.prefill_base_s * 1000:.0f} ms + {profile.prefill_tokens_per_s:.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,26 @@ import random
 CHAT_TEMPLATE_TOKENS = 20
 
 
+# Common English words for prompts of distinct text.
+WORDS = ("time year people way day man thing woman life child world school state family student group "
+         "country problem hand part place case week company system program question work government "
+         "number night point home water room mother area money story fact month lot right study book eye "
+         "job word business issue side kind head house service friend father power hour game line end "
+         "member law car city community name president team minute idea kid body information back parent "
+         "face others level office door health person art war history party result change morning reason "
+         "research girl guy moment air teacher force education").split()
+
+
+def text(tokens: int, rng: random.Random) -> str:
+    """`tokens` tokens of random words as the simulator counts them (4 characters a token)."""
+    words: list[str] = []
+    length = 0
+    while length <= 4 * tokens:
+        words.append(rng.choice(WORDS))
+        length += len(words[-1]) + 1
+    return " ".join(words)[: 4 * tokens]
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One request of a workload.
@@ -38,8 +58,10 @@ class Request:
 
     @property
     def prompt(self) -> str:
-        """A prompt of `prompt_tokens` tokens as the simulator counts them."""
-        return ("word " * self.prompt_tokens)[: 4 * self.prompt_tokens]
+        """A prompt of `prompt_tokens` tokens as the simulator counts them, random words seeded by
+        the request: no two requests share a prefix that a real llama-server's prompt cache could
+        skip."""
+        return text(self.prompt_tokens, random.Random(f"{self.at}/{self.max_tokens}/{self.prompt_tokens}"))
 
 
 @dataclasses.dataclass(frozen=True)

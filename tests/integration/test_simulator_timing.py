@@ -1,0 +1,95 @@
+"""The calibrated simulator keeps the real llama-server's time: one trace replayed on both.
+
+A real llama-server (the real model, 4 slots) is calibrated (benchmarks/calibrate.py), the same
+open-loop trace is replayed on it and on hpcserve-llama-sim with the fitted --sim-profile, one after
+the other so that neither takes CPU from the other, and the figures are compared. Tolerance: the
+simulator's median TTFT within 35% (or 40 ms) of the real one and its tokens per second within 25%;
+the fixed-rate slot model (the simulator's default, at the real server's one-slot rate) is shown to
+miss the tokens/s by more, so the comparison can tell the two apart.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import calibrate, loadgen
+from benchmarks.common import KEY, start_llama_server
+from benchmarks.workload import Request
+from tests.integration.test_simulator import start, wait_ready
+
+SLOTS = 4
+TTFT_TOLERANCE, TTFT_FLOOR, RATE_TOLERANCE = 0.35, 0.040, 0.25
+
+
+def trace(seed: int = 5, count: int = 24, rate: float = 0.9) -> list[Request]:
+    """Open-loop arrivals at `rate` per second (about 70% of what the test model serves on 2 cores),
+    prompts of 16-200 tokens, answers of 16-64 tokens: 0-4 slots generating at once and prefills
+    beside generating slots."""
+    rng = random.Random(seed)
+    at, requests = 0.0, []
+    for _ in range(count):
+        at += rng.expovariate(rate)
+        requests.append(Request(at=round(at, 3), max_tokens=rng.randint(16, 64), prompt_tokens=rng.randint(16, 200)))
+    return requests
+
+
+def replay(url: str, requests: list[Request]) -> dict:
+    outcomes = loadgen.run([f"{url}/v1"], "m", requests, deadline=120, headers={"Authorization": f"Bearer {KEY}"})
+    assert all(not o.error for o in outcomes), [o.error for o in outcomes]
+    decode = [(o.tokens - 1) / sum(o.gaps) for o in outcomes if o.gaps]
+    return {"ttft_p50": statistics.median(o.ttft for o in outcomes),
+            "tokens_per_s": statistics.median(decode)}
+
+
+def simulated(profile_args: list[str], folder: Path, requests: list[Request]) -> dict:
+    process, url = start([sys.executable, "-m", "hpcserve.llama.simulator", "--alias", "m", "--port", "0",
+                          "--parallel", str(SLOTS), "--sim-load-time", "0", *profile_args], folder / "sim.log", key=KEY)
+    try:
+        wait_ready(url)
+        return replay(url, requests)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def figures(real_model, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("timing")
+    real, port = start_llama_server(real_model, folder / "real.log", parallel=SLOTS, ctx=2048 * SLOTS)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        profile = calibrate.calibrate(url, KEY, SLOTS)
+        measured = replay(url, trace())
+    finally:
+        real.terminate()
+        real.wait(10)
+    (folder / "profile.json").write_text(profile.to_json())
+    one_slot = 1.0 / profile.decode_step_s[0]
+    return {"profile": profile, "real": measured,
+            "calibrated": simulated(["--sim-profile", str(folder / "profile.json")], folder, trace()),
+            "slots": simulated(["--sim-token-rate", str(one_slot), "--sim-prefill-rate",
+                                str(profile.prefill_tokens_per_s)], folder, trace())}
+
+
+def close(value: float, truth: float, tolerance: float, floor: float = 0.0) -> bool:
+    return abs(value - truth) <= max(tolerance * truth, floor)
+
+
+def test_the_calibrated_simulator_matches_the_real_ttft_and_tokens_per_second(figures):
+    real, sim = figures["real"], figures["calibrated"]
+    print(f"\nprofile {figures['profile']}\nreal {real}\ncalibrated {sim}\nslots {figures['slots']}")
+    assert close(sim["ttft_p50"], real["ttft_p50"], TTFT_TOLERANCE, TTFT_FLOOR), (sim, real)
+    assert close(sim["tokens_per_s"], real["tokens_per_s"], RATE_TOLERANCE), (sim, real)
+
+
+def test_the_fixed_rate_slot_model_misses_what_the_calibration_catches(figures):
+    """Busy slots slow each other down on a real server: the slot model at the one-slot rate is
+    faster than the real server by more than the tolerance."""
+    real, slots = figures["real"], figures["slots"]
+    assert slots["tokens_per_s"] > real["tokens_per_s"] * (1 + RATE_TOLERANCE), (slots, real)
+
