@@ -1,6 +1,7 @@
 """What every hpcserve command shares: the click context object, the consoles, the options that
-may follow a command, and the deployment lock. The command modules (cli.py, cli_access.py,
-cli_site.py) import from here, never from each other."""
+may follow a command, and the deployment lock. The command modules (pool.py, access.py,
+clients.py, site.py) import from here, never from each other (pool.py adds the others' commands to
+its group)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from . import config as config_mod
-from .config import Deployment
-from .slurm.local import LocalScheduler
-from .reconcile import Outcome, Reconciler, summary
-from .slurm import Scheduler, pyslurm_adapter
-from .state import StateDir
+from .. import config as config_mod
+from ..config import Deployment
+from ..slurm.local import LocalScheduler
+from ..reconcile import Outcome, Reconciler, summary
+from ..slurm import Scheduler, pyslurm_adapter
+from ..state import StateDir
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
 # Piped into a file or another program, rich would cut the table at 80 columns.

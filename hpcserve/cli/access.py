@@ -1,6 +1,6 @@
 """The commands of a shared pool: `hpcserve keys` (who may use it, in which class, within which
 limits), `hpcserve usage` (who used how much, from the access log) and `hpcserve metrics` (for
-Prometheus). hpcserve.cli adds them to
+Prometheus). hpcserve.cli.pool adds them to
 its command group."""
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import click
 from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
-from . import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
-from .cli_context import Context, deployment_lock, late_options, out, pass_ctx
-from .llama.probe import observe
-from .errors import ConfigError, HAProxyError, SlurmError
-from .haproxy import runtime
-from .haproxy.process import HAProxy
-from .state import StateDir
+from .. import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
+from .context import Context, deployment_lock, late_options, out, pass_ctx
+from ..llama.probe import observe
+from ..errors import ConfigError, HAProxyError, SlurmError
+from ..haproxy import runtime
+from ..haproxy.process import HAProxy
+from ..state import StateDir
 
 
 def _rate(_ctx, _param, value: str | None) -> int | None:

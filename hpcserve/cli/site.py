@@ -1,6 +1,6 @@
 """The commands of day one at a site: `hpcserve init` (a deployment file that fits the cluster),
 `hpcserve check` (what would fail, before a job waits in the queue) and `hpcserve render` (the job
-scripts and haproxy.cfg that `up` would use). hpcserve.cli adds them to its command group."""
+scripts and haproxy.cfg that `up` would use). hpcserve.cli.pool adds them to its command group."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import click
 
-from . import check as check_mod
-from . import config as config_mod
-from . import site
-from .cli_context import Context, err, late_options, out, pass_ctx
-from .errors import ConfigError
-from .haproxy import config as haproxy_config
-from .slurm import jobscript
-from .slurm import layout as layout_mod
-from .state import write_atomic
+from .. import check as check_mod
+from .. import config as config_mod
+from .. import site
+from .context import Context, err, late_options, out, pass_ctx
+from ..errors import ConfigError
+from ..haproxy import config as haproxy_config
+from ..slurm import jobscript
+from ..slurm import layout as layout_mod
+from ..state import write_atomic
 
 
 def _default_llama_server() -> str:

@@ -1,5 +1,5 @@
 """The commands of the pool's clients: `hpcserve batch` (a dataset through the pool) and
-`hpcserve webui` (OpenWebUI wired to the pool). hpcserve.cli adds them to its command group."""
+`hpcserve webui` (OpenWebUI wired to the pool). hpcserve.cli.pool adds them to its command group."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import batch as batch_mod
-from . import webui as webui_mod
-from .cli_context import Context, deployment_lock, err, late_options, out, pass_ctx
-from .errors import HpcserveError
-from .haproxy.process import HAProxy
-from .state import StateDir
+from .. import batch as batch_mod
+from .. import webui as webui_mod
+from .context import Context, deployment_lock, err, late_options, out, pass_ctx
+from ..errors import HpcserveError
+from ..haproxy.process import HAProxy
+from ..state import StateDir
 
 
 @click.command()

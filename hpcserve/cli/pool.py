@@ -1,6 +1,6 @@
-"""The hpcserve command line: up, status, scale, down, reconcile, autoscale
-(batch and webui: cli_clients.py; keys, usage and metrics: cli_access.py; init, check and
-render: cli_site.py; what they share: cli_context.py).
+"""The hpcserve command group and the pool's commands: up, status, scale, down, reconcile,
+autoscale (batch and webui: clients.py; keys, usage and metrics: access.py; init, check and
+render: site.py; what they share: context.py).
 
 Each changing command is one reconcile step with a new desired state, and a wait is
 Reconciler.run_until (reconcile.py); the CLI only declares the commands and prints. Errors are one
@@ -17,14 +17,15 @@ from pathlib import Path
 
 import click
 
-from . import __version__, autoscaler, cli_access, cli_clients, cli_site
-from . import check as check_mod
-from . import status as status_mod
-from .cli_context import Context, err, late_options, out, pass_ctx
-from .core.pool import Desired
-from .errors import DeploymentBusy, HpcserveError, SlurmError
-from .reconcile import describe
-from .state import StateDir
+from .. import __version__, autoscaler
+from . import access, clients, site as site_cli
+from .. import check as check_mod
+from .. import status as status_mod
+from .context import Context, err, late_options, out, pass_ctx
+from ..core.pool import Desired
+from ..errors import DeploymentBusy, HpcserveError, SlurmError
+from ..reconcile import describe
+from ..state import StateDir
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -218,6 +219,6 @@ def main() -> None:
 
 # The commands of the pool's clients (batch, webui), of a shared pool (keys, usage, metrics) and of
 # day one at a site (init, check) live in modules of their own.
-for _command in (cli_clients.batch, cli_clients.webui, cli_access.keys, cli_access.usage, cli_access.metrics,
-                 cli_site.init, cli_site.check, cli_site.render):
+for _command in (clients.batch, clients.webui, access.keys, access.usage, access.metrics,
+                 site_cli.init, site_cli.check, site_cli.render):
     cli.add_command(_command)
