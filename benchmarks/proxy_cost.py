@@ -17,7 +17,8 @@ process, the load generator and the backends run on CPU 0. Two parts:
   requests at each rate (Poisson, open loop) directly and through each proxy; p50/p99/p99.9 of the
   latency counted from the scheduled send. A rate the Python client cannot keep (its lateness p99
   above 10 ms, metrics.MAX_LATENESS_P99) is marked invalid and not compared: on 2 cores with a
-  Python client that happens near 1,000-2,000 requests/s, well below what HAProxy or nginx can do.
+  Python client on one core that happened at 600-1,000 requests/s, well below what HAProxy or
+  nginx can do.
 
 Figures depend on the machine; compare systems within one run.
 """
