@@ -30,6 +30,7 @@ import httpx
 from benchmarks.workload import CHAT_TEMPLATE_TOKENS, text
 from hpcserve.llama.simulator import BatchProfile
 
+
 def _completion(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
     response = client.post(f"{url}/v1/chat/completions", timeout=300, json={
         "model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,

@@ -12,8 +12,9 @@ Order of the apply, chosen so that a failure at any point loses nothing:
 5. persist, only now: the step record (state.StepRecord: the servers HAProxy routes to, the drains,
    startup times), whatever failed after the HAProxy change, then the desired state. (When step 2
    changed HAProxy's membership the record is also written right then, so that a kill -9 during
-   3 or 4 cannot leave it naming servers HAProxy no longer has; otherwise it is written once.) A command that failed leaves the desired
-   state as it was, and the next step converges toward the one that was last applied in full.
+   3 or 4 cannot leave it naming servers HAProxy no longer has; otherwise it is written once.) A
+   command that failed leaves the desired state as it was, and the next step converges toward the
+   one that was last applied in full.
 
 A command that must wait for the pool (drains to finish, backends to be ready, jobs to end) does not
 loop itself: `Reconciler.run_until` steps again every few seconds until a condition holds
