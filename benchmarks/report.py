@@ -11,6 +11,7 @@ per seed (the same arrivals for both) before the median.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from benchmarks import stats
@@ -19,8 +20,9 @@ from benchmarks.systems import POLICY
 
 REFERENCE = "greedy central-queue model"
 TITLES = {"a": "(a) Heterogeneous pool, Poisson arrivals", "b": "(b) Overload at 5x for a bounded time",
-          "c": "(c) 200 streams while the pool changes 20 times", "d": "(d) Streaming fidelity",
-          "e": "(e) Control plane at scale", "f": "(f) Two real llama-server backends, real model"}
+          "c": "(c) 200 streams while the pool changes 20 times, drained", "d": "(d) Streaming fidelity",
+          "e": "(e) Control plane at scale", "f": "(f) Two real llama-server backends, real model",
+          "g": "(g) Long prompts (1k-32k tokens), short answers, calibrated batch-step backends"}
 
 
 def _f(value, digits: int = 2, scale: float = 1.0) -> str:
@@ -65,18 +67,19 @@ def seeded_table(records: list[dict]) -> list[str]:
     """Markdown lines for a scenario run over seeds: per (case, system) the median over the valid
     runs (client lateness p99 within metrics.MAX_LATENESS_P99) with its bootstrap 95% interval."""
     lines = ["| load | system (policy) | valid runs | TTFT p50 s | TTFT p99 s | p99 / own policy's model "
-             "| p99 / greedy model | p99 / hpcserve | SLO attainment | goodput req/s | errors (all runs) "
+             "| p99 / greedy model | p99 / hpcserve | SLO attainment | goodput req/s | ITL p99 ms | errors (all runs) "
              "| lateness p99 ms, worst |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in dict.fromkeys(r["case"] for r in records):
         rows = [r for r in records if r["case"] == case]
         valid = [r for r in rows if r["summary"].get("valid", True)]
         hp = _per_seed([r for r in valid if r["system"] == "hpcserve"], lambda r: r["summary"]["ttft_p99"])
-        refs = {r["seed"]: r["reference"] for r in rows}
-        ref_p99 = stats.median_interval([v["ttft_p99"] for v in refs.values()])
-        ref_p50 = stats.median_interval([v["ttft_p50"] for v in refs.values()])
-        lines.append(f"| {case} | {REFERENCE} | {len(refs)} | {stats.text(ref_p50)} | {stats.text(ref_p99)} "
-                     "| - | 1.00 | - | - | - | - | - |")
+        refs = {r["seed"]: r["reference"] for r in rows if r.get("reference")}
+        if refs:
+            ref_p99 = stats.median_interval([v["ttft_p99"] for v in refs.values()])
+            ref_p50 = stats.median_interval([v["ttft_p50"] for v in refs.values()])
+            lines.append(f"| {case} | {REFERENCE} | {len(refs)} | {stats.text(ref_p50)} | {stats.text(ref_p99)} "
+                         "| - | 1.00 | - | - | - | - | - | - |")
         order = {name: i for i, name in enumerate(POLICY)}
         for system in sorted(dict.fromkeys(r["system"] for r in rows), key=lambda n: order.get(n, len(order))):
             mine = [r for r in valid if r["system"] == system]
@@ -91,12 +94,43 @@ def seeded_table(records: list[dict]) -> list[str]:
                 f"| {case} | {system} ({POLICY.get(system, '?')}) | {len(mine)}/{len(every)} "
                 f"| {stats.text(stats.median_interval([r['summary']['ttft_p50'] for r in mine]))} "
                 f"| {stats.text(stats.median_interval(list(p99.values())))} "
-                f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, _per_seed(mine, lambda r: r['model']['ttft_p99']))))} "
+                f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, _per_seed(mine, lambda r: r.get('model', {}).get('ttft_p99')))))} "
                 f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, {s: v['ttft_p99'] for s, v in refs.items()})))} "
                 f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, hp)))} "
                 f"| {stats.text(stats.median_interval([r['summary'].get('slo_attainment') for r in mine]), 3)} "
                 f"| {stats.text(stats.median_interval([r['summary'].get('goodput_rps') for r in mine]))} "
+                f"| {stats.text(stats.median_interval([r['summary']['itl_p99'] for r in mine]), 1, 1000)} "
                 f"| {_errors(errors)} | {_f(max(late, default=None), 1, 1000)} |")
+    return lines
+
+
+def churn_table(records: list[dict]) -> list[str]:
+    """Markdown lines for scenario (c) (benchmarks/churn.py): per system the median over its runs
+    [bootstrap 95% interval] of the share of requests lost, requests/s and TTFT p99, and over
+    every leaving backend of every run the drain time (median and longest)."""
+    lines = ["| system (policy) | runs | completed / sent (all runs) | lost % | errors (all runs) | req/s "
+             "| TTFT p99 s | drain s, median / longest | forced stops | reloads per run "
+             "| most requests waiting inside one backend |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for system in dict.fromkeys(r["system"] for r in records):
+        rows = [r for r in records if r["system"] == system]
+        errors: dict[str, int] = {}
+        for r in rows:
+            for kind, n in r["summary"]["errors"].items():
+                errors[kind] = errors.get(kind, 0) + n
+        lost = [100 * (r["summary"]["requests"] - r["summary"]["completed"]) / r["summary"]["requests"]
+                for r in rows if r["summary"]["requests"]]
+        drains = sorted(d for r in rows for d in r.get("drain_s", []))
+        drain = f"{_f(statistics.median(drains), 1)} / {_f(drains[-1], 1)}" if drains else "-"
+        waiting = max((r.get("max_waiting") or 0 for r in rows), default=0)
+        lines.append(
+            f"| {system} ({POLICY.get(system, '?')}) | {len(rows)} "
+            f"| {sum(r['summary']['completed'] for r in rows)} / {sum(r['summary']['requests'] for r in rows)} "
+            f"| {stats.text(stats.median_interval(lost))} | {_errors(errors)} "
+            f"| {stats.text(stats.median_interval([r['summary']['throughput_rps'] for r in rows]), 1)} "
+            f"| {stats.text(stats.median_interval([r['summary']['ttft_p99'] for r in rows]))} "
+            f"| {drain} | {sum(r.get('forced_stops', 0) for r in rows)} "
+            f"| {stats.text(stats.median_interval([r.get('reloads', 0) for r in rows]), 0)} | {waiting} |")
     return lines
 
 
@@ -118,21 +152,23 @@ def markdown(results: dict, plots: list[str]) -> str:
            "heuristic, not a bound) for the same arrivals and service times; `/ own policy's model` by "
            "the model of the system's own policy (what its implementation adds); `x hpcserve` and "
            "`/ hpcserve` by hpcserve's (below 1.00: that system was faster). TTFT counts from the "
-           "scheduled send and is over completed requests. Scenario (a): median over seeds "
+           "scheduled send and is over completed requests. Scenarios (a) and (g): median over seeds "
            "[bootstrap 95% interval]; a run whose client sent more than 10 ms late (p99) is invalid and "
-           "left out of the medians; the first 10% of each window is warm-up, left out; SLO: first token "
-           "within 2 s and mean inter-token gap within 1.5x the slower backends' (errors are misses).", ""]
+           "left out of the medians; the first 10% of each window is warm-up, left out; errors are SLO "
+           "misses. SLO in (a): first token within 2 s and mean inter-token gap within 1.5x the slower "
+           "backends'; in (g): first token within 10 s (twice a 32k prompt's own prefill) and mean "
+           "inter-token gap within 100 ms.", ""]
     for scenario in sorted({r["scenario"] for r in results["records"]}):
         records = [r for r in results["records"] if r["scenario"] == scenario]
         out += [f"## {TITLES.get(scenario, scenario)}", ""]
         if scenario == "e":
             out += extra_table(records, ["seconds", "detail"])
+        elif scenario == "c":
+            out += churn_table(records)
         elif any("seed" in r for r in records):
             out += seeded_table(records)
         else:
             out += traffic_table(records)
-            if scenario == "c":
-                out += [""] + extra_table(records, ["pool_changes", "reloads", "max_busy", "max_waiting"])
         out += [""] + [f"![{p}]({p})" for p in plots if p.startswith(f"{scenario}-")] + [""]
     return "\n".join(out)
 
@@ -194,15 +230,20 @@ def plots(results: dict, folder: Path) -> list[str]:
     for scenario in ("b", "c"):
         rows = [r for r in results["records"] if r["scenario"] == scenario]
         if rows:
-            kinds = sorted({k for r in rows for k in r["summary"]["errors"]} | {"completed"})
+            # every run of a system in one bar (scenario c runs each system once per seed)
+            totals: dict[str, dict[str, int]] = {}
+            for r in rows:
+                total = totals.setdefault(r["system"], {})
+                for kind, n in [("completed", r["summary"]["completed"]), *r["summary"]["errors"].items()]:
+                    total[kind] = total.get(kind, 0) + n
+            kinds = sorted({k for total in totals.values() for k in total})
             fig, ax = plt.subplots(figsize=(8, 3.5))
-            bottom = [0] * len(rows)
+            bottom = [0] * len(totals)
             for kind in kinds:
-                values = [r["summary"]["completed"] if kind == "completed" else r["summary"]["errors"].get(kind, 0)
-                          for r in rows]
-                ax.bar([r["system"] for r in rows], values, bottom=bottom, label=kind)
+                values = [total.get(kind, 0) for total in totals.values()]
+                ax.bar(list(totals), values, bottom=bottom, label=kind)
                 bottom = [b + v for b, v in zip(bottom, values)]
-            ax.set(ylabel="requests", title=f"{TITLES[scenario]}: how requests ended")
+            ax.set(ylabel="requests (all runs)", title=f"{TITLES[scenario]}: how requests ended")
             ax.legend(fontsize=8)
             fig.tight_layout()
             fig.savefig(folder / f"{scenario}-outcomes.png", dpi=110)

@@ -65,8 +65,11 @@ class Running:
                 self.process.wait()
 
 
-def start_simulators(backends: list[Backend], folder: Path, first: int = 0) -> list[Running]:
-    """One hpcserve-llama-sim per backend (alias "m", the benchmark key), each ready (/health 200).
+def start_simulators(backends: list[Backend], folder: Path, first: int = 0,
+                     profile: Path | None = None) -> list[Running]:
+    """One hpcserve-llama-sim per backend (alias "m", the benchmark key), each ready (/health 200);
+    with `profile` (a BatchProfile file) each follows its batch steps instead of `backends`' fixed
+    token and prefill rates.
 
     Raises:
         SystemExit: a simulator did not start within 30 s (its log is named).
@@ -78,7 +81,8 @@ def start_simulators(backends: list[Backend], folder: Path, first: int = 0) -> l
         log = folder / f"sim-{first + i}.log"
         process = subprocess.Popen(
             [str(sim), "--port", "0", "--alias", "m", "-np", str(backend.slots), "--sim-load-time", "0",
-             "--sim-token-rate", str(backend.token_rate), "--sim-prefill-rate", str(backend.prefill_rate)],
+             "--sim-token-rate", str(backend.token_rate), "--sim-prefill-rate", str(backend.prefill_rate),
+             *(["--sim-profile", str(profile)] if profile else [])],
             stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, "LLAMA_API_KEY": KEY})
         started.append((process, log))
     running = []
@@ -129,11 +133,12 @@ def start_hpcserve(ports: list[int], slots: int, folder: Path, without: tuple[st
 
 def start_haproxy_static(variant: str, ports: list[int], slots: int, folder: Path) -> Running:
     """HAProxy written by hand (configs/haproxy.cfg.j2, variant "rr" or "lc"), daemonised with a
-    pid file so that `reload_haproxy_static` can replace it the usual way (-sf)."""
+    pid file so that `reload_haproxy_static` can replace it the usual way (-x, -sf); its servers
+    are named b1, b2, ... in the order of `ports`."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     running = Running(f"haproxy-{variant}", [f"http://127.0.0.1:{port}/v1"])
-    write_haproxy_static(folder, variant, port, ports, slots)
+    write_haproxy_static(folder, variant, port, [(f"b{i + 1}", p) for i, p in enumerate(ports)], slots)
     config = folder / f"haproxy-{variant}.cfg"
     subprocess.run(["haproxy", "-D", "-p", str(folder / f"haproxy-{variant}.pid"), "-f", str(config)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,20 +148,29 @@ def start_haproxy_static(variant: str, ports: list[int], slots: int, folder: Pat
     return running
 
 
-def write_haproxy_static(folder: Path, variant: str, port: int, ports: list[int], slots: int) -> None:
+def write_haproxy_static(folder: Path, variant: str, port: int, servers: list[tuple[str, int]], slots: int) -> None:
+    """Render the hand-written config with `servers` ((name, port) pairs, in backend "pool")."""
     (folder / f"haproxy-{variant}.cfg").write_text(CONFIGS.get_template("haproxy.cfg.j2").render(
-        variant=variant, port=port, backend_ports=ports, slots=slots, key=KEY, folder=folder))
+        variant=variant, port=port, servers=servers, slots=slots, key=KEY, folder=folder))
 
 
-def reload_haproxy_static(running: Running, folder: Path, ports: list[int], slots: int) -> None:
-    """The admin's membership change: rewrite the config, start a new HAProxy that takes over the
-    port and tells the old one to finish its connections and exit (-sf, HAProxy management guide)."""
+def haproxy_static_socket(running: Running, folder: Path) -> Path:
+    """The admin socket of the newest process of a hand-written HAProxy started in `folder`."""
+    return folder / f"{running.name}.sock"
+
+
+def reload_haproxy_static(running: Running, folder: Path, servers: list[tuple[str, int]], slots: int) -> None:
+    """The admin's membership change: rewrite the config with `servers` ((name, port) pairs), start
+    a new HAProxy that takes the listening sockets over from the old one through its admin socket
+    (-x; no connection is refused meanwhile) and tells it to finish its connections and exit (-sf;
+    HAProxy 2.6 management guide)."""
     variant = running.name.removeprefix("haproxy-")
-    write_haproxy_static(folder, variant, port_of(running.urls[0]), ports, slots)
+    write_haproxy_static(folder, variant, port_of(running.urls[0]), servers, slots)
     pid_file = folder / f"haproxy-{variant}.pid"
     old = pid_file.read_text().split()
     subprocess.run(["haproxy", "-D", "-p", str(pid_file), "-f", str(folder / f"haproxy-{variant}.cfg"),
-                    "-sf", *old], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    "-x", str(haproxy_static_socket(running, folder)), "-sf", *old],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _kill_matching(needle: str) -> None:

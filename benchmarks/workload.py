@@ -9,6 +9,8 @@ scales in time (poisson), so that a higher load is the same trace, faster.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import random
 
 # The simulator counts a chat completion's prompt as 20 tokens of chat template plus the text's
@@ -56,11 +58,12 @@ class Request:
         """Prompt tokens the backend prefills for this chat completion."""
         return self.prompt_tokens + CHAT_TEMPLATE_TOKENS
 
-    @property
+    @functools.cached_property
     def prompt(self) -> str:
         """A prompt of `prompt_tokens` tokens as the simulator counts them, random words seeded by
         the request: no two requests share a prefix that a real llama-server's prompt cache could
-        skip."""
+        skip. Made once per request (a long one takes milliseconds: read it before a run starts,
+        so the client does not make it at the send time)."""
         return text(self.prompt_tokens, random.Random(f"{self.at}/{self.max_tokens}/{self.prompt_tokens}"))
 
 
@@ -125,3 +128,24 @@ def mean_tokens(seed: int = 0, samples: int = 20000) -> float:
     """The mean of heavy_tailed_tokens (clipped), estimated from a fixed sample."""
     rng = random.Random(seed)
     return sum(heavy_tailed_tokens(rng) for _ in range(samples)) / samples
+
+
+def prefill_heavy(rate: float, duration: float, seed: int, prompt: tuple[int, int] = (1024, 32768),
+                  answer: tuple[int, int] = (16, 64)) -> list[Request]:
+    """Poisson arrivals at `rate` requests/s for `duration` s of long prompts with short answers
+    (documents to summarise or classify): each prompt `prompt[0]`..`prompt[1]` counted tokens,
+    log-uniform (as many 1-2k as 16-32k prompts), each answer uniform in `answer` tokens. The
+    arrival times are poisson()'s for the same seed (common random numbers across load levels).
+
+    Raises:
+        ValueError: rate or duration is not positive, or a range is empty or below the chat
+            template's tokens.
+    """
+    if not (CHAT_TEMPLATE_TOKENS < prompt[0] <= prompt[1]) or not (0 < answer[0] <= answer[1]):
+        raise ValueError(f"prompt and answer ranges must be low <= high (prompt above "
+                         f"{CHAT_TEMPLATE_TOKENS} tokens), got {prompt} and {answer}")
+    sizes = random.Random(seed + 2_000_003)
+    return [dataclasses.replace(r, max_tokens=sizes.randint(*answer),
+                                prompt_tokens=round(math.exp(sizes.uniform(math.log(prompt[0]), math.log(prompt[1]))))
+                                - CHAT_TEMPLATE_TOKENS)
+            for r in poisson(rate, duration, seed)]

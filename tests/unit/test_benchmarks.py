@@ -174,3 +174,67 @@ def test_the_calibration_keeps_the_decode_steps_and_fits_the_prefill_line():
 def test_prompts_are_distinct_text_of_the_counted_length():
     a, b = Request(0.5, 10, prompt_tokens=40), Request(0.7, 10, prompt_tokens=40)
     assert len(a.prompt) == len(b.prompt) == 160 and a.prompt != b.prompt and a.prompt == Request(0.5, 10, 40).prompt
+
+
+def test_long_prompts_are_log_uniform_with_short_answers_on_poissons_arrivals():
+    from benchmarks.workload import CHAT_TEMPLATE_TOKENS, prefill_heavy
+    requests = prefill_heavy(2.0, 500, seed=3)
+    counted = [r.counted_prompt_tokens for r in requests]
+    assert [r.at for r in requests] == [r.at for r in poisson(2.0, 500, seed=3)]
+    assert min(counted) >= 1024 and max(counted) <= 32768
+    assert all(16 <= r.max_tokens <= 64 for r in requests)
+    # log-uniform: as many prompts of 1-2k tokens as of 16-32k (5 doublings in all, a fifth each)
+    low, high = (sum(1 for c in counted if a <= c < 2 * a) / len(counted) for a in (1024, 16384))
+    assert 0.14 < low < 0.26 and 0.14 < high < 0.26
+    assert prefill_heavy(2.0, 500, seed=3) == requests
+    assert requests[0].prompt_tokens == requests[0].counted_prompt_tokens - CHAT_TEMPLATE_TOKENS
+    with pytest.raises(ValueError, match="prompt and answer ranges"):
+        prefill_heavy(1.0, 10, seed=1, prompt=(10, 20))
+
+
+def test_a_scaled_profile_is_every_step_faster_and_the_prefill_capacity_follows(tmp_path):
+    from benchmarks.calibrate import fit
+    from benchmarks.scenarios import prefill_capacity, scaled_profile
+    from hpcserve.llama.simulator import BatchProfile
+    source = tmp_path / "profile.json"
+    measured = fit({1: 0.012, 2: 0.024}, [(64, 40, 0.05), (256, 170, 0.14), (1024, 690, 0.50)])
+    source.write_text(measured.to_json())
+    fast = BatchProfile.load(scaled_profile(source, 10, tmp_path / "fast.json"))
+    assert fast.decode_step_s == pytest.approx((0.0012, 0.0024))
+    assert fast.prefill_tokens_per_s == pytest.approx(10 * measured.prefill_tokens_per_s)
+    assert fast.step_seconds(1, 2000) == pytest.approx(measured.step_seconds(1, 2000) / 10)
+    requests = [Request(0.0, 10, prompt_tokens=2048 - 20), Request(1.0, 10, prompt_tokens=4096 - 20)]
+    one = 1 / fast.prefill_tokens_per_s
+    mean = (fast.prefill_base_s + 2048 * one + 2 * fast.prefill_base_s + 4096 * one) / 2   # 1 and 2 batches
+    assert prefill_capacity(requests, tmp_path / "fast.json", servers=4) == pytest.approx(4 / mean)
+
+
+def test_the_churn_report_gives_loss_drain_and_reloads_per_system(tmp_path):
+    def record(system, seed, failed, drains, reloads):
+        outcomes = [Outcome(sent=i * 0.1, status=200, ttft=0.5, ended=i * 0.1 + 1, tokens=5, gaps=[0.05] * 4,
+                            error="broken_stream" if i < failed else "") for i in range(100)]
+        return {"scenario": "c", "case": "20 changes", "system": system, "seed": seed,
+                "summary": metrics.summarize(outcomes), "window_s": 71.0, "pool_changes": 20, "reloads": reloads,
+                "drain_s": drains, "forced_stops": 0, "change_s": [0.01] * 20, "max_busy": 8, "max_waiting": 3}
+    records = [record("hpcserve", s, 0, [0.4, 1.2], 5) for s in (1, 2, 3)]
+    records += [record("nginx-lc", s, 2 * s, [0.6, 3.0], 20) for s in (1, 2, 3)]
+    results = {"meta": {"started": "now", "machine": "test", "command": "c"}, "records": records}
+    text = report.write(results, tmp_path).read_text()
+    nginx = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| nginx-lc")).split("|")]
+    assert nginx[2:6] == ["3", "288 / 300", "4.00 [2.00-6.00]", "broken_stream 12"]
+    assert nginx[8:11] == ["1.8 / 3.0", "0", "20 [20-20]"]
+    hp = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| hpcserve")).split("|")]
+    assert hp[4] == "0.00 [0.00-0.00]" and hp[8] == "0.8 / 1.2"
+    assert (tmp_path / "c-outcomes.png").stat().st_size > 1000
+
+
+def test_a_seeded_scenario_without_policy_models_reports_measured_figures_only(tmp_path):
+    requests = poisson(5, 10, seed=1)
+    outcomes = [Outcome(sent=r.at, scheduled=r.at, status=200, ttft=1.0, ended=r.at + 2, tokens=5, gaps=[0.2] * 4,
+                        error="") for r in requests]
+    records = [{"scenario": "g", "case": "80%", "system": "hpcserve", "seed": 1, "offered_rps": 5.0,
+                "summary": metrics.summarize(outcomes)}]
+    text = report.write({"meta": {"started": "now", "machine": "test", "command": "g"}, "records": records},
+                        tmp_path).read_text()
+    row = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| 80% | hpcserve")).split("|")]
+    assert row[5] == "1.00 [1.00-1.00]" and row[6] == "-" and row[11] == "200.0 [200.0-200.0]"
