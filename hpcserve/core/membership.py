@@ -35,13 +35,17 @@ class MembershipChange:
         commands: state, weight and health changes, then `del server` of each server to remove
             (a `del server` HAProxy refuses because connections remain is not an error: the server
             stays in maintenance and the next change deletes it).
-        old_workers: commands each worker from before a reload must get too: those workers still
-            dispatch their own queued requests, so a leaving server must leave theirs as well.
+
+    Only the current worker takes them: a worker from before a reload (stopping) answers "Proxy
+    is disabled." to every change of its servers (`set server`, `set maxconn server`; measured
+    on HAProxy 2.6.12, 3.0.11 and 3.2.26: tests/replay/haproxy-*/old-worker-set-server.txt). It
+    goes on dispatching its own queue to every server it had, a leaving one included, until that
+    queue is empty; a drain therefore waits for the old workers' sessions too
+    (HAProxy.server_sessions).
     """
 
     added: tuple[str, ...] = ()
     commands: tuple[str, ...] = ()
-    old_workers: tuple[str, ...] = ()
 
 
 def into_rotation(where: str, weight_last: bool) -> list[str]:
@@ -97,9 +101,7 @@ def membership_change(wanted: Mapping[tuple[str, str], Server], live: Mapping[tu
     gone = sorted(live.keys() - wanted.keys())
     for backend, name in gone:
         commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
-    old_workers = [f"set server {b}/{n} state {leaving_state}" for (b, n), s in sorted(wanted.items()) if s.draining]
-    old_workers += [f"set server {b}/{n} state maint" for b, n in gone]
-    return MembershipChange(tuple(added), tuple(commands), tuple(old_workers))
+    return MembershipChange(tuple(added), tuple(commands))
 
 
 def free_slots(slots: int, claimed: int) -> int:
@@ -122,13 +124,15 @@ def within_slots(servers: Sequence[Server], slots: Callable[[Server], int],
             if claims.get(s.name) and not s.draining else s for s in servers]
 
 
-def worker_claim(limit: int, sessions: int, *, old: bool, queued: int) -> tuple[int, int]:
-    """(the worker's maxconn on a server after capping, the slots it claims there).
+def worker_claim(limit: int, sessions: int, *, old: bool, queued: int) -> int:
+    """The slots a worker can still fill on a server.
 
     A worker with requests in its backend's queue refills every slot its maxconn allows, so it
     claims max(sessions, maxconn). An old worker (from before a reload: it accepts no new
-    connection) whose queue is empty only finishes its streams: its maxconn is capped to
-    max(1, sessions), so that it cannot take those slots back, and it claims max(sessions, that).
+    connection, and HAProxy closes its idle keep-alive connections) whose queue is empty only
+    finishes its streams: it claims max(1, sessions). Its maxconn cannot be lowered to match (a
+    stopping worker refuses `set maxconn server`, see MembershipChange), so a request that still
+    arrives on one of its open connections may take a slot beyond the claim.
 
     Args:
         limit: the worker's maxconn on the server now (`show stat` slim).
@@ -136,6 +140,6 @@ def worker_claim(limit: int, sessions: int, *, old: bool, queued: int) -> tuple[
         old: the worker is an old one.
         queued: requests in its backend's queue (qcur).
     """
-    if old and not queued and limit > max(1, sessions):
-        limit = max(1, sessions)
-    return limit, max(sessions, limit)
+    if old and not queued:
+        return max(1, sessions)
+    return max(sessions, limit)

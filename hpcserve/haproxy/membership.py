@@ -5,7 +5,9 @@ Membership: a server is added, drained, returned to rotation or deleted without 
 commands come from core.membership.membership_change). Slot sharing: a reload starts a new worker
 that knows nothing of the streams and queue its predecessors still serve, so each server's
 maxconn is split between them (core.membership has the arithmetic; these methods read the
-workers' `show stat` through the master CLI's "@!PID" prefix and send `set maxconn server`).
+workers' `show stat` through the master CLI's "@!PID" prefix and lower the current worker's
+`maxconn server`: a stopping worker refuses every change of its servers, see
+core.membership.MembershipChange).
 Facts relied on: HAProxy 2.6 management guide (add/del server, set server state/weight, set
 maxconn server, the master CLI), and the measurements cited in each method.
 """
@@ -58,21 +60,19 @@ class Membership:
                 held[stat.server] = held.get(stat.server, 0) + stat.sessions
         return held
 
-    def cap_old_workers(self, servers: list[Server], current: bool = False) -> dict[str, int]:
-        """Cap each old worker's maxconn on `servers` (`set maxconn server`, through the master;
-        core.membership.worker_claim has the rule); return server name -> slots the old workers (and
-        the current one: current=True) can still fill.
+    def old_worker_claims(self, servers: list[Server], current: bool = False) -> dict[str, int]:
+        """Server name -> slots of `servers` the old workers (and the current one: current=True)
+        can still fill (core.membership.worker_claim has the rule).
 
         Raises:
             HAProxyError: the master did not answer.
         """
-        return self._cap_and_read(servers, current)[0]
+        return self._claims_and_limits(servers, current)[0]
 
-    def _cap_and_read(self, servers: list[Server], current: bool
-                         ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
-        """Cap the maxconn of each old worker on `servers` (`set maxconn server`, through the
-        master), from one `show stat` of each worker; return claims() and server name -> (maxconn
-        after the cap, worker pid, backend) of each worker read."""
+    def _claims_and_limits(self, servers: list[Server], current: bool
+                           ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
+        """From one `show stat` of each worker (through the master): the claims of
+        old_worker_claims() and server name -> (maxconn, pid, backend) of each current worker."""
         info = runtime.show_proc(self.paths.master_socket)
         ours = {s.name for s in servers}
         claimed: dict[str, int] = {}
@@ -83,20 +83,18 @@ class Membership:
                 if stat.server not in ours:
                     continue
                 queue = backends.get(stat.backend)
-                limit, claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
-                                            queued=queue.queued if queue else 0)
-                if limit != stat.limit:
-                    runtime.command(self.paths.master_socket,
-                                    f"@!{pid} set maxconn server {stat.backend}/{stat.server} {limit}")
+                claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
+                                     queued=queue.queued if queue else 0)
                 claimed[stat.server] = claimed.get(stat.server, 0) + claim
-                limits.setdefault(stat.server, []).append((limit, pid, stat.backend))
+                if pid not in info.old_workers:
+                    limits.setdefault(stat.server, []).append((stat.limit, pid, stat.backend))
         return claimed, limits
 
     def make_room(self, servers: list[Server], timeout: float) -> bool:
         """Before a reload: free one slot of every serving server the running workers fill.
 
-        On such a server, lowers by one the maxconn of the worker that has the most (not below 1:
-        a server of one slot held by one worker cannot be shared), then waits, polling every
+        On such a server, lowers by one the current worker's maxconn (not below 1: a server of
+        one slot cannot be shared; an old worker's cannot be lowered), then waits, polling every
         0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when
         every serving server has a free slot for the next worker. Errors of the runtime API end
         the wait quietly (the reload then shares what it can).
@@ -107,7 +105,7 @@ class Membership:
         models = {m.name for m in self.deployment.models}
         try:
             while True:
-                claims, limits = self._cap_and_read(servers, current=True)
+                claims, limits = self._claims_and_limits(servers, current=True)
                 full = {s.name for s in servers if not s.draining and s.model in models
                         and claims.get(s.name, 0) >= self.slots(s)}
                 if not full:
@@ -120,7 +118,7 @@ class Membership:
                         runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
                         lowered.add(name)
                 if not full & lowered:
-                    return False  # every full server is at maxconn 1 in each worker: nothing to wait for
+                    return False  # every full server is at maxconn 1: nothing to wait for
                 time.sleep(0.2)
         except HAProxyError:
             return False
@@ -135,7 +133,7 @@ class Membership:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                claims = self.cap_old_workers(servers)
+                claims = self.old_worker_claims(servers)
                 current = {s.server: s for s in runtime.show_stat(self.paths.admin_socket)}
                 models = {m.name: m for m in self.deployment.models}
                 for server in servers:
@@ -186,10 +184,6 @@ class Membership:
                                    weight_last=weight_last,
                                    options=lambda s: server_options(self.deployment, models[s.model]))
         self._send(list(change.added + change.commands))
-        if change.old_workers:
-            for pid in runtime.show_proc(self.paths.master_socket).old_workers:
-                for line in change.old_workers:
-                    runtime.command(self.paths.master_socket, f"@!{pid} {line}")  # gone there: no matter
 
     def _send(self, commands: list[str]) -> None:
         for line in commands:

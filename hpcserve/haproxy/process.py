@@ -137,7 +137,8 @@ class HAProxy:
         slots again on top of them. The slots of a server are therefore shared out: before the
         reload `Membership.make_room()` frees one slot of every full server, the new worker starts
         with each server's maxconn lowered by what the running workers can still fill
-        (`Membership.cap_old_workers()`), and `Membership.settle()` hands the slots over as the old workers' queues and streams end.
+        (`Membership.old_worker_claims()`), and `Membership.settle()` hands the slots over as the
+        old workers' queues and streams end.
 
         Args:
             servers: the membership.
@@ -176,7 +177,7 @@ class HAProxy:
             # the server-state-file, and the old one must stop sending its queue to leaving servers.
             self.membership.sync(servers)
             self.membership.make_room(servers, timeout=room_timeout)
-            claims = self.membership.cap_old_workers(servers, current=True)
+            claims = self.membership.old_worker_claims(servers, current=True)
             self.apply(render(self.deployment, within_slots(servers, self.membership.slots, claims)))  # make_room freed one first
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
             write_private(self.paths.base_config, base)

@@ -7,7 +7,8 @@ Starts haproxy in master-worker mode (inside ROOT with chroot when given) with o
 servers (maxconn 1 each) in front of a listener that accepts and never answers; opens three
 requests (two in service, one queued), puts job2 in drain, reloads once (the old worker keeps its
 streams), drains job2 in the new worker too, and writes the answers to `show proc`, `show stat` (the new worker, and the old one
-through "@!PID"), and `show servers state` into tests/replay/haproxy-VERSION/. Needs root with
+through "@!PID"), `show servers state`, and the old worker's answers to `set server ... state
+drain` and `set maxconn server` into tests/replay/haproxy-VERSION/. Needs root with
 --root (chroot).
 """
 
@@ -95,6 +96,10 @@ def main() -> None:
             "show-stat-old-worker.txt": command(outside / "master.sock", f"@!{old.group(1)} show stat"),
             "show-stat.txt": command(outside / "admin.sock", "show stat"),
             "show-servers-state.txt": command(outside / "admin.sock", "show servers state"),
+            # What a stopping worker answers to a change of one of its servers.
+            "old-worker-set-server.txt": "".join(
+                f"{line}\n{command(outside / 'master.sock', f'@!{old.group(1)} {line}')}"
+                for line in ("set server model_m/job1 state drain", "set maxconn server model_m/job1 2")),
         }
         target = HERE / f"haproxy-{version}"
         target.mkdir(exist_ok=True)

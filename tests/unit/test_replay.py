@@ -1,7 +1,7 @@
 """hpcserve's readers of HAProxy's runtime API against answers captured from real HAProxy 2.6.12
 (Debian 12), 3.0.11 (Debian 13) and 3.2.26 (sid): tests/replay/capture_haproxy.py made them, with
 two servers of maxconn 1, three requests (one queued), job2 in drain and one reload whose old
-worker still holds its streams."""
+worker still holds its streams, and what that old worker answers to changes of its servers."""
 
 from __future__ import annotations
 
@@ -41,7 +41,17 @@ def test_the_old_workers_show_stat_has_its_streams_and_its_queue(answers):
     assert [(s.sessions, s.limit) for s in servers.values()] == [(1, 1), (1, 1)]
     assert servers["job2"].status == "DRAIN" and servers["job1"].weight == 1
     # An old worker with a queue refills its slots: it claims all of them (core.membership).
-    assert worker_claim(servers["job1"].limit, servers["job1"].sessions, old=True, queued=backend.queued) == (1, 1)
+    assert worker_claim(servers["job1"].limit, servers["job1"].sessions, old=True, queued=backend.queued) == 1
+
+
+def test_a_stopping_worker_refuses_every_change_of_its_servers(answers):
+    """Why hpcserve sends no drain or maxconn to old workers (core.membership.MembershipChange):
+    a release that starts accepting them fails here, and the drain of old workers is worth
+    adding back."""
+    lines = answers["old-worker-set-server"].strip().split("\n\n")
+    assert [line.split("\n")[0] for line in lines] == ["set server model_m/job1 state drain",
+                                                     "set maxconn server model_m/job1 2"]
+    assert all(line.split("\n")[1] == "Proxy is disabled." for line in lines)
 
 
 def test_the_new_worker_starts_with_no_session(answers):
