@@ -54,6 +54,7 @@ def run(settings) -> list[dict]:
     times (the closed loop's seed: answer lengths), in an order rotated per seed. One record per
     run: {"scenario": "c", "case", "system", "seed", "summary" (metrics.summarize), "window_s",
     "pool_changes", "reloads", "drain_s" (seconds from each change to each leaving backend idle),
+    "drains" ([change index, how it was applied, backend, drain seconds] of each leaving backend),
     "forced_stops", "change_s" (seconds each change took to apply), "max_busy", "max_waiting"
     (most slots busy and most requests waiting inside any one backend)}."""
     names = [n for n in settings.systems if n in TAKING_PART]
@@ -175,12 +176,13 @@ def _one_run(settings, name: str, seed: int) -> dict:
     results: list[str] = []
     change_s: list[float] = []
     drain_s: list[float] = []
+    drains: list[tuple[int, str, str, float]] = []
     forced = [0]
     peaks: list[dict] = []
     drainers: list[threading.Thread] = []
     start = time.monotonic()
 
-    def drain(member: systems.Running, since: float) -> None:
+    def drain(member: systems.Running, since: float, change: int) -> None:
         idle_once = False
         while time.monotonic() - since < DRAIN_TIMEOUT:
             time.sleep(0.2)
@@ -192,6 +194,7 @@ def _one_run(settings, name: str, seed: int) -> dict:
         else:
             forced[0] += 1
         drain_s.append(time.monotonic() - since)
+        drains.append((change, results[change], member.name, round(drain_s[-1], 2)))
         try:
             peaks.append(systems.sim_stats([member])[0])
             changer.drained(member)
@@ -217,7 +220,7 @@ def _one_run(settings, name: str, seed: int) -> dict:
             results.append(changer.change(i, active, leaving))
             change_s.append(time.monotonic() - began)
             for m in leaving:
-                drainers.append(threading.Thread(target=drain, args=(m, began), daemon=True))
+                drainers.append(threading.Thread(target=drain, args=(m, began, i), daemon=True))
                 drainers[-1].start()
             members = active
             settings.progress(f"  c {name} seed {seed}: change {i + 1}/{len(CHANGES)}: {size} backends")
@@ -244,6 +247,7 @@ def _one_run(settings, name: str, seed: int) -> dict:
             "summary": metrics.summarize(outcomes), "window_s": WINDOW, "pool_changes": len(CHANGES),
             "reloads": sum(1 for x in results if x in ("reloaded", "started")),
             "drain_s": [round(x, 2) for x in sorted(drain_s)], "forced_stops": forced[0],
+            "drains": sorted(drains),
             "change_s": [round(x, 3) for x in change_s],
             "max_busy": max((p["max_busy"] for p in peaks), default=None),
             "max_waiting": max((p["max_waiting"] for p in peaks), default=None)}
