@@ -70,13 +70,15 @@ class Membership:
         return self._claims_and_limits(servers, current)[0]
 
     def _claims_and_limits(self, servers: list[Server], current: bool
-                           ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]]]:
+                           ) -> tuple[dict[str, int], dict[str, list[tuple[int, int, str]]], set[str]]:
         """From one `show stat` of each worker (through the master): the claims of
-        old_worker_claims() and server name -> (maxconn, pid, backend) of each current worker."""
+        old_worker_claims(), server name -> (maxconn, pid, backend) of each current worker, and
+        the names of the servers an old worker claims slots of."""
         info = runtime.show_proc(self.paths.master_socket)
         ours = {s.name for s in servers}
         claimed: dict[str, int] = {}
         limits: dict[str, list[tuple[int, int, str]]] = {}
+        held_by_old: set[str] = set()
         for pid in info.old_workers + (info.workers if current else ()):
             stats, backends = runtime.worker_stats(self.paths.master_socket, pid)
             for stat in stats:
@@ -86,17 +88,20 @@ class Membership:
                 claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
                                      queued=queue.queued if queue else 0)
                 claimed[stat.server] = claimed.get(stat.server, 0) + claim
-                if pid not in info.old_workers:
+                if pid in info.old_workers:
+                    held_by_old.add(stat.server)
+                else:
                     limits.setdefault(stat.server, []).append((stat.limit, pid, stat.backend))
-        return claimed, limits
+        return claimed, limits, held_by_old
 
     def make_room(self, servers: list[Server], timeout: float) -> bool:
         """Before a reload: free one slot of every serving server the running workers fill.
 
         On such a server, lowers by one the current worker's maxconn (not below 1: a server of
-        one slot cannot be shared; an old worker's cannot be lowered), then waits, polling every
-        0.2 s, until a stream above it has ended, at most `timeout` seconds. Returns True when
-        every serving server has a free slot for the next worker. Errors of the runtime API end
+        one slot cannot be shared), then waits, polling every 0.2 s, until a stream above it has
+        ended, at most `timeout` seconds; where old workers hold the slots (their maxconn cannot
+        be lowered), it waits for their streams and queue to end. Returns True when every
+        serving server has a free slot for the next worker. Errors of the runtime API end
         the wait quietly (the reload then shares what it can).
         """
         deadline = time.monotonic() + timeout
@@ -105,7 +110,7 @@ class Membership:
         models = {m.name for m in self.deployment.models}
         try:
             while True:
-                claims, limits = self._claims_and_limits(servers, current=True)
+                claims, limits, held_by_old = self._claims_and_limits(servers, current=True)
                 full = {s.name for s in servers if not s.draining and s.model in models
                         and claims.get(s.name, 0) >= self.slots(s)}
                 if not full:
@@ -117,8 +122,8 @@ class Membership:
                     if limit > 1:
                         runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
                         lowered.add(name)
-                if not full & lowered:
-                    return False  # every full server is at maxconn 1: nothing to wait for
+                if not full & (lowered | held_by_old):
+                    return False  # only the current worker fills them, at maxconn 1: nothing to wait for
                 time.sleep(0.2)
         except HAProxyError:
             return False

@@ -70,7 +70,8 @@ def test_no_backend_ever_got_more_than_its_slots():
     backend ever served more than its slots, and none had a request waiting inside it (the queue
     lives in HAProxy), through runtime additions and reloads at saturation alike."""
     assert PEAKS, "run with test_200_streams_while_the_pool_changes_20_times"
-    assert all(s["max_busy"] <= 8 and s["max_waiting"] == 0 for s in PEAKS.values()), PEAKS
+    over = {job: s for job, s in PEAKS.items() if s["max_busy"] > 8 or s["max_waiting"] > 0}
+    assert not over, over
 
 
 def test_overload_gets_complete_answers_or_a_clear_503(pool_factory):
