@@ -59,6 +59,15 @@ def traffic_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _summed_errors(rows: list[dict]) -> dict[str, int]:
+    """Error kind -> count over every record of `rows`."""
+    errors: dict[str, int] = {}
+    for r in rows:
+        for kind, n in r["summary"]["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    return errors
+
+
 def _per_seed(rows: list[dict], key) -> dict[int, float | None]:
     return {r["seed"]: key(r) for r in rows}
 
@@ -85,10 +94,7 @@ def seeded_table(records: list[dict]) -> list[str]:
             mine = [r for r in valid if r["system"] == system]
             every = [r for r in rows if r["system"] == system]
             p99 = _per_seed(mine, lambda r: r["summary"]["ttft_p99"])
-            errors: dict[str, int] = {}
-            for r in every:
-                for kind, n in r["summary"]["errors"].items():
-                    errors[kind] = errors.get(kind, 0) + n
+            errors = _summed_errors(every)
             late = [r["summary"].get("lateness_p99") for r in every if r["summary"].get("lateness_p99") is not None]
             lines.append(
                 f"| {case} | {system} ({POLICY.get(system, '?')}) | {len(mine)}/{len(every)} "
@@ -114,10 +120,7 @@ def churn_table(records: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for system in dict.fromkeys(r["system"] for r in records):
         rows = [r for r in records if r["system"] == system]
-        errors: dict[str, int] = {}
-        for r in rows:
-            for kind, n in r["summary"]["errors"].items():
-                errors[kind] = errors.get(kind, 0) + n
+        errors = _summed_errors(rows)
         lost = [100 * (r["summary"]["requests"] - r["summary"]["completed"]) / r["summary"]["requests"]
                 for r in rows if r["summary"]["requests"]]
         drains = sorted(d for r in rows for d in r.get("drain_s", []))
@@ -147,6 +150,7 @@ def markdown(results: dict, plots: list[str]) -> str:
     meta = results["meta"]
     out = ["# hpcserve benchmark report", "",
            f"Run {meta['started']} on {meta['machine']}; command: `{meta['command']}`.", "",
+           *([meta["note"], ""] if meta.get("note") else []),
            "Ratios: `x ref` and `/ greedy model` divide a system's TTFT by that of the greedy central-queue "
            "model (benchmarks/policies.py: one FIFO queue handing each request to the fastest free slot; a "
            "heuristic, not a bound) for the same arrivals and service times; `/ own policy's model` by "
