@@ -158,11 +158,14 @@ class BatchTiming:
     rest of the batch (n_batch tokens, first come first served, a long prompt over several steps);
     the step lasts profile.step_seconds(generating slots, prompt tokens). A prompt whose last tokens
     are in a step gets its first token at the end of that step. Steps start back to back; a late
-    step (a busy event loop) is not made up for.
+    step (a busy event loop) is not made up for, and is counted: `stats` holds the steps run and the
+    seconds they ended later than the profile says (/sim/stats shows both: a simulator starved of
+    CPU runs slower than its profile).
     """
 
     def __init__(self, profile: BatchProfile):
         self.profile = profile
+        self.stats = {"steps": 0, "late_s": 0.0}
         self.active: list[_Sequence] = []
         self.wake = asyncio.Event()
         self.loop_task: asyncio.Task | None = None
@@ -200,6 +203,8 @@ class BatchTiming:
                     room -= n
             due = max(due, time.monotonic()) + self.profile.step_seconds(len(generating), sum(n for _, n in prefill))
             await asyncio.sleep(due - time.monotonic())
+            self.stats["steps"] += 1
+            self.stats["late_s"] += time.monotonic() - due
             for s in generating:
                 s.tokens_left -= 1
                 s.ticks.put_nowait(None)
@@ -294,8 +299,8 @@ class Simulator:
                                    "is_processing": busy} for i, busy in enumerate(self.busy)])
 
     async def sim_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({**self.stats, "busy": sum(self.busy), "waiting": self.waiting,
-                                  "slots": self.slots})
+        return web.json_response({**self.stats, **getattr(self.timing, "stats", {}), "busy": sum(self.busy),
+                                  "waiting": self.waiting, "slots": self.slots})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
