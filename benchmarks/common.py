@@ -30,15 +30,17 @@ def free_port() -> int:
 
 
 def start_llama_server(model: Path, log: Path, parallel: int = 1, ctx: int = 1024,
-                       threads: int | None = None) -> tuple[subprocess.Popen, int]:
-    """A real llama-server on a free port, ready (/health 200); (process, port)."""
+                       threads: int | None = None, cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
+    """A real llama-server on a free port, ready (/health 200); (process, port). `cpus`: the CPUs it
+    runs on (set before it starts, so every thread it makes inherits them)."""
     port = free_port()
     argv = [str(Path(sys.executable).parent / "llama-server"), "--model", str(model), "--alias", "m",
             "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx)]
     if threads:
         argv += ["--threads", str(threads)]
     process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "LLAMA_API_KEY": KEY})
+                               env={**os.environ, "LLAMA_API_KEY": KEY},
+                               preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import metrics, policies, report, stats
+from benchmarks import crosscheck, metrics, policies, report, stats
 from benchmarks.loadgen import Outcome
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
 
@@ -238,3 +238,48 @@ def test_a_seeded_scenario_without_policy_models_reports_measured_figures_only(t
                         tmp_path).read_text()
     row = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| 80% | hpcserve")).split("|")]
     assert row[5] == "1.00 [1.00-1.00]" and row[6] == "-" and row[11] == "200.0 [200.0-200.0]"
+
+
+def test_both_tools_figures_count_ttft_from_the_send_and_itl_over_the_tokens_after_the_first():
+    # loadgen: TTFT counted from the schedule, converted to the send; a failed request is not completed.
+    outcomes = [Outcome(sent=i + 0.2, scheduled=float(i), status=200, ttft=0.7, ended=i + 2.0, tokens=5,
+                        gaps=[0.1] * 4, error="") for i in range(4)]
+    outcomes.append(Outcome(sent=9.0, scheduled=9.0, error="http_502"))
+    ours = crosscheck.loadgen_figures(outcomes, requested=5)
+    assert ours["ttft_p50"] == pytest.approx(0.5) and ours["itl_mean"] == pytest.approx(0.1)
+    assert ours["completed"] == 4 and ours["requests"] == 5 and ours["lateness_p99"] == pytest.approx(0.2, abs=0.01)
+    assert ours["errors"] == {"http_502": 1}
+
+    # guidellm's JSON (the fields of 0.8.1's output): the same definitions from its epoch timestamps;
+    # a row it never sent counts against completed.
+    def request(start, tokens):
+        return {"info": {"timings": {"targeted_start": start - 0.2, "request_start": start,
+                                     "first_token_iteration": start + 0.5,
+                                     "last_token_iteration": start + 0.5 + 0.1 * (tokens - 1)}},
+                "output_metrics": {"text_tokens": tokens}}
+    benchmark = {"requests": {"successful": [request(1000.0 + i, 5) for i in range(3)] + [request(1010.0, 1)],
+                              "errored": [], "incomplete": []},
+                 "metrics": {"time_to_first_token_ms": {"successful": {"percentiles": {"p50": 500.0, "p90": 520.0}}},
+                             "inter_token_latency_ms": {"successful": {"mean": 100.0}}}}
+    theirs = crosscheck.guidellm_figures(benchmark, requested=5)
+    assert theirs["ttft_p50"] == pytest.approx(0.5) and theirs["itl_mean"] == pytest.approx(0.1)
+    assert theirs["completed"] == 4 and theirs["requests"] == 5 and theirs["errors"] == {}
+    assert theirs["guidellm"] == {"ttft_p50": 0.5, "ttft_p90": 0.52, "itl_mean": 0.1}
+
+
+def test_the_cross_check_pairs_the_tools_by_seed_and_reports_the_ratio(tmp_path):
+    def record(seed, system, tool, ttft):
+        return {"seed": seed, "system": system, "tool": tool, "ttft_p50": ttft, "ttft_p90": 2 * ttft,
+                "itl_mean": 0.05, "lateness_p99": 0.001, "completed": 100, "requests": 100}
+    records = [record(s, system, tool, s * (1.1 if tool == "guidellm" else 1.0))
+               for s in (1, 2, 3) for system in crosscheck.SYSTEMS for tool in crosscheck.TOOLS]
+    s = crosscheck.summary(records)
+    assert s["direct"]["ratio"]["ttft_p50"] == pytest.approx((1.1, 1.1, 1.1))
+    assert s["hpcserve"]["loadgen"]["ttft_p50"][0] == 2.0 and s["hpcserve"]["ratio"]["itl_mean"] == (1.0, 1.0, 1.0)
+    meta = {"started": "now", "machine": "test", "command": "crosscheck", "count": 100, "rate": 0.9, "seeds": 3}
+    text = crosscheck.write_report({"meta": meta, "records": records}, tmp_path).read_text()
+    row = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| direct | ttft_p50")).split("|")]
+    assert row[3:6] == ["2.000 [1.000-3.000]", "2.200 [1.100-3.300]", "1.10 [1.10-1.10]"]
+    records[0]["errors"] = {"connect": 1}
+    text = crosscheck.write_report({"meta": meta, "records": records}, tmp_path).read_text()
+    assert "| 1 | direct | loadgen | 100/100 (connect 1) |" in text
