@@ -22,7 +22,6 @@ token per step and the prompt's first token comes a few steps later. The simulat
 
 from __future__ import annotations
 
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks import calibrate, loadgen
+from benchmarks import calibrate, crosscheck, loadgen
 from benchmarks.common import KEY, start_llama_server
 from benchmarks.workload import Request
 from tests.integration.test_simulator import start, wait_ready
@@ -39,16 +38,11 @@ SLOTS = 4
 TTFT_TOLERANCE, TTFT_FLOOR, RATE_TOLERANCE = 0.50, 0.040, 0.45
 
 
-def trace(seed: int = 5, count: int = 24, rate: float = 0.9) -> list[Request]:
-    """Open-loop arrivals at `rate` per second (about 70% of what the test model serves on 2 cores),
-    prompts of 16-200 tokens, answers of 16-64 tokens: 0-4 slots generating at once and prefills
-    beside generating slots."""
-    rng = random.Random(seed)
-    at, requests = 0.0, []
-    for _ in range(count):
-        at += rng.expovariate(rate)
-        requests.append(Request(at=round(at, 3), max_tokens=rng.randint(16, 64), prompt_tokens=rng.randint(16, 200)))
-    return requests
+def trace() -> list[Request]:
+    """24 open-loop arrivals at 0.9 per second (about 70% of what the test model serves on 2 cores),
+    prompts of 16-200 tokens, answers of 16-64 tokens (the cross-check's trace shape): 0-4 slots
+    generating at once and prefills beside generating slots."""
+    return crosscheck.trace(seed=5, count=24, rate=0.9)
 
 
 def replay(url: str, requests: list[Request]) -> dict:
