@@ -369,3 +369,23 @@ def test_reloads_fail_no_request_of_keep_alive_clients(proxy, fast_simulator):
     asyncio.run(main())
     assert runtime.show_proc(proxy.paths.master_socket).reloads >= 15
     assert not errors and set(answered) == {200}, (collections.Counter(errors), collections.Counter(answered))
+
+
+def test_no_server_connection_is_kept_idle_for_reuse(proxy, simulator4):
+    """After an answer HAProxy keeps no idle connection to the server (option http-server-close):
+    llama-server closes an idle one after 5 s and drops a request arriving as it closes, and a
+    request lost that way reached the client as a closed connection without an answer (see the
+    template). The client's own keep-alive connection stays open."""
+    assert proxy.update([Server("m", "1", "127.0.0.1", simulator4)]) == "started"
+    url = f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):
+            answer = client.post(url, json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+            assert answer.status_code == 200
+        assert answer.headers.get("connection", "").lower() != "close"
+        table = runtime.command(proxy.paths.admin_socket, "show servers conn model_m")
+    # "# bkname/svname bkid/svid addr port - purge_delay used_cur used_max need_est unsafe_nb safe_nb idle_lim idle_cur ..."
+    head, row = table.splitlines()[0].lstrip("# ").split(), table.splitlines()[1].split()
+    columns = dict(zip(head, row))
+    assert columns["bkname/svname"].endswith("/job1"), table
+    assert (columns["used_cur"], columns["unsafe_nb"], columns["safe_nb"], columns["idle_cur"]) == ("0", "0", "0", "0"), table
