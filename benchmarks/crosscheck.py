@@ -31,7 +31,7 @@ interval: an interval that holds 1 is agreement within the noise of these runs.
     scripts/setup-bench.sh --guidellm          # .venv-guidellm: guidellm 0.8.1 and its torch (about 6 GB)
     .venv/bin/python -m benchmarks.crosscheck [--seeds 3] [--count 60] [--rate 0.6] [--out DIR]
 
-About 3 minutes a run, 11 a seed (2 systems x 2 tools) on 2 cores. guidellm starts
+About 2 minutes a run, 9 a seed (2 systems x 2 tools), 45 for 5 seeds on 2 cores. guidellm starts
 GUIDELLM__MAX_WORKER_PROCESSES worker processes (its default 10); here 1, on the client's one core.
 """
 
