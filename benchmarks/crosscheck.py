@@ -24,9 +24,10 @@ from the scheduled time and is converted here), its p50 and p90; ITL: decode sec
 tokens after the first, summed over all requests (guidellm's "ITL mean"); and each tool's send
 lateness p99 (guidellm: request_start - targeted_start). guidellm's own summary (its JSON
 "metrics") is kept beside the recomputed figures, and so are the CPU seconds of each tool and of
-llama-server: on 2 cores a client that takes more CPU slows the server it measures. The report gives, per system and tool, the median
-over seeds with a bootstrap 95% interval, and the paired guidellm/loadgen ratio per seed with its
-interval: an interval that holds 1 is agreement within the noise of these runs.
+llama-server: on 2 cores a client that takes more CPU slows the server it measures. The report
+gives, per system and tool, the median over seeds with a bootstrap 95% interval, and the paired
+guidellm/loadgen ratio per seed with its interval: an interval that holds 1 is agreement within the
+noise of these runs.
 
     scripts/setup-bench.sh --guidellm          # .venv-guidellm: guidellm 0.8.1 and its torch (about 6 GB)
     .venv/bin/python -m benchmarks.crosscheck [--seeds 3] [--count 60] [--rate 0.6] [--out DIR]
@@ -131,8 +132,8 @@ def guidellm_figures(benchmark: dict, requested: int) -> dict:
     (last_token_iteration - first_token_iteration) / (output tokens - 1), request_start -
     targeted_start; epoch seconds), with guidellm's own summary under "guidellm": {"ttft_p50",
     "ttft_p90", "itl_mean"} in seconds, and "errors": {"errored" or "incomplete": count}. Requests
-    it did not complete or never sent count against "completed"; guidellm 0.8.1 sometimes leaves a trace's last row out (11 of 12 in two of three
-    tries here).
+    it did not complete or never sent count against "completed"; guidellm 0.8.1 left a trace's last
+    row out in all runs here but one.
 
     Raises:
         KeyError: the JSON lacks a field named above (another guidellm version's layout).

@@ -37,7 +37,6 @@ class Outcome:
         error: "" for a complete answer, else its kind: http_<status>, connect, broken_stream,
             unfinished (still running when the run's deadline came).
         url: where it was sent.
-        detail: for a connect or broken_stream error, the exception the client raised (its repr).
     """
 
     sent: float
@@ -49,7 +48,6 @@ class Outcome:
     gaps: list[float] = dataclasses.field(default_factory=list)
     error: str = "unfinished"
     url: str = ""
-    detail: str = ""
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, request: Request, start: float,
@@ -89,12 +87,10 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, request: Re
                     last = now
                     outcome.tokens += 1
         outcome.error = "" if done else "broken_stream"
-    except aiohttp.ClientError as exc:  # refused, reset, or a chunked body cut short
+    except aiohttp.ClientError:  # refused, reset, or a chunked body cut short
         outcome.error = "broken_stream" if outcome.status == 200 else "connect"
-        outcome.detail = repr(exc)[:300]
-    except ValueError as exc:  # an event that is not JSON: the stream is not what llama-server sends
+    except ValueError:  # an event that is not JSON: the stream is not what llama-server sends
         outcome.error = "broken_stream"
-        outcome.detail = repr(exc)[:300]
     finally:
         outcome.ended = time.perf_counter() - start
 
