@@ -111,7 +111,8 @@ def free_slots(slots: int, claimed: int) -> int:
     Not 0, which HAProxy reads as "no limit" (HAProxy 2.6 configuration manual, `maxconn` of a
     server), nor weight 0: a server with weight 0 is not eligible, and when every server of a
     backend is full (a reload at saturation) the new worker would answer 503 at once instead of
-    queueing. So a server may get one request more than its slots, waiting inside llama-server.
+    queueing. So where other workers claim every slot (a make_room before the reload that timed
+    out), a server may get one request more than its slots, waiting inside llama-server.
     """
     return max(1, slots - claimed)
 
@@ -124,22 +125,25 @@ def within_slots(servers: Sequence[Server], slots: Callable[[Server], int],
             if claims.get(s.name) and not s.draining else s for s in servers]
 
 
-def worker_claim(limit: int, sessions: int, *, old: bool, queued: int) -> int:
+def worker_claim(limit: int, sessions: int, *, old: bool, queued: int, connections: int) -> int:
     """The slots a worker can still fill on a server.
 
-    A worker with requests in its backend's queue refills every slot its maxconn allows, so it
-    claims max(sessions, maxconn). An old worker (from before a reload: it accepts no new
-    connection, and HAProxy closes its idle keep-alive connections) whose queue is empty only
-    finishes its streams: it claims max(1, sessions). Its maxconn cannot be lowered to match (a
-    stopping worker refuses `set maxconn server`, see MembershipChange), so a request that still
-    arrives on one of its open connections may take a slot beyond the claim.
+    The current worker refills every slot its maxconn allows: it claims max(sessions, maxconn).
+    An old worker (from before a reload) accepts no new connection, but it still answers requests:
+    those in its backend's queue, and one more on each client connection it holds (with `option
+    idle-close-on-response` a stopping worker answers the next request of an idle keep-alive
+    connection, then closes it: HAProxy 2.6 configuration manual). Any of them may come to this
+    server, so it claims max(sessions, min(maxconn, sessions + queued + connections)); its maxconn
+    bounds it, and it cannot be lowered (a stopping worker refuses `set maxconn server`, see
+    MembershipChange). An old worker with no stream, queue or connection left claims nothing.
 
     Args:
         limit: the worker's maxconn on the server now (`show stat` slim).
         sessions: its sessions on the server now (scur).
         old: the worker is an old one.
         queued: requests in its backend's queue (qcur).
+        connections: client connections it holds open (its frontends' scur), busy or idle.
     """
-    if old and not queued:
-        return max(1, sessions)
+    if old:
+        return max(sessions, min(limit, sessions + queued + connections))
     return max(sessions, limit)

@@ -56,7 +56,7 @@ class Membership:
         info = runtime.show_proc(self.paths.master_socket)
         held: dict[str, int] = {}
         for pid in info.old_workers + (() if old_only else info.workers):
-            for stat in runtime.worker_stats(self.paths.master_socket, pid)[0]:
+            for stat in runtime.worker_stats(self.paths.master_socket, pid).servers:
                 held[stat.server] = held.get(stat.server, 0) + stat.sessions
         return held
 
@@ -80,13 +80,13 @@ class Membership:
         limits: dict[str, list[tuple[int, int, str]]] = {}
         held_by_old: set[str] = set()
         for pid in info.old_workers + (info.workers if current else ()):
-            stats, backends = runtime.worker_stats(self.paths.master_socket, pid)
-            for stat in stats:
+            worker = runtime.worker_stats(self.paths.master_socket, pid)
+            for stat in worker.servers:
                 if stat.server not in ours:
                     continue
-                queue = backends.get(stat.backend)
+                queue = worker.backends.get(stat.backend)
                 claim = worker_claim(stat.limit, stat.sessions, old=pid in info.old_workers,
-                                     queued=queue.queued if queue else 0)
+                                     queued=queue.queued if queue else 0, connections=worker.connections)
                 claimed[stat.server] = claimed.get(stat.server, 0) + claim
                 if pid in info.old_workers:
                     held_by_old.add(stat.server)
@@ -100,9 +100,9 @@ class Membership:
         On such a server, lowers by one the current worker's maxconn (not below 1: a server of
         one slot cannot be shared), then waits, polling every 0.2 s, until a stream above it has
         ended, at most `timeout` seconds; where old workers hold the slots (their maxconn cannot
-        be lowered), it waits for their streams and queue to end. Returns True when every
-        serving server has a free slot for the next worker. Errors of the runtime API end
-        the wait quietly (the reload then shares what it can).
+        be lowered), it waits for their streams, queue and client connections to end. Returns
+        True when every serving server has a free slot for the next worker. Errors of the runtime
+        API end the wait quietly (the reload then shares what it can).
         """
         deadline = time.monotonic() + timeout
         lowered: set[str] = set()

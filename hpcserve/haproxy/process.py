@@ -138,7 +138,7 @@ class HAProxy:
         reload `Membership.make_room()` frees one slot of every full server, the new worker starts
         with each server's maxconn lowered by what the running workers can still fill
         (`Membership.old_worker_claims()`), and `Membership.settle()` hands the slots over as the
-        old workers' queues and streams end.
+        old workers' queues, streams and client connections end.
 
         Args:
             servers: the membership.

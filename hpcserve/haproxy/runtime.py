@@ -74,15 +74,31 @@ def show_stat(socket_path: Path) -> list[ServerStats]:
     return parse_stat(command(socket_path, "show stat"))
 
 
-def worker_stats(master_socket: Path, pid: int) -> tuple[list[ServerStats], dict[str, ServerStats]]:
-    """One worker's (server rows, backend name -> backend totals) from a single `show stat`, old
-    workers included, through the master CLI's "@!PID" prefix.
+@dataclasses.dataclass(frozen=True)
+class WorkerStats:
+    """One worker's counters from a single `show stat`.
+
+    Attributes:
+        servers: its server rows.
+        backends: backend name -> the backend's totals (queued: its queue, qcur).
+        connections: client connections it holds open, idle keep-alive ones included (the sum of
+            its frontends' scur: in HTTP mode a frontend session is one client connection).
+    """
+
+    servers: list[ServerStats]
+    backends: dict[str, ServerStats]
+    connections: int
+
+
+def worker_stats(master_socket: Path, pid: int) -> WorkerStats:
+    """One worker's counters, old workers included, through the master CLI's "@!PID" prefix.
 
     Raises:
         HAProxyError: the master did not answer.
     """
     text = command(master_socket, f"@!{pid} show stat")
-    return parse_stat(text), {s.backend: s for s in parse_stat(text, rows="BACKEND")}
+    return WorkerStats(servers=parse_stat(text), backends={s.backend: s for s in parse_stat(text, rows="BACKEND")},
+                       connections=sum(s.sessions for s in parse_stat(text, rows="FRONTEND")))
 
 
 def show_map(socket_path: Path, map_file: Path, prefix: str = "") -> dict[str, str] | None:
@@ -123,11 +139,12 @@ def show_table(socket_path: Path, table: str) -> dict[str, dict[str, int]]:
 
 
 def parse_stat(text: str, rows: str = "servers") -> list[ServerStats]:
-    """The server rows (or, with rows="BACKEND", the backend rows) of a `show stat` CSV answer."""
+    """The server rows (or, with rows="BACKEND" or "FRONTEND", the backend or frontend rows) of a
+    `show stat` CSV answer."""
     stats = []
     for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
         kind = row.get("svname")
-        if kind is None or kind == "FRONTEND" or (kind == "BACKEND") != (rows == "BACKEND"):
+        if kind is None or kind != rows and (rows != "servers" or kind in ("BACKEND", "FRONTEND")):
             continue
         stats.append(ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
                                  sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),

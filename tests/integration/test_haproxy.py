@@ -275,6 +275,36 @@ def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy,
     assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
 
 
+def test_an_old_workers_idle_keep_alive_connection_keeps_its_slot_claimed(proxy, simulator4):
+    """An old worker answers one more request on each client connection it still holds (option
+    idle-close-on-response). While it holds an idle one, the slot that request may take stays its
+    own: the new worker is not given it, and the request does not wait inside the backend."""
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "23", "127.0.0.1", simulator4)
+    first = HAProxy(d, "test-key")
+    assert first.update([server]) == "started"
+    url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    with httpx.Client(timeout=60) as idle:
+        assert idle.post(url, json=body).status_code == 200      # a keep-alive connection, idle now
+        short, _ = _streams(url, 1, tokens=30)                     # 1.5 s
+        long, results = _streams(url, 2, tokens=200)               # 10 s
+        while first.membership.held_sessions(old_only=False).get("job23", 0) < 3:
+            time.sleep(0.05)
+        second = HAProxy(_restructured(d, 12), "test-key")
+        assert second.update([server], settle_timeout=0) == "reloaded"
+        short[0].join()                                            # the old worker holds 2 streams now
+        second.membership.settle([server], timeout=0)
+        new, new_results = _streams(url, 2, tokens=30)             # to the new worker
+        time.sleep(0.5)
+        assert idle.post(url, json=body).status_code == 200      # to the old worker, on its idle connection
+    for t in long + new:
+        t.join()
+    assert results + new_results == [200] * 4
+    stats = httpx.get(f"http://127.0.0.1:{simulator4}/sim/stats").json()
+    assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
+
+
 def test_a_server_added_under_a_full_queue_never_takes_more_than_its_slots(haproxy_bin, gguf, tmp_path):
     """Scale-up under a backlog: 2 servers of 4 slots, 40 streams (32 wait in the backend queue),
     then a third server is added at runtime. On every release it holds at most its 4 slots and

@@ -122,15 +122,18 @@ def test_within_slots_lowers_only_claimed_serving_servers():
     assert [s.maxconn for s in lowered] == [1, None, None]
 
 
-@pytest.mark.parametrize("limit, sessions, old, queued, expected", [
-    (4, 2, True, 0, 2),     # an old worker with an empty queue only finishes its streams
-    (4, 0, True, 0, 1),     # never below 1
-    (4, 2, True, 3, 4),     # its queue refills every slot its maxconn allows
-    (4, 2, False, 0, 4),    # the current worker fills its maxconn
-    (2, 3, True, 0, 3),     # more sessions than maxconn: it claims them all
+@pytest.mark.parametrize("limit, sessions, old, queued, connections, expected", [
+    (4, 2, True, 0, 2, 4),     # an old worker answers one more request on each connection it holds
+    (4, 2, True, 0, 3, 4),     # ... up to its maxconn
+    (4, 2, False, 0, 2, 4),    # the current worker fills its maxconn
+    (4, 1, True, 0, 1, 2),     # one stream and its connection: that connection may bring one more
+    (4, 0, True, 0, 0, 0),     # nothing left that could arrive: it claims nothing
+    (4, 2, True, 3, 0, 4),     # its queue refills every slot its maxconn allows
+    (4, 1, True, 1, 0, 2),     # ... as far as the queue goes
+    (2, 3, True, 0, 3, 3),     # more sessions than maxconn: it claims them all
 ])
-def test_a_worker_claims_what_it_can_still_fill(limit, sessions, old, queued, expected):
-    assert worker_claim(limit, sessions, old=old, queued=queued) == expected
+def test_a_worker_claims_what_it_can_still_fill(limit, sessions, old, queued, connections, expected):
+    assert worker_claim(limit, sessions, old=old, queued=queued, connections=connections) == expected
 
 
 def test_server_names_round_trip_and_refuse_other_names():

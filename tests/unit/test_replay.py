@@ -40,8 +40,11 @@ def test_the_old_workers_show_stat_has_its_streams_and_its_queue(answers):
     assert set(servers) == {"job1", "job2"} and backend.queued == 1
     assert [(s.sessions, s.limit) for s in servers.values()] == [(1, 1), (1, 1)]
     assert servers["job2"].status == "DRAIN" and servers["job1"].weight == 1
+    connections = sum(s.sessions for s in parse_stat(answers["show-stat-old-worker"], rows="FRONTEND"))
+    assert connections >= 3     # the clients of its 2 streams and its queued request
     # An old worker with a queue refills its slots: it claims all of them (core.membership).
-    assert worker_claim(servers["job1"].limit, servers["job1"].sessions, old=True, queued=backend.queued) == 1
+    assert worker_claim(servers["job1"].limit, servers["job1"].sessions, old=True, queued=backend.queued,
+                        connections=connections) == 1
 
 
 def test_a_stopping_worker_refuses_every_change_of_its_servers(answers):
