@@ -101,11 +101,13 @@ class Membership:
         one slot cannot be shared), then waits, polling every 0.2 s, until a stream above it has
         ended, at most `timeout` seconds; where old workers hold the slots (their maxconn cannot
         be lowered), it waits for their streams, queue and client connections to end. Returns
-        True when every serving server has a free slot for the next worker. Errors of the runtime
-        API end the wait quietly (the reload then shares what it can).
+        True when every serving server has a free slot for the next worker. A `set maxconn server`
+        that gets an answer (a refusal) is sent again at the next poll; errors of the runtime API
+        (no answer) end the wait quietly (the reload then shares what it can).
         """
         deadline = time.monotonic() + timeout
         lowered: set[str] = set()
+        targets: dict[str, int] = {}    # server name -> the maxconn asked for
         master = self.paths.master_socket
         models = {m.name for m in self.deployment.models}
         try:
@@ -117,12 +119,16 @@ class Membership:
                     return True
                 if time.monotonic() >= deadline:
                     return False
+                refused: set[str] = set()
                 for name in full - lowered:
                     limit, pid, backend = max(limits.get(name, []), default=(0, 0, ""))
-                    if limit > 1:
-                        runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {limit - 1}")
-                        lowered.add(name)
-                if not full & (lowered | held_by_old):
+                    if limit > 1 or name in targets:
+                        target = targets.setdefault(name, limit - 1)
+                        answer = runtime.command(master, f"@!{pid} set maxconn server {backend}/{name} {target}")
+                        # An answer is a refusal (or the master could not reach the worker): the same
+                        # target again at the next poll.
+                        (refused if answer.strip() else lowered).add(name)
+                if not full & (lowered | held_by_old | refused):
                     return False  # only the current worker fills them, at maxconn 1: nothing to wait for
                 time.sleep(0.2)
         except HAProxyError:

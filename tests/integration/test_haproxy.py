@@ -275,6 +275,34 @@ def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy,
     assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
 
 
+def test_a_refused_maxconn_change_before_a_reload_is_sent_again(proxy, simulator4, monkeypatch):
+    """make_room lowers the current worker's maxconn through the master CLI; when that answers with
+    a refusal (injected here once: the master relays the worker's answer), the change is sent
+    again, so the slot is still freed before the reload instead of waiting out the timeout."""
+    from hpcserve.haproxy import membership as membership_module
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "24", "127.0.0.1", simulator4)
+    assert proxy.update([server]) == "started"
+    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 6)
+    while proxy.membership.held_sessions(old_only=False).get("job24", 0) < 4:
+        time.sleep(0.05)
+    real, refusals = runtime.command, []
+
+    def refuse_once(socket_path, line, timeout=5.0):
+        if "set maxconn server" in line and not refusals:
+            refusals.append(line)
+            return "Could not reach the worker.\n"
+        return real(socket_path, line, timeout)
+    monkeypatch.setattr(membership_module.runtime, "command", refuse_once)
+    assert proxy.membership.make_room([server], timeout=15)
+    assert len(refusals) == 1
+    stat = {s.server: s for s in runtime.show_stat(proxy.paths.admin_socket)}["job24"]
+    assert stat.limit == 3 and stat.sessions <= 3
+    for t in streams:
+        t.join()
+    assert results == [200] * 6
+
+
 def test_an_old_workers_idle_keep_alive_connection_keeps_its_slot_claimed(proxy, simulator4):
     """An old worker answers one more request on each client connection it still holds (option
     idle-close-on-response). While it holds an idle one, the slot that request may take stays its
