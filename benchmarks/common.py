@@ -58,7 +58,8 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
 
     Ablations for the comparison: no_delay=False drops `option http-no-delay`; `without` names
     directives to take out: "maxconn" (the per-server slot cap of default-server), "leastconn"
-    (`balance roundrobin` instead).
+    (`balance roundrobin` instead), "server-close" (`option http-server-close`: HAProxy then keeps
+    idle server connections for reuse, benchmarks/server_close.py).
     """
     port = free_port()
     deployment = config.parse({"name": "bench", "state_dir": str(folder),
@@ -74,6 +75,8 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
         text = re.sub(r"^\s*option http-no-delay\n", "", text, flags=re.MULTILINE)
     if "maxconn" in without:
         text = re.sub(r"^(\s*default-server .*) maxconn \d+", r"\1", text, flags=re.MULTILINE)
+    if "server-close" in without:
+        text = re.sub(r"^\s*option http-server-close\n", "", text, flags=re.MULTILINE)
     if "leastconn" in without:
         text = re.sub(r"^(\s*)balance leastconn$", r"\1balance roundrobin", text, flags=re.MULTILINE)
     proxy = HAProxy(deployment, KEY)

@@ -133,7 +133,7 @@ def guidellm_figures(benchmark: dict, requested: int) -> dict:
     targeted_start; epoch seconds), with guidellm's own summary under "guidellm": {"ttft_p50",
     "ttft_p90", "itl_mean"} in seconds, and "errors": {"errored" or "incomplete": count}. Requests
     it did not complete or never sent count against "completed"; guidellm 0.8.1 left a trace's last
-    row out in all runs here but one.
+    row out in 8 of the 10 runs of benchmarks/results/crosscheck.
 
     Raises:
         KeyError: the JSON lacks a field named above (another guidellm version's layout).

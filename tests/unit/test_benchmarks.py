@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import crosscheck, metrics, policies, report, stats
+from benchmarks import crosscheck, metrics, policies, report, server_close, stats
 from benchmarks.loadgen import Outcome
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
 
@@ -283,3 +283,26 @@ def test_the_cross_check_pairs_the_tools_by_seed_and_reports_the_ratio(tmp_path)
     records[0]["errors"] = {"connect": 1}
     text = crosscheck.write_report({"meta": meta, "records": records}, tmp_path).read_text()
     assert "| 1 | direct | loadgen | 100/100 (connect 1) |" in text
+
+
+def test_the_server_close_report_counts_retries_from_show_stat_and_lost_requests(tmp_path):
+    from pathlib import Path
+    captured = (Path(__file__).parent.parent / "replay" / "haproxy-2.6.12" / "show-stat.txt").read_text()
+    assert server_close.backend_retries(captured) == 0          # a real `show stat`: its BACKEND row
+    assert server_close.backend_retries(captured.replace("model_m,BACKEND,0,0,0,0,998,0,0,0,0,0,,0,0,0,",
+                                                         "model_m,BACKEND,0,0,0,0,998,0,0,0,0,0,,0,0,17,")) == 17
+    with pytest.raises(KeyError):
+        server_close.backend_retries(captured, backend="model_x")
+
+    def record(seed, variant, completed, retries):
+        return {"seed": seed, "variant": variant, "completed": completed, "requests": 60, "retries": retries,
+                "errors": {} if completed == 60 else {"ServerDisconnectedError": 60 - completed},
+                "ttft_p50": 0.6, "lateness_p99": 0.001}
+    kept, reused = server_close.VARIANTS
+    records = [record(1, kept, 60, 0), record(1, reused, 59, 12), record(2, kept, 60, 0), record(2, reused, 60, 30)]
+    s = server_close.summary(records)
+    assert (s[kept]["runs_with_loss"], s[kept]["lost"]) == (0, 0)
+    assert (s[reused]["runs_with_loss"], s[reused]["lost"], s[reused]["retries"][0]) == (1, 1, 21)
+    meta = {"started": "now", "machine": "test", "command": "server_close", "count": 60, "rate": 0.6, "seeds": 2}
+    text = server_close.write_report({"meta": meta, "records": records}, tmp_path).read_text()
+    assert "| 1 | without http-server-close | 59/60 | ServerDisconnectedError 1 | 12 |" in text
