@@ -468,6 +468,10 @@ def parse(raw: dict[str, Any], *, base: Path, source: str = "deployment",
     if not re.fullmatch(PATH_PATTERN, str(deployment.state_dir)):
         raise ConfigError(f"{source}: state_dir: expected a path of letters, digits and _ . / @ + , = ~ - only "
                           f"(it is written into #SBATCH lines and haproxy.cfg), got {str(deployment.state_dir)!r}")
+    # StateDir.ensure() makes the folder private (mode 0700): never a folder others rely on reading.
+    if os.path.realpath(deployment.state_dir) in ("/", os.path.realpath(Path.home())):
+        raise ConfigError(f"{source}: state_dir: expected a folder of hpcserve's own (it is made private, "
+                          f"mode 0700), not {str(deployment.state_dir)!r}")
     _check_socket_room(deployment, source)
     if check_files:
         _check_files(deployment, source)

@@ -144,3 +144,13 @@ def test_state_dir_leaves_room_for_haproxys_sockets(gguf, tmp_path):
     assert sockets and max(len(str(s)) for s in sockets) == config.HAPROXY_SOCKET_PATH_MAX
     with pytest.raises(ConfigError, match=rf"state_dir: expected a path of at most {room} characters"):
         config.parse(minimal(gguf, tmp_path, state_dir=str(longest) + "s"), base=tmp_path)
+
+
+@pytest.mark.parametrize("state_dir", ["/", "/tmp/..", "HOME", "HOME/"])
+def test_state_dir_is_never_the_root_or_the_home_folder_which_it_would_make_private(gguf, tmp_path, monkeypatch,
+                                                                                   state_dir):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(ConfigError, match="state_dir: expected a folder of hpcserve's own"):
+        config.parse(minimal(gguf, tmp_path, state_dir=state_dir.replace("HOME", str(tmp_path / "home"))),
+                     base=tmp_path)
+    assert config.parse(minimal(gguf, tmp_path, state_dir=str(tmp_path / "home" / "hpcserve")), base=tmp_path)
