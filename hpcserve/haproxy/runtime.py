@@ -144,7 +144,7 @@ def parse_stat(text: str, rows: str = "servers") -> list[ServerStats]:
     stats = []
     for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
         kind = row.get("svname")
-        if kind is None or kind != rows and (rows != "servers" or kind in ("BACKEND", "FRONTEND")):
+        if kind is None or (kind in ("BACKEND", "FRONTEND") if rows == "servers" else kind != rows):
             continue
         stats.append(ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
                                  sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),
