@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import datetime
+import io
 import json
 import os
 import platform
@@ -58,6 +60,7 @@ import psutil
 from benchmarks import loadgen, stats
 from benchmarks.common import KEY, MODEL, ROOT, percentile, start_haproxy, start_llama_server
 from benchmarks.workload import Request
+from hpcserve.haproxy import runtime
 
 GUIDELLM_VENV = ROOT / ".venv-guidellm"
 TOKENIZER = ROOT / ".cache" / "guidellm-tokenizer"
@@ -203,8 +206,23 @@ def run_guidellm(url: str, requests: list[Request], tokens: list[int], folder: P
             "client_cpu_s": client_cpu_s}
 
 
-def one_run(system: str, tool: str, requests: list[Request], folder: Path, seed: int) -> dict:
-    """A fresh llama-server, reached directly or through hpcserve's HAProxy, and one tool's run."""
+def backend_retries(show_stat: str, backend: str = "model_m") -> int:
+    """The `wretr` (retries) counter of `backend`'s BACKEND row in a `show stat` CSV answer (pure).
+
+    Raises:
+        KeyError: no such backend row.
+    """
+    for row in csv.DictReader(io.StringIO(show_stat.lstrip("# "))):
+        if row.get("pxname") == backend and row.get("svname") == "BACKEND":
+            return int(row.get("wretr") or 0)
+    raise KeyError(backend)
+
+
+def one_run(system: str, tool: str, requests: list[Request], folder: Path, seed: int,
+            without: tuple[str, ...] = ()) -> dict:
+    """A fresh llama-server, reached directly or through hpcserve's HAProxy (with the ablations
+    `without` names, common.start_haproxy), and one tool's run: the tool's figures with
+    "server_cpu_s", and through HAProxy "retries" (its backend's `wretr`)."""
     folder.mkdir(parents=True, exist_ok=True)
     server, port = start_llama_server(MODEL, folder / "llama-server.log", parallel=SLOTS, ctx=2048 * SLOTS,
                                       threads=1, cpus=SERVER_CPUS)
@@ -214,9 +232,11 @@ def one_run(system: str, tool: str, requests: list[Request], folder: Path, seed:
         tokens = server_tokens(direct, requests) if tool == "guidellm" else []
         url = direct
         if system == "hpcserve":
-            proxy, proxy_port = start_haproxy(folder / "haproxy", [port], parallel=SLOTS)
+            proxy, proxy_port = start_haproxy(folder / "haproxy", [port], parallel=SLOTS, without=without)
             url = f"http://127.0.0.1:{proxy_port}"
         figures = run_loadgen(url, requests) if tool == "loadgen" else run_guidellm(url, requests, tokens, folder, seed)
+        if proxy:
+            figures["retries"] = backend_retries(runtime.command(proxy.paths.admin_socket, "show stat"))
         times = psutil.Process(server.pid).cpu_times()
         return {**figures, "server_cpu_s": round(times.user + times.system, 2)}
     finally:
@@ -275,25 +295,40 @@ def write_report(results: dict, out: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.crosscheck", description=__doc__.split("\n\n")[0])
+def trace_parser(module: str, description: str, out: Path) -> argparse.ArgumentParser:
+    """The options of a benchmark that replays trace() per seed: --seeds, --count, --rate, --out
+    (default `out`); `module` is its name under benchmarks."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=description)
     parser.add_argument("--seeds", type=int, default=3, help="traces (seeds 1..N) [default: 3]")
     parser.add_argument("--count", type=int, default=60, help="requests per trace [default: 60]")
     parser.add_argument("--rate", type=float, default=0.6, help="requests per second [default: 0.6: the real "
                         "model on one thread here answers in 0.6 s (TTFT p50), 1.6 s at p90]")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "crosscheck")
-    parser.add_argument("--resume", action="store_true", help="keep the runs in OUT/results.json made with the "
-                        "same --count and --rate and make only the missing ones (more seeds, or after a failure)")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def trace_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """The checked options of trace_parser()'s `parser` (it exits with a usage error otherwise) and
+    the results to fill: {"meta": {"started", "machine", "command", "count", "rate", "seeds"},
+    "records": []}."""
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.count < 2 or not args.rate > 0:
         parser.error("--seeds must be >= 1, --count >= 2 and --rate > 0")
+    command = f"{parser.prog} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return args, {"meta": {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                           "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}",
+                           "command": command, "count": args.count, "rate": args.rate, "seeds": args.seeds},
+                  "records": []}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = trace_parser("crosscheck", __doc__.split("\n\n")[0], ROOT / "benchmarks" / "results" / "crosscheck")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in OUT/results.json made with the "
+                        "same --count and --rate and make only the missing ones (more seeds, or after a failure)")
+    args, results = trace_run(parser, argv)
     ensure_tokenizer()
     os.sched_setaffinity(0, CLIENT_CPUS)  # loadgen here, guidellm and HAProxy as its children
     work = Path(tempfile.mkdtemp(prefix="hpcserve-crosscheck-", dir="/tmp"))
-    results = {"meta": {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}",
-                        "command": "python -m benchmarks.crosscheck " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "count": args.count, "rate": args.rate, "seeds": args.seeds}, "records": []}
     if args.resume and (args.out / "results.json").exists():
         previous = json.loads((args.out / "results.json").read_text())
         if (previous["meta"]["count"], previous["meta"]["rate"]) != (args.count, args.rate):

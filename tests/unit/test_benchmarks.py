@@ -288,11 +288,11 @@ def test_the_cross_check_pairs_the_tools_by_seed_and_reports_the_ratio(tmp_path)
 def test_the_server_close_report_counts_retries_from_show_stat_and_lost_requests(tmp_path):
     from pathlib import Path
     captured = (Path(__file__).parent.parent / "replay" / "haproxy-2.6.12" / "show-stat.txt").read_text()
-    assert server_close.backend_retries(captured) == 0          # a real `show stat`: its BACKEND row
-    assert server_close.backend_retries(captured.replace("model_m,BACKEND,0,0,0,0,998,0,0,0,0,0,,0,0,0,",
+    assert crosscheck.backend_retries(captured) == 0          # a real `show stat`: its BACKEND row
+    assert crosscheck.backend_retries(captured.replace("model_m,BACKEND,0,0,0,0,998,0,0,0,0,0,,0,0,0,",
                                                          "model_m,BACKEND,0,0,0,0,998,0,0,0,0,0,,0,0,17,")) == 17
     with pytest.raises(KeyError):
-        server_close.backend_retries(captured, backend="model_x")
+        crosscheck.backend_retries(captured, backend="model_x")
 
     def record(seed, variant, completed, retries):
         return {"seed": seed, "variant": variant, "completed": completed, "requests": 60, "retries": retries,
