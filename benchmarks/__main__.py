@@ -26,7 +26,7 @@ from benchmarks.workload import poisson
 
 SCENARIOS = {"a": scenarios.scenario_a, "b": scenarios.scenario_b, "c": scenarios.scenario_c,
              "d": scenarios.scenario_d, "e": scenarios.scenario_e, "f": scenarios.scenario_f,
-             "g": scenarios.scenario_g}
+             "g": scenarios.scenario_g, "h": scenarios.scenario_h}
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
 
@@ -47,9 +47,9 @@ def main() -> None:
 @click.option("--window", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds of arrivals per case (5 for a smoke run; figures need 30 or more).")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Scenarios (a), (c) and (g): seeds per case (medians and intervals over them).")
+              help="Scenarios (a), (c), (g) and (h): seeds per case (medians and intervals over them).")
 @click.option("--loads", default="0.5,0.8,0.95,1.2", show_default=True,
-              help="Scenario (a): comma-separated shares of the pool's capacity.")
+              help="Scenarios (a) and (h): comma-separated shares of the pool's capacity.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Folder for results.json, report.md and the PNG plots.")
 def run(chosen: tuple[str, ...], system_list: str, window: float, seeds: int, loads: str, out: Path) -> None:

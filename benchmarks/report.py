@@ -22,7 +22,8 @@ REFERENCE = "greedy central-queue model"
 TITLES = {"a": "(a) Heterogeneous pool, Poisson arrivals", "b": "(b) Overload at 5x for a bounded time",
           "c": "(c) 200 streams while the pool changes 20 times, drained", "d": "(d) Streaming fidelity",
           "e": "(e) Control plane at scale", "f": "(f) Two real llama-server backends, real model",
-          "g": "(g) Long prompts (1k-32k tokens), short answers, calibrated batch-step backends"}
+          "g": "(g) Long prompts (1k-32k tokens), short answers, calibrated batch-step backends",
+          "h": "(h) Scenario (a) on calibrated batch-step backends"}
 
 
 def _f(value, digits: int = 2, scale: float = 1.0) -> str:
@@ -156,11 +157,11 @@ def markdown(results: dict, plots: list[str]) -> str:
            "heuristic, not a bound) for the same arrivals and service times; `/ own policy's model` by "
            "the model of the system's own policy (what its implementation adds); `x hpcserve` and "
            "`/ hpcserve` by hpcserve's (below 1.00: that system was faster). TTFT counts from the "
-           "scheduled send and is over completed requests. Scenarios (a) and (g): median over seeds "
+           "scheduled send and is over completed requests. Scenarios (a), (g) and (h): median over seeds "
            "[bootstrap 95% interval]; a run whose client sent more than 10 ms late (p99) is invalid and "
            "left out of the medians; the first 10% of each window is warm-up, left out; errors are SLO "
-           "misses. SLO in (a): first token within 2 s and mean inter-token gap within 1.5x the slower "
-           "backends'; in (g): first token within 10 s (twice a 32k prompt's own prefill) and mean "
+           "misses. SLO in (a) and (h): first token within 2 s and mean inter-token gap within 1.5x the "
+           "slower backends' (in (h), a slot's in a full batch); in (g): first token within 10 s (twice a 32k prompt's own prefill) and mean "
            "inter-token gap within 100 ms.", ""]
     for scenario in sorted({r["scenario"] for r in results["records"]}):
         records = [r for r in results["records"] if r["scenario"] == scenario]

@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks import loadgen, metrics, policies, systems
 from benchmarks.common import MODEL, start_llama_server
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson, prefill_heavy
+from hpcserve.llama.simulator import BatchProfile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,32 +107,60 @@ def scenario_a(settings: Settings) -> list[dict]:
     lengths, Poisson arrivals at shares of the pool's capacity (Settings.loads), each seed's
     arrival sequence scaled to each load (common random numbers); every system runs every (seed,
     load), in an order rotated per seed, all started once over the same simulators."""
-    pool = heterogeneous_pool()
+    return _seeded_loads(settings, "a", heterogeneous_pool())
+
+
+def batch_pool(profile: BatchProfile, fast_rate: float = 10.0, count: int = 16, slots: int = 4) -> list[Backend]:
+    """heterogeneous_pool() on backends following `profile` (batch steps shared by the slots),
+    scaled so that a slot of a full batch gets `fast_rate` tokens/s on half of them and half that
+    on the other half: the same nominal capacity as heterogeneous_pool's, but one busy slot runs
+    faster than in a full batch and a prefill stalls the slots beside it."""
+    fast = profile.step_seconds(slots, 0) * fast_rate
+    return [Backend.batch(slots, scaled(profile, fast if i < count // 2 else fast / 2)) for i in range(count)]
+
+
+def scenario_h(settings: Settings) -> list[dict]:
+    """(h) Scenario (a) on backends that follow the calibrated batch profile (results/profile.json,
+    batch_pool): the same workload, loads and seeds, but busy slots share each backend's steps, as
+    on a real llama-server. Checks whether (a)'s ranking holds where the simulator is not
+    independent slots, which favours a slot cap."""
+    return _seeded_loads(settings, "h", batch_pool(BatchProfile.load(PROFILE)))
+
+
+def _models(names: tuple[str, ...], requests: list[Request], pool: list[Backend], warmup: float) -> dict[str, dict]:
+    """policy -> metrics.summarize_model of that policy serving `requests` over `pool`, for the
+    policies of systems `names` and the greedy central-queue reference."""
+    return {p: metrics.summarize_model(policies.simulate(p, requests, pool), warmup)
+            for p in {*(systems.POLICY[n] for n in names), "greedy central queue"}}
+
+
+def _seeded_loads(settings: Settings, scenario: str, pool: list[Backend]) -> list[dict]:
+    """Every system against `pool` at every (seed, load) of `settings` (scenarios a and h)."""
     full = capacity(pool, mean_tokens())
     # SLO: first token within TTFT_SLO s, mean inter-token gap within 1.5x the slower backends'.
     slo = (TTFT_SLO, 1.5 / min(b.token_rate for b in pool))
     warmup = WARMUP_SHARE * settings.window
-    sims = systems.start_simulators(pool, settings.folder / "a" / "sims")
+    sims = systems.start_simulators(pool, settings.folder / scenario / "sims")
     running: dict[str, systems.Running] = {}
     records = []
     try:
         for name in settings.systems:
-            running[name] = systems.start(name, [s.urls[0] for s in sims], 4, settings.folder / "a")
+            running[name] = systems.start(name, [s.urls[0] for s in sims], 4, settings.folder / scenario)
         for seed in range(1, settings.seeds + 1):
             for share in settings.loads:
                 requests = poisson(full * share, settings.window, seed=seed)
                 case = f"{int(round(share * 100))}%"
-                models = {p: metrics.summarize_model(policies.simulate(p, requests, pool), warmup)
-                          for p in {*(systems.POLICY[n] for n in settings.systems), "greedy central queue"}}
+                models = _models(settings.systems, requests, pool, warmup)
                 k = seed % len(settings.systems)
                 for name in settings.systems[k:] + settings.systems[:k]:
                     _idle(sims)
                     before = systems.served_counts(sims)
-                    settings.progress(f"a {case} seed {seed}: {name}, {len(requests)} requests")
+                    label = f"{scenario} {case} seed {seed}"
+                    settings.progress(f"{label}: {name}, {len(requests)} requests")
                     system = running[name]
                     outcomes = loadgen.run(system.urls, "m", requests, settings.window + 120, system.headers,
-                                           progress=throttled(settings.progress, f"a {case} seed {seed} {name}"))
-                    records.append({"scenario": "a", "case": case, "system": name, "seed": seed,
+                                           progress=throttled(settings.progress, f"{label} {name}"))
+                    records.append({"scenario": scenario, "case": case, "system": name, "seed": seed,
                                     "offered_rps": round(full * share, 2),
                                     "summary": metrics.summarize(outcomes, warmup, slo),
                                     "model": models[systems.POLICY[name]],
@@ -212,28 +241,21 @@ PROFILE = Path(__file__).parent / "results" / "profile.json"  # python -m benchm
 SPEEDUP = 10.0   # scenario (g)'s backends: the calibrated llama-server, 10 times faster in every step
 
 
-def scaled_profile(source: Path, speedup: float, out: Path) -> Path:
-    """Write `source`'s batch profile (hpcserve.llama.simulator.BatchProfile) with every step
-    `speedup` times shorter (decode steps and prefill base divided, prefill throughput multiplied):
-    the same machine's shape, faster. Returns `out`."""
-    from hpcserve.llama.simulator import BatchProfile
-    profile = BatchProfile.load(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dataclasses.replace(
+def scaled(profile: BatchProfile, speedup: float) -> BatchProfile:
+    """`profile` with every step `speedup` times shorter (decode steps and prefill base divided,
+    prefill throughput multiplied): the same machine's shape, faster (or slower, below 1)."""
+    return dataclasses.replace(
         profile, decode_step_s=tuple(s / speedup for s in profile.decode_step_s),
         prefill_base_s=profile.prefill_base_s / speedup,
         prefill_tokens_per_s=profile.prefill_tokens_per_s * speedup,
-        source={**profile.source, "scaled": f"{speedup:g}x faster than measured"}).to_json())
-    return out
+        source={**profile.source, "scaled": f"every step divided by {speedup:g}"})
 
 
-def prefill_capacity(requests: list[Request], profile_path: Path, servers: int) -> float:
-    """Requests/s `servers` backends following the profile prefill when they do nothing else:
+def prefill_capacity(requests: list[Request], profile: BatchProfile, servers: int) -> float:
+    """Requests/s `servers` backends following `profile` prefill when they do nothing else:
     servers / the mean prefill time of `requests`' prompts (BatchProfile.prefill_seconds). Decode is left
     out: with 16-64 token answers it is a few percent of a request's time (a nominal capacity)."""
-    from hpcserve.llama.simulator import BatchProfile
-    p = BatchProfile.load(profile_path)
-    seconds = [p.prefill_seconds(r.counted_prompt_tokens) for r in requests]
+    seconds = [profile.prefill_seconds(r.counted_prompt_tokens) for r in requests]
     return servers * len(seconds) / sum(seconds)
 
 
@@ -245,11 +267,12 @@ def scenario_g(settings: Settings) -> list[dict]:
     requests, not tokens. Seeds as in (a); hpcserve's frontend accepts 512 KiB bodies (what it
     derives for a 32k context)."""
     folder = settings.folder / "g"
-    profile = scaled_profile(PROFILE, SPEEDUP, folder / "profile.json")
+    profile = scaled(BatchProfile.load(PROFILE), SPEEDUP)
     servers, share = 8, 0.8
     full = prefill_capacity(prefill_heavy(1.0, 2000, seed=0), profile, servers)
     warmup = WARMUP_SHARE * settings.window
-    sims = systems.start_simulators([Backend(4, 10.0)] * servers, folder / "sims", profile=profile)
+    pool = [Backend.batch(4, profile)] * servers
+    sims = systems.start_simulators(pool, folder / "sims")
     running: dict[str, systems.Running] = {}
     records = []
     try:
@@ -259,6 +282,7 @@ def scenario_g(settings: Settings) -> list[dict]:
         for seed in range(1, settings.seeds + 1):
             requests = prefill_heavy(full * share, settings.window, seed=seed)
             _ = [r.prompt for r in requests]  # made now, not at the send time
+            models = _models(settings.systems, requests, pool, warmup)
             k = seed % len(settings.systems)
             for name in settings.systems[k:] + settings.systems[:k]:
                 _idle(sims)
@@ -268,7 +292,9 @@ def scenario_g(settings: Settings) -> list[dict]:
                                        progress=throttled(settings.progress, f"g seed {seed} {name}"))
                 records.append({"scenario": "g", "case": f"{int(round(share * 100))}%", "system": name,
                                 "seed": seed, "offered_rps": round(full * share, 3),
-                                "summary": metrics.summarize(outcomes, warmup, LONG_PROMPT_SLO)})
+                                "summary": metrics.summarize(outcomes, warmup, LONG_PROMPT_SLO),
+                                "model": models[systems.POLICY[name]],
+                                "reference": models["greedy central queue"]})
     finally:
         for system in running.values():
             system.stop()

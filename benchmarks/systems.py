@@ -65,11 +65,10 @@ class Running:
                 self.process.wait()
 
 
-def start_simulators(backends: list[Backend], folder: Path, first: int = 0,
-                     profile: Path | None = None) -> list[Running]:
-    """One hpcserve-llama-sim per backend (alias "m", the benchmark key), each ready (/health 200);
-    with `profile` (a BatchProfile file) each follows its batch steps instead of `backends`' fixed
-    token and prefill rates.
+def start_simulators(backends: list[Backend], folder: Path, first: int = 0) -> list[Running]:
+    """One hpcserve-llama-sim per backend (alias "m", the benchmark key), each ready (/health 200):
+    at the backend's fixed token and prefill rates, or following its batch profile (written to
+    `folder` for --sim-profile) where it has one.
 
     Raises:
         SystemExit: a simulator did not start within 30 s (its log is named).
@@ -79,6 +78,9 @@ def start_simulators(backends: list[Backend], folder: Path, first: int = 0,
     started = []
     for i, backend in enumerate(backends):
         log = folder / f"sim-{first + i}.log"
+        profile = folder / f"sim-{first + i}.profile.json" if backend.profile else None
+        if profile and backend.profile:
+            profile.write_text(backend.profile.to_json())
         process = subprocess.Popen(
             [str(sim), "--port", "0", "--alias", "m", "-np", str(backend.slots), "--sim-load-time", "0",
              "--sim-token-rate", str(backend.token_rate), "--sim-prefill-rate", str(backend.prefill_rate),

@@ -12,6 +12,10 @@ import dataclasses
 import functools
 import math
 import random
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpcserve.llama.simulator import BatchProfile
 
 # The simulator counts a chat completion's prompt as 20 tokens of chat template plus the text's
 # (hpcserve/llama/simulator.py, _chat: prompt_tokens=20 + _count(text)).
@@ -69,25 +73,49 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A backend of the pool as the reference model sees it.
+    """A backend of the pool as the models (benchmarks/policies.py) and the simulator see it.
 
     Attributes:
         slots: concurrent requests it serves (llama-server --parallel).
-        token_rate: tokens per second per slot while decoding.
-        prefill_rate: prompt tokens per second.
+        token_rate: tokens per second per slot while decoding; for a backend with a `profile`, the
+            rate of a slot in a full batch (1 / profile.step_seconds(slots, 0)), a nominal figure.
+        prefill_rate: prompt tokens per second (ignored with a `profile`).
+        profile: None for independent slots at fixed rates (the simulator's default timing), or
+            the batch-step profile the backend follows (hpcserve-llama-sim --sim-profile: busy
+            slots share each step, a prompt's prefill stalls the slots beside it).
     """
 
     slots: int
     token_rate: float
     prefill_rate: float = 2000.0
+    profile: BatchProfile | None = None
+
+    @classmethod
+    def batch(cls, slots: int, profile: BatchProfile) -> "Backend":
+        """A backend of `slots` slots following `profile`."""
+        return cls(slots, 1.0 / profile.step_seconds(slots, 0), profile=profile)
 
     def service_time(self, request: Request) -> float:
-        """Seconds a slot is busy with `request`: prefill, then one token every 1/token_rate s."""
+        """Seconds a slot is busy with `request`: prefill, then one token every 1/token_rate s
+        (with a profile: its prefill alone, then a full batch's steps, a nominal figure)."""
+        if self.profile:
+            return self.profile.prefill_seconds(request.counted_prompt_tokens) + request.max_tokens / self.token_rate
         return request.counted_prompt_tokens / self.prefill_rate + request.max_tokens / self.token_rate
 
     def first_token(self, request: Request) -> float:
-        """Seconds from the start of service to the first token."""
+        """Seconds from the start of service to the first token (fixed-rate backends)."""
         return request.counted_prompt_tokens / self.prefill_rate + 1.0 / self.token_rate
+
+    def capacity(self, mean_tokens: float, prompt_tokens: int = 8) -> float:
+        """Requests per second it completes when every slot is busy, answers of `mean_tokens`
+        tokens: slots / mean service time for fixed-rate slots; with a profile, one request's share
+        of full-batch steps plus its prefill, which the whole batch waits for
+        (1 / (prefill_seconds + mean_tokens * step_seconds(slots, 0) / slots))."""
+        counted = Request(0.0, 1, prompt_tokens).counted_prompt_tokens
+        if self.profile:
+            return 1.0 / (self.profile.prefill_seconds(counted)
+                          + mean_tokens * self.profile.step_seconds(self.slots, 0) / self.slots)
+        return self.slots / (counted / self.prefill_rate + mean_tokens / self.token_rate)
 
 
 def heavy_tailed_tokens(rng: random.Random, median: float = 16.0, sigma: float = 1.0,
@@ -98,11 +126,8 @@ def heavy_tailed_tokens(rng: random.Random, median: float = 16.0, sigma: float =
 
 
 def capacity(backends: list[Backend], mean_tokens: float, prompt_tokens: int = 8) -> float:
-    """Requests per second the pool completes when every slot is busy: sum over slots of
-    1 / mean service time."""
-    probe = Request(0.0, 1, prompt_tokens)
-    return sum(b.slots / (probe.counted_prompt_tokens / b.prefill_rate + mean_tokens / b.token_rate)
-               for b in backends)
+    """Requests per second the pool completes when every slot is busy (Backend.capacity summed)."""
+    return sum(b.capacity(mean_tokens, prompt_tokens) for b in backends)
 
 
 def poisson(rate: float, duration: float, seed: int, tokens=heavy_tailed_tokens) -> list[Request]:

@@ -167,6 +167,17 @@ class BatchProfile:
                 return prompt_left - offset
         return n
 
+    def batch_prompts(self, generating: int, prompts_left: list[int]) -> list[int]:
+        """Tokens each prompt waiting for prefill (`prompts_left`: tokens still to process, first
+        come first) takes in a step with `generating` slots generating: the batch's n_batch tokens
+        less one per generating slot, first come first served, each cut by prompt_step; 0 for a
+        prompt the step has no room for (tools/server/server.cpp, update_slots)."""
+        room, taken = max(0, self.n_batch - generating), []
+        for left in prompts_left:
+            taken.append(self.prompt_step(left, room) if room else 0)
+            room -= taken[-1]
+        return taken
+
     def prompt_steps(self, prompt_tokens: int) -> list[int]:
         """The tokens of each step a prompt of `prompt_tokens` takes on a server doing nothing else."""
         steps, left = [], max(1, prompt_tokens)
@@ -232,13 +243,9 @@ class BatchTiming:
                 due = time.monotonic()
                 continue
             generating = [s for s in self.active if not s.prompt_left]
-            room = max(0, self.profile.n_batch - len(generating))
-            prefill = []
-            for s in self.active:
-                if s.prompt_left and room:
-                    n = self.profile.prompt_step(s.prompt_left, room)
-                    prefill.append((s, n))
-                    room -= n
+            prompts = [s for s in self.active if s.prompt_left]
+            prefill = [(s, n) for s, n in zip(prompts, self.profile.batch_prompts(
+                len(generating), [s.prompt_left for s in prompts])) if n]
             due = max(due, time.monotonic()) + self.profile.step_seconds(len(generating), sum(n for _, n in prefill))
             await asyncio.sleep(due - time.monotonic())
             self.stats["steps"] += 1

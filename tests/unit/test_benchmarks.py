@@ -220,21 +220,70 @@ def test_long_prompts_are_log_uniform_with_short_answers_on_poissons_arrivals():
         prefill_heavy(1.0, 10, seed=1, prompt=(10, 20))
 
 
-def test_a_scaled_profile_is_every_step_faster_and_the_prefill_capacity_follows(tmp_path):
+def test_a_scaled_profile_is_every_step_faster_and_the_prefill_capacity_follows():
     from benchmarks.calibrate import fit
-    from benchmarks.scenarios import prefill_capacity, scaled_profile
-    from hpcserve.llama.simulator import BatchProfile
-    source = tmp_path / "profile.json"
+    from benchmarks.scenarios import prefill_capacity, scaled
     measured = fit({1: 0.012, 2: 0.024}, [(64, 40, 0.05), (256, 170, 0.14), (1024, 690, 0.50)])
-    source.write_text(measured.to_json())
-    fast = BatchProfile.load(scaled_profile(source, 10, tmp_path / "fast.json"))
+    fast = scaled(measured, 10)
     assert fast.decode_step_s == pytest.approx((0.0012, 0.0024))
     assert fast.prefill_tokens_per_s == pytest.approx(10 * measured.prefill_tokens_per_s)
     assert fast.step_seconds(1, 2000) == pytest.approx(measured.step_seconds(1, 2000) / 10)
     requests = [Request(0.0, 10, prompt_tokens=2048 - 20), Request(1.0, 10, prompt_tokens=4096 - 20)]
     one = 1 / fast.prefill_tokens_per_s
     mean = (fast.prefill_base_s + 2048 * one + 2 * fast.prefill_base_s + 4096 * one) / 2   # 1 and 2 batches
-    assert prefill_capacity(requests, tmp_path / "fast.json", servers=4) == pytest.approx(4 / mean)
+    assert prefill_capacity(requests, fast, servers=4) == pytest.approx(4 / mean)
+
+
+PROFILE = BatchProfile(decode_step_s=(0.1, 0.15), prefill_base_s=0.05, prefill_tokens_per_s=100.0)
+
+
+def test_in_the_batch_model_busy_slots_share_each_step_and_a_prompt_stalls_them():
+    one = [Backend.batch(2, PROFILE)]
+    # Alone: a 30-token prompt (10 + 20 template) in one step of 0.05 + 0.3 s that also gives the
+    # first token, then 4 steps of one generating slot.
+    alone = policies.simulate("round-robin", [Request(0.0, 5, prompt_tokens=10)], one)[0]
+    assert alone.ttft == pytest.approx(0.35) and alone.ended == pytest.approx(0.35 + 4 * 0.1)
+    # A second request arriving during the first's first decode step joins the next step: its
+    # prefill step (0.35 s) carries the first's token too, the steps after take 0.15 s for both.
+    pair = policies.simulate("round-robin", [Request(0.0, 5, prompt_tokens=10), Request(0.4, 3, prompt_tokens=10)], one)
+    assert pair[1].started == pytest.approx(0.4) and pair[1].ttft == pytest.approx(0.45 + 0.1 + 0.35 - 0.4)
+    assert pair[0].ended == pytest.approx(0.35 + 0.1 + 0.45 + 2 * 0.15)   # prefill, 1, 1 stalled, 2 shared
+    assert pair[1].ended == pair[0].ended
+    # A third request beyond the slots waits inside the backend until one is free.
+    three = policies.simulate("round-robin", [Request(0.0, 5, prompt_tokens=10)] * 3, one)
+    assert three[2].started == pytest.approx(three[0].ended)
+
+
+def test_in_the_batch_model_each_policy_places_requests_as_its_balancer_does():
+    from benchmarks.scenarios import scaled
+    pool = [Backend.batch(1, PROFILE), Backend.batch(1, scaled(PROFILE, 0.5))]
+    trace = [Request(0.0, 10), Request(0.1, 10), Request(0.2, 10)]
+
+    def placed(policy):
+        return [s.backend for s in policies.simulate(policy, trace, pool)]
+    assert placed("round-robin") == [0, 1, 0]
+    assert placed("least-connections") == [0, 1, 0]
+    capped = policies.simulate("least-connections + slot cap", trace, pool)
+    assert capped[2].started == pytest.approx(capped[0].ended)   # waited in the balancer for backend 0
+    refused = policies.simulate("least-connections + slot cap, no queue", trace, pool)
+    assert [s.refused for s in refused] == [False, False, True]
+    # The greedy model sends the first to the faster backend, the second to the slower one.
+    assert placed("greedy central queue")[:2] == [0, 1]
+    with pytest.raises(ValueError, match="all or none with a batch profile"):
+        policies.simulate("round-robin", trace, [Backend.batch(1, PROFILE), Backend(1, 10.0)])
+
+
+def test_in_the_batch_model_a_slot_cap_holds_at_most_slots_per_backend_and_the_capacity_is_nominal():
+    from benchmarks.scenarios import batch_pool
+    pool = batch_pool(PROFILE, fast_rate=10.0, count=4, slots=2)
+    assert [b.token_rate for b in pool] == pytest.approx([10.0, 10.0, 5.0, 5.0])
+    full = capacity(pool, mean_tokens())
+    served = policies.simulate("least-connections + slot cap", poisson(full * 0.9, 60, seed=1), pool)
+    for b in range(4):
+        spans = [(s.started, s.ended) for s in served if s.backend == b]
+        assert max(sum(1 for start, end in spans if start <= t < end) for t, _ in spans) == 2
+    # At 90% of the nominal capacity the model keeps up: the last request ends soon after the window.
+    assert max(s.ended for s in served) < 60 + 30
 
 
 def test_the_churn_report_gives_loss_drain_and_reloads_per_system(tmp_path):
