@@ -14,6 +14,7 @@ maxconn server, the master CLI), and the measurements cited in each method.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from ..errors import CommandError, HAProxyError
 from . import runtime
 from ..state import HAProxyFiles
 from .config import backend_name, leaving_state, server_options
+
+log = logging.getLogger(__name__)
 
 
 class Membership:
@@ -51,7 +54,8 @@ class Membership:
         """Server name -> sessions held by the old workers (or by every worker: old_only=False).
 
         Raises:
-            HAProxyError: the master did not answer.
+            HAProxyError: the master did not answer, or relayed no whole `show stat` of a worker
+                (runtime.parse_worker_stats).
         """
         info = runtime.show_proc(self.paths.master_socket)
         held: dict[str, int] = {}
@@ -65,7 +69,8 @@ class Membership:
         can still fill (core.membership.worker_claim has the rule).
 
         Raises:
-            HAProxyError: the master did not answer.
+            HAProxyError: the master did not answer, or relayed no whole `show stat` of a worker
+                (runtime.parse_worker_stats).
         """
         return self._claims_and_limits(servers, current)[0]
 
@@ -139,7 +144,9 @@ class Membership:
 
         Polls every 0.2 s until no old worker is left or `timeout` seconds passed (0: one pass).
         Returns True when settled (every serving server back at maxconn = slots).
-        Errors of the runtime API end the wait quietly: the next step settles again.
+        A pass that meets an error of the runtime API (no answer, or a worker's `show stat` cut
+        short, as one does while it exits) raises no maxconn and is tried again at the next poll;
+        one still failing at the deadline returns False quietly: the next step settles again.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -157,8 +164,8 @@ class Membership:
                         runtime.command(self.paths.admin_socket, f"set maxconn server {where} {free}")
                 if not runtime.show_proc(self.paths.master_socket).old_workers:
                     return True
-            except HAProxyError:
-                return False
+            except HAProxyError as exc:
+                log.debug("settle: %s; trying again at the next poll", exc)
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)

@@ -15,6 +15,8 @@ import re
 import socket
 from pathlib import Path
 
+import tenacity
+
 from ..errors import HAProxyError
 
 log = logging.getLogger(__name__)
@@ -91,16 +93,63 @@ class WorkerStats:
     backends: dict[str, ServerStats]
     connections: int
 
+    @classmethod
+    def gone(cls) -> WorkerStats:
+        """A worker that has exited: it holds nothing."""
+        return cls(servers=[], backends={}, connections=0)
 
-def worker_stats(master_socket: Path, pid: int) -> WorkerStats:
-    """One worker's counters, old workers included, through the master CLI's "@!PID" prefix.
+
+def worker_stats(master_socket: Path, pid: int, attempts: int = 10, pause: float = 0.1) -> WorkerStats:
+    """One worker's counters, old workers included, through the master CLI's "@!PID" prefix
+    (parse_worker_stats reads the answer).
+
+    A worker on its way out answers nothing while `show proc` still names it (measured on 2.6.12:
+    an empty answer, then the master drops it). So an answer that is no whole `show stat` (or a
+    connection that broke off) is asked again, up to `attempts` times `pause` seconds apart, and a
+    worker that `show proc` no longer names holds nothing: empty stats.
 
     Raises:
-        HAProxyError: the master did not answer.
+        HAProxyError: the master did not answer, or relayed no whole `show stat` of a worker it
+            still names.
     """
-    text = command(master_socket, f"@!{pid} show stat")
-    return WorkerStats(servers=parse_stat(text), backends={s.backend: s for s in parse_stat(text, rows="BACKEND")},
-                       connections=sum(s.sessions for s in parse_stat(text, rows="FRONTEND")))
+    @tenacity.retry(retry=tenacity.retry_if_exception_type(_Unreadable), stop=tenacity.stop_after_attempt(attempts),
+                    wait=tenacity.wait_fixed(pause), reraise=True)
+    def ask() -> WorkerStats:
+        try:
+            return parse_worker_stats(pid, command(master_socket, f"@!{pid} show stat"))
+        except HAProxyError as exc:     # cut, empty, or the connection reset as the worker left
+            info = show_proc(master_socket)
+            if pid not in info.workers + info.old_workers:
+                return WorkerStats.gone()
+            raise _Unreadable(str(exc)) from None
+    return ask()
+
+
+class _Unreadable(HAProxyError):
+    """A worker that the master still names answered no whole `show stat` (worker_stats asks again)."""
+
+
+def parse_worker_stats(pid: int, text: str) -> WorkerStats:
+    """The master CLI's answer to "@!PID show stat" as a WorkerStats.
+
+    A worker that exited since `show proc` named it (the master answers "Can't find the target PID
+    matching the prefix", HAProxy 2.6 source, cli.c) holds nothing: empty stats. Any other answer
+    must be a whole `show stat` (its "# pxname," header, and the blank line it ends with on 2.6 to
+    3.2: tests/replay). Reading a cut or empty answer as "no row" would tell slot sharing that the
+    worker holds none of its servers' slots, and hand them to the current worker on top of its
+    streams.
+
+    Raises:
+        HAProxyError: `text` is neither of those.
+    """
+    if text.startswith("Can't find the target PID"):
+        return WorkerStats.gone()
+    if not (text.startswith("# pxname,") and text.endswith("\n\n")):
+        raise HAProxyError(f"no whole 'show stat' from worker {pid} through the master: {text[:120]!r}")
+    rows = _stat_rows(text)
+    return WorkerStats(servers=[r for r in rows if r.server not in ("BACKEND", "FRONTEND")],
+                       backends={r.backend: r for r in rows if r.server == "BACKEND"},
+                       connections=sum(r.sessions for r in rows if r.server == "FRONTEND"))
 
 
 def show_map(socket_path: Path, map_file: Path, prefix: str = "") -> dict[str, str] | None:
@@ -143,16 +192,17 @@ def show_table(socket_path: Path, table: str) -> dict[str, dict[str, int]]:
 def parse_stat(text: str, rows: str = "servers") -> list[ServerStats]:
     """The server rows (or, with rows="BACKEND" or "FRONTEND", the backend or frontend rows) of a
     `show stat` CSV answer."""
-    stats = []
-    for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
-        kind = row.get("svname")
-        if kind is None or (kind in ("BACKEND", "FRONTEND") if rows == "servers" else kind != rows):
-            continue
-        stats.append(ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
-                                 sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),
-                                 total=_int(row.get("stot")), limit=_int(row.get("slim")),
-                                 weight=_int(row.get("weight")), retries=_int(row.get("wretr"))))
-    return stats
+    return [r for r in _stat_rows(text)
+            if (r.server not in ("BACKEND", "FRONTEND") if rows == "servers" else r.server == rows)]
+
+
+def _stat_rows(text: str) -> list[ServerStats]:
+    """Every row of a `show stat` CSV answer: servers, and BACKEND and FRONTEND totals (server)."""
+    return [ServerStats(backend=row["pxname"], server=row["svname"], status=row.get("status", ""),
+                        sessions=_int(row.get("scur")), queued=_int(row.get("qcur")),
+                        total=_int(row.get("stot")), limit=_int(row.get("slim")),
+                        weight=_int(row.get("weight")), retries=_int(row.get("wretr")))
+            for row in csv.DictReader(io.StringIO(text.lstrip("# "))) if row.get("svname") is not None]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,6 +219,18 @@ def _streams(url: str, count: int, tokens: int = 40) -> tuple[list[threading.Thr
     return threads, results
 
 
+def _workers(h) -> list[tuple]:
+    """Each worker's (pid, "old"/"current", client connections, [(maxconn, sessions) of each
+    server], requests queued in its backends): what a failing assertion prints."""
+    info = runtime.show_proc(h.paths.master_socket)
+    rows = []
+    for pid in info.old_workers + info.workers:
+        w = runtime.worker_stats(h.paths.master_socket, pid)
+        rows.append((pid, "old" if pid in info.old_workers else "current", w.connections,
+                     [(s.limit, s.sessions) for s in w.servers], sum(b.queued for b in w.backends.values())))
+    return rows
+
+
 def _slots_of(d):
     return d.model_copy(update={"models": [d.models[0].model_copy(update={"parallel": 4})]})
 
@@ -323,14 +335,60 @@ def test_an_old_workers_idle_keep_alive_connection_keeps_its_slot_claimed(proxy,
         assert second.update([server], settle_timeout=0) == "reloaded"
         short[0].join()                                            # the old worker holds 2 streams now
         second.membership.settle([server], timeout=0)
+        settled = _workers(second)
         new, new_results = _streams(url, 2, tokens=30)             # to the new worker
         time.sleep(0.5)
+        before_idle = _workers(second)
         assert idle.post(url, json=body).status_code == 200      # to the old worker, on its idle connection
     for t in long + new:
         t.join()
     assert results + new_results == [200] * 4
     stats = httpx.get(f"http://127.0.0.1:{simulator4}/sim/stats").json()
-    assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
+    assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, (stats, settled, before_idle)
+
+
+def test_a_cut_answer_from_an_old_worker_raises_no_maxconn(proxy, simulator4, monkeypatch):
+    """Slot sharing never reads an old worker's `show stat` that came back cut short (through the
+    master CLI) as "it holds nothing", which would give the new worker every slot on top of the
+    old one's streams: settle leaves the maxconn as it is. A master that fails to answer for a
+    moment delays the hand-over, not cancels it: settle polls on and settles."""
+    from hpcserve.haproxy import membership as membership_module
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "25", "127.0.0.1", simulator4)
+    first = HAProxy(d, "test-key")
+    assert first.update([server]) == "started"
+    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
+    while first.membership.held_sessions(old_only=False).get("job25", 0) < 3:
+        time.sleep(0.05)
+    second = HAProxy(_restructured(d, 9), "test-key")
+    assert second.update([server], settle_timeout=0) == "reloaded"
+    old = runtime.show_proc(second.paths.master_socket).old_workers
+    real = runtime.command
+
+    def cut(socket_path, line, timeout=5.0):
+        answer = real(socket_path, line, timeout)
+        return answer[:len(answer) // 2] if line == f"@!{old[0]} show stat" else answer
+
+    def limit() -> int:
+        return {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job25"].limit
+
+    assert limit() == 1
+    monkeypatch.setattr(membership_module.runtime, "command", cut)
+    assert not second.membership.settle([server], timeout=0)
+    assert limit() == 1
+    monkeypatch.undo()
+    for t in streams:
+        t.join()
+    assert results == [200] * 3
+    empty = [3]     # the next three answers to `show proc` are empty (HAProxyError), then whole
+
+    def flaky(socket_path, line, timeout=5.0):
+        if line == "show proc" and empty[0]:
+            empty[0] -= 1
+            return ""
+        return real(socket_path, line, timeout)
+    monkeypatch.setattr(membership_module.runtime, "command", flaky)
+    assert second.membership.settle([server], timeout=10) and limit() == 4 and not empty[0]
 
 
 def test_a_server_added_under_a_full_queue_never_takes_more_than_its_slots(haproxy_bin, gguf, tmp_path):

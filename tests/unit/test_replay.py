@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hpcserve.core.membership import worker_claim
-from hpcserve.haproxy.runtime import parse_proc, parse_servers_state, parse_stat
+from hpcserve.errors import HAProxyError
+from hpcserve.haproxy.runtime import parse_proc, parse_servers_state, parse_stat, parse_worker_stats
 
 REPLAY = Path(__file__).resolve().parent.parent / "replay"
 RELEASES = sorted(p.name for p in REPLAY.glob("haproxy-*"))
@@ -35,16 +36,32 @@ def test_show_proc_names_the_current_and_the_old_worker(answers):
 
 
 def test_the_old_workers_show_stat_has_its_streams_and_its_queue(answers):
-    servers = {s.server: s for s in parse_stat(answers["show-stat-old-worker"])}
-    backend = {s.backend: s for s in parse_stat(answers["show-stat-old-worker"], rows="BACKEND")}["model_m"]
+    worker = parse_worker_stats(7, answers["show-stat-old-worker"])
+    servers = {s.server: s for s in worker.servers}
+    backend = worker.backends["model_m"]
+    assert servers == {s.server: s for s in parse_stat(answers["show-stat-old-worker"])}
     assert set(servers) == {"job1", "job2"} and backend.queued == 1
     assert [(s.sessions, s.limit) for s in servers.values()] == [(1, 1), (1, 1)]
     assert servers["job2"].status == "DRAIN" and servers["job1"].weight == 1
-    connections = sum(s.sessions for s in parse_stat(answers["show-stat-old-worker"], rows="FRONTEND"))
+    connections = worker.connections
     assert connections >= 3     # the clients of its 2 streams and its queued request
     # An old worker with a queue refills its slots: it claims all of them (core.membership).
     assert worker_claim(servers["job1"].limit, servers["job1"].sessions, old=True, queued=backend.queued,
                         connections=connections) == 1
+
+
+@pytest.mark.parametrize("cut", ["", "\n", "middle", "no blank line"])
+def test_a_cut_or_empty_worker_answer_is_an_error_not_a_worker_holding_nothing(answers, cut):
+    """Read as "no row", a cut answer would hand the old worker's slots to the new one."""
+    text = answers["show-stat-old-worker"]
+    text = {"middle": text[:len(text) // 2], "no blank line": text.rstrip("\n") + "\n"}.get(cut, cut)
+    with pytest.raises(HAProxyError, match="worker 7"):
+        parse_worker_stats(7, text)
+
+
+def test_a_worker_gone_since_show_proc_holds_nothing():
+    worker = parse_worker_stats(7, "Can't find the target PID matching the prefix '@!7'\n")
+    assert (worker.servers, worker.backends, worker.connections) == ([], {}, 0)
 
 
 def test_a_stopping_worker_refuses_every_change_of_its_servers(answers):
