@@ -239,18 +239,25 @@ def _restructured(d, timeout_queue: float):
     return d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": timeout_queue})})
 
 
-def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(proxy, simulator4):
-    """The old worker keeps its streams; the new one must not fill the same slots again."""
+def _reloaded_under_three_streams(proxy, port: int, job_id: str):
+    """HAProxy started with one 4-slot server (job `job_id` on `port`), 3 streams held by it, then
+    reloaded with a changed structure and no settle: (the new HAProxy, the server, the stream
+    threads, their HTTP statuses). The old worker holds the 3 streams."""
     d = _slots_of(proxy.deployment)
-    server = Server("m", "21", "127.0.0.1", simulator4)
+    server = Server("m", job_id, "127.0.0.1", port)
     first = HAProxy(d, "test-key")
     assert first.update([server]) == "started"
-    streams, _ = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
-    while first.membership.held_sessions(old_only=False).get("job21", 0) < 3:
+    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
+    while first.membership.held_sessions(old_only=False).get(server.name, 0) < 3:
         time.sleep(0.05)
-
     second = HAProxy(_restructured(d, 9), "test-key")
     assert second.update([server], settle_timeout=0) == "reloaded"
+    return second, server, streams, results
+
+
+def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(proxy, simulator4):
+    """The old worker keeps its streams; the new one must not fill the same slots again."""
+    second, server, streams, _ = _reloaded_under_three_streams(proxy, simulator4, "21")
     stat = {s.server: s for s in runtime.show_stat(second.paths.admin_socket)}["job21"]
     assert stat.limit == 1                                   # 4 slots, 3 held by the old worker
     assert "server job21 127.0.0.1" in second.live_config() and "maxconn" not in \
@@ -353,15 +360,7 @@ def test_a_cut_answer_from_an_old_worker_raises_no_maxconn(proxy, simulator4, mo
     old one's streams: settle leaves the maxconn as it is. A master that fails to answer for a
     moment delays the hand-over, not cancels it: settle polls on and settles."""
     from hpcserve.haproxy import membership as membership_module
-    d = _slots_of(proxy.deployment)
-    server = Server("m", "25", "127.0.0.1", simulator4)
-    first = HAProxy(d, "test-key")
-    assert first.update([server]) == "started"
-    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
-    while first.membership.held_sessions(old_only=False).get("job25", 0) < 3:
-        time.sleep(0.05)
-    second = HAProxy(_restructured(d, 9), "test-key")
-    assert second.update([server], settle_timeout=0) == "reloaded"
+    second, server, streams, results = _reloaded_under_three_streams(proxy, simulator4, "25")
     old = runtime.show_proc(second.paths.master_socket).old_workers
     real = runtime.command
 

@@ -16,18 +16,13 @@ import statistics
 from pathlib import Path
 
 from benchmarks import crosscheck, loadgen, policies, systems
-from benchmarks.common import KEY
+from benchmarks.common import KEY, percentile
 from benchmarks.scenarios import PROFILE
 from benchmarks.workload import Backend
 from hpcserve.llama.simulator import BatchProfile
 
 SLOTS, RATE, COUNT = 4, 2.0, 60
 MEDIAN_TOLERANCE, TTFT_P90_S = 0.15, 0.060
-
-
-def p50_p90(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
 
 
 def test_the_batch_model_serves_a_trace_as_the_simulators_do(tmp_path: Path):
@@ -53,7 +48,7 @@ def test_the_batch_model_serves_a_trace_as_the_simulators_do(tmp_path: Path):
           f"end-to-end p50 model {statistics.median(model_total):.3f} s, simulator {statistics.median(sim_total):.3f} s")
     for modelled, measured in ((model_ttft, sim_ttft), (model_total, sim_total)):
         assert abs(statistics.median(modelled) / statistics.median(measured) - 1) <= MEDIAN_TOLERANCE
-    assert p50_p90([abs(m - o) for m, o in zip(model_ttft, sim_ttft)])[1] <= TTFT_P90_S
+    assert percentile([abs(m - o) for m, o in zip(model_ttft, sim_ttft)], 90) <= TTFT_P90_S
     # Independent slots at the one-slot rate (the fixed-rate model) finish far sooner than a batch.
     slots = policies.simulate("round-robin", requests, [Backend(SLOTS, 1 / profile.decode_step_s[0],
                                                                 profile.prefill_tokens_per_s)] * 2)
