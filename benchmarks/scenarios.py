@@ -107,7 +107,7 @@ def scenario_a(settings: Settings) -> list[dict]:
     lengths, Poisson arrivals at shares of the pool's capacity (Settings.loads), each seed's
     arrival sequence scaled to each load (common random numbers); every system runs every (seed,
     load), in an order rotated per seed, all started once over the same simulators."""
-    return _seeded_loads(settings, "a", heterogeneous_pool())
+    return _seeded_loads(settings, "a")
 
 
 def batch_pool(profile: BatchProfile, fast_rate: float = 10.0, count: int = 16, slots: int = 4) -> list[Backend]:
@@ -124,7 +124,27 @@ def scenario_h(settings: Settings) -> list[dict]:
     batch_pool): the same workload, loads and seeds, but busy slots share each backend's steps, as
     on a real llama-server. Checks whether (a)'s ranking holds where the simulator is not
     independent slots, which favours a slot cap."""
-    return _seeded_loads(settings, "h", batch_pool(BatchProfile.load(PROFILE)))
+    return _seeded_loads(settings, "h")
+
+
+def seeded_pool(scenario: str) -> list[Backend]:
+    """The pool of a seeded-load scenario: "a" heterogeneous_pool(), "h" batch_pool() on the
+    calibrated profile (results/profile.json).
+
+    Raises:
+        ValueError: another scenario.
+    """
+    if scenario == "a":
+        return heterogeneous_pool()
+    if scenario == "h":
+        return batch_pool(BatchProfile.load(PROFILE))
+    raise ValueError(f"scenario: expected 'a' or 'h', got {scenario!r}")
+
+
+def seeded_slo(pool: list[Backend]) -> tuple[float, float]:
+    """(a)'s and (h)'s SLO over `pool`, in seconds: (first token within TTFT_SLO, mean inter-token
+    gap within 1.5x the slower backends' nominal gap)."""
+    return TTFT_SLO, 1.5 / min(b.token_rate for b in pool)
 
 
 def _models(names: tuple[str, ...], requests: list[Request], pool: list[Backend], warmup: float) -> dict[str, dict]:
@@ -134,11 +154,12 @@ def _models(names: tuple[str, ...], requests: list[Request], pool: list[Backend]
             for p in {*(systems.POLICY[n] for n in names), "greedy central queue"}}
 
 
-def _seeded_loads(settings: Settings, scenario: str, pool: list[Backend]) -> list[dict]:
-    """Every system against `pool` at every (seed, load) of `settings` (scenarios a and h)."""
+def _seeded_loads(settings: Settings, scenario: str) -> list[dict]:
+    """Every system against the scenario's pool (seeded_pool) at every (seed, load) of `settings`
+    (scenarios a and h)."""
+    pool = seeded_pool(scenario)
     full = capacity(pool, mean_tokens())
-    # SLO: first token within TTFT_SLO s, mean inter-token gap within 1.5x the slower backends'.
-    slo = (TTFT_SLO, 1.5 / min(b.token_rate for b in pool))
+    slo = seeded_slo(pool)
     warmup = WARMUP_SHARE * settings.window
     sims = systems.start_simulators(pool, settings.folder / scenario / "sims")
     running: dict[str, systems.Running] = {}

@@ -1,16 +1,18 @@
-"""Scenario (a) swept over load: each system's SLO attainment at each load, and the highest load
-it serves with 99% of its requests within the SLO, measured and as its policy's model predicts.
+"""Scenario (a) or (h) swept over load: each system's SLO attainment at each load, and the highest
+load it serves with 99% of its requests within the SLO, measured and as its policy's model predicts.
 
-Measured: the seeded records of scenario (a) (benchmarks/scenarios.py) from one or more
-results.json files, e.g. a sweep over some loads and the 95% run beside it: the same seeds are the
-same arrival sequences, scaled in time per load (common random numbers), so runs of one seed at
+Measured: the seeded records of one scenario, (a) or (h) (benchmarks/scenarios.py), from one or
+more results.json files, e.g. a sweep over some loads and the 95% run beside it: the same seeds are
+the same arrival sequences, scaled in time per load (common random numbers), so runs of one seed at
 different loads are comparable. Only valid runs count (client lateness p99 within
 metrics.MAX_LATENESS_P99), and only systems measured at every load of the union.
 
-Modelled: benchmarks/policies.py's discrete-event model of each policy on the same arrivals (the
-seed's trace for the run's window, its warm-up left out), at finer load steps, since a model run
-takes milliseconds. The model's inter-token gap is its backend's nominal one, which (a)'s ITL
-limit (1.5x the slower backends' gap) always admits, so in the model only the TTFT limit misses.
+Modelled: benchmarks/policies.py's discrete-event model of each policy on the same pool and
+arrivals (the seed's trace for the run's window, its warm-up left out), at finer load steps, since
+a model run takes milliseconds, against the same SLO (metrics.summarize_model). On (a)'s fixed-rate
+slots the model's inter-token gap is the backend's nominal one, which the ITL limit (1.5x the
+slower backends' gap) always admits, so only the TTFT limit misses; on (h)'s batch-step backends a
+neighbour's prefill lengthens a step, and the ITL limit misses too.
 
 The highest load with 99% attainment is taken per seed: the highest load of the sweep at which
 that seed's run attained at least 99%, every lower load of the sweep attaining it too (None when
@@ -29,10 +31,12 @@ from pathlib import Path
 
 import click
 
-from benchmarks import policies, stats
+from benchmarks import metrics, policies, stats
 from benchmarks.systems import POLICY
-from benchmarks.scenarios import TTFT_SLO, WARMUP_SHARE, heterogeneous_pool
+from benchmarks.scenarios import WARMUP_SHARE, seeded_pool, seeded_slo
 from benchmarks.workload import capacity, mean_tokens, poisson
+
+SCENARIOS = ("a", "h")   # the scenarios with seeded loads
 
 TARGET = 0.99   # share of requests within the SLO
 
@@ -53,7 +57,7 @@ def highest_load(attainment: dict[float, float | None], target: float = TARGET) 
 
 
 def share_of(case: str) -> float:
-    """A scenario (a) case name ("95%") as a share of capacity (0.95).
+    """A scenario (a) or (h) case name ("95%") as a share of capacity (0.95).
 
     Raises:
         ValueError: not a percentage.
@@ -63,12 +67,24 @@ def share_of(case: str) -> float:
     return int(case[:-1]) / 100
 
 
-def measured(records: list[dict]) -> dict[str, dict[int, dict[float, float | None]]]:
-    """system -> seed -> load share -> SLO attainment of that valid run, over the scenario (a)
+def scenario_of(records: list[dict]) -> str | None:
+    """The one scenario of SCENARIOS that the seeded records are of; None when there is none.
+
+    Raises:
+        ValueError: records of more than one.
+    """
+    found = {r.get("scenario") for r in records if r.get("scenario") in SCENARIOS and "seed" in r}
+    if len(found) > 1:
+        raise ValueError(f"expected runs of one scenario, got {', '.join(sorted(found))}")
+    return found.pop() if found else None
+
+
+def measured(records: list[dict], scenario: str = "a") -> dict[str, dict[int, dict[float, float | None]]]:
+    """system -> seed -> load share -> SLO attainment of that valid run, over the `scenario`
     records with seeds; systems missing a load that another system has are left out."""
     out: dict[str, dict[int, dict[float, float | None]]] = {}
     for r in records:
-        if r.get("scenario") != "a" or "seed" not in r:
+        if r.get("scenario") != scenario or "seed" not in r:
             continue
         valid = r["summary"].get("valid", True)
         out.setdefault(r["system"], {}).setdefault(r["seed"], {})[share_of(r["case"])] = (
@@ -78,19 +94,24 @@ def measured(records: list[dict]) -> dict[str, dict[int, dict[float, float | Non
             if {load for runs in seeds.values() for load in runs} == loads}
 
 
-def modelled(policy: str, shares: list[float], seeds: list[int], window: float) -> dict[int, dict[float, float]]:
-    """seed -> load share -> SLO attainment of `policy`'s model (policies.POLICIES) on scenario
-    (a)'s pool and arrivals: the share of requests after the warm-up that were not refused and had
-    their first token within TTFT_SLO s."""
-    pool = heterogeneous_pool()
+def modelled(policy: str, shares: list[float], seeds: list[int], window: float,
+             scenario: str = "a") -> dict[int, dict[float, float]]:
+    """seed -> load share -> SLO attainment of `policy`'s model (policies.POLICIES) on the pool,
+    arrivals and SLO of `scenario` (scenarios.seeded_pool, seeded_slo): the share of requests after
+    the warm-up that were not refused and met the SLO (metrics.summarize_model).
+
+    Raises:
+        ValueError: a scenario other than "a" or "h", or an unknown policy.
+    """
+    pool = seeded_pool(scenario)
     full = capacity(pool, mean_tokens())
+    slo = seeded_slo(pool)
     out: dict[int, dict[float, float]] = {}
     for seed in seeds:
         for share in shares:
-            served = [s for s in policies.simulate(policy, poisson(full * share, window, seed), pool)
-                      if s.request.at >= WARMUP_SHARE * window]
-            met = sum(1 for s in served if not s.refused and s.ttft <= TTFT_SLO)
-            out.setdefault(seed, {})[share] = met / len(served) if served else 0.0
+            served = policies.simulate(policy, poisson(full * share, window, seed), pool)
+            attainment = metrics.summarize_model(served, WARMUP_SHARE * window, slo)["slo_attainment"]
+            out.setdefault(seed, {})[share] = attainment or 0.0
     return out
 
 
@@ -135,7 +156,7 @@ def model_table(models: dict[str, dict[int, dict[float, float]]], step: float) -
 
 
 def plot(found: dict[str, dict[int, dict[float, float | None]]], models: dict[str, dict[int, dict[float, float]]],
-         path: Path) -> None:
+         path: Path, scenario: str = "a") -> None:
     """Attainment against load: measured medians with their intervals, models as lines."""
     import matplotlib
     matplotlib.use("Agg")
@@ -154,7 +175,7 @@ def plot(found: dict[str, dict[int, dict[float, float | None]]], models: dict[st
         ax.plot(loads, [m[0] for m in medians if m], ":", label=f"model: {policy}")
     ax.axhline(TARGET, color="grey", linewidth=0.8)
     ax.set(xlabel="offered load (share of the pool's capacity)", ylabel="share of requests within the SLO",
-           title="Scenario (a): SLO attainment (TTFT <= 2 s, mean ITL <= 1.5x nominal)", ylim=(0.5, 1.005))
+           title=f"Scenario ({scenario}): SLO attainment (TTFT <= 2 s, mean ITL <= 1.5x nominal)", ylim=(0.3, 1.005))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -164,13 +185,14 @@ def plot(found: dict[str, dict[int, dict[float, float | None]]], models: dict[st
 @click.command()
 @click.option("--results", "paths", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A results.json with scenario (a) runs (repeatable: runs of other loads, same seeds).")
+              help="A results.json with scenario (a) or (h) runs (repeatable: runs of other loads, same seeds).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for sweep.md and a-sweep.png.")
+              help="Folder for sweep.md and a-sweep.png (h-sweep.png for scenario h).")
 @click.option("--step", type=click.FloatRange(min=0.005), default=0.025, show_default=True,
               help="Load step of the models' sweep (share of capacity).")
 def main(paths: tuple[Path, ...], out: Path, step: float) -> None:
-    """Attainment over load and the highest load with 99% attainment, from scenario (a)'s results."""
+    """Attainment over load and the highest load with 99% attainment, from scenario (a)'s or (h)'s
+    results."""
     records, windows, sources = [], set(), []
     for path in paths:
         try:
@@ -182,23 +204,27 @@ def main(paths: tuple[Path, ...], out: Path, step: float) -> None:
         sources.append(f"`{path}` ({results['meta']['started']}: `{results['meta']['command']}`)")
     if len(windows) != 1:
         raise click.BadParameter(f"expected runs of one window, got {sorted(windows)} s", param_hint="--results")
-    found = measured(records)
+    try:
+        scenario = scenario_of(records)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--results") from None
+    found = measured(records, scenario) if scenario else {}
     if not found:
-        raise click.ClickException("no scenario (a) runs with seeds in these results")
+        raise click.ClickException("no scenario (a) or (h) runs with seeds in these results")
     window = windows.pop()
     seeds = sorted({seed for runs in found.values() for seed in runs})
     shares = [round(0.5 + k * step, 4) for k in range(int(round(0.7 / step)) + 1)]   # 0.5 .. 1.2
-    models = {p: modelled(p, shares, seeds, window)
+    models = {p: modelled(p, shares, seeds, window, scenario)
               for p in dict.fromkeys(POLICY[s] for s in found if s in POLICY)}
     for extra in ("round-robin", "greedy central queue"):
-        models.setdefault(extra, modelled(extra, shares, seeds, window))
+        models.setdefault(extra, modelled(extra, shares, seeds, window, scenario))
     out.mkdir(parents=True, exist_ok=True)
-    plot(found, models, out / "a-sweep.png")
-    text = ["# Scenario (a) over load: SLO attainment and the highest load with 99% attainment", "",
+    plot(found, models, out / f"{scenario}-sweep.png", scenario)
+    text = [f"# Scenario ({scenario}) over load: SLO attainment and the highest load with 99% attainment", "",
             "From " + "; ".join(sources) + f". {len(seeds)} seeds, {window:g} s windows.", "",
             *(" ".join(part.split()) + "\n" for part in (__doc__ or "").split("\n\n")[1:4]),
             *table(found, models), "", f"The models alone, every policy (seeds {seeds[0]}-{seeds[-1]}):", "",
-            *model_table(models, step), "", "![attainment over load](a-sweep.png)", ""]
+            *model_table(models, step), "", f"![attainment over load]({scenario}-sweep.png)", ""]
     (out / "sweep.md").write_text("\n".join(text))
     click.echo(out / "sweep.md")
 

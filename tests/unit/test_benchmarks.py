@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from benchmarks import crosscheck, metrics, policies, report, server_close, stats, sweep
+from benchmarks import crosscheck, metrics, policies, report, scenarios, server_close, stats, sweep
 from benchmarks.loadgen import Outcome
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson
 from hpcserve.llama.simulator import BatchProfile
@@ -78,6 +78,15 @@ def test_each_policy_places_requests_as_its_balancer_does():
     assert [s.refused for s in refused] == [False, False, False, True]
     model = metrics.summarize_model(refused)
     assert model["errors"] == {"refused": 1} and model["completed"] == 3 and model["requests"] == 4
+
+
+def test_a_model_request_meets_the_slo_only_with_its_first_token_and_its_mean_gap_in_time():
+    def served(ttft, gap, refused=False):   # 11 tokens: 10 gaps of `gap` s after the first token
+        return policies.Served(Request(0.0, 11), 0.0, ttft, ttft + 10 * gap, -1 if refused else 0, refused)
+    model = metrics.summarize_model([served(1.0, 0.1), served(1.0, 0.2), served(2.5, 0.1),
+                                     served(0.0, 0.0, refused=True)], slo=(2.0, 0.15))
+    assert model["slo_attainment"] == 0.25   # the slow stream, the late first token, the refusal miss
+    assert "slo_attainment" not in metrics.summarize_model([served(1.0, 0.1)])
 
 
 def test_the_slot_cap_never_puts_more_requests_on_a_backend_than_its_slots():
@@ -429,6 +438,35 @@ def test_the_sweep_report_takes_valid_runs_of_systems_measured_at_every_load(tmp
     result = CliRunner().invoke(sweep.main, ["--results", str(tmp_path / "sweep" / "results.json"),
                                              "--results", str(mixed), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "expected runs of one window" in result.output
+
+
+def test_in_the_model_of_h_a_neighbours_prefill_misses_the_itl_limit_where_every_first_token_is_in_time():
+    pool = scenarios.seeded_pool("h")
+    requests = poisson(0.85 * capacity(pool, mean_tokens()), 80.0, seed=1)
+    served = [s for s in policies.simulate("least-connections + slot cap", requests, pool) if s.request.at >= 8.0]
+    assert max(s.ttft for s in served) <= 2.0
+    assert 0.9 < sweep.modelled("least-connections + slot cap", [0.85], [1], 80.0, "h")[1][0.85] < 0.99
+
+
+def test_the_sweep_takes_runs_of_one_seeded_scenario(tmp_path):
+    def results(scenario, case):
+        records = [{"scenario": scenario, "case": case, "system": "hpcserve", "seed": s, "offered_rps": 1.0,
+                    "summary": {"slo_attainment": 1.0, "valid": True}} for s in (1, 2)]
+        return json.dumps({"meta": {"started": "now", "command": scenario, "window_s": 10.0}, "records": records})
+    for name, scenario, case in (("h70", "h", "70%"), ("h95", "h", "95%"), ("a95", "a", "95%")):
+        (tmp_path / f"{name}.json").write_text(results(scenario, case))
+    from click.testing import CliRunner
+    result = CliRunner().invoke(sweep.main, ["--results", str(tmp_path / "h70.json"), "--results",
+                                             str(tmp_path / "h95.json"), "--out", str(tmp_path / "out"),
+                                             "--step", "0.35"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "sweep.md").read_text()
+    assert text.startswith("# Scenario (h) over load") and "| 0.95 [0.95-0.95] |" in text
+    assert (tmp_path / "out" / "h-sweep.png").stat().st_size > 1000
+    result = CliRunner().invoke(sweep.main, ["--results", str(tmp_path / "h70.json"), "--results",
+                                             str(tmp_path / "a95.json"), "--out", str(tmp_path / "mixed")])
+    assert result.exit_code == 2 and "expected runs of one scenario, got a, h" in result.output
+    assert not (tmp_path / "mixed").exists()
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to tell a pinned thread from another")
