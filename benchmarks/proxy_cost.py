@@ -26,24 +26,19 @@ Figures depend on the machine; compare systems within one run.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import collections
 import contextlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-import aiohttp
 import psutil
 
-from benchmarks import loadgen, metrics, systems
+from benchmarks import loadgen, metrics, stats, systems
 from benchmarks.common import ROOT, free_port
 from benchmarks.workload import Backend, capacity, mean_tokens, poisson
 
@@ -161,62 +156,73 @@ http {{
     return process, ports
 
 
-async def _rate_run(url: str, headers: dict, rate: float, window: float, seed: int) -> list[tuple[float, float, str]]:
-    """Open-loop non-streamed chat completions at `rate`/s (Poisson) for `window` s:
-    [(lateness s, latency s from the scheduled send, "ok" or the error: http_<status> or the
-    client's exception)]."""
-    rng, at, schedule = random.Random(seed), 0.0, []
-    while True:
-        at += rng.expovariate(rate)
-        if at >= window:
-            break
-        schedule.append(at)
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    results: list[tuple[float, float, str]] = []
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        start = time.perf_counter()
-
-        async def one(when: float) -> None:
-            await asyncio.sleep(max(0.0, start + when - time.perf_counter()))
-            sent = time.perf_counter() - start
-            try:
-                async with session.post(f"{url}/chat/completions", json=body, headers=headers) as response:
-                    await response.read()
-                    outcome = "ok" if response.status == 200 else f"http_{response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                outcome = type(e).__name__
-            results.append((sent - when, time.perf_counter() - start - when, outcome))
-        await asyncio.gather(*(one(when) for when in schedule))
-    return results
+WRK_SCRIPT = ROOT / "benchmarks" / "configs" / "wrk-think.lua"
+WRK_CONNECTIONS = 200
 
 
-def added_latency(running: systems.Running, rates: list[float], window: float) -> list[dict]:
-    """Latency percentiles (ms) at each rate through `running`, with the client's lateness."""
+def wrk_run(url: str, headers: dict, rate: float, window: float, seed: int,
+            connections: int = WRK_CONNECTIONS) -> dict:
+    """Non-streamed chat completions to `url` (an OpenAI base URL, ".../v1") from wrk (Debian's
+    wrk 4.1, one thread on this process's CPUs) for `window` seconds at about `rate` requests/s:
+    `connections` keep-alive connections, each sending after an exponential think time of mean
+    connections/rate seconds (whole milliseconds, wrk's timer resolution) from its previous
+    answer (configs/wrk-think.lua, seeded by `seed`).
+
+    That is not a strict open loop: a connection waiting on an answer sends its next request
+    late. While answers take about a millisecond, a few of the 200 connections wait at any time and
+    the others keep sending on their own clocks, so a stall of the proxy is still met by most of
+    the arrivals it would have met. Latency is wrk's, from the request's write to the answer's
+    end; the client's lateness (a write after its think time ended) is measured by the script.
+
+    Returns {"requests" (completed), "errors" {kind: n}, "achieved_rate" (per s), "p50_ms",
+    "p99_ms", "p99.9_ms" (None below 10,000 requests), "mean_ms", "max_ms", "lateness_p99_ms"}.
+
+    Raises:
+        SystemExit: wrk is not installed, or it printed no results.
+    """
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (scripts/setup-bench.sh)")
+    env = dict(os.environ, BENCH_SEED=str(seed), BENCH_THINK_MS=f"{1000 * connections / rate:.3f}",
+               BENCH_AUTHORIZATION=headers.get("Authorization", ""))
+    done = subprocess.run([binary, "-t1", f"-c{connections}", f"-d{window:g}s", "--timeout", "30s",
+                           "-s", str(WRK_SCRIPT), f"{url}/chat/completions"],
+                          env=env, capture_output=True, text=True, timeout=window + 120)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("wrk-json: ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no results (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    return parse_wrk(json.loads(line.removeprefix("wrk-json: ")))
+
+
+def parse_wrk(raw: dict) -> dict:
+    """The figures of one wrk run from the script's JSON line (microseconds; see wrk_run)."""
+    errors = {kind: raw[f"{kind}_errors" if kind != "timeouts" else kind]
+              for kind in ("connect", "read", "write", "status", "timeouts")}
+
+    def ms(key: str) -> float | None:
+        return round(raw[key] / 1000, 3) if raw[key] >= 0 else None
+    return {"requests": raw["requests"], "errors": {k: v for k, v in errors.items() if v},
+            "achieved_rate": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+            "p50_ms": ms("p50_us"), "p99_ms": ms("p99_us"),
+            "p99.9_ms": ms("p99.9_us") if raw["requests"] >= 10_000 else None,
+            "mean_ms": round(raw["mean_us"] / 1000, 3), "max_ms": ms("max_us"),
+            "lateness_p99_ms": ms("lateness_p99_us")}
+
+
+def added_latency(running: systems.Running, rates: list[float], window: float, seed: int) -> list[dict]:
+    """One wrk run (wrk_run) at each rate through `running`, after 2 s at that rate whose figures
+    are dropped (connections opened, caches warm); a run whose client lateness p99 exceeds
+    metrics.MAX_LATENESS_P99 is marked invalid."""
     rows = []
     for rate in rates:
-        results = asyncio.run(_rate_run(running.urls[0], running.headers, rate, window, seed=int(rate)))
-        ok = [latency for _, latency, outcome in results if outcome == "ok"]
-        lateness = _quantile([late for late, _, _ in results], 99)
-        errors = collections.Counter(outcome for _, _, outcome in results if outcome != "ok")
-        row = {"rate": rate, "requests": len(results), "errors": dict(errors),
-               "lateness_p99_ms": round(lateness * 1000, 2) if lateness is not None else None,
-               "valid": lateness is not None and lateness <= metrics.MAX_LATENESS_P99}
-        for q in (50, 99, 99.9):
-            value = _quantile(ok, q)
-            row[f"p{q:g}_ms"] = round(value * 1000, 3) if value is not None else None
+        wrk_run(running.urls[0], running.headers, rate, 2, seed + 1000)
+        row = {"rate": rate, "seed": seed, **wrk_run(running.urls[0], running.headers, rate, window, seed)}
+        late = row["lateness_p99_ms"]
+        row["valid"] = late is not None and late <= 1000 * metrics.MAX_LATENESS_P99
         rows.append(row)
-        print(f"    {running.name:>10} {rate:>6g}/s: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "rate"),
-              file=sys.stderr, flush=True)
+        print(f"    {running.name:>10} {rate:>6g}/s seed {seed}: " + ", ".join(
+            f"{k} {v}" for k, v in row.items() if k not in ("rate", "seed")), file=sys.stderr, flush=True)
     return rows
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    """The nearest-rank q-th percentile (q may be 99.9); None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 def llm_cost(name: str, window: float, folder: Path, seed: int = 1) -> dict:
@@ -255,18 +261,31 @@ def llm_cost(name: str, window: float, folder: Path, seed: int = 1) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--systems", default="hpcserve,haproxy-lc,nginx-lc,litellm")
-    parser.add_argument("--rates", default="100,300,600,1000", help="request rates of the latency part (per s)")
+    parser.add_argument("--part", choices=("cost", "latency", "both"), default="both",
+                        help="the cost under the LLM workload, the added latency, or both")
+    parser.add_argument("--systems", default="hpcserve,haproxy-lc,nginx-lc,litellm",
+                        help="systems of the cost part")
+    parser.add_argument("--latency-systems", default="hpcserve,haproxy-lc,nginx-lc",
+                        help="systems of the latency part (each measured against direct access)")
+    parser.add_argument("--rates", default="100,300,1000,2000,5000", help="request rates of the latency part (per s)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the latency part (each system once per seed)")
     parser.add_argument("--window", type=float, default=20.0, help="seconds of each run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "proxy-cost.json")
     args = parser.parse_args(argv)
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise SystemExit("needs 2 CPUs: the proxy is pinned to CPU 1, everything else to CPU 0")
-    names = [n for n in args.systems.split(",") if n]
-    unknown = [n for n in names if n not in systems.SYSTEMS]
-    if unknown:
-        raise SystemExit(f"--systems: unknown {', '.join(unknown)}; expected some of {', '.join(systems.SYSTEMS)}")
-    rates = [float(r) for r in args.rates.split(",") if r]
+    names = [n for n in args.systems.split(",") if n] if args.part != "latency" else []
+    latency_names = [n for n in args.latency_systems.split(",") if n] if args.part != "cost" else []
+    for option, listed in (("--systems", names), ("--latency-systems", latency_names)):
+        unknown = [n for n in listed if n not in systems.SYSTEMS]
+        if unknown:
+            raise SystemExit(f"{option}: unknown {', '.join(unknown)}; expected some of {', '.join(systems.SYSTEMS)}")
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r]
+    except ValueError:
+        raise SystemExit(f"--rates: expected numbers separated by commas, got {args.rates!r}") from None
+    if args.seeds < 1 or any(r <= 0 for r in rates):
+        raise SystemExit("--seeds and every --rates value must be positive")
     os.sched_setaffinity(0, CLIENT_CPU)
     results: dict = {"meta": {"cpus": {"proxy": sorted(PROXY_CPU), "client_and_backends": sorted(CLIENT_CPU)},
                               "window_s": args.window, "command": "python -m benchmarks.proxy_cost " + " ".join(
@@ -278,42 +297,70 @@ def main(argv: list[str] | None = None) -> None:
             print(f"cost under the LLM workload: {name}", file=sys.stderr, flush=True)
             results["llm_cost"].append(llm_cost(name, args.window, folder / f"cost-{name}"))
             print(f"    {results['llm_cost'][-1]}", file=sys.stderr, flush=True)
-        mock, ports = start_mock(folder / "mock")
-        try:
-            Tree(ports[0]).pin(CLIENT_CPU)
-            for name in ["direct", *names]:
-                print(f"added latency: {name}", file=sys.stderr, flush=True)
-                urls = [f"http://127.0.0.1:{p}/v1" for p in ports]
-                running = systems.start(name, urls[:1] if name == "direct" else urls, 8, folder / f"lat-{name}")
-                try:
-                    if name != "direct":
-                        Tree(systems.port_of(running.urls[0])).pin(PROXY_CPU)
-                    results["added_latency"][name] = added_latency(running, rates, args.window)
-                finally:
-                    running.stop()
-        finally:
-            mock.terminate()
-            mock.wait(10)
+        if latency_names:
+            results["meta"]["latency_client"] = {"tool": subprocess.run(["wrk", "--version"], capture_output=True,
+                                                                         text=True).stdout.splitlines()[0:1],
+                                                 "connections": WRK_CONNECTIONS, "threads": 1}
+            mock, ports = start_mock(folder / "mock")
+            try:
+                Tree(ports[0]).pin(CLIENT_CPU)
+                for seed in range(1, args.seeds + 1):   # systems interleaved: each once per seed
+                    for name in ["direct", *latency_names]:
+                        print(f"added latency: {name}, seed {seed}", file=sys.stderr, flush=True)
+                        urls = [f"http://127.0.0.1:{p}/v1" for p in ports]
+                        running = systems.start(name, urls[:1] if name == "direct" else urls, 8,
+                                                folder / f"lat-{name}-{seed}")
+                        try:
+                            if name != "direct":
+                                Tree(systems.port_of(running.urls[0])).pin(PROXY_CPU)
+                            results["added_latency"].setdefault(name, []).extend(
+                                added_latency(running, rates, args.window, seed))
+                        finally:
+                            running.stop()
+            finally:
+                mock.terminate()
+                mock.wait(10)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
 
 
 def table(results: dict) -> str:
-    """The figures as Markdown tables."""
-    lines = ["| system | CPU-ms / request | CPU-ms / 1,000 tokens | peak RSS MiB | processes |",
-             "|---|---:|---:|---:|---:|"]
-    for row in results["llm_cost"]:
-        lines.append(f"| {row['system']} | {row['cpu_ms_per_request']} | {row['cpu_ms_per_1000_tokens']} | "
-                     f"{row['peak_rss_mib']} | {row['processes']} |")
-    lines += ["", "| system | rate/s | p50 ms | p99 ms | p99.9 ms | errors | client lateness p99 ms |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    """The figures as Markdown tables: the cost part's rows; and for the latency part, per system
+    and rate, the median over seeds [bootstrap 95% interval] of p50, p99 and p99.9 (ms), and of
+    the p50 and p99 added to direct access's (paired by seed), over valid runs only."""
+    lines = []
+    if results["llm_cost"]:
+        lines += ["| system | CPU-ms / request | CPU-ms / 1,000 tokens | peak RSS MiB | processes |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in results["llm_cost"]:
+            lines.append(f"| {row['system']} | {row['cpu_ms_per_request']} | {row['cpu_ms_per_1000_tokens']} | "
+                         f"{row['peak_rss_mib']} | {row['processes']} |")
+        lines.append("")
+    if not results["added_latency"]:
+        return "\n".join(lines)
+    direct = {(r["rate"], r["seed"]): r for r in results["added_latency"].get("direct", []) if r["valid"]}
+    lines += ["| system | rate/s | runs valid | requests/s | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms "
+              "| errors | client lateness p99 ms (max) |",
+              "|---|---:|---:|---:|---|---|---|---|---|---:|---:|"]
     for name, rows in results["added_latency"].items():
-        for row in rows:
-            mark = "" if row["valid"] else " (invalid: client late)"
-            errors = ", ".join(f"{n} x {kind}" for kind, n in row["errors"].items()) or "0"
-            lines.append(f"| {name} | {row['rate']:g}{mark} | {row['p50_ms']} | {row['p99_ms']} | {row['p99.9_ms']} | "
-                         f"{errors} | {row['lateness_p99_ms']} |")
+        for rate in sorted({r["rate"] for r in rows}):
+            runs = [r for r in rows if r["rate"] == rate]
+            valid = [r for r in runs if r["valid"]]
+
+            def over(key: str, runs: list[dict] = valid, digits: int = 3) -> str:
+                return stats.text(stats.median_interval([r[key] for r in runs]), digits=digits)
+
+            def added(key: str, runs: list[dict] = valid) -> str:
+                pairs = [r[key] - direct[(rate, r["seed"])][key] for r in runs
+                         if (rate, r["seed"]) in direct and r[key] is not None]
+                return "-" if name == "direct" else stats.text(stats.median_interval(pairs), digits=3)
+
+            errors = sum(sum(r["errors"].values()) for r in runs)
+            lateness = max((r["lateness_p99_ms"] or 0) for r in runs)
+            lines.append(f"| {name} | {rate:g} | {len(valid)}/{len(runs)} | {over('achieved_rate', digits=0).split(' ')[0]} | "
+                         f"{over('p50_ms')} | {over('p99_ms')} | {over('p99.9_ms')} | {added('p50_ms')} | "
+                         f"{added('p99_ms')} | {errors} | {lateness} |")
     return "\n".join(lines)
 
 

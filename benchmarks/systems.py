@@ -37,7 +37,8 @@ POLICY = {"hpcserve": "least-connections + slot cap", "haproxy-lc": "least-conne
           "nginx-lc": "least-connections", "nginx-maxconns": "least-connections + slot cap, no queue",
           "litellm": "least-connections", "haproxy-rr": "round-robin", "nginx-rr": "round-robin",
           "direct": "round-robin", "hpcserve-no-maxconn": "least-connections",
-          "hpcserve-no-leastconn": "round-robin + slot cap"}
+          "hpcserve-no-leastconn": "round-robin + slot cap",
+          "hpcserve-no-server-close": "least-connections + slot cap"}
 SYSTEMS = tuple(POLICY)
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 

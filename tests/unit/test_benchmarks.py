@@ -491,3 +491,36 @@ def test_pinning_a_proxy_moves_every_thread_of_it_not_only_the_first():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_wrk_run_reads_in_milliseconds_and_gives_a_p99_9_only_over_10000_requests():
+    from benchmarks import proxy_cost
+    raw = {"duration_us": 20_000_000, "requests": 9_999, "connect_errors": 0, "read_errors": 2, "write_errors": 0,
+           "status_errors": 5, "timeouts": 1, "p50_us": 180, "p99_us": 1_250, "p99.9_us": 4_000, "max_us": 9_000,
+           "mean_us": 210.4, "lateness_p99_us": 1_030, "lateness_max_us": 4_000}
+    figures = proxy_cost.parse_wrk(raw)
+    assert figures["p50_ms"] == 0.18 and figures["p99_ms"] == 1.25 and figures["lateness_p99_ms"] == 1.03
+    assert figures["achieved_rate"] == pytest.approx(499.95, abs=0.1)
+    assert figures["errors"] == {"read": 2, "status": 5, "timeouts": 1}
+    assert figures["p99.9_ms"] is None                  # the 10th largest of 10,000 at least
+    assert proxy_cost.parse_wrk({**raw, "requests": 10_000})["p99.9_ms"] == 4.0
+    assert proxy_cost.parse_wrk({**raw, "lateness_p99_us": -1})["lateness_p99_ms"] is None   # no request sent
+
+
+def test_the_latency_table_pairs_each_system_with_direct_access_by_rate_and_seed_over_valid_runs():
+    from benchmarks import proxy_cost
+
+    def row(rate, seed, p50, p99, valid=True):
+        return {"rate": rate, "seed": seed, "achieved_rate": rate, "p50_ms": p50, "p99_ms": p99, "p99.9_ms": None,
+                "errors": {}, "lateness_p99_ms": 1.0 if valid else 12.0, "valid": valid}
+    results = {"llm_cost": [], "added_latency": {
+        "direct": [row(1000, 1, 0.1, 0.3), row(1000, 2, 0.2, 0.5)],
+        "hpcserve": [row(1000, 1, 0.4, 1.3), row(1000, 2, 0.5, 1.5), row(1000, 3, 9.0, 90.0, valid=False)]}}
+    text = proxy_cost.table(results)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| hpcserve |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2] == "2/3"                            # the late run is counted, not used
+    assert cells[7] == "0.300 [0.300-0.300]"            # added p50: 0.4-0.1 and 0.5-0.2, paired by seed
+    assert cells[8] == "1.000 [1.000-1.000]"            # added p99
+    assert cells[10] == "12.0"                          # the worst client lateness is shown
+
