@@ -47,7 +47,7 @@ def main() -> None:
 @click.option("--window", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds of arrivals per case (5 for a smoke run; figures need 30 or more).")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Scenarios (a), (c), (g) and (h): seeds per case (medians and intervals over them).")
+              help="Seeds per case of every scenario but (e) (medians and intervals over them).")
 @click.option("--loads", default="0.5,0.8,0.95,1.2", show_default=True,
               help="Scenarios (a) and (h): comma-separated shares of the pool's capacity.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,

@@ -111,6 +111,42 @@ def seeded_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def seeded_traffic_table(records: list[dict]) -> list[str]:
+    """Markdown lines for a traffic scenario without an SLO run over seeds ((b), (d), (f)): per
+    (case, system) what was completed of what was sent over every run, and the median over the
+    valid runs [bootstrap 95% interval] of TTFT p50 and p99, TTFT p99 / hpcserve's (paired by
+    seed) and the inter-token gaps' p01, p50 and p99."""
+    lines = ["| case | system (policy) | valid runs | completed / sent (all runs) | TTFT p50 s | TTFT p99 s "
+             "| p99 / hpcserve | ITL p01 ms | ITL p50 ms | ITL p99 ms | errors (all runs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {name: i for i, name in enumerate(POLICY)}
+    for case in dict.fromkeys(r["case"] for r in records):
+        rows = [r for r in records if r["case"] == case]
+        valid = [r for r in rows if r["summary"].get("valid", True)]
+        hp = _per_seed([r for r in valid if r["system"] == "hpcserve"], lambda r: r["summary"]["ttft_p99"])
+        refs = [r["reference"] for r in rows if r.get("reference") and r["system"] == rows[0]["system"]]
+        if refs:
+            lines.append(f"| {case} | {REFERENCE} | {len(refs)} | {sum(x['completed'] for x in refs)} / "
+                         f"{sum(x['requests'] for x in refs)} "
+                         f"| {stats.text(stats.median_interval([x['ttft_p50'] for x in refs]))} "
+                         f"| {stats.text(stats.median_interval([x['ttft_p99'] for x in refs]))} | - | - | - | - | - |")
+        for system in sorted(dict.fromkeys(r["system"] for r in rows), key=lambda n: order.get(n, len(order))):
+            mine = [r for r in valid if r["system"] == system]
+            every = [r for r in rows if r["system"] == system]
+            p99 = _per_seed(mine, lambda r: r["summary"]["ttft_p99"])
+
+            def over(key: str, digits: int = 2, scale: float = 1.0, runs: list[dict] = mine) -> str:
+                return stats.text(stats.median_interval([r["summary"][key] for r in runs]), digits, scale)
+            lines.append(
+                f"| {case} | {system} ({POLICY.get(system, '?')}) | {len(mine)}/{len(every)} "
+                f"| {sum(r['summary']['completed'] for r in every)} / {sum(r['summary']['requests'] for r in every)} "
+                f"| {over('ttft_p50')} | {over('ttft_p99')} "
+                f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, hp)))} "
+                f"| {over('itl_p01', 1, 1000)} | {over('itl_p50', 1, 1000)} | {over('itl_p99', 1, 1000)} "
+                f"| {_errors(_summed_errors(every))} |")
+    return lines
+
+
 def churn_table(records: list[dict]) -> list[str]:
     """Markdown lines for scenario (c) (benchmarks/churn.py): per system the median over its runs
     [bootstrap 95% interval] of the share of requests lost, requests/s and TTFT p99, and over
@@ -157,10 +193,10 @@ def markdown(results: dict, plots: list[str]) -> str:
            "heuristic, not a bound) for the same arrivals and service times; `/ own policy's model` by "
            "the model of the system's own policy (what its implementation adds); `x hpcserve` and "
            "`/ hpcserve` by hpcserve's (below 1.00: that system was faster). TTFT counts from the "
-           "scheduled send and is over completed requests. Scenarios (a), (g) and (h): median over seeds "
+           "scheduled send and is over completed requests. Seeded runs: median over seeds "
            "[bootstrap 95% interval]; a run whose client sent more than 10 ms late (p99) is invalid and "
-           "left out of the medians; the first 10% of each window is warm-up, left out; errors are SLO "
-           "misses. SLO in (a) and (h): first token within 2 s and mean inter-token gap within 1.5x the "
+           "left out of the medians. In (a), (g) and (h) the first 10% of each window is warm-up, left out, "
+           "and errors are SLO misses. SLO in (a) and (h): first token within 2 s and mean inter-token gap within 1.5x the "
            "slower backends' (in (h), a slot's in a full batch); in (g): first token within 10 s (twice a 32k prompt's own prefill) and mean "
            "inter-token gap within 100 ms.", ""]
     for scenario in sorted({r["scenario"] for r in results["records"]}):
@@ -171,7 +207,7 @@ def markdown(results: dict, plots: list[str]) -> str:
         elif scenario == "c":
             out += churn_table(records)
         elif any("seed" in r for r in records):
-            out += seeded_table(records)
+            out += seeded_traffic_table(records) if scenario in ("b", "d", "f") else seeded_table(records)
         else:
             out += traffic_table(records)
         out += [""] + [f"![{p}]({p})" for p in plots if p.startswith(f"{scenario}-")] + [""]

@@ -26,8 +26,8 @@ from hpcserve.llama.simulator import BatchProfile
 class Settings:
     """How long and how hard: `window` seconds of arrivals per case (quick runs are for smoke
     tests, not figures), `systems` to compare, `folder` for configs and logs, `progress` a
-    callable(str) for long waits; for scenario (a): `seeds` arrival sequences (1..seeds) and
-    `loads` (shares of the pool's capacity)."""
+    callable(str) for long waits; `seeds` arrival sequences (1..seeds) of every scenario but (e);
+    for scenarios (a) and (h) `loads` (shares of the pool's capacity)."""
 
     window: float
     systems: tuple[str, ...]
@@ -83,6 +83,27 @@ def _against_all(settings: Settings, scenario: str, cases: list[tuple[str, float
                 records.append(record)
         finally:
             system.stop()
+    return records
+
+
+def _rotated(names: tuple[str, ...], seed: int) -> tuple[str, ...]:
+    """`names` in the order seed `seed` runs them: rotated by one place per seed, so that no system
+    always runs first (on a warm or a cold machine)."""
+    k = seed % len(names)
+    return names[k:] + names[:k]
+
+
+def _over_seeds(settings: Settings, scenario: str, cases_of, pool: list[Backend] | None,
+                backends: list[systems.Running], slots: int, hpcserve_settings: dict | None = None) -> list[dict]:
+    """_against_all once per seed 1..settings.seeds, with that seed's cases (`cases_of(seed)`: the
+    arrival sequence of the seed, the same for every system) and the systems in the seed's order
+    (_rotated); each record carries its "seed"."""
+    records = []
+    for seed in range(1, settings.seeds + 1):
+        settings.progress(f"{scenario} seed {seed}")
+        rotated = dataclasses.replace(settings, systems=_rotated(settings.systems, seed))
+        records += [{**r, "seed": seed} for r in _against_all(rotated, scenario, cases_of(seed), pool, backends,
+                                                             slots, hpcserve_settings=hpcserve_settings)]
     return records
 
 
@@ -172,8 +193,7 @@ def _seeded_loads(settings: Settings, scenario: str) -> list[dict]:
                 requests = poisson(full * share, settings.window, seed=seed)
                 case = f"{int(round(share * 100))}%"
                 models = _models(settings.systems, requests, pool, warmup)
-                k = seed % len(settings.systems)
-                for name in settings.systems[k:] + settings.systems[:k]:
+                for name in _rotated(settings.systems, seed):
                     _idle(sims)
                     before = systems.served_counts(sims)
                     label = f"{scenario} {case} seed {seed}"
@@ -201,11 +221,11 @@ def scenario_b(settings: Settings) -> list[dict]:
     within the run."""
     pool = [Backend(4, 10.0) for _ in range(4)]
     full = capacity(pool, mean_tokens())
-    requests = poisson(full * 5, min(10.0, settings.window), seed=5)
     sims = systems.start_simulators(pool, settings.folder / "b" / "sims")
     try:
-        return _against_all(settings, "b", [("5x", full * 5, requests, settings.window + 150)], pool, sims,
-                            slots=4, hpcserve_settings={"timeout_queue": 10})
+        return _over_seeds(settings, "b", lambda seed: [
+            ("5x", full * 5, poisson(full * 5, min(10.0, settings.window), seed=seed), settings.window + 150)],
+            pool, sims, slots=4, hpcserve_settings={"timeout_queue": 10})
     finally:
         for sim in sims:
             sim.stop()
@@ -216,10 +236,11 @@ def scenario_d(settings: Settings) -> list[dict]:
     half the capacity of 4 backends x 4 slots; inter-token gaps through each system vs direct."""
     pool = [Backend(4, 20.0) for _ in range(4)]
     full = capacity(pool, 64)
-    requests = poisson(full * 0.5, settings.window, seed=4, tokens=lambda rng: 64)
     sims = systems.start_simulators(pool, settings.folder / "d" / "sims")
     try:
-        return _against_all(settings, "d", [("50%", full * 0.5, requests, settings.window + 60)], pool, sims, slots=4)
+        return _over_seeds(settings, "d", lambda seed: [
+            ("50%", full * 0.5, poisson(full * 0.5, settings.window, seed=seed, tokens=lambda rng: 64),
+             settings.window + 60)], pool, sims, slots=4)
     finally:
         for sim in sims:
             sim.stop()
@@ -234,20 +255,23 @@ def scenario_f(settings: Settings) -> list[dict]:
     folder = settings.folder / "f"
     folder.mkdir(parents=True, exist_ok=True)
     window = max(settings.window, 60)
-    requests = poisson(0.5, window, seed=6, tokens=lambda rng: 32)
     records = []
-    for name in settings.systems:
-        servers = []
-        try:
-            for i in range(2):
-                process, port = start_llama_server(MODEL, folder / f"llama-server-{name}-{i}.log", parallel=2,
-                                                   ctx=2048, threads=1)
-                servers.append(systems.Running("llama-server", [f"http://127.0.0.1:{port}/v1"], process))
-            records += _against_all(dataclasses.replace(settings, systems=(name,)), "f",
-                                    [("real", 0.5, requests, window + 120)], None, servers, slots=2, simulated=False)
-        finally:
-            for server in servers:
-                server.stop()
+    for seed in range(1, settings.seeds + 1):
+        requests = poisson(0.5, window, seed=seed, tokens=lambda rng: 32)
+        for name in _rotated(settings.systems, seed):
+            servers = []
+            try:
+                for i in range(2):
+                    process, port = start_llama_server(MODEL, folder / f"llama-server-{name}-{i}.log", parallel=2,
+                                                       ctx=2048, threads=1)
+                    servers.append(systems.Running("llama-server", [f"http://127.0.0.1:{port}/v1"], process))
+                settings.progress(f"f seed {seed}")
+                records += [{**r, "seed": seed} for r in _against_all(
+                    dataclasses.replace(settings, systems=(name,)), "f", [("real", 0.5, requests, window + 120)],
+                    None, servers, slots=2, simulated=False)]
+            finally:
+                for server in servers:
+                    server.stop()
     return records
 
 
@@ -304,8 +328,7 @@ def scenario_g(settings: Settings) -> list[dict]:
             requests = prefill_heavy(full * share, settings.window, seed=seed)
             _ = [r.prompt for r in requests]  # made now, not at the send time
             models = _models(settings.systems, requests, pool, warmup)
-            k = seed % len(settings.systems)
-            for name in settings.systems[k:] + settings.systems[:k]:
+            for name in _rotated(settings.systems, seed):
                 _idle(sims)
                 settings.progress(f"g seed {seed}: {name}, {len(requests)} requests")
                 system = running[name]

@@ -524,3 +524,25 @@ def test_the_latency_table_pairs_each_system_with_direct_access_by_rate_and_seed
     assert cells[8] == "1.000 [1.000-1.000]"            # added p99
     assert cells[10] == "12.0"                          # the worst client lateness is shown
 
+
+def test_a_seeded_traffic_scenario_reports_completions_over_every_run_and_medians_over_valid_ones(tmp_path):
+    def record(system, seed, ttft, completed=10, late=0.0):
+        requests = poisson(5, 4, seed=seed)[:12]
+        outcomes = [Outcome(sent=r.at + late, scheduled=r.at, status=200 if i < completed else 503,
+                            ttft=ttft * seed if i < completed else None, ended=r.at + 1, tokens=5 if i < completed else 0,
+                            gaps=[0.05] * 4 if i < completed else [], error="" if i < completed else "http_503")
+                    for i, r in enumerate(requests)]
+        return {"scenario": "b", "case": "5x", "system": system, "seed": seed, "offered_rps": 5.0,
+                "summary": metrics.summarize(outcomes)}
+    records = [record("hpcserve", seed, 0.2) for seed in (1, 2)] + [record("nginx-lc", 1, 0.6, completed=12),
+                                                                     record("nginx-lc", 2, 0.6, completed=12),
+                                                                     record("nginx-lc", 3, 0.6, late=0.05)]
+    results = {"meta": {"started": "now", "machine": "test", "command": "python -m benchmarks run", "window_s": 4,
+                        "systems": ["hpcserve", "nginx-lc"]}, "records": records}
+    text = report.write(results, tmp_path).read_text()
+    cells = [c.strip() for c in next(ln for ln in text.splitlines() if "| nginx-lc (" in ln).split("|")]
+    assert cells[3] == "2/3"                               # the late client's run is left out of the medians...
+    assert cells[4] == "34 / 36"                           # ...not out of what was completed and sent
+    assert cells[7] == "3.00 [3.00-3.00]"                  # TTFT p99 / hpcserve's, paired by seed
+    assert cells[9] == "50.0 [50.0-50.0]"                  # ITL p50 ms
+    assert cells[11] == "http_503 2"
