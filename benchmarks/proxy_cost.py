@@ -1,24 +1,27 @@
 """What the balancer itself costs: CPU and memory per request and per streamed token, and the
 latency it adds at high request rates.
 
-    .venv/bin/python -m benchmarks.proxy_cost [--systems hpcserve,haproxy-lc,nginx-lc,litellm]
-        [--rates 100,300,600,1000] [--window 20] [--out benchmarks/results/proxy-cost.json]
+    .venv/bin/python -m benchmarks.proxy_cost [--part cost|latency|both]
+        [--systems hpcserve,haproxy-lc,nginx-lc,litellm] [--latency-systems hpcserve,haproxy-lc,nginx-lc]
+        [--rates 100,300,1000,2000,5000] [--seeds 5] [--window 20] [--out benchmarks/results/proxy-cost.json]
 
 The proxy under test (every process of it: HAProxy's master and worker, nginx's master and workers,
 LiteLLM's workers) is pinned to CPU 1 with sched_setaffinity (what `taskset -p` does); this
 process, the load generator and the backends run on CPU 0. Two parts:
 
-- **Cost under the LLM workload.** Four hpcserve-llama-sim backends (4 slots, 50 tokens/s each)
-  get scenario (a)'s heavy-tailed Poisson workload at 60% of their capacity, streamed, for the
-  window. The proxy's CPU time (user + system, psutil, over its processes) and its memory (sum of
-  RSS, sampled every 0.25 s) give CPU-ms per request, CPU-ms per 1,000 streamed tokens and peak RSS.
-- **Added latency at high request rates.** A fast non-LLM mock (nginx answering every chat
-  completion at once with a fixed OpenAI-shaped body, on 4 ports as 4 servers) gets non-streamed
-  requests at each rate (Poisson, open loop) directly and through each proxy; p50/p99/p99.9 of the
-  latency counted from the scheduled send. A rate the Python client cannot keep (its lateness p99
-  above 10 ms, metrics.MAX_LATENESS_P99) is marked invalid and not compared: on 2 cores with a
-  Python client on one core that happened at 600-1,000 requests/s, well below what HAProxy or
-  nginx can do.
+- **Cost under the LLM workload** (--systems). Four hpcserve-llama-sim backends (4 slots, 50
+  tokens/s each) get scenario (a)'s heavy-tailed Poisson workload at 60% of their capacity,
+  streamed, for the window. The proxy's CPU time (user + system, psutil, over its processes) and
+  its memory (sum of RSS, sampled every 0.25 s) give CPU-ms per request, CPU-ms per 1,000 streamed
+  tokens and peak RSS.
+- **Added latency at high request rates** (--latency-systems). A fast non-LLM mock (nginx
+  answering every chat completion at once with a fixed OpenAI-shaped body, on 4 ports as 4
+  servers) gets non-streamed chat completions from wrk (wrk_run: 200 connections with exponential
+  think times, the client's lateness measured) at each rate, directly and through each proxy, each
+  system once per seed; p50/p99/p99.9 of wrk's latency, and what each proxy adds to direct
+  access's, paired by seed. A run whose client lateness p99 exceeds 10 ms
+  (metrics.MAX_LATENESS_P99) is invalid and left out of the medians. (This part's earlier Python
+  client measured mostly itself, direct access's p50 about 1.1 ms, and went late above 600/s.)
 
 Figures depend on the machine; compare systems within one run.
 """
@@ -182,7 +185,7 @@ def wrk_run(url: str, headers: dict, rate: float, window: float, seed: int,
     """
     binary = shutil.which("wrk")
     if binary is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk (scripts/setup-bench.sh)")
+        raise SystemExit("wrk is not installed: apt-get install wrk (scripts/setup.sh)")
     env = dict(os.environ, BENCH_SEED=str(seed), BENCH_THINK_MS=f"{1000 * connections / rate:.3f}",
                BENCH_AUTHORIZATION=headers.get("Authorization", ""))
     done = subprocess.run([binary, "-t1", f"-c{connections}", f"-d{window:g}s", "--timeout", "30s",
