@@ -338,3 +338,21 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
         assert json.loads(future.stdout)["rows"] == []
         csv_lines = p.hpcserve("usage", "--csv").stdout.splitlines()
         assert csv_lines[0].startswith("key,requests,ok,errors") and len(csv_lines) == 1 + len(sent)
+
+
+
+def test_a_redispatched_request_is_one_readable_access_log_line_and_counted_by_usage(tmp_path, gguf):
+    """HAProxy writes the retry count of a redispatched request as "+N" (%rc): the line stays JSON
+    and `hpcserve usage` counts the request. A server 103 in place of 102, at a port where nothing
+    listens, makes HAProxy retry its requests on server 101 (retry-on conn-failure, option
+    redispatch)."""
+    with pool(tmp_path, gguf, servers=2) as p:
+        live = {s.name: s for s in runtime.show_servers(p.proxy.paths.admin_socket)}["job101"]
+        p.proxy.update([Server("m", "101", "127.0.0.1", live.port), Server("m", "103", "127.0.0.1", free_port())])
+        sent = 20
+        assert [chat(p.url, p.owner).status_code for _ in range(sent)] == [200] * sent
+        records = p.records(sent)       # json.loads of every line: an unreadable one fails here
+        assert len(records) == sent and all(r["server"] == "job101" for r in records), [(r["server"], r["retries"], r["status"]) for r in records]
+        assert any(r["retries"].startswith("+") for r in records), [r["retries"] for r in records]
+        report = json.loads(p.hpcserve("usage", "--json").stdout)
+        assert sum(r["requests"] for r in report["rows"]) == sent
