@@ -73,6 +73,12 @@ def _per_seed(rows: list[dict], key) -> dict[int, float | None]:
     return {r["seed"]: key(r) for r in rows}
 
 
+def _in_policy_order(rows: list[dict]) -> list[str]:
+    """The systems of `rows`, in the order of systems.POLICY (others last, as they came)."""
+    order = {name: i for i, name in enumerate(POLICY)}
+    return sorted(dict.fromkeys(r["system"] for r in rows), key=lambda n: order.get(n, len(order)))
+
+
 def seeded_table(records: list[dict]) -> list[str]:
     """Markdown lines for a scenario run over seeds: per (case, system) the median over the valid
     runs (client lateness p99 within metrics.MAX_LATENESS_P99) with its bootstrap 95% interval."""
@@ -90,8 +96,7 @@ def seeded_table(records: list[dict]) -> list[str]:
             ref_p50 = stats.median_interval([v["ttft_p50"] for v in refs.values()])
             lines.append(f"| {case} | {REFERENCE} | {len(refs)} | {stats.text(ref_p50)} | {stats.text(ref_p99)} "
                          "| - | 1.00 | - | - | - | - | - | - |")
-        order = {name: i for i, name in enumerate(POLICY)}
-        for system in sorted(dict.fromkeys(r["system"] for r in rows), key=lambda n: order.get(n, len(order))):
+        for system in _in_policy_order(rows):
             mine = [r for r in valid if r["system"] == system]
             every = [r for r in rows if r["system"] == system]
             p99 = _per_seed(mine, lambda r: r["summary"]["ttft_p99"])
@@ -119,7 +124,6 @@ def seeded_traffic_table(records: list[dict]) -> list[str]:
     lines = ["| case | system (policy) | valid runs | completed / sent (all runs) | TTFT p50 s | TTFT p99 s "
              "| p99 / hpcserve | ITL p01 ms | ITL p50 ms | ITL p99 ms | errors (all runs) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = {name: i for i, name in enumerate(POLICY)}
     for case in dict.fromkeys(r["case"] for r in records):
         rows = [r for r in records if r["case"] == case]
         valid = [r for r in rows if r["summary"].get("valid", True)]
@@ -130,7 +134,7 @@ def seeded_traffic_table(records: list[dict]) -> list[str]:
                          f"{sum(x['requests'] for x in refs)} "
                          f"| {stats.text(stats.median_interval([x['ttft_p50'] for x in refs]))} "
                          f"| {stats.text(stats.median_interval([x['ttft_p99'] for x in refs]))} | - | - | - | - | - |")
-        for system in sorted(dict.fromkeys(r["system"] for r in rows), key=lambda n: order.get(n, len(order))):
+        for system in _in_policy_order(rows):
             mine = [r for r in valid if r["system"] == system]
             every = [r for r in rows if r["system"] == system]
             p99 = _per_seed(mine, lambda r: r["summary"]["ttft_p99"])

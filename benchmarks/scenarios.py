@@ -258,6 +258,7 @@ def scenario_f(settings: Settings) -> list[dict]:
     records = []
     for seed in range(1, settings.seeds + 1):
         requests = poisson(0.5, window, seed=seed, tokens=lambda rng: 32)
+        settings.progress(f"f seed {seed}")
         for name in _rotated(settings.systems, seed):
             servers = []
             try:
@@ -265,7 +266,6 @@ def scenario_f(settings: Settings) -> list[dict]:
                     process, port = start_llama_server(MODEL, folder / f"llama-server-{name}-{i}.log", parallel=2,
                                                        ctx=2048, threads=1)
                     servers.append(systems.Running("llama-server", [f"http://127.0.0.1:{port}/v1"], process))
-                settings.progress(f"f seed {seed}")
                 records += [{**r, "seed": seed} for r in _against_all(
                     dataclasses.replace(settings, systems=(name,)), "f", [("real", 0.5, requests, window + 120)],
                     None, servers, slots=2, simulated=False)]
