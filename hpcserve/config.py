@@ -244,8 +244,7 @@ class HAProxy(_Strict):
     affinity_expire: float = Field(default=1800, gt=0, description="seconds a conversation stays on its server")
     affinity_max_queue: int = Field(default=1, ge=1,
                                     description="requests a conversation's server may have waiting before the "
-                                                "next one goes elsewhere; above 1, leastconn also queues other "
-                                                "requests on servers instead of the backend (HAProxy 2.6 maxqueue)")
+                                                "next one goes to the least busy server")
 
     batch_delay: float | None = Field(
         default=None, gt=0, le=524,

@@ -6,7 +6,7 @@ import json
 
 from .. import templates
 from ..config import Deployment, Model
-from ..core.pool import Server
+from ..core.pool import Server, server_name
 from ..state import HAProxyFiles, StateDir
 
 TEMPLATE = "haproxy.cfg.j2"
@@ -57,16 +57,16 @@ def server_options(deployment: Deployment, model: Model) -> str:
     retry lands there again: thousands of failed requests in 3 s (seen in
     tests/e2e/test_serving.py). Marking down only changes the state: sessions are never cut
     (that would be on-marked-down shutdown-sessions, which is never used).
+
+    No `maxqueue`, with affinity on or off: leastconn (lb_fwlc.c) still picks a server whose queue
+    is at maxqueue while served + queue < maxconn + maxqueue, e.g. in the moment between a slot
+    freeing and the queue moving up, and HAProxy then refuses (503, "SQ") every request not sent
+    there by persistence (backend.c srv_redispatch_connect, 2.6 to 3.x): 1 in ~4,100 requests of
+    the 200-stream test with affinity on. Affinity is bounded by the stick rule instead
+    (templates/haproxy.cfg.j2).
     """
-    options = (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise {RISE_NEVER} "
-               f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
-    if deployment.haproxy.affinity_header:
-        # Bounded affinity: a conversation waits for its server only while that server's own queue
-        # is shorter than this; the next request goes to another server. Above 1, leastconn also
-        # puts requests without affinity into servers' queues instead of the backend's, and those
-        # failed (503) when servers left the pool under load (HAProxy 2.6 manual, maxqueue; measured).
-        options += f" maxqueue {deployment.haproxy.affinity_max_queue}"
-    return options
+    return (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise {RISE_NEVER} "
+            f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")
 
 
 def paths(deployment: Deployment) -> HAProxyFiles:
@@ -115,6 +115,7 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
     return templates.render(TEMPLATE, deployment.templates_dir, deployment=deployment,
                             haproxy=deployment.haproxy, servers=by_model, backend_name=backend_name,
                             server_options=lambda model: server_options(deployment, model),
+                            server_prefix=server_name(""),
                             leaving=" disabled" if leaving_state(deployment) == "maint" else " weight 0",
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
                             keys_map=p.keys_map_file if deployment.haproxy.auth == "keys" else None,
