@@ -60,10 +60,10 @@ def server_options(deployment: Deployment, model: Model) -> str:
 
     No `maxqueue`, with affinity on or off: leastconn (lb_fwlc.c) still picks a server whose queue
     is at maxqueue while served + queue < maxconn + maxqueue (two requests picking the same full
-    server at once, or one arriving as a slot frees before the queue moves up), and HAProxy then refuses (503, "SQ") every request not sent
-    there by persistence (backend.c srv_redispatch_connect, 2.6 to 3.x): 1 in ~4,100 requests of
-    the 200-stream test with affinity on. Affinity is bounded by the stick rule instead
-    (templates/haproxy.cfg.j2).
+    server at once, or one arriving as a slot frees before the queue moves up), and HAProxy then
+    refuses (503, "SQ") every request not sent there by persistence (backend.c
+    srv_redispatch_connect, 2.6 to 3.x): 1 in ~4,100 requests of the 200-stream test with affinity
+    on. Affinity is bounded by the stick rule instead (templates/haproxy.cfg.j2).
     """
     return (f"check inter {templates.duration(deployment.haproxy.check_interval)} fall 3 rise {RISE_NEVER} "
             f"maxconn {model.parallel} observe layer4 error-limit 2 on-error mark-down")

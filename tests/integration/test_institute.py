@@ -340,7 +340,6 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
         assert csv_lines[0].startswith("key,requests,ok,errors") and len(csv_lines) == 1 + len(sent)
 
 
-
 def test_a_redispatched_request_is_one_readable_access_log_line_and_counted_by_usage(tmp_path, gguf):
     """HAProxy writes the retry count of a redispatched request as "+N" (%rc): the line stays JSON
     and `hpcserve usage` counts the request. A server 103 in place of 102, at a port where nothing
