@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks import stats
 from benchmarks.metrics import ratio
-from benchmarks.systems import POLICY
+from benchmarks.systems import POLICY, policy_label
 
 REFERENCE = "greedy central-queue model"
 TITLES = {"a": "(a) Heterogeneous pool, Poisson arrivals", "b": "(b) Overload at 5x for a bounded time",
@@ -103,7 +103,7 @@ def seeded_table(records: list[dict]) -> list[str]:
             errors = _summed_errors(every)
             late = [r["summary"].get("lateness_p99") for r in every if r["summary"].get("lateness_p99") is not None]
             lines.append(
-                f"| {case} | {system} ({POLICY.get(system, '?')}) | {len(mine)}/{len(every)} "
+                f"| {case} | {system} ({policy_label(system)}) | {len(mine)}/{len(every)} "
                 f"| {stats.text(stats.median_interval([r['summary']['ttft_p50'] for r in mine]))} "
                 f"| {stats.text(stats.median_interval(list(p99.values())))} "
                 f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, _per_seed(mine, lambda r: r.get('model', {}).get('ttft_p99')))))} "
@@ -142,7 +142,7 @@ def seeded_traffic_table(records: list[dict]) -> list[str]:
             def over(key: str, digits: int = 2, scale: float = 1.0, runs: list[dict] = mine) -> str:
                 return stats.text(stats.median_interval([r["summary"][key] for r in runs]), digits, scale)
             lines.append(
-                f"| {case} | {system} ({POLICY.get(system, '?')}) | {len(mine)}/{len(every)} "
+                f"| {case} | {system} ({policy_label(system)}) | {len(mine)}/{len(every)} "
                 f"| {sum(r['summary']['completed'] for r in every)} / {sum(r['summary']['requests'] for r in every)} "
                 f"| {over('ttft_p50')} | {over('ttft_p99')} "
                 f"| {stats.text(stats.median_interval(stats.paired_ratios(p99, hp)))} "
@@ -168,7 +168,7 @@ def churn_table(records: list[dict]) -> list[str]:
         drain = f"{_f(statistics.median(drains), 1)} / {_f(drains[-1], 1)}" if drains else "-"
         waiting = max((r.get("max_waiting") or 0 for r in rows), default=0)
         lines.append(
-            f"| {system} ({POLICY.get(system, '?')}) | {len(rows)} "
+            f"| {system} ({policy_label(system)}) | {len(rows)} "
             f"| {sum(r['summary']['completed'] for r in rows)} / {sum(r['summary']['requests'] for r in rows)} "
             f"| {stats.text(stats.median_interval(lost))} | {_errors(errors)} "
             f"| {stats.text(stats.median_interval([r['summary']['throughput_rps'] for r in rows]), 1)} "

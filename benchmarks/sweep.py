@@ -32,7 +32,7 @@ from pathlib import Path
 import click
 
 from benchmarks import metrics, policies, stats
-from benchmarks.systems import POLICY
+from benchmarks.systems import POLICY, policy_label
 from benchmarks.scenarios import WARMUP_SHARE, seeded_pool, seeded_slo
 from benchmarks.workload import capacity, mean_tokens, poisson
 
@@ -139,7 +139,7 @@ def table(found: dict[str, dict[int, dict[float, float | None]]],
         seeds = found[system]
         cells = [stats.text(stats.median_interval([runs.get(load) for runs in seeds.values()]), 3) for load in loads]
         model = models.get(POLICY.get(system, ""))
-        lines.append(f"| {system} ({POLICY.get(system, '?')}) | " + " | ".join(cells)
+        lines.append(f"| {system} ({policy_label(system)}) | " + " | ".join(cells)
                      + f" | {_highest(seeds)} | {_highest(model, 3) if model else '-'} |")
     return lines
 
