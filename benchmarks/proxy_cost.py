@@ -11,9 +11,11 @@ process, the load generator and the backends run on CPU 0. Two parts:
 
 - **Cost under the LLM workload** (--systems). Four hpcserve-llama-sim backends (4 slots, 50
   tokens/s each) get scenario (a)'s heavy-tailed Poisson workload at 60% of their capacity,
-  streamed, for the window. The proxy's CPU time (user + system, psutil, over its processes) and
-  its memory (sum of RSS, sampled every 0.25 s) give CPU-ms per request, CPU-ms per 1,000 streamed
-  tokens and peak RSS.
+  streamed, for the window, each system once per seed (the seed's arrivals, systems interleaved).
+  The proxy's CPU time (user + system, psutil, over its processes) and its memory (sum of RSS,
+  sampled every 0.25 s) give CPU-ms per request, CPU-ms per 1,000 streamed tokens and peak RSS;
+  the table gives their medians over seeds [bootstrap 95% interval], and each system's CPU-ms per
+  request over hpcserve's, paired by seed.
 - **Added latency at high request rates** (--latency-systems). A fast non-LLM mock (nginx
   answering every chat completion at once with a fixed OpenAI-shaped body, on 4 ports as 4
   servers) gets non-streamed chat completions from wrk (wrk_run: 200 connections with exponential
@@ -229,8 +231,9 @@ def added_latency(running: systems.Running, rates: list[float], window: float, s
 
 
 def llm_cost(name: str, window: float, folder: Path, seed: int = 1) -> dict:
-    """CPU-ms per request and per 1,000 streamed tokens, and peak RSS, of system `name` in front of
-    simulated backends under scenario (a)'s workload at 60% of capacity."""
+    """CPU-ms per request and per 1,000 streamed tokens, and peak RSS (MiB), of system `name` in
+    front of simulated backends under scenario (a)'s workload at 60% of capacity, for `window`
+    seconds of the arrivals of `seed`. Returns one row (a dict, "seed" among its keys)."""
     backends = systems.start_simulators(BACKENDS, folder / f"{name}-sims")
     try:
         pin([psutil.Process(b.process.pid) for b in backends if b.process], CLIENT_CPU)
@@ -255,7 +258,7 @@ def llm_cost(name: str, window: float, folder: Path, seed: int = 1) -> dict:
     done = [o for o in outcomes if not o.error]
     tokens = sum(o.tokens for o in done)
     figures = metrics.summarize(outcomes)
-    return {"system": name, "processes": processes, "requests": len(outcomes), "completed": len(done),
+    return {"system": name, "seed": seed, "processes": processes, "requests": len(outcomes), "completed": len(done),
             "tokens": tokens, "cpu_s": round(cpu, 3),
             "cpu_ms_per_request": round(1000 * cpu / len(done), 3) if done else None,
             "cpu_ms_per_1000_tokens": round(1e6 * cpu / tokens, 2) if tokens else None,
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-systems", default="hpcserve,haproxy-lc,nginx-lc",
                         help="systems of the latency part (each measured against direct access)")
     parser.add_argument("--rates", default="100,300,1000,2000,5000", help="request rates of the latency part (per s)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of the latency part (each system once per seed)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of each part (each system once per seed)")
     parser.add_argument("--window", type=float, default=20.0, help="seconds of each run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "proxy-cost.json")
     args = parser.parse_args(argv)
@@ -296,10 +299,11 @@ def main(argv: list[str] | None = None) -> None:
                      "llm_cost": [], "added_latency": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name in names:
-            print(f"cost under the LLM workload: {name}", file=sys.stderr, flush=True)
-            results["llm_cost"].append(llm_cost(name, args.window, folder / f"cost-{name}"))
-            print(f"    {results['llm_cost'][-1]}", file=sys.stderr, flush=True)
+        for seed in range(1, args.seeds + 1):   # systems interleaved: each once per seed
+            for name in names:
+                print(f"cost under the LLM workload: {name}, seed {seed}", file=sys.stderr, flush=True)
+                results["llm_cost"].append(llm_cost(name, args.window, folder / f"cost-{name}-{seed}", seed))
+                print(f"    {results['llm_cost'][-1]}", file=sys.stderr, flush=True)
         if latency_names:
             results["meta"]["latency_client"] = {"tool": subprocess.run(["wrk", "--version"], capture_output=True,
                                                                          text=True).stdout.splitlines()[0:1],
@@ -329,24 +333,50 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(results: dict) -> str:
-    """The figures as Markdown tables: the cost part's rows; and for the latency part, per system
-    and rate, the median over seeds [bootstrap 95% interval] of p50, p99 and p99.9 (ms), and of
-    the p50 and p99 added to direct access's (paired by seed), over valid runs only."""
+    """The figures as Markdown tables, over valid runs only: for the cost part, per system the
+    median over seeds [bootstrap 95% interval] of CPU-ms per request, CPU-ms per 1,000 tokens and
+    peak RSS (MiB), and its CPU-ms per request over hpcserve's, paired by seed (rows of an older
+    results file without "seed" count as seed 1); for the latency part, per system and rate, the
+    same medians of p50, p99 and p99.9 (ms), and of the p50 and p99 added to direct access's
+    (paired by seed)."""
     lines = []
     if results["llm_cost"]:
-        lines += ["| system | CPU-ms / request | CPU-ms / 1,000 tokens | peak RSS MiB | processes |",
-                  "|---|---:|---:|---:|---:|"]
-        for row in results["llm_cost"]:
-            lines.append(f"| {row['system']} | {row['cpu_ms_per_request']} | {row['cpu_ms_per_1000_tokens']} | "
-                         f"{row['peak_rss_mib']} | {row['processes']} |")
-        lines.append("")
+        lines += cost_table(results["llm_cost"]) + [""]
     if not results["added_latency"]:
         return "\n".join(lines)
-    direct = {(r["rate"], r["seed"]): r for r in results["added_latency"].get("direct", []) if r["valid"]}
+    lines += latency_table(results["added_latency"])
+    return "\n".join(lines)
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of the cost part's figures (see table)."""
+    lines = ["| system | runs valid | CPU-ms / request | / hpcserve's | CPU-ms / 1,000 tokens | peak RSS MiB | processes |",
+             "|---|---:|---|---|---|---|---:|"]
+    valid = [r for r in rows if r.get("valid", True)]
+    base = {r.get("seed", 1): r["cpu_ms_per_request"] for r in valid if r["system"] == "hpcserve"}
+    for name in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in valid if r["system"] == name]
+
+        def over(key: str, digits: int) -> str:
+            return stats.text(stats.median_interval([r[key] for r in mine]), digits=digits)
+
+        ratio = stats.paired_ratios({r.get("seed", 1): r["cpu_ms_per_request"] for r in mine}, base)
+        processes = sorted({r["processes"] for r in mine}) or ["-"]
+        lines.append(f"| {name} | {len(mine)}/{sum(r['system'] == name for r in rows)} "
+                     f"| {over('cpu_ms_per_request', 3)} | {stats.text(stats.median_interval(ratio))} "
+                     f"| {over('cpu_ms_per_1000_tokens', 1)} | {over('peak_rss_mib', 1)} "
+                     f"| {'-'.join(str(p) for p in dict.fromkeys((processes[0], processes[-1])))} |")
+    return lines
+
+
+def latency_table(added_latency: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines of the latency part's figures (see table)."""
+    lines = []
+    direct = {(r["rate"], r["seed"]): r for r in added_latency.get("direct", []) if r["valid"]}
     lines += ["| system | rate/s | runs valid | requests/s | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms "
               "| errors | client lateness p99 ms (max) |",
               "|---|---:|---:|---:|---|---|---|---|---|---:|---:|"]
-    for name, rows in results["added_latency"].items():
+    for name, rows in added_latency.items():
         for rate in sorted({r["rate"] for r in rows}):
             runs = [r for r in rows if r["rate"] == rate]
             valid = [r for r in runs if r["valid"]]
@@ -364,7 +394,7 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | {rate:g} | {len(valid)}/{len(runs)} | {over('achieved_rate', digits=0).split(' ')[0]} | "
                          f"{over('p50_ms')} | {over('p99_ms')} | {over('p99.9_ms')} | {added('p50_ms')} | "
                          f"{added('p99_ms')} | {errors} | {lateness} |")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
