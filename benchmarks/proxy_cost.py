@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                 results["llm_cost"].append(llm_cost(name, args.window, folder / f"cost-{name}-{seed}", seed))
                 print(f"    {results['llm_cost'][-1]}", file=sys.stderr, flush=True)
         if latency_names:
-            results["meta"]["latency_client"] = {"tool": subprocess.run(["wrk", "--version"], capture_output=True,
-                                                                         text=True).stdout.splitlines()[0:1],
+            version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()
+            results["meta"]["latency_client"] = {"tool": version[0] if version else "wrk",
                                                  "connections": WRK_CONNECTIONS, "threads": 1}
             mock, ports = start_mock(folder / "mock")
             try:
