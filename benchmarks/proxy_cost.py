@@ -342,9 +342,8 @@ def table(results: dict) -> str:
     lines = []
     if results["llm_cost"]:
         lines += cost_table(results["llm_cost"]) + [""]
-    if not results["added_latency"]:
-        return "\n".join(lines)
-    lines += latency_table(results["added_latency"])
+    if results["added_latency"]:
+        lines += latency_table(results["added_latency"])
     return "\n".join(lines)
 
 
@@ -361,11 +360,14 @@ def cost_table(rows: list[dict]) -> list[str]:
             return stats.text(stats.median_interval([r[key] for r in mine]), digits=digits)
 
         ratio = stats.paired_ratios({r.get("seed", 1): r["cpu_ms_per_request"] for r in mine}, base)
-        processes = sorted({r["processes"] for r in mine}) or ["-"]
+        processes = sorted({r["processes"] for r in mine})
+        spread = f"{processes[0]}" if processes else "-"
+        if len(processes) > 1:
+            spread += f"-{processes[-1]}"
         lines.append(f"| {name} | {len(mine)}/{sum(r['system'] == name for r in rows)} "
                      f"| {over('cpu_ms_per_request', 3)} | {stats.text(stats.median_interval(ratio))} "
                      f"| {over('cpu_ms_per_1000_tokens', 1)} | {over('peak_rss_mib', 1)} "
-                     f"| {'-'.join(str(p) for p in dict.fromkeys((processes[0], processes[-1])))} |")
+                     f"| {spread} |")
     return lines
 
 

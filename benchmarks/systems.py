@@ -40,6 +40,7 @@ POLICY = {"hpcserve": "least-connections + slot cap", "haproxy-lc": "least-conne
           "hpcserve-no-leastconn": "round-robin + slot cap",
           "hpcserve-no-server-close": "least-connections + slot cap"}
 SYSTEMS = tuple(POLICY)
+_LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 # Where a system's own documentation names its policy otherwise than the model does: LiteLLM's
 # routing_strategy "least-busy" (fewest requests in flight, litellm/router_strategy/least_busy.py)
 # is modelled as least-connections.
@@ -51,7 +52,6 @@ def policy_label(system: str) -> str:
     then the model's, e.g. "least-busy = least-connections"; "?" for an unknown system."""
     model = POLICY.get(system, "?")
     return f"{OWN_NAME[system]} = {model}" if system in OWN_NAME else model
-_LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 
 
 @dataclasses.dataclass
