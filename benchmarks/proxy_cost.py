@@ -11,8 +11,9 @@ process, the load generator and the backends run on CPU 0. Two parts:
 
 - **Cost under the LLM workload** (--systems). Four hpcserve-llama-sim backends (4 slots, 50
   tokens/s each) get scenario (a)'s heavy-tailed Poisson workload at 60% of their capacity,
-  streamed, for the window, each system once per seed (the seed's arrivals, systems interleaved).
-  The proxy's CPU time (user + system, psutil, over its processes) and its memory (sum of RSS,
+  streamed, for the window, each system once per seed (the seed's arrivals, systems interleaved,
+  their order rotated by seed). Requests an overloaded proxy fails are counted, not priced: CPU
+  per request is over the completed ones. The proxy's CPU time (user + system, psutil, over its processes) and its memory (sum of RSS,
   sampled every 0.25 s) give CPU-ms per request, CPU-ms per 1,000 streamed tokens and peak RSS;
   the table gives their medians over seeds [bootstrap 95% interval], and each system's CPU-ms per
   request over hpcserve's, paired by seed.
@@ -265,6 +266,14 @@ def llm_cost(name: str, window: float, folder: Path, seed: int = 1) -> dict:
             "peak_rss_mib": round(peak / 2**20, 1), "ttft_p99": figures["ttft_p99"], "valid": figures["valid"]}
 
 
+def rotated(names: list[str], seed: int) -> list[str]:
+    """`names` rotated left by seed - 1: the order of the cost part's runs for `seed`, so that no
+    system always runs first, or always right after the same one (LiteLLM's four Python processes
+    leave the machine busiest as they stop)."""
+    shift = (seed - 1) % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("cost", "latency", "both"), default="both",
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for seed in range(1, args.seeds + 1):   # systems interleaved: each once per seed
-            for name in names:
+            for name in rotated(names, seed):
                 print(f"cost under the LLM workload: {name}, seed {seed}", file=sys.stderr, flush=True)
                 results["llm_cost"].append(llm_cost(name, args.window, folder / f"cost-{name}-{seed}", seed))
                 print(f"    {results['llm_cost'][-1]}", file=sys.stderr, flush=True)
@@ -334,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def table(results: dict) -> str:
     """The figures as Markdown tables, over valid runs only: for the cost part, per system the
-    median over seeds [bootstrap 95% interval] of CPU-ms per request, CPU-ms per 1,000 tokens and
+    requests completed out of those sent (summed over its valid runs; CPU per request counts the
+    completed ones), the median over seeds [bootstrap 95% interval] of CPU-ms per request, CPU-ms per 1,000 tokens and
     peak RSS (MiB), and its CPU-ms per request over hpcserve's, paired by seed (rows of an older
     results file without "seed" count as seed 1); for the latency part, per system and rate, the
     same medians of p50, p99 and p99.9 (ms), and of the p50 and p99 added to direct access's
@@ -349,8 +359,9 @@ def table(results: dict) -> str:
 
 def cost_table(rows: list[dict]) -> list[str]:
     """Markdown lines of the cost part's figures (see table)."""
-    lines = ["| system | runs valid | CPU-ms / request | / hpcserve's | CPU-ms / 1,000 tokens | peak RSS MiB | processes |",
-             "|---|---:|---|---|---|---|---:|"]
+    lines = ["| system | runs valid | completed | CPU-ms / request | / hpcserve's | CPU-ms / 1,000 tokens | peak RSS MiB "
+             "| processes |",
+             "|---|---:|---:|---|---|---|---|---:|"]
     valid = [r for r in rows if r.get("valid", True)]
     base = {r.get("seed", 1): r["cpu_ms_per_request"] for r in valid if r["system"] == "hpcserve"}
     for name in dict.fromkeys(r["system"] for r in rows):
@@ -364,8 +375,10 @@ def cost_table(rows: list[dict]) -> list[str]:
         spread = f"{processes[0]}" if processes else "-"
         if len(processes) > 1:
             spread += f"-{processes[-1]}"
+        completed = sum(r.get("completed", 0) for r in mine)
+        sent = sum(r.get("requests", 0) for r in mine)
         lines.append(f"| {name} | {len(mine)}/{sum(r['system'] == name for r in rows)} "
-                     f"| {over('cpu_ms_per_request', 3)} | {stats.text(stats.median_interval(ratio))} "
+                     f"| {f'{completed:,} / {sent:,}' if sent else '-'} | {over('cpu_ms_per_request', 3)} | {stats.text(stats.median_interval(ratio))} "
                      f"| {over('cpu_ms_per_1000_tokens', 1)} | {over('peak_rss_mib', 1)} "
                      f"| {spread} |")
     return lines

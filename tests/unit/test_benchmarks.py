@@ -552,17 +552,27 @@ def test_the_cost_table_gives_medians_over_valid_seeds_and_the_cpu_ratio_to_hpcs
     from benchmarks import proxy_cost
 
     def row(system, seed, cpu_ms, valid=True, processes=2):
-        return {"system": system, "seed": seed, "processes": processes, "cpu_ms_per_request": cpu_ms,
-                "cpu_ms_per_1000_tokens": 40 * cpu_ms, "peak_rss_mib": 20.0, "valid": valid}
+        return {"system": system, "seed": seed, "processes": processes, "requests": 1200, "completed": 1000 + seed,
+                "cpu_ms_per_request": cpu_ms, "cpu_ms_per_1000_tokens": 40 * cpu_ms, "peak_rss_mib": 20.0,
+                "valid": valid}
     rows = [row("hpcserve", 1, 1.0), row("nginx-lc", 1, 0.5, processes=3),
             row("hpcserve", 2, 2.0), row("nginx-lc", 2, 1.8, processes=4),
             row("hpcserve", 3, 4.0), row("nginx-lc", 3, 100.0, valid=False)]
     lines = proxy_cost.cost_table(rows)
     hpcserve = next(line for line in lines if line.startswith("| hpcserve |"))
     nginx = next(line for line in lines if line.startswith("| nginx-lc |"))
-    assert "| 3/3 | 2.000 [" in hpcserve and "| 1.00 [1.00-1.00] |" in hpcserve
+    assert "| 3/3 | 3,006 / 3,600 | 2.000 [" in hpcserve and "| 1.00 [1.00-1.00] |" in hpcserve
     # seed 3's run of nginx-lc is invalid: out of the median and of the ratio, counted in "runs valid"
-    assert "| 2/3 | 1.150 [" in nginx and "| 0.70 [" in nginx and nginx.endswith("| 3-4 |")
+    assert "| 2/3 | 2,003 / 2,400 | 1.150 [" in nginx and "| 0.70 [" in nginx and nginx.endswith("| 3-4 |")
     # an older results file, one run per system without "seed", still reads
-    assert "| 1/1 | 0.500 [0.500-0.500] |" in proxy_cost.table(
+    assert "| 1/1 | 1,001 / 1,200 | 0.500 [0.500-0.500] |" in proxy_cost.table(
         {"llm_cost": [{k: v for k, v in row("nginx-lc", 1, 0.5).items() if k != "seed"}], "added_latency": {}})
+
+
+def test_the_cost_part_rotates_the_order_of_systems_by_seed():
+    from benchmarks import proxy_cost
+    names = ["hpcserve", "haproxy-lc", "nginx-lc", "litellm"]
+    orders = [proxy_cost.rotated(names, seed) for seed in range(1, 5)]
+    assert orders[0] == names and orders[1] == ["haproxy-lc", "nginx-lc", "litellm", "hpcserve"]
+    assert {order[0] for order in orders} == set(names)     # each system first once in 4 seeds
+    assert proxy_cost.rotated(names, 5) == names and proxy_cost.rotated([], 3) == []
