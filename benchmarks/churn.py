@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import loadgen, metrics, systems
+from benchmarks.common import rotated
 from benchmarks.workload import Backend
 
 CHANGES = [5, 3, 6, 4, 2, 5, 3, 6, 4, 2, 5, 3, 6, 4, 3, 5, 2, 4, 6, 4]  # pool sizes, from 4 backends
@@ -60,8 +61,7 @@ def run(settings) -> list[dict]:
     names = [n for n in settings.systems if n in TAKING_PART]
     records = []
     for seed in range(1, settings.seeds + 1):
-        k = seed % len(names) if names else 0
-        for name in names[k:] + names[:k]:
+        for name in rotated(names, seed):
             records.append(_one_run(settings, name, seed))
     return records
 

@@ -96,3 +96,11 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (inclusive method); the value itself for a single sample."""
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def rotated(names: list[str] | tuple[str, ...], seed: int) -> list[str]:
+    """`names` in the order seed `seed` runs them: rotated left by `seed` places (seed 1 starts with
+    the second name), so that over as many seeds as names each system runs first once and none
+    always runs on a warm or a cold machine, or right after the same one. [] for no names."""
+    k = seed % len(names) if names else 0
+    return [*names[k:], *names[:k]]

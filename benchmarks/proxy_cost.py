@@ -45,7 +45,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import loadgen, metrics, stats, systems
-from benchmarks.common import ROOT, free_port
+from benchmarks.common import ROOT, free_port, rotated
 from benchmarks.workload import Backend, capacity, mean_tokens, poisson
 
 PROXY_CPU, CLIENT_CPU = {1}, {0}
@@ -264,14 +264,6 @@ def llm_cost(name: str, window: float, folder: Path, seed: int = 1) -> dict:
             "cpu_ms_per_request": round(1000 * cpu / len(done), 3) if done else None,
             "cpu_ms_per_1000_tokens": round(1e6 * cpu / tokens, 2) if tokens else None,
             "peak_rss_mib": round(peak / 2**20, 1), "ttft_p99": figures["ttft_p99"], "valid": figures["valid"]}
-
-
-def rotated(names: list[str], seed: int) -> list[str]:
-    """`names` rotated left by seed - 1: the order of the cost part's runs for `seed`, so that no
-    system always runs first, or always right after the same one (LiteLLM's four Python processes
-    leave the machine busiest as they stop)."""
-    shift = (seed - 1) % len(names) if names else 0
-    return names[shift:] + names[:shift]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from benchmarks import loadgen, metrics, policies, systems
-from benchmarks.common import MODEL, start_llama_server
+from benchmarks.common import MODEL, rotated, start_llama_server
 from benchmarks.workload import Backend, Request, capacity, mean_tokens, poisson, prefill_heavy
 from hpcserve.llama.simulator import BatchProfile
 
@@ -86,23 +86,16 @@ def _against_all(settings: Settings, scenario: str, cases: list[tuple[str, float
     return records
 
 
-def _rotated(names: tuple[str, ...], seed: int) -> tuple[str, ...]:
-    """`names` in the order seed `seed` runs them: rotated by one place per seed, so that no system
-    always runs first (on a warm or a cold machine)."""
-    k = seed % len(names)
-    return names[k:] + names[:k]
-
-
 def _over_seeds(settings: Settings, scenario: str, cases_of, pool: list[Backend] | None,
                 backends: list[systems.Running], slots: int, hpcserve_settings: dict | None = None) -> list[dict]:
     """_against_all once per seed 1..settings.seeds, with that seed's cases (`cases_of(seed)`: the
     arrival sequence of the seed, the same for every system) and the systems in the seed's order
-    (_rotated); each record carries its "seed"."""
+    (common.rotated); each record carries its "seed"."""
     records = []
     for seed in range(1, settings.seeds + 1):
         settings.progress(f"{scenario} seed {seed}")
-        rotated = dataclasses.replace(settings, systems=_rotated(settings.systems, seed))
-        records += [{**r, "seed": seed} for r in _against_all(rotated, scenario, cases_of(seed), pool, backends,
+        ordered = dataclasses.replace(settings, systems=tuple(rotated(settings.systems, seed)))
+        records += [{**r, "seed": seed} for r in _against_all(ordered, scenario, cases_of(seed), pool, backends,
                                                              slots, hpcserve_settings=hpcserve_settings)]
     return records
 
@@ -193,7 +186,7 @@ def _seeded_loads(settings: Settings, scenario: str) -> list[dict]:
                 requests = poisson(full * share, settings.window, seed=seed)
                 case = f"{int(round(share * 100))}%"
                 models = _models(settings.systems, requests, pool, warmup)
-                for name in _rotated(settings.systems, seed):
+                for name in rotated(settings.systems, seed):
                     _idle(sims)
                     before = systems.served_counts(sims)
                     label = f"{scenario} {case} seed {seed}"
@@ -259,7 +252,7 @@ def scenario_f(settings: Settings) -> list[dict]:
     for seed in range(1, settings.seeds + 1):
         requests = poisson(0.5, window, seed=seed, tokens=lambda rng: 32)
         settings.progress(f"f seed {seed}")
-        for name in _rotated(settings.systems, seed):
+        for name in rotated(settings.systems, seed):
             servers = []
             try:
                 for i in range(2):
@@ -328,7 +321,7 @@ def scenario_g(settings: Settings) -> list[dict]:
             requests = prefill_heavy(full * share, settings.window, seed=seed)
             _ = [r.prompt for r in requests]  # made now, not at the send time
             models = _models(settings.systems, requests, pool, warmup)
-            for name in _rotated(settings.systems, seed):
+            for name in rotated(settings.systems, seed):
                 _idle(sims)
                 settings.progress(f"g seed {seed}: {name}, {len(requests)} requests")
                 system = running[name]

@@ -569,10 +569,10 @@ def test_the_cost_table_gives_medians_over_valid_seeds_and_the_cpu_ratio_to_hpcs
         {"llm_cost": [{k: v for k, v in row("nginx-lc", 1, 0.5).items() if k != "seed"}], "added_latency": {}})
 
 
-def test_the_cost_part_rotates_the_order_of_systems_by_seed():
-    from benchmarks import proxy_cost
+def test_runs_rotate_the_order_of_systems_by_seed():
+    from benchmarks.common import rotated
     names = ["hpcserve", "haproxy-lc", "nginx-lc", "litellm"]
-    orders = [proxy_cost.rotated(names, seed) for seed in range(1, 5)]
-    assert orders[0] == names and orders[1] == ["haproxy-lc", "nginx-lc", "litellm", "hpcserve"]
+    orders = [rotated(names, seed) for seed in range(1, 5)]
+    assert orders[0] == ["haproxy-lc", "nginx-lc", "litellm", "hpcserve"]
     assert {order[0] for order in orders} == set(names)     # each system first once in 4 seeds
-    assert proxy_cost.rotated(names, 5) == names and proxy_cost.rotated([], 3) == []
+    assert rotated(tuple(names), 4) == names and rotated([], 3) == []
