@@ -13,10 +13,10 @@ process, the load generator and the backends run on CPU 0. Two parts:
   tokens/s each) get scenario (a)'s heavy-tailed Poisson workload at 60% of their capacity,
   streamed, for the window, each system once per seed (the seed's arrivals, systems interleaved,
   their order rotated by seed). Requests an overloaded proxy fails are counted, not priced: CPU
-  per request is over the completed ones. The proxy's CPU time (user + system, psutil, over its processes) and its memory (sum of RSS,
-  sampled every 0.25 s) give CPU-ms per request, CPU-ms per 1,000 streamed tokens and peak RSS;
-  the table gives their medians over seeds [bootstrap 95% interval], and each system's CPU-ms per
-  request over hpcserve's, paired by seed.
+  per request is over the completed ones. The proxy's CPU time (user + system, psutil, over its
+  processes) and its memory (sum of RSS, sampled every 0.25 s) give CPU-ms per request, CPU-ms
+  per 1,000 streamed tokens and peak RSS; the table gives their medians over seeds [bootstrap 95%
+  interval], and each system's CPU-ms per request over hpcserve's, paired by seed.
 - **Added latency at high request rates** (--latency-systems). A fast non-LLM mock (nginx
   answering every chat completion at once with a fixed OpenAI-shaped body, on 4 ports as 4
   servers) gets non-streamed chat completions from wrk (wrk_run: 200 connections with exponential
@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> None:
 def table(results: dict) -> str:
     """The figures as Markdown tables, over valid runs only: for the cost part, per system the
     requests completed out of those sent (summed over its valid runs; CPU per request counts the
-    completed ones), the median over seeds [bootstrap 95% interval] of CPU-ms per request, CPU-ms per 1,000 tokens and
-    peak RSS (MiB), and its CPU-ms per request over hpcserve's, paired by seed (rows of an older
+    completed ones), the median over seeds [bootstrap 95% interval] of CPU-ms per request, CPU-ms
+    per 1,000 tokens and peak RSS (MiB), and its CPU-ms per request over hpcserve's, paired by seed (rows of an older
     results file without "seed" count as seed 1); for the latency part, per system and rate, the
     same medians of p50, p99 and p99.9 (ms), and of the p50 and p99 added to direct access's
     (paired by seed)."""
@@ -351,8 +351,8 @@ def table(results: dict) -> str:
 
 def cost_table(rows: list[dict]) -> list[str]:
     """Markdown lines of the cost part's figures (see table)."""
-    lines = ["| system | runs valid | completed | CPU-ms / request | / hpcserve's | CPU-ms / 1,000 tokens | peak RSS MiB "
-             "| processes |",
+    lines = ["| system | runs valid | completed | CPU-ms / request | / hpcserve's | CPU-ms / 1,000 tokens "
+             "| peak RSS MiB | processes |",
              "|---|---:|---:|---|---|---|---|---:|"]
     valid = [r for r in rows if r.get("valid", True)]
     base = {r.get("seed", 1): r["cpu_ms_per_request"] for r in valid if r["system"] == "hpcserve"}
@@ -370,9 +370,9 @@ def cost_table(rows: list[dict]) -> list[str]:
         completed = sum(r.get("completed", 0) for r in mine)
         sent = sum(r.get("requests", 0) for r in mine)
         lines.append(f"| {name} | {len(mine)}/{sum(r['system'] == name for r in rows)} "
-                     f"| {f'{completed:,} / {sent:,}' if sent else '-'} | {over('cpu_ms_per_request', 3)} | {stats.text(stats.median_interval(ratio))} "
-                     f"| {over('cpu_ms_per_1000_tokens', 1)} | {over('peak_rss_mib', 1)} "
-                     f"| {spread} |")
+                     f"| {f'{completed:,} / {sent:,}' if sent else '-'} | {over('cpu_ms_per_request', 3)} "
+                     f"| {stats.text(stats.median_interval(ratio))} | {over('cpu_ms_per_1000_tokens', 1)} "
+                     f"| {over('peak_rss_mib', 1)} | {spread} |")
     return lines
 
 
