@@ -140,11 +140,13 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
                     return r.status_code
                 return await asyncio.gather(*(one() for _ in range(n)))
 
-        # Each answer takes 5 s or more (100 tokens at 20/s), so all 8 arrive while the first 3 are
+        # Tokens of each capped answer: 5 s or more at 20/s, so all 8 arrive while the first ones are
         # in service even on a busy machine (with 1 s answers a slow client admitted a 4th after
         # the first ended, in the Debian 13 root on 2026-12-03).
+        held = 100
+
         async def both():
-            return await asyncio.gather(burst(capped, 8, 100), burst(other, 4, 20))
+            return await asyncio.gather(burst(capped, 8, held), burst(other, 4, 20))
 
         capped_codes, other_codes = asyncio.run(both())
         assert sorted(capped_codes) == [200] * 3 + [429] * 5 and other_codes == [200] * 4
@@ -165,7 +167,7 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
         assert p.hpcserve("keys", "set", "rated", "--rate", "7").returncode == 0
         assert [chat(p.url, rated).status_code for _ in range(3)] == [200, 200, 429]
         assert p.hpcserve("keys", "set", "capped", "--max-concurrent", "5").returncode == 0
-        assert sorted(asyncio.run(burst(capped, 8, 100))) == [200] * 5 + [429] * 3
+        assert sorted(asyncio.run(burst(capped, 8, held))) == [200] * 5 + [429] * 3
         # The same counts for Prometheus (`hpcserve metrics`), next to the pool's replicas.
         exported = p.hpcserve("metrics")
         assert exported.returncode == 0, exported.stderr
