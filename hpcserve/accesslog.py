@@ -86,12 +86,15 @@ def stop_writer(deployment: Deployment, timeout: float = 5.0) -> None:
     """Stop the log writer (after HAProxy, so that it has the last lines)."""
     pid = writer_pid(deployment)
     if pid is not None:
-        process = psutil.Process(pid)
-        process.terminate()
         try:
-            process.wait(timeout)
-        except psutil.TimeoutExpired:
-            process.kill()
+            process = psutil.Process(pid)
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except psutil.TimeoutExpired:
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass    # it ended by itself since writer_pid() saw it
     _pid_file(deployment).unlink(missing_ok=True)
 
 

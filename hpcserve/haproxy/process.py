@@ -373,18 +373,31 @@ class HAProxy:
         pid = self.pid()
         if pid is None:
             return
-        master = psutil.Process(pid)
-        family = [master, *master.children(recursive=True)]
-        master.send_signal(signal.SIGUSR1)
+        try:
+            master = psutil.Process(pid)
+            family = [master, *master.children(recursive=True)]
+            master.send_signal(signal.SIGUSR1)
+        except psutil.NoSuchProcess:
+            family = []     # it ended between pid() and here
         _, alive = psutil.wait_procs(family, timeout=timeout)
-        for process in alive:
-            process.terminate()
-        _, alive = psutil.wait_procs(alive, timeout=5)
-        for process in alive:
-            process.kill()
+        _, alive = psutil.wait_procs(_signal_each(alive, signal.SIGTERM), timeout=5)
+        _signal_each(alive, signal.SIGKILL)
         for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self.paths.base_config):
             path.unlink(missing_ok=True)
         accesslog.stop_writer(self.deployment)   # after HAProxy: it has the last lines
+
+
+def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
+    """Send `sig` to each process; returns those it reached. One that ended after the caller last saw
+    it alive (a worker finishing its last stream just as a wait timed out) is skipped, not an error."""
+    reached = []
+    for process in processes:
+        try:
+            process.send_signal(sig)
+            reached.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return reached
 
 
 def _write_if_changed(path: Path, text: str) -> None:

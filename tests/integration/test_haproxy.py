@@ -48,6 +48,24 @@ def test_start_reload_stop(proxy):
     assert not proxy.running() and not psutil.pid_exists(pid)
 
 
+def test_stop_skips_a_process_that_ends_just_as_its_wait_times_out(proxy, monkeypatch):
+    """A worker that finishes its last stream just after the soft stop's wait timed out is gone by
+    the time it would be terminated: stop() still completes (CI in the Debian 13 root,
+    2026-12-03, raised psutil.NoSuchProcess here)."""
+    from hpcserve.haproxy import process as haproxy_process
+    assert proxy.apply(haproxy_config.render(proxy.deployment, []))
+    pid = proxy.pid()
+    real_wait = psutil.wait_procs
+
+    def late_wait(procs, timeout=None):
+        real_wait(procs, timeout=10)    # they end ...
+        return [], list(procs)          # ... but the wait reports them alive, as a timeout just before
+
+    monkeypatch.setattr(haproxy_process.psutil, "wait_procs", late_wait)
+    proxy.stop(timeout=5)
+    assert not psutil.pid_exists(pid) and not proxy.paths.pid_file.exists()
+
+
 def test_the_longest_state_dir_allowed_works(haproxy_bin, gguf, tmp_path):
     """The deployment file's state_dir limit is HAProxy's own: at the limit, HAProxy starts."""
     from hpcserve import config
