@@ -52,7 +52,6 @@ def test_stop_skips_a_process_that_ends_just_as_its_wait_times_out(proxy, monkey
     """A worker that finishes its last stream just after the soft stop's wait timed out is gone by
     the time it would be terminated: stop() still completes (CI in the Debian 13 root,
     2026-12-03, raised psutil.NoSuchProcess here)."""
-    from hpcserve.haproxy import process as haproxy_process
     assert proxy.apply(haproxy_config.render(proxy.deployment, []))
     pid = proxy.pid()
     real_wait = psutil.wait_procs
@@ -61,7 +60,7 @@ def test_stop_skips_a_process_that_ends_just_as_its_wait_times_out(proxy, monkey
         real_wait(procs, timeout=10)    # they end ...
         return [], list(procs)          # ... but the wait reports them alive, as a timeout just before
 
-    monkeypatch.setattr(haproxy_process.psutil, "wait_procs", late_wait)
+    monkeypatch.setattr(psutil, "wait_procs", late_wait)
     proxy.stop(timeout=5)
     assert not psutil.pid_exists(pid) and not proxy.paths.pid_file.exists()
 
