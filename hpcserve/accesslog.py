@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from . import proc
 from .config import Deployment
 from .haproxy.config import paths
 from .state import StateDir
@@ -87,12 +88,7 @@ def stop_writer(deployment: Deployment, timeout: float = 5.0) -> None:
     pid = writer_pid(deployment)
     if pid is not None:
         try:
-            process = psutil.Process(pid)
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except psutil.TimeoutExpired:
-                process.kill()
+            proc.terminate([psutil.Process(pid)], timeout)
         except psutil.NoSuchProcess:
             pass    # it ended by itself since writer_pid() saw it
     _pid_file(deployment).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The one helper that runs outside commands (Slurm CLI, haproxy): argv lists, never a shell.
+"""The one helper that runs outside commands (Slurm CLI, haproxy): argv lists, never a shell; and
+the one that stops processes we started (terminate, then kill).
 
 Each command is logged at debug level (`hpcserve -v`): its argv, exit status and seconds. Argv
 holds no secret (secrets travel in files and stdin only), and stdin is not logged.
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+import psutil
 
 from .errors import CommandError
 
@@ -67,3 +71,25 @@ def _text(data: bytes | str | None) -> str:
     if data is None:
         return ""
     return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def terminate(processes: list[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGTERM each process, wait up to `timeout` s for them to end, SIGKILL those still alive.
+
+    A process that ended after the caller last saw it alive (a worker finishing its last stream
+    just as the caller's wait timed out) is skipped, not an error: psutil raises NoSuchProcess for it.
+    """
+    _, alive = psutil.wait_procs(_signal_each(processes, signal.SIGTERM), timeout=timeout)
+    _signal_each(alive, signal.SIGKILL)
+
+
+def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
+    """Send `sig` to each process; returns those it reached (the others had ended)."""
+    reached = []
+    for process in processes:
+        try:
+            process.send_signal(sig)
+            reached.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return reached

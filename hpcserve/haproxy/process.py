@@ -380,24 +380,10 @@ class HAProxy:
         except psutil.NoSuchProcess:
             family = []     # it ended between pid() and here
         _, alive = psutil.wait_procs(family, timeout=timeout)
-        _, alive = psutil.wait_procs(_signal_each(alive, signal.SIGTERM), timeout=5)
-        _signal_each(alive, signal.SIGKILL)
+        proc.terminate(alive)
         for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self.paths.base_config):
             path.unlink(missing_ok=True)
         accesslog.stop_writer(self.deployment)   # after HAProxy: it has the last lines
-
-
-def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
-    """Send `sig` to each process; returns those it reached. One that ended after the caller last saw
-    it alive (a worker finishing its last stream just as a wait timed out) is skipped, not an error."""
-    reached = []
-    for process in processes:
-        try:
-            process.send_signal(sig)
-            reached.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return reached
 
 
 def _write_if_changed(path: Path, text: str) -> None:
