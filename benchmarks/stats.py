@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Sequence
 
 
-def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
-    """(median, low, high) of `values` with the percentile-bootstrap 95% interval of the median;
-    None without values. One value gives (v, v, v)."""
-    values = [v for v in values if v is not None]
-    if not values:
+def median_interval(values: Sequence[float | None], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+    """(median, low, high) of `values` with the percentile-bootstrap 95% interval of the median,
+    None values left out (a run without the figure); None without values. One value gives (v, v, v)."""
+    found = [v for v in values if v is not None]
+    if not found:
         return None
     rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return (statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1])
+    medians = sorted(statistics.median(rng.choices(found, k=len(found))) for _ in range(resamples))
+    return (statistics.median(found), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1])
 
 
 def paired_ratios(values: dict[int, float | None], bases: dict[int, float | None]) -> list[float]:
