@@ -55,14 +55,22 @@ def summarize(outcomes: list[Outcome], warmup: float = 0.0, slo: tuple[float, fl
     return figures
 
 
+def model_gap(served: Served) -> float:
+    """The mean inter-token gap of a request a policy model served, in seconds: (ended - first
+    token) / (max_tokens - 1), the mean of a stream's gaps being its span over their count; 0.0 for
+    an answer of one token or none."""
+    if served.request.max_tokens <= 1:
+        return 0.0
+    return (served.ended - served.request.at - served.ttft) / (served.request.max_tokens - 1)
+
+
 def summarize_model(served: list[Served], warmup: float = 0.0, slo: tuple[float, float] | None = None) -> dict:
     """A policy model's figures (policies.simulate), in summarize()'s shape (no errors, no
     inter-token jitter, no lateness; a refused request is an error "refused").
 
     With `slo` (as summarize's) also "slo_attainment" and "goodput_rps": a served request meets it
-    when its first token came within slo[0] s and its mean inter-token gap, (ended - first token)
-    / (max_tokens - 1), within slo[1] s (the mean of a stream's gaps is its span over their count);
-    a refused request is a miss.
+    when its first token came within slo[0] s and its mean inter-token gap (model_gap) within
+    slo[1] s; a refused request is a miss.
     """
     every = [s for s in served if s.request.at >= warmup]
     refused = sum(1 for s in every if s.refused)
@@ -75,9 +83,7 @@ def summarize_model(served: list[Served], warmup: float = 0.0, slo: tuple[float,
                "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
                "itl_p01": None, "itl_p50": None, "itl_p99": None}
     if slo is not None:
-        met = sum(1 for s in served if s.ttft <= slo[0] and (
-            s.request.max_tokens <= 1
-            or (s.ended - s.request.at - s.ttft) / (s.request.max_tokens - 1) <= slo[1]))
+        met = sum(1 for s in served if s.ttft <= slo[0] and model_gap(s) <= slo[1])
         figures["slo_attainment"] = round(met / len(every), 4) if every else None
         figures["goodput_rps"] = round(met / span, 3) if span else 0.0
     return figures

@@ -34,11 +34,13 @@ import click
 from benchmarks import metrics, policies, stats
 from benchmarks.systems import POLICY, policy_label
 from benchmarks.scenarios import WARMUP_SHARE, seeded_pool, seeded_slo
-from benchmarks.workload import capacity, mean_tokens, poisson
+from benchmarks.workload import Backend, capacity, mean_tokens, poisson
 
 SCENARIOS = ("a", "h")   # the scenarios with seeded loads
 
 TARGET = 0.99   # share of requests within the SLO
+
+MISSES_AT = 0.95   # the load (share of capacity) at which the report breaks the models' misses down
 
 
 def highest_load(attainment: dict[float, float | None], target: float = TARGET) -> float | None:
@@ -94,6 +96,16 @@ def measured(records: list[dict], scenario: str = "a") -> dict[str, dict[int, di
             if {load for runs in seeds.values() for load in runs} == loads}
 
 
+def _model_setting(scenario: str) -> tuple[list[Backend], float, tuple[float, float]]:
+    """(pool, its capacity in requests/s, SLO) of `scenario` (scenarios.seeded_pool, seeded_slo).
+
+    Raises:
+        ValueError: a scenario other than "a" or "h".
+    """
+    pool = seeded_pool(scenario)
+    return pool, capacity(pool, mean_tokens()), seeded_slo(pool)
+
+
 def modelled(policy: str, shares: list[float], seeds: list[int], window: float,
              scenario: str = "a") -> dict[int, dict[float, float]]:
     """seed -> load share -> SLO attainment of `policy`'s model (policies.POLICIES) on the pool,
@@ -103,15 +115,38 @@ def modelled(policy: str, shares: list[float], seeds: list[int], window: float,
     Raises:
         ValueError: a scenario other than "a" or "h", or an unknown policy.
     """
-    pool = seeded_pool(scenario)
-    full = capacity(pool, mean_tokens())
-    slo = seeded_slo(pool)
+    pool, full, slo = _model_setting(scenario)
     out: dict[int, dict[float, float]] = {}
     for seed in seeds:
         for share in shares:
             served = policies.simulate(policy, poisson(full * share, window, seed), pool)
             attainment = metrics.summarize_model(served, WARMUP_SHARE * window, slo)["slo_attainment"]
             out.setdefault(seed, {})[share] = attainment or 0.0
+    return out
+
+
+def misses(policy: str, share: float, seeds: list[int], window: float, scenario: str = "a") -> dict[int, dict[str, float]]:
+    """seed -> where `policy`'s model misses the SLO at load `share`, on modelled()'s pool, arrivals
+    and SLO: "late_first_token" (share of the requests after the warm-up whose first token came
+    after the TTFT limit), "slow_stream" (first token in time, mean inter-token gap over its
+    limit), "refused" (shares of the same), and its "ttft_p50", "ttft_p99" (seconds, the requests
+    served). The three shares and the attainment (rounded to 4 places) sum to 1.
+
+    Raises:
+        ValueError: a scenario other than "a" or "h", or an unknown policy.
+    """
+    pool, full, slo = _model_setting(scenario)
+    warmup = WARMUP_SHARE * window
+    out: dict[int, dict[str, float]] = {}
+    for seed in seeds:
+        served = policies.simulate(policy, poisson(full * share, window, seed), pool)
+        figures = metrics.summarize_model(served, warmup, slo)
+        every = [s for s in served if s.request.at >= warmup]
+        late = sum(1 for s in every if not s.refused and s.ttft > slo[0])
+        slow = sum(1 for s in every if not s.refused and s.ttft <= slo[0] and metrics.model_gap(s) > slo[1])
+        out[seed] = {"late_first_token": late / len(every), "slow_stream": slow / len(every),
+                     "refused": sum(1 for s in every if s.refused) / len(every),
+                     "ttft_p50": figures["ttft_p50"], "ttft_p99": figures["ttft_p99"]}
     return out
 
 
@@ -152,6 +187,20 @@ def model_table(models: dict[str, dict[int, dict[float, float]]], step: float) -
         def at(load: float) -> str:
             return stats.text(stats.median_interval([runs.get(load) for runs in per_seed.values()]), 3)
         lines.append(f"| {policy} | {_highest(per_seed, 3)} | {at(0.95)} | {at(1.05)} |")
+    return lines
+
+
+def misses_table(found: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+    """Markdown lines: per policy (found: policy -> misses()) the median over seeds [interval] of
+    each kind of miss and of the TTFT percentiles."""
+    kinds = (("late_first_token", "first token late", 3), ("slow_stream", "stream too slow only", 3),
+             ("refused", "refused", 3), ("ttft_p50", "TTFT p50 s", 2), ("ttft_p99", "TTFT p99 s", 2))
+    lines = ["| policy (model) | " + " | ".join(label for _, label, _ in kinds) + " |",
+             "|---|" + "---|" * len(kinds)]
+    for policy, per_seed in found.items():
+        lines.append(f"| {policy} | " + " | ".join(
+            stats.text(stats.median_interval([runs[key] for runs in per_seed.values()]), digits)
+            for key, _, digits in kinds) + " |")
     return lines
 
 
@@ -224,7 +273,13 @@ def main(paths: tuple[Path, ...], out: Path, step: float) -> None:
             "From " + "; ".join(sources) + f". {len(seeds)} seeds, {window:g} s windows.", "",
             *(" ".join(part.split()) + "\n" for part in (__doc__ or "").split("\n\n")[1:4]),
             *table(found, models), "", f"The models alone, every policy (seeds {seeds[0]}-{seeds[-1]}):", "",
-            *model_table(models, step), "", f"![attainment over load]({scenario}-sweep.png)", ""]
+            *model_table(models, step), "",
+            f"Where the models miss at {MISSES_AT:.0%}: shares of the requests after the warm-up whose first token came "
+            "after the TTFT limit, whose first token came in time but whose stream's mean inter-token gap was over "
+            "its limit, and that were refused (these and the attainment sum to 1); TTFT percentiles of the "
+            f"requests served (seeds {seeds[0]}-{seeds[-1]}):", "",
+            *misses_table({p: misses(p, MISSES_AT, seeds, window, scenario) for p in models}), "",
+            f"![attainment over load]({scenario}-sweep.png)", ""]
     (out / "sweep.md").write_text("\n".join(text))
     click.echo(out / "sweep.md")
 

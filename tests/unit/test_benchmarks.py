@@ -407,6 +407,19 @@ def test_in_the_model_a_slot_cap_holds_the_slo_at_a_load_where_round_robin_misse
     assert model["round-robin"][1][0.95] < 0.9 and model["round-robin"][1][0.5] > model["round-robin"][1][0.95]
 
 
+def test_the_models_misses_are_told_apart_and_sum_with_the_attainment_to_one():
+    policies_ = ("round-robin", "least-connections + slot cap, no queue")
+    attainment = {p: sweep.modelled(p, [0.95], [1], 30.0)[1][0.95] for p in policies_}
+    found = {p: sweep.misses(p, 0.95, [1], 30.0)[1] for p in policies_}
+    for policy, kinds in found.items():
+        total = kinds["late_first_token"] + kinds["slow_stream"] + kinds["refused"] + attainment[policy]
+        assert abs(total - 1) < 1e-4, policy   # the attainment is rounded to 4 places
+    no_queue = found["least-connections + slot cap, no queue"]
+    assert no_queue["refused"] > 0 and no_queue["late_first_token"] == 0   # it refuses instead of queueing
+    assert found["round-robin"]["late_first_token"] > 0.1 and found["round-robin"]["refused"] == 0
+    assert found["round-robin"]["ttft_p99"] > 2.0 > no_queue["ttft_p99"]
+
+
 def test_the_sweep_report_takes_valid_runs_of_systems_measured_at_every_load(tmp_path):
     def record(system, seed, case, attainment, valid=True):
         return {"scenario": "a", "case": case, "system": system, "seed": seed, "offered_rps": 1.0,
