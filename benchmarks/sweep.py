@@ -125,23 +125,27 @@ def modelled(policy: str, shares: list[float], seeds: list[int], window: float,
     return out
 
 
-def misses(policy: str, share: float, seeds: list[int], window: float, scenario: str = "a") -> dict[int, dict[str, float]]:
+def misses(policy: str, share: float, seeds: list[int], window: float,
+           scenario: str = "a") -> dict[int, dict[str, float | None]]:
     """seed -> where `policy`'s model misses the SLO at load `share`, on modelled()'s pool, arrivals
-    and SLO: "late_first_token" (share of the requests after the warm-up whose first token came
-    after the TTFT limit), "slow_stream" (first token in time, mean inter-token gap over its
-    limit), "refused" (shares of the same), and its "ttft_p50", "ttft_p99" (seconds, the requests
-    served). The three shares and the attainment (rounded to 4 places) sum to 1.
+    and SLO, as shares of the requests after the warm-up: "late_first_token" (first token after the
+    TTFT limit), "slow_stream" (first token in time, mean inter-token gap over its limit),
+    "refused" (answered at once with an error); and "ttft_p50", "ttft_p99" (seconds, over the
+    requests served; None when none was). The three shares and the attainment (rounded to 4
+    places) sum to 1. A seed without a request after the warm-up is left out.
 
     Raises:
         ValueError: a scenario other than "a" or "h", or an unknown policy.
     """
     pool, full, slo = _model_setting(scenario)
     warmup = WARMUP_SHARE * window
-    out: dict[int, dict[str, float]] = {}
+    out: dict[int, dict[str, float | None]] = {}
     for seed in seeds:
         served = policies.simulate(policy, poisson(full * share, window, seed), pool)
         figures = metrics.summarize_model(served, warmup, slo)
         every = [s for s in served if s.request.at >= warmup]
+        if not every:
+            continue
         late = sum(1 for s in every if not s.refused and s.ttft > slo[0])
         slow = sum(1 for s in every if not s.refused and s.ttft <= slo[0] and metrics.model_gap(s) > slo[1])
         out[seed] = {"late_first_token": late / len(every), "slow_stream": slow / len(every),
@@ -190,7 +194,7 @@ def model_table(models: dict[str, dict[int, dict[float, float]]], step: float) -
     return lines
 
 
-def misses_table(found: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+def misses_table(found: dict[str, dict[int, dict[str, float | None]]]) -> list[str]:
     """Markdown lines: per policy (found: policy -> misses()) the median over seeds [interval] of
     each kind of miss and of the TTFT percentiles."""
     kinds = (("late_first_token", "first token late", 3), ("slow_stream", "stream too slow only", 3),

@@ -418,6 +418,7 @@ def test_the_models_misses_are_told_apart_and_sum_with_the_attainment_to_one():
     assert no_queue["refused"] > 0 and no_queue["late_first_token"] == 0   # it refuses instead of queueing
     assert found["round-robin"]["late_first_token"] > 0.1 and found["round-robin"]["refused"] == 0
     assert found["round-robin"]["ttft_p99"] > 2.0 > no_queue["ttft_p99"]
+    assert sweep.misses("round-robin", 0.95, [1], 0.001) == {}   # no request in the window: no figures, no error
 
 
 def test_the_sweep_report_takes_valid_runs_of_systems_measured_at_every_load(tmp_path):
