@@ -55,7 +55,7 @@ def summarize(outcomes: list[Outcome], warmup: float = 0.0, slo: tuple[float, fl
     return figures
 
 
-def model_gap(served: Served) -> float:
+def _model_gap(served: Served) -> float:
     """The mean inter-token gap of a request a policy model served, in seconds: (ended - first
     token) / (max_tokens - 1), the mean of a stream's gaps being its span over their count; 0.0 for
     an answer of one token or none."""
@@ -69,8 +69,10 @@ def summarize_model(served: list[Served], warmup: float = 0.0, slo: tuple[float,
     inter-token jitter, no lateness; a refused request is an error "refused").
 
     With `slo` (as summarize's) also "slo_attainment" and "goodput_rps": a served request meets it
-    when its first token came within slo[0] s and its mean inter-token gap (model_gap) within
-    slo[1] s; a refused request is a miss.
+    when its first token came within slo[0] s and its mean inter-token gap ((ended - first token) /
+    (max_tokens - 1)) within slo[1] s; a refused request is a miss. And "slo_misses", the served
+    requests that missed, by kind: {"late_first_token": first token after slo[0],
+    "slow_stream": first token in time, mean gap over slo[1]} (counts).
     """
     every = [s for s in served if s.request.at >= warmup]
     refused = sum(1 for s in every if s.refused)
@@ -83,7 +85,10 @@ def summarize_model(served: list[Served], warmup: float = 0.0, slo: tuple[float,
                "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
                "itl_p01": None, "itl_p50": None, "itl_p99": None}
     if slo is not None:
-        met = sum(1 for s in served if s.ttft <= slo[0] and model_gap(s) <= slo[1])
+        late = sum(1 for s in served if s.ttft > slo[0])
+        slow = sum(1 for s in served if s.ttft <= slo[0] and _model_gap(s) > slo[1])
+        met = len(served) - late - slow
+        figures["slo_misses"] = {"late_first_token": late, "slow_stream": slow}
         figures["slo_attainment"] = round(met / len(every), 4) if every else None
         figures["goodput_rps"] = round(met / span, 3) if span else 0.0
     return figures

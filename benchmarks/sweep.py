@@ -143,13 +143,12 @@ def misses(policy: str, share: float, seeds: list[int], window: float,
     for seed in seeds:
         served = policies.simulate(policy, poisson(full * share, window, seed), pool)
         figures = metrics.summarize_model(served, warmup, slo)
-        every = [s for s in served if s.request.at >= warmup]
-        if not every:
+        requests, kinds = figures["requests"], figures["slo_misses"]
+        if not requests:
             continue
-        late = sum(1 for s in every if not s.refused and s.ttft > slo[0])
-        slow = sum(1 for s in every if not s.refused and s.ttft <= slo[0] and metrics.model_gap(s) > slo[1])
-        out[seed] = {"late_first_token": late / len(every), "slow_stream": slow / len(every),
-                     "refused": sum(1 for s in every if s.refused) / len(every),
+        out[seed] = {"late_first_token": kinds["late_first_token"] / requests,
+                     "slow_stream": kinds["slow_stream"] / requests,
+                     "refused": figures["errors"].get("refused", 0) / requests,
                      "ttft_p50": figures["ttft_p50"], "ttft_p99": figures["ttft_p99"]}
     return out
 

@@ -86,6 +86,7 @@ def test_a_model_request_meets_the_slo_only_with_its_first_token_and_its_mean_ga
     model = metrics.summarize_model([served(1.0, 0.1), served(1.0, 0.2), served(2.5, 0.1),
                                      served(0.0, 0.0, refused=True)], slo=(2.0, 0.15))
     assert model["slo_attainment"] == 0.25   # the slow stream, the late first token, the refusal miss
+    assert model["slo_misses"] == {"late_first_token": 1, "slow_stream": 1}   # the refusal is an error
     assert "slo_attainment" not in metrics.summarize_model([served(1.0, 0.1)])
 
 
