@@ -1,5 +1,6 @@
 """The one helper that runs outside commands (Slurm CLI, haproxy): argv lists, never a shell; and
-the one that stops processes we started (terminate, then kill).
+the ones that stop processes we started (terminate, then kill): single processes, or the process
+groups of sessions we started with `start_new_session=True`.
 
 Each command is logged at debug level (`hpcserve -v`): its argv, exit status and seconds. Argv
 holds no secret (secrets travel in files and stdin only), and stdin is not logged.
@@ -8,6 +9,7 @@ holds no secret (secrets travel in files and stdin only), and stdin is not logge
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -93,3 +95,42 @@ def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[p
         except psutil.NoSuchProcess:
             pass
     return reached
+
+
+def terminate_groups(pgids: list[int], timeout: float = 15.0) -> None:
+    """SIGTERM each process group, wait up to `timeout` s until none of its processes runs, then
+    SIGKILL the groups that still have one.
+
+    `pgids` are the ids of groups we started as sessions (`subprocess.Popen(...,
+    start_new_session=True)` makes the child's pid its group id), so a job script's or OpenWebUI's
+    children end with it. A group already gone is skipped, not an error. Polls every 0.2 s.
+    """
+    groups = [pgid for pgid in pgids if _signal_group(pgid, signal.SIGTERM)]
+    deadline = time.monotonic() + timeout
+    while groups and time.monotonic() < deadline:
+        groups = [pgid for pgid in groups if group_alive(pgid)]
+        if groups:
+            time.sleep(0.2)
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    """A process of group `pgid` still runs (a zombie, dead but not yet reaped by its parent, does
+    not count)."""
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Send `sig` to group `pgid`; False if the group had ended."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True

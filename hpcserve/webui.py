@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from . import templates
+from . import proc, templates
 from .config import ANY_ADDRESSES, Deployment, url_host
 from .errors import ConfigError, HpcserveError, WaitTimeout
 from .state import StateDir, secret_file, write_private
@@ -188,12 +187,13 @@ def wait_ready(deployment: Deployment, process: subprocess.Popen, timeout: float
         time.sleep(1)
 
 
-def stop(deployment: Deployment) -> None:
-    """Stop the OpenWebUI that start() started (SIGTERM to its session); nothing if none runs."""
+def stop(deployment: Deployment, timeout: float = 15.0) -> None:
+    """Stop the OpenWebUI that start() started: SIGTERM to its session, SIGKILL what still runs
+    after `timeout` s, so that its port is free when this returns; nothing if none runs."""
     pid_file = _pid_file(deployment)
     try:
-        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        proc.terminate_groups([int(pid_file.read_text())], timeout)
+    except (FileNotFoundError, ValueError):
         pass
     pid_file.unlink(missing_ok=True)
 

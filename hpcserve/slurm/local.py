@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -167,13 +166,7 @@ class LocalScheduler(Scheduler):
             path.write_text(json.dumps(record))
             if self._alive(record):
                 groups.append(record["pid"])
-                _signal_group(record["pid"], signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while groups and time.monotonic() < deadline:
-            groups = [pid for pid in groups if _group_alive(pid)]
-            time.sleep(0.2)
-        for pid in groups:
-            _signal_group(pid, signal.SIGKILL)
+        proc.terminate_groups(groups, timeout=15)
 
     def node_addresses(self) -> dict[str, str]:
         return {NODE: "127.0.0.1"}
@@ -183,28 +176,3 @@ def _directive(script: str, option: str) -> str | None:
     """The value of `#SBATCH OPTION=VALUE` in `script`, or None."""
     return next((line.split("=", 1)[1].strip() for line in script.splitlines()
                  if line.startswith(f"#SBATCH {option}=")), None)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    """A process of the group still runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    for process in psutil.process_iter():
-        try:
-            if _pgid(process) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
-def _pgid(process: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(process.pid)
-    except (ProcessLookupError, PermissionError):
-        return None

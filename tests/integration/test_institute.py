@@ -152,16 +152,17 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
         assert sorted(capped_codes) == [200] * 3 + [429] * 5 and other_codes == [200] * 4
 
         rated = p.add_key("rated", "--rate", "5/min")
-        client = openai.OpenAI(base_url=f"{p.url}/v1", api_key=rated, max_retries=0)
         codes = []
-        for _ in range(8):
-            try:
-                client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "x"}])
-                codes.append(200)
-            except openai.RateLimitError as exc:
-                codes.append(429)
-                assert exc.body["code"] == "rate_limit_exceeded" and "5" in exc.body["message"]
-                assert exc.response.headers["retry-after"] == "12"    # one request's share of the minute
+        with openai.OpenAI(base_url=f"{p.url}/v1", api_key=rated, max_retries=0) as client:
+            for _ in range(8):
+                try:
+                    client.chat.completions.create(model="m", max_tokens=1,
+                                                   messages=[{"role": "user", "content": "x"}])
+                    codes.append(200)
+                except openai.RateLimitError as exc:
+                    codes.append(429)
+                    assert exc.body["code"] == "rate_limit_exceeded" and "5" in exc.body["message"]
+                    assert exc.response.headers["retry-after"] == "12"    # one request's share of the minute
         assert codes == [200] * 5 + [429] * 3
         # Raised at runtime: the next two are admitted (refused requests did not count), then 429.
         assert p.hpcserve("keys", "set", "rated", "--rate", "7").returncode == 0

@@ -1,5 +1,5 @@
-"""hpcserve webui: the environment that wires OpenWebUI to the pool (OpenWebUI itself is not
-installed by the test suite: the browser test of issue 5 is still to come)."""
+"""hpcserve webui: the environment that wires OpenWebUI to the pool, its job script, and stopping
+it (here a stand-in program; tests/e2e/test_webui.py drives the real OpenWebUI in a browser)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
+
+import psutil
 
 from tests.conftest import minimal, write_deployment
 
@@ -76,3 +80,36 @@ def test_openwebui_job_is_refused_when_the_pool_listens_on_loopback_only(tmp_pat
     assert result.returncode == 2 and result.stdout == ""
     assert "haproxy.bind: 127.0.0.1 is reachable from this host only" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_webui_stop_ends_its_whole_session_even_a_process_that_ignores_sigterm(tmp_path, gguf):
+    """`hpcserve webui --stop` must leave the port free: SIGTERM to the session, SIGKILL after the
+    timeout to a server (and its children) that ignore it."""
+    from hpcserve import config, proc, webui
+    from hpcserve.state import StateDir
+
+    deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
+    StateDir(deployment.state_dir).ensure()
+    stubborn = tmp_path / "open-webui"
+    stubborn.write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\nwait\n")   # the child inherits the ignore
+    stubborn.chmod(0o700)
+    process = webui.start(deployment, str(stubborn), {})
+    try:
+        deadline = time.monotonic() + 10
+        while len([p for p in psutil.process_iter() if _pgid(p) == process.pid]) < 2:
+            assert time.monotonic() < deadline, "the stand-in's child did not start"
+            time.sleep(0.1)
+        webui.stop(deployment, timeout=1)
+        assert not proc.group_alive(process.pid)
+        assert process.wait(timeout=5) == -signal.SIGKILL
+        assert not (StateDir(deployment.state_dir).webui_dir / "webui.pid").exists()
+        webui.stop(deployment, timeout=1)   # nothing runs: not an error
+    finally:
+        proc.terminate_groups([process.pid], timeout=0)
+
+
+def _pgid(process):
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
