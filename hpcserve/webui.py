@@ -166,7 +166,11 @@ def start(deployment: Deployment, executable: str, env: dict[str, str]) -> subpr
         process = subprocess.Popen([executable, "serve", "--host", settings.host, "--port", str(settings.port)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                    start_new_session=True)
-    write_private(_pid_file(deployment), f"{process.pid}\n")
+    try:
+        write_private(_pid_file(deployment), f"{process.pid}\n")
+    except BaseException:
+        proc.terminate_groups([process.pid], timeout=0)   # stop() could not find it: do not leave it running
+        raise
     return process
 
 

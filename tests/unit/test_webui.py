@@ -14,6 +14,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import minimal, write_deployment
 
@@ -93,7 +94,7 @@ def test_webui_stop_ends_its_whole_session_even_a_process_that_ignores_sigterm(t
     stubborn = tmp_path / "open-webui"
     stubborn.write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\nwait\n")   # the child inherits the ignore
     stubborn.chmod(0o700)
-    process = webui.start(deployment, str(stubborn), {})
+    process = webui.start(deployment, str(stubborn), webui.environment(deployment))   # as the CLI does
     try:
         deadline = time.monotonic() + 10
         while len([p for p in psutil.process_iter() if _pgid(p) == process.pid]) < 2:
@@ -113,3 +114,22 @@ def _pgid(process):
         return os.getpgid(process.pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def test_webui_that_cannot_record_its_pid_is_not_left_running(tmp_path, gguf):
+    """start() writes the pid file stop() needs; when it cannot (here: no STATE_DIR/webui, which
+    environment() would have made), the session it started is stopped before the error goes up."""
+    from hpcserve import config, webui
+    from hpcserve.state import StateDir
+
+    deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
+    StateDir(deployment.state_dir).ensure()
+    stubborn = tmp_path / "open-webui"
+    stubborn.write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\nwait\n")
+    stubborn.chmod(0o700)
+    with pytest.raises(FileNotFoundError):
+        webui.start(deployment, str(stubborn), {})
+    time.sleep(0.5)
+    left = [p for p in psutil.process_iter(["cmdline", "status"])
+            if str(stubborn) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert left == []
