@@ -115,6 +115,17 @@ def terminate_groups(pgids: list[int], timeout: float = 15.0) -> None:
         _signal_group(pgid, signal.SIGKILL)
 
 
+def started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, psutil's create_time), or None if no
+    process `pid` runs (a zombie does not). A pid file holding this beside the pid tells our
+    process from a later one that reused its pid: compare within 1 s."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
 def group_alive(pgid: int) -> bool:
     """A process of group `pgid` still runs (a zombie, dead but not yet reaped by its parent, does
     not count)."""

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from . import proc, templates
 from .config import ANY_ADDRESSES, Deployment, url_host
@@ -158,8 +159,8 @@ def program(deployment: Deployment) -> str:
 def start(deployment: Deployment, executable: str, env: dict[str, str]) -> subprocess.Popen:
     """Start OpenWebUI (`EXECUTABLE serve`, see program()) in its own session with `env` (from
     environment(), which makes OpenWebUI's key: the caller brings HAProxy's key map up to date in
-    between, or the first model list is refused) added to this process's environment; its pid goes
-    to STATE_DIR/webui/webui.pid, its output to logs/webui.log."""
+    between, or the first model list is refused) added to this process's environment; its pid and
+    start time go to STATE_DIR/webui/webui.pid (for stop()), its output to logs/webui.log."""
     settings = deployment.webui
     env = {**os.environ, **env}
     with open(_log_file(deployment), "a") as log:
@@ -167,7 +168,7 @@ def start(deployment: Deployment, executable: str, env: dict[str, str]) -> subpr
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                    start_new_session=True)
     try:
-        write_private(_pid_file(deployment), f"{process.pid}\n")
+        write_private(_pid_file(deployment), f"{process.pid} {psutil.Process(process.pid).create_time()}\n")
     except BaseException:
         proc.terminate_groups([process.pid], timeout=0)   # stop() could not find it: do not leave it running
         raise
@@ -193,12 +194,22 @@ def wait_ready(deployment: Deployment, process: subprocess.Popen, timeout: float
 
 def stop(deployment: Deployment, timeout: float = 15.0) -> None:
     """Stop the OpenWebUI that start() started: SIGTERM to its session, SIGKILL what still runs
-    after `timeout` s, so that its port is free when this returns; nothing if none runs."""
+    after `timeout` s, so that its port is free when this returns; nothing if none runs.
+
+    The pid file holds the pid and its start time: a process that reused the pid after OpenWebUI
+    ended is left alone. While any process of the session runs, its group id is not reused (POSIX
+    Base Definitions, "Process ID Reuse"), so a session whose first process ended is still stopped."""
     pid_file = _pid_file(deployment)
     try:
-        proc.terminate_groups([int(pid_file.read_text())], timeout)
-    except (FileNotFoundError, ValueError):
-        pass
+        fields = pid_file.read_text().split()
+        pgid = int(fields[0])
+        created = float(fields[1]) if len(fields) > 1 else None   # None: a pid file of an older hpcserve
+    except (FileNotFoundError, ValueError, IndexError):
+        pgid = None
+    if pgid is not None:
+        started = proc.started_at(pgid)
+        if started is None or created is None or abs(started - created) < 1:
+            proc.terminate_groups([pgid], timeout)
     pid_file.unlink(missing_ok=True)
 
 

@@ -70,11 +70,8 @@ class LocalScheduler(Scheduler):
         return records
 
     def _alive(self, record: dict) -> bool:
-        try:
-            process = psutil.Process(record["pid"])
-            return abs(process.create_time() - record["created"]) < 1 and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        started = proc.started_at(record["pid"])
+        return started is not None and abs(started - record["created"]) < 1
 
     def submit(self, script: str) -> str:
         """Start `script` now in its own session; return its job id.

@@ -133,3 +133,25 @@ def test_webui_that_cannot_record_its_pid_is_not_left_running(tmp_path, gguf):
     left = [p for p in psutil.process_iter(["cmdline", "status"])
             if str(stubborn) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert left == []
+
+
+def test_webui_stop_leaves_alone_a_process_that_reused_the_pid(tmp_path, gguf):
+    """The pid file names OpenWebUI's pid and start time; a later process with that pid (here: any
+    other session of the same user) is not signalled, and the stale pid file goes."""
+    from hpcserve import config, webui
+    from hpcserve.state import StateDir
+
+    deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
+    webui.environment(deployment)
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        pid_file = StateDir(deployment.state_dir).webui_dir / "webui.pid"
+        pid_file.write_text(f"{other.pid} {psutil.Process(other.pid).create_time() - 3600}\n")
+        webui.stop(deployment, timeout=1)
+        assert other.poll() is None and not pid_file.exists()
+        pid_file.write_text(f"{other.pid}\n")   # an older hpcserve's pid file (no start time): trusted
+        webui.stop(deployment, timeout=1)
+        assert other.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        other.kill()
+        other.wait()
