@@ -117,7 +117,8 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
         _sync_keys(ctx)
         return
     if stop:
-        webui_mod.stop(deployment)
+        with err.status("stopping OpenWebUI", spinner="dots"):
+            webui_mod.stop(deployment)
         out.print("OpenWebUI stopped")
         return
     executable = webui_mod.program(deployment)

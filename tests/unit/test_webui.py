@@ -16,6 +16,8 @@ import time
 import psutil
 import pytest
 
+from hpcserve import config, proc, webui
+from hpcserve.state import StateDir
 from tests.conftest import minimal, write_deployment
 
 
@@ -42,12 +44,12 @@ def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
         ("openwebui", "openwebui", True), ("file-" + hashlib.sha256(b"frontend-key").hexdigest()[:8], "file", False)]
     assert (env["ENABLE_OLLAMA_API"], env["OFFLINE_MODE"], env["ENABLE_PERSISTENT_CONFIG"],
             env["BYPASS_MODEL_ACCESS_CONTROL"]) == ("False", "True", "False", "True")
-    webui = tmp_path / "state" / "webui"
-    assert env["DATA_DIR"] == str(webui / "data")
-    assert env["WEBUI_SECRET_KEY"] == (webui / "secret-key").read_text().strip()
-    assert env["WEBUI_ADMIN_PASSWORD"] == (webui / "admin-password").read_text().strip()
+    webui_dir = tmp_path / "state" / "webui"
+    assert env["DATA_DIR"] == str(webui_dir / "data")
+    assert env["WEBUI_SECRET_KEY"] == (webui_dir / "secret-key").read_text().strip()
+    assert env["WEBUI_ADMIN_PASSWORD"] == (webui_dir / "admin-password").read_text().strip()
     for name in ("secret-key", "admin-password"):
-        assert (webui / name).stat().st_mode & 0o077 == 0
+        assert (webui_dir / name).stat().st_mode & 0o077 == 0
     assert hpcserve(path, "webui", "--env").stdout == result.stdout   # stable: secrets are kept
 
 
@@ -86,9 +88,6 @@ def test_openwebui_job_is_refused_when_the_pool_listens_on_loopback_only(tmp_pat
 def test_webui_stop_ends_its_whole_session_even_a_process_that_ignores_sigterm(tmp_path, gguf):
     """`hpcserve webui --stop` must leave the port free: SIGTERM to the session, SIGKILL after the
     timeout to a server (and its children) that ignore it."""
-    from hpcserve import config, proc, webui
-    from hpcserve.state import StateDir
-
     deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
     StateDir(deployment.state_dir).ensure()
     stubborn = tmp_path / "open-webui"
@@ -119,9 +118,6 @@ def _pgid(process):
 def test_webui_that_cannot_record_its_pid_is_not_left_running(tmp_path, gguf):
     """start() writes the pid file stop() needs; when it cannot (here: no STATE_DIR/webui, which
     environment() would have made), the session it started is stopped before the error goes up."""
-    from hpcserve import config, webui
-    from hpcserve.state import StateDir
-
     deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
     StateDir(deployment.state_dir).ensure()
     stubborn = tmp_path / "open-webui"
@@ -138,9 +134,6 @@ def test_webui_that_cannot_record_its_pid_is_not_left_running(tmp_path, gguf):
 def test_webui_stop_leaves_alone_a_process_that_reused_the_pid(tmp_path, gguf):
     """The pid file names OpenWebUI's pid and start time; a later process with that pid (here: any
     other session of the same user) is not signalled, and the stale pid file goes."""
-    from hpcserve import config, webui
-    from hpcserve.state import StateDir
-
     deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
     webui.environment(deployment)
     other = subprocess.Popen(["sleep", "300"], start_new_session=True)
