@@ -85,14 +85,26 @@ def test_openwebui_job_is_refused_when_the_pool_listens_on_loopback_only(tmp_pat
     assert "Traceback" not in result.stderr
 
 
-def test_webui_stop_ends_its_whole_session_even_a_process_that_ignores_sigterm(tmp_path, gguf):
+@pytest.fixture
+def deployment(tmp_path, gguf):
+    """A loaded deployment with its state folder (0700), as the CLI has it before `webui`."""
+    loaded = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
+    StateDir(loaded.state_dir).ensure()
+    return loaded
+
+
+@pytest.fixture
+def stubborn(tmp_path):
+    """A stand-in for `open-webui` that ignores SIGTERM and starts a child that inherits the ignore."""
+    path = tmp_path / "open-webui"
+    path.write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\nwait\n")
+    path.chmod(0o700)
+    return path
+
+
+def test_webui_stop_ends_its_whole_session_even_a_process_that_ignores_sigterm(deployment, stubborn):
     """`hpcserve webui --stop` must leave the port free: SIGTERM to the session, SIGKILL after the
     timeout to a server (and its children) that ignore it."""
-    deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
-    StateDir(deployment.state_dir).ensure()
-    stubborn = tmp_path / "open-webui"
-    stubborn.write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\nwait\n")   # the child inherits the ignore
-    stubborn.chmod(0o700)
     process = webui.start(deployment, str(stubborn), webui.environment(deployment))   # as the CLI does
     try:
         deadline = time.monotonic() + 10
@@ -115,14 +127,9 @@ def _pgid(process):
         return None
 
 
-def test_webui_that_cannot_record_its_pid_is_not_left_running(tmp_path, gguf):
+def test_webui_that_cannot_record_its_pid_is_not_left_running(deployment, stubborn):
     """start() writes the pid file stop() needs; when it cannot (here: no STATE_DIR/webui, which
     environment() would have made), the session it started is stopped before the error goes up."""
-    deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
-    StateDir(deployment.state_dir).ensure()
-    stubborn = tmp_path / "open-webui"
-    stubborn.write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\nwait\n")
-    stubborn.chmod(0o700)
     with pytest.raises(FileNotFoundError):
         webui.start(deployment, str(stubborn), {})
     time.sleep(0.5)
@@ -131,10 +138,9 @@ def test_webui_that_cannot_record_its_pid_is_not_left_running(tmp_path, gguf):
     assert left == []
 
 
-def test_webui_stop_leaves_alone_a_process_that_reused_the_pid(tmp_path, gguf):
+def test_webui_stop_leaves_alone_a_process_that_reused_the_pid(deployment):
     """The pid file names OpenWebUI's pid and start time; a later process with that pid (here: any
     other session of the same user) is not signalled, and the stale pid file goes."""
-    deployment = config.load(write_deployment(tmp_path, minimal(gguf, tmp_path)))
     webui.environment(deployment)
     other = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
