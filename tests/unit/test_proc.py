@@ -1,0 +1,45 @@
+"""proc: stopping the process groups of sessions we started (the local scheduler's jobs, OpenWebUI)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import psutil
+
+from hpcserve import proc
+
+
+def _session(script: str) -> subprocess.Popen:
+    process = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len([p for p in psutil.Process(process.pid).children()]) < 1:   # its child started
+        assert time.monotonic() < deadline, "the session's child did not start"
+        time.sleep(0.05)
+    return process
+
+
+def test_terminate_groups_returns_only_once_the_killed_group_has_ended():
+    """SIGKILL is carried out after kill(2) returns; a caller told the group is stopped (webui --stop:
+    "its port is free") must not find a process of it still running."""
+    for _ in range(10):   # without the wait, about half the tries here find the child still running
+        process = _session("trap '' TERM; sleep 300 & wait")
+        try:
+            proc.terminate_groups([process.pid], timeout=0)
+            assert not proc.group_alive(process.pid)
+        finally:
+            process.kill()
+            process.wait()
+
+
+def test_terminate_groups_leaves_other_groups_and_skips_ended_ones():
+    ours, other = _session("sleep 300 & wait"), _session("sleep 300 & wait")
+    try:
+        proc.terminate_groups([ours.pid], timeout=5)
+        assert ours.wait(timeout=5) != 0 and not proc.group_alive(ours.pid)
+        assert proc.group_alive(other.pid)
+        proc.terminate_groups([ours.pid], timeout=5)   # already gone: not an error
+    finally:
+        for process in (ours, other):
+            process.kill()
+            process.wait()
