@@ -75,14 +75,22 @@ def _text(data: bytes | str | None) -> str:
     return data if isinstance(data, str) else data.decode(errors="replace")
 
 
+KILL_WAIT = 5.0
+"""Seconds terminate and terminate_groups wait for what they SIGKILLed to end."""
+
+
 def terminate(processes: list[psutil.Process], timeout: float = 5.0) -> None:
-    """SIGTERM each process, wait up to `timeout` s for them to end, SIGKILL those still alive.
+    """SIGTERM each process, wait up to `timeout` s for them to end, SIGKILL those still alive and
+    wait (up to KILL_WAIT s) for those to end too: kill(2) returns before the target exits (see
+    terminate_groups), and a caller (`hpcserve down`, then `up` on the same port) counts on it.
 
     A process that ended after the caller last saw it alive (a worker finishing its last stream
     just as the caller's wait timed out) is skipped, not an error: psutil raises NoSuchProcess for it.
     """
     _, alive = psutil.wait_procs(_signal_each(processes, signal.SIGTERM), timeout=timeout)
-    _signal_each(alive, signal.SIGKILL)
+    _, alive = psutil.wait_procs(_signal_each(alive, signal.SIGKILL), timeout=KILL_WAIT)
+    for process in alive:
+        log.warning("process %d still runs %g s after SIGKILL", process.pid, KILL_WAIT)
 
 
 def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
@@ -95,10 +103,6 @@ def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[p
         except psutil.NoSuchProcess:
             pass
     return reached
-
-
-KILL_WAIT = 5.0
-"""Seconds terminate_groups waits for a SIGKILLed group to end."""
 
 
 def terminate_groups(pgids: list[int], timeout: float = 15.0) -> None:

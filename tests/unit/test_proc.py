@@ -32,6 +32,26 @@ def test_terminate_groups_returns_only_once_the_killed_group_has_ended():
             process.wait()
 
 
+def test_terminate_returns_only_once_the_killed_process_has_ended():
+    """The same for single processes (HAProxy's master and workers at `hpcserve down`)."""
+    for _ in range(10):
+        session = _session("trap '' TERM; sleep 300 & wait")
+        try:
+            child = psutil.Process(session.pid).children()[0]
+            proc.terminate([child], timeout=0)
+            assert not _running(child)
+        finally:
+            session.kill()
+            session.wait()
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_terminate_groups_leaves_other_groups_and_skips_ended_ones():
     ours, other = _session("sleep 300 & wait"), _session("sleep 300 & wait")
     try:
