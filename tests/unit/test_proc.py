@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 
@@ -19,6 +21,15 @@ def _session(script: str) -> subprocess.Popen:
     return process
 
 
+def _kill_session(process: subprocess.Popen) -> None:
+    """The test's own cleanup: SIGKILL the whole session (its child too), reap its leader."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
 def test_terminate_groups_returns_only_once_the_killed_group_has_ended():
     """SIGKILL is carried out after kill(2) returns; a caller told the group is stopped (webui --stop:
     "its port is free") must not find a process of it still running."""
@@ -28,8 +39,7 @@ def test_terminate_groups_returns_only_once_the_killed_group_has_ended():
             proc.terminate_groups([process.pid], timeout=0)
             assert not proc.group_alive(process.pid)
         finally:
-            process.kill()
-            process.wait()
+            _kill_session(process)
 
 
 def test_terminate_returns_only_once_the_killed_process_has_ended():
@@ -41,8 +51,7 @@ def test_terminate_returns_only_once_the_killed_process_has_ended():
             proc.terminate([child], timeout=0)
             assert not _running(child)
         finally:
-            session.kill()
-            session.wait()
+            _kill_session(session)
 
 
 def _running(process: psutil.Process) -> bool:
@@ -61,5 +70,4 @@ def test_terminate_groups_leaves_other_groups_and_skips_ended_ones():
         proc.terminate_groups([ours.pid], timeout=5)   # already gone: not an error
     finally:
         for process in (ours, other):
-            process.kill()
-            process.wait()
+            _kill_session(process)
