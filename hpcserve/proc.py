@@ -94,7 +94,8 @@ def terminate(processes: list[psutil.Process], timeout: float = 5.0) -> None:
 
 
 def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
-    """Send `sig` to each process; returns those it reached (the others had ended)."""
+    """Send `sig` to each process; returns those it reached (the others had ended, or are another
+    user's: a pid reused since we recorded it, which the kernel refuses us and we leave alone)."""
     reached = []
     for process in processes:
         try:
@@ -102,6 +103,8 @@ def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[p
             reached.append(process)
         except psutil.NoSuchProcess:
             pass
+        except psutil.AccessDenied:
+            log.warning("process %d belongs to another user now: left alone", process.pid)
     return reached
 
 
@@ -161,9 +164,13 @@ def group_alive(pgid: int) -> bool:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> bool:
-    """Send `sig` to group `pgid`; False if the group had ended."""
+    """Send `sig` to group `pgid`; False if the group had ended, or is another user's (a group id
+    reused since we recorded it: killpg(2) answers EPERM, and we leave it alone)."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("process group %d belongs to another user now: left alone", pgid)
         return False
     return True

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from hpcserve import proc
 
@@ -71,3 +72,28 @@ def test_terminate_groups_leaves_other_groups_and_skips_ended_ones():
     finally:
         for process in (ours, other):
             _kill_session(process)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the stop as another user")
+def test_a_group_id_reused_by_another_user_is_left_alone_without_an_error():
+    """A pid file may name a group id that another user's session has since taken; the kernel
+    refuses the signal (EPERM) and the stop goes on: no traceback, the other session untouched.
+    Here the stop runs as `nobody` against a session of root's."""
+    theirs = _session("sleep 300 & wait")
+    try:
+        child = os.fork()
+        if child == 0:   # the stop, as another user
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                proc.terminate_groups([theirs.pid], timeout=0)
+                proc.terminate([psutil.Process(theirs.pid)], timeout=0)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert theirs.poll() is None and proc.group_alive(theirs.pid)
+    finally:
+        _kill_session(theirs)
