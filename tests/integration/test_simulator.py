@@ -147,5 +147,7 @@ def test_simulator_queues_beyond_its_slots(servers):
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         list(pool.map(lambda _: httpx.post(servers["sim"] + "/v1/chat/completions", headers=AUTH, timeout=60,
                                            json={**CHAT, "max_tokens": 10}), range(5)))
+    before = time.time()
     stats = httpx.get(servers["sim"] + "/sim/stats").json()
     assert stats["max_busy"] == 2 and stats["max_waiting"] >= 1
+    assert stats["first_over"] is not None and stats["first_over"] <= before   # when a request first found no free slot
