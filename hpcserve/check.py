@@ -29,6 +29,7 @@ from .core.jobs import JobState
 from .errors import CommandError, ConfigError, HAProxyError, HpcserveError, SlurmError, TemplateError
 from .haproxy import config as haproxy_config
 from .haproxy.process import HAProxy
+from .llama import builds
 from .llama.probe import resolve
 from .slurm import Scheduler, jobscript
 from .slurm import layout as layout_mod
@@ -358,9 +359,21 @@ def parse_report(comment: str) -> list[Check]:
         status, _, detail = rest.partition("|")
         if status not in (PASS, FAIL, WARN):
             continue
+        if name.startswith("llama-server:") and status == PASS:
+            status, detail = _llama_build(detail)
         checks.append(Check(f"node:{name}", status, detail, _NODE_FIXES.get(name.split(":")[0], "") if status == FAIL
                             else "", kind="slurm"))
     return checks
+
+
+def _llama_build(detail: str) -> tuple[str, str]:
+    """(status, detail) of a llama-server that answered --version: the build it names
+    (hpcserve.llama.builds), or a warning that none was found."""
+    build = builds.parse_version(detail)
+    if build is None or build.number is None:
+        return WARN, (f"{detail}: no known llama.cpp build number in it; hpcserve assumes the answers of the "
+                      f"newest build it knows ({builds.newest_known().name})")
+    return PASS, f"{detail} (llama.cpp {build.name})"
 
 
 _NODE_FIXES = {

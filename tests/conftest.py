@@ -7,6 +7,7 @@ HPCSERVE_REQUIRE_REAL=1 (set by scripts/test.sh, so CI can never pass by skippin
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -21,11 +22,13 @@ import pytest
 import yaml
 
 from hpcserve import config
+from hpcserve.llama import builds
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("HPCSERVE_TEST_MODEL", ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"))
-# scripts/setup.sh links the llama-server that runs on this CPU here (the wheel's, or one built from source).
-LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
+# The llama-server under test: scripts/setup.sh links the build it chose here (the wheel's, or one
+# built from source; see its HPCSERVE_LLAMA_BUILD); HPCSERVE_LLAMA_SERVER names another build.
+LLAMA_SERVER = Path(os.environ.get("HPCSERVE_LLAMA_SERVER") or Path(sys.executable).parent / "llama-server")
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -50,6 +53,33 @@ def simulator(log: Path, slots: int, token_rate: float, key: str, alias: str = "
     finally:
         process.terminate()
         process.wait(10)
+
+
+@functools.cache
+def llama_server_build() -> builds.Build | None:
+    """The build of LLAMA_SERVER: its `--version`, or where that has no build number (a build
+    without git says "build 0"), the PyPI package that installed it; None when it is missing or
+    neither names a build."""
+    if not LLAMA_SERVER.exists():
+        return None
+    version = subprocess.run([str(LLAMA_SERVER), "--version"], capture_output=True, text=True, timeout=60)
+    said = builds.parse_version(version.stdout + version.stderr)
+    if said is not None and said.number is not None:
+        return said
+    package = builds.from_package(LLAMA_SERVER)
+    if package is None:
+        return said
+    return builds.Build(package.number, said.commit if said else None,
+                        f"{said.reported if said else 'no version line'}; {package.reported}")
+
+
+def pytest_report_header(config) -> str:
+    """Which llama-server build the llama-facing tests run against, at the top of every run."""
+    build = llama_server_build()
+    where = f"{LLAMA_SERVER} -> {LLAMA_SERVER.resolve()}"
+    if build is None:
+        return f"llama-server under test: {where}: missing or no build named by --version"
+    return f"llama-server under test: {build.name} ({build.reported}), {where}"
 
 
 def missing(what: str) -> None:

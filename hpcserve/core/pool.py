@@ -52,6 +52,8 @@ class Replica:
         port: its TCP port, or None before it announced.
         health: see Health.
         slots_busy, slots_total: from /slots when asked for (status), else None.
+        build: the llama-server build from /props build_info ("b11434"; hpcserve.llama.builds) when
+            asked for (status), else None.
         warned: Slurm warned the job that it will end (its comment says "leaving").
     """
 
@@ -62,6 +64,7 @@ class Replica:
     health: Health = Health.PENDING
     slots_busy: int | None = None
     slots_total: int | None = None
+    build: str | None = None
     warned: bool = False
 
     @property

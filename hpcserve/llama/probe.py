@@ -19,6 +19,7 @@ import socket
 import httpx
 
 from ..config import Deployment
+from . import builds
 from ..core.jobs import JobState
 from ..core.pool import Health, Replica
 from ..slurm.jobscript import job_name_prefix, model_of
@@ -46,7 +47,7 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
         scheduler: where to list them.
         key: the backend key, needed only to read /slots.
         probe_timeout: seconds per HTTP probe; probes run concurrently.
-        slots: also read /slots of ready replicas (for status).
+        slots: also read /slots and /props of ready replicas (for status: busy slots, the build).
 
     Raises:
         SlurmError: the job list could not be read. A failure to list is never taken as "no jobs".
@@ -116,12 +117,21 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, key: str | None, s
     health = {200: Health.READY, 503: Health.LOADING}.get(response.status_code, Health.UNREACHABLE)
     replica = dataclasses.replace(replica, health=health)
     if slots and health is Health.READY and key:
-        try:
-            response = await client.get(f"{base}/slots", headers={"Authorization": f"Bearer {key}"})
-            data = response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            data = None
+        data = await _get_json(client, f"{base}/slots", key)
         if isinstance(data, list):
             busy = sum(1 for slot in data if isinstance(slot, dict) and slot.get("is_processing"))
             replica = dataclasses.replace(replica, slots_busy=busy, slots_total=len(data))
+        props = await _get_json(client, f"{base}/props", key)
+        build = builds.parse_build_info(props.get("build_info")) if isinstance(props, dict) else None
+        if build is not None:
+            replica = dataclasses.replace(replica, build=build.name)
     return replica
+
+
+async def _get_json(client: httpx.AsyncClient, url: str, key: str) -> object:
+    """The JSON answer of GET `url` with the backend key, None on any failure or a status not 200."""
+    try:
+        response = await client.get(url, headers={"Authorization": f"Bearer {key}"})
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None

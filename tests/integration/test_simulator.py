@@ -1,5 +1,8 @@
 """The llama-server simulator answers like the real llama-server: the same requests to both, and
-the same shapes and field names back (values differ: the simulator's text is not a model's)."""
+the same shapes and field names back (values differ: the simulator's text is not a model's). The
+simulator answers as the real server's build (its `--version`, given as --sim-build), so these pass
+against whichever build scripts/setup.sh installed; tests/integration/test_llama_builds.py checks
+the builds this machine cannot run against their captured answers."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LLAMA_SERVER
+from hpcserve.llama import builds
+from tests.conftest import LLAMA_SERVER, llama_server_build, missing
 
 KEY = "shape-test-key"
 
@@ -79,6 +83,9 @@ def wait_ready(url: str) -> dict | None:
 @pytest.fixture(scope="module")
 def servers(real_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shapes")
+    build = llama_server_build()
+    if build is None or build.number is None:
+        missing(f"the build of {LLAMA_SERVER} (neither its --version nor a known package names it)")
     common = ["--model", str(real_model), "--alias", "m", "--host", "127.0.0.1", "--parallel", "2",
               "--ctx-size", "1024"]
     # The real server is polled from the moment it starts, on a port chosen here: it answers 503
@@ -91,7 +98,8 @@ def servers(real_model, tmp_path_factory):
                                 stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
     real_url = f"http://127.0.0.1:{port}"
     loading = {"real": wait_ready(real_url)}
-    sim, sim_url = start([sys.executable, "-m", "hpcserve.llama.simulator", *common, "--port", "0", "--sim-load-time", "0.3"],
+    sim, sim_url = start([sys.executable, "-m", "hpcserve.llama.simulator", *common, "--port", "0", "--sim-load-time", "0.3",
+                          "--sim-build", build.name],
                          folder / "sim.log")
     loading["sim"] = wait_ready(sim_url)
     yield {"real": real_url, "sim": sim_url, "loading": loading}
@@ -108,6 +116,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], 
 REQUESTS = {
     "health": ("GET", "/health", None, {}),
     "models": ("GET", "/v1/models", None, {}),
+    "models with key": ("GET", "/v1/models", None, AUTH),
     "slots before any request": ("GET", "/slots", None, AUTH),
     "chat": ("POST", "/v1/chat/completions", CHAT, AUTH),
     "chat streamed": ("POST", "/v1/chat/completions", {**CHAT, "stream": True}, AUTH),
@@ -151,3 +160,16 @@ def test_simulator_queues_beyond_its_slots(servers):
     stats = httpx.get(servers["sim"] + "/sim/stats").json()
     assert stats["max_busy"] == 2 and stats["max_waiting"] >= 1
     assert stats["first_over"] is not None and stats["first_over"] <= before   # when a request first found no free slot
+
+
+def test_props_has_what_hpcserve_reads_and_the_same_build(servers):
+    """/props: the build (build_info) and slots (total_slots) hpcserve's status reads, the same
+    build on both (the simulator answers as the real server's build)."""
+    props = {which: httpx.get(servers[which] + "/props", headers=AUTH, timeout=10).json() for which in ("real", "sim")}
+    real, sim = (builds.parse_build_info(props[w]["build_info"]) for w in ("real", "sim"))
+    assert real is not None and sim is not None, props
+    # A build without git names no number in build_info ("b0-unknown"): then the package named it.
+    assert sim.number == llama_server_build().number and real.number in (None, sim.number)
+    assert props["real"]["total_slots"] == props["sim"]["total_slots"] == 2
+    assert "n_ctx" in props["real"]["default_generation_settings"]
+    assert "n_ctx" in props["sim"]["default_generation_settings"]

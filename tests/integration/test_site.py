@@ -16,7 +16,7 @@ import yaml
 
 from hpcserve import check as check_mod
 from hpcserve.slurm import layout as layout_mod
-from tests.conftest import LLAMA_SERVER, free_port_pair, missing
+from tests.conftest import LLAMA_SERVER, free_port_pair, llama_server_build, missing
 from tests.slurm_layouts import Cluster, NodeSpec, PartitionSpec, available
 
 pytestmark = [pytest.mark.slurm, pytest.mark.haproxy]
@@ -109,7 +109,9 @@ def test_init_on_the_local_cluster_writes_a_file_that_check_job_passes(slurm_env
     assert {"sbatch:gemma3-270m", "haproxy", "haproxy.cfg", "ports", "gguf:gemma3-270m", "state_dir", "job",
             "node:setup", "node:gguf:gemma3-270m", "node:llama-server:gemma3-270m", "node:state_dir",
             "node:reachable"} <= set(checks)
-    assert "version" in checks["node:llama-server:gemma3-270m"]["detail"]
+    # The build the node's llama-server names, as hpcserve reads it (the one setup installed here).
+    assert checks["node:llama-server:gemma3-270m"]["status"] == "pass"
+    assert checks["node:llama-server:gemma3-270m"]["detail"].endswith(f"(llama.cpp {llama_server_build().name})")
     # No check job is left behind, and init does not overwrite a file.
     jobs = subprocess.run(["squeue", "--me", "-h", "-o", "%j"], env=slurm_env, capture_output=True, text=True).stdout
     assert "hpcserve-check" not in jobs

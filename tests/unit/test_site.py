@@ -139,3 +139,16 @@ def test_the_check_jobs_report_is_read_from_its_comment():
     checks = check.parse_report(comment)
     assert [(c.name, c.status) for c in checks] == [("node:setup", "pass"), ("node:gguf:m", "fail")]
     assert checks[1].fix.startswith("put the GGUF file on a filesystem the compute nodes mount")
+
+
+def test_the_check_job_names_the_llama_server_build_or_warns():
+    results = ("llama-server:a|pass|/opt/llama-server --version: version: 11434 (1a2b3c4)\n"
+               "llama-server:b|pass|/w/llama-server --version: version: 0.1.0-dev (build 1, commit 7e4c0a9)\n"
+               "llama-server:c|pass|/x/llama-server --version: version: stub\n"
+               "llama-server:d|fail|/y/llama-server --version exited 127: not found\n")
+    comment = f"hpcserve-check listen=n1:4000 results={base64.b64encode(results.encode()).decode()}"
+    checks = {c.name: c for c in check.parse_report(comment)}
+    assert checks["node:llama-server:a"].status == check.PASS and checks["node:llama-server:a"].detail.endswith("(llama.cpp b11434)")
+    assert checks["node:llama-server:b"].detail.endswith("(llama.cpp b10434)")
+    assert checks["node:llama-server:c"].status == check.WARN and "no known llama.cpp build" in checks["node:llama-server:c"].detail
+    assert checks["node:llama-server:d"].status == check.FAIL
