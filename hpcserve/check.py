@@ -367,12 +367,17 @@ def parse_report(comment: str) -> list[Check]:
 
 
 def _llama_build(detail: str) -> tuple[str, str]:
-    """(status, detail) of a llama-server that answered --version: the build it names
-    (hpcserve.llama.builds), or a warning that none was found."""
+    """(status, detail) of a llama-server that answered --version ("PATH --version: LINE"): the
+    build it names (hpcserve.llama.builds), or the build of the PyPI package the path lies in (a
+    build without git says "build 0"), or a warning that neither names one."""
     build = builds.parse_version(detail)
     if build is None or build.number is None:
-        return WARN, (f"{detail}: no known llama.cpp build number in it; hpcserve assumes the answers of the "
-                      f"newest build it knows ({builds.newest_known().name})")
+        path, said, _ = detail.partition(" --version:")
+        package = builds.from_package(Path(path)) if said else None
+        if package is None:
+            return WARN, (f"{detail}: no llama.cpp build number in it; hpcserve assumes the answers of the "
+                          f"newest build it knows ({builds.newest_known().name})")
+        return PASS, f"{detail} (llama.cpp {package.name}, named by {package.reported})"
     return PASS, f"{detail} (llama.cpp {build.name})"
 
 

