@@ -369,7 +369,16 @@ class HAProxy:
             write_private(self.paths.server_state_file, state)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop HAProxy: soft stop (finish what is in flight), then terminate after `timeout` s."""
+        """Stop HAProxy: soft stop (the streams in flight finish), then terminate once no worker
+        has a stream left, or after `timeout` seconds.
+
+        Idle keep-alive client connections (OpenWebUI's, an openai client's) are no stream: the
+        config's `option idle-close-on-response` keeps them open through a soft stop until the
+        client sends again (HAProxy 2.6 configuration manual), which would hold the soft stop for
+        the whole `timeout` (measured: 30.5 s with one idle client). So the workers' streams are
+        counted through the master CLI (`@!PID show sess`, less the CLI's own) and, once none is
+        left, the idle connections are closed by terminating.
+        """
         pid = self.pid()
         if pid is None:
             return
@@ -379,11 +388,30 @@ class HAProxy:
             master.send_signal(signal.SIGUSR1)
         except psutil.NoSuchProcess:
             family = []     # it ended between pid() and here
-        _, alive = psutil.wait_procs(family, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        alive = family
+        while alive and time.monotonic() < deadline:
+            _, alive = psutil.wait_procs(alive, timeout=min(0.25, max(0.0, deadline - time.monotonic())))
+            if alive and self._streams_in_flight() == 0:
+                break
         proc.terminate(alive)
         for path in (self.paths.pid_file, self.paths.master_socket, self.paths.admin_socket, self.paths.base_config):
             path.unlink(missing_ok=True)
         accesslog.stop_writer(self.deployment)   # after HAProxy: it has the last lines
+
+    def _streams_in_flight(self) -> int | None:
+        """Streams of all workers, current and old, but the CLI's own; None when unknown."""
+        try:
+            info = runtime.show_proc(self.paths.master_socket)
+            return sum(streams(runtime.command(self.paths.master_socket, f"@!{worker} show sess"))
+                       for worker in (*info.workers, *info.old_workers))
+        except HAProxyError:
+            return None
+
+
+def streams(show_sess: str) -> int:
+    """Streams in a `show sess` answer, less the CLI's own (frontend GLOBAL)."""
+    return sum(1 for line in show_sess.splitlines() if line.startswith("0x") and " fe=GLOBAL " not in line)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

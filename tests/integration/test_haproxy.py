@@ -65,6 +65,45 @@ def test_stop_skips_a_process_that_ends_just_as_its_wait_times_out(proxy, monkey
     assert not psutil.pid_exists(pid) and not proxy.paths.pid_file.exists()
 
 
+def test_stop_lets_streams_finish_but_does_not_wait_for_idle_keep_alive_clients(proxy, tmp_path):
+    """`down` stops HAProxy with a soft stop: a stream in flight ends normally, and an idle
+    keep-alive client (as OpenWebUI and the openai client keep) does not hold the stop until its
+    timeout (the config's idle-close-on-response keeps such a connection open through a soft stop;
+    measured: 30.5 s for a 30 s stop timeout before stop() counted streams)."""
+    with simulator(tmp_path / "sim.log", slots=2, token_rate=20, key="test-key") as port:
+        assert proxy.apply(haproxy_config.render(proxy.deployment, [Server("m", "7", "127.0.0.1", port)]))
+        url = f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/chat/completions"
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        deadline = time.monotonic() + 20
+        while runtime.show_stat(proxy.paths.admin_socket)[0].status != "UP":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        idle = httpx.Client(timeout=30)
+        assert idle.post(url, json={**chat, "max_tokens": 1}).status_code == 200   # then stays idle
+        streamed: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", url, json={**chat, "max_tokens": 40, "stream": True}, timeout=30) as response:
+                for line in response.iter_lines():
+                    started.set()
+                    streamed.append(line)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert started.wait(10)
+        began = time.monotonic()
+        proxy.stop(timeout=60)
+        stopped_after = time.monotonic() - began
+        thread.join(30)
+        idle.close()
+    assert "data: [DONE]" in streamed and sum(line.startswith("data: {") for line in streamed) >= 41
+    # Before stop() counted streams, the idle client held it until `timeout http-keep-alive` (31 s
+    # measured); now it ends with the 2 s stream.
+    assert stopped_after < 15, stopped_after
+    assert not proxy.running()
+
+
 def test_the_longest_state_dir_allowed_works(haproxy_bin, gguf, tmp_path):
     """The deployment file's state_dir limit is HAProxy's own: at the limit, HAProxy starts."""
     from hpcserve import config
