@@ -19,11 +19,11 @@ import socket
 import httpx
 
 from ..config import Deployment
-from . import builds
 from ..core.jobs import JobState
 from ..core.pool import Health, Replica
 from ..slurm.jobscript import job_name_prefix, model_of
 from ..slurm import Scheduler
+from . import builds
 
 _ENDPOINT = re.compile(r"(?:^|\s)endpoint=(?P<host>[^\s:]+):(?P<port>\d{1,5})(?:\s|$)")
 _LEAVING = re.compile(r"(?:^|\s)leaving(?:\s|$)")
