@@ -39,11 +39,11 @@ for suite in "${suites[@]}"; do
         server="$(llama_build "${suite#llama-}")"
         versions="$(scripts/release-root.sh versions host) llama=$(llama_version "${server:-/nonexistent}" | tr ' ' _)"
         if [ -z "$server" ]; then
-            rows+=("| $suite (host) | - | - | - | not installed | not run: HPCSERVE_LLAMA_BUILD=${suite#llama-} scripts/setup.sh | 0 |")
+            rows+=("| $suite | - | - | - | not installed | not run: HPCSERVE_LLAMA_BUILD=${suite#llama-} scripts/setup.sh | 0 |")
             continue
         fi
         if ! scripts/llama-starts.sh "$server" .cache/models/gemma3-270m-q4_k_m.gguf 2>/dev/null; then
-            rows+=("| $suite (host) | - | - | - | $(llama_version "$server") | not run: it does not start on this CPU (its captured answers are tested in every suite) | 0 |")
+            rows+=("| $suite | - | - | - | $(llama_version "$server") | not run: it does not start on this CPU (its captured answers are tested in every suite) | 0 |")
             continue
         fi
         status=0; HPCSERVE_LLAMA_SERVER="$server" scripts/test.sh -p no:cacheprovider -q --junitxml="$junit" \
