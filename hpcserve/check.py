@@ -368,17 +368,15 @@ def parse_report(comment: str) -> list[Check]:
 
 def _llama_build(detail: str) -> tuple[str, str]:
     """(status, detail) of a llama-server that answered --version ("PATH --version: LINE"): the
-    build it names (hpcserve.llama.builds), or the build of the PyPI package the path lies in (a
-    build without git says "build 0"), or a warning that neither names one."""
-    build = builds.parse_version(detail)
+    build it names, or that the PyPI package its path lies in names (builds.identify: a build
+    without git says "build 0"), or a warning that neither names one."""
+    path, said, version = detail.partition(" --version:")
+    build = builds.identify(version if said else detail, Path(path) if said else None)
     if build is None or build.number is None:
-        path, said, _ = detail.partition(" --version:")
-        package = builds.from_package(Path(path)) if said else None
-        if package is None:
-            return WARN, (f"{detail}: no llama.cpp build number in it; hpcserve assumes the answers of the "
-                          f"newest build it knows ({builds.newest_known().name})")
-        return PASS, f"{detail} (llama.cpp {package.name}, named by {package.reported})"
-    return PASS, f"{detail} (llama.cpp {build.name})"
+        return WARN, (f"{detail}: no llama.cpp build number in it; hpcserve assumes the answers of the "
+                      f"newest build it knows ({builds.newest_known().name})")
+    named_by = build.reported.partition("; ")[2]
+    return PASS, f"{detail} (llama.cpp {build.name}" + (f", named by {named_by})" if named_by else ")")
 
 
 _NODE_FIXES = {

@@ -63,14 +63,7 @@ def llama_server_build() -> builds.Build | None:
     if not LLAMA_SERVER.exists():
         return None
     version = subprocess.run([str(LLAMA_SERVER), "--version"], capture_output=True, text=True, timeout=60)
-    said = builds.parse_version(version.stdout + version.stderr)
-    if said is not None and said.number is not None:
-        return said
-    package = builds.from_package(LLAMA_SERVER)
-    if package is None:
-        return said
-    return builds.Build(package.number, said.commit if said else None,
-                        f"{said.reported if said else 'no version line'}; {package.reported}")
+    return builds.identify(version.stdout + version.stderr, LLAMA_SERVER)
 
 
 def pytest_report_header(config) -> str:

@@ -1,6 +1,7 @@
 """llama-server builds, and the differences between them that hpcserve and its simulator know.
 
-Pure: text in, facts out. A build names itself two ways:
+Text in, facts out (from_package alone reads files: a site-packages folder's metadata). A build
+names itself two ways:
 - `llama-server --version` (stderr): "version: 11434 (1a2b3c4)" for an upstream build, or
   "version: 0.1.0-dev (build 1, commit 7e4c0a9)" for one built from a shallow clone, whose build
   number (the commit count, LLAMA_BUILD_NUMBER in llama.cpp's cmake/build-info.cmake) is 1;
@@ -42,7 +43,8 @@ class Build:
 
     Attributes:
         number: the upstream build number (llama.cpp's release tags are "b" + it), None when the
-            build came from a shallow clone of a commit not in COMMITS.
+            build does not say it (a shallow clone of a commit not in COMMITS, a build without git)
+            and no package named it.
         commit: the short commit hash, or None when the build does not say.
         reported: what the build said of itself (the `--version` line or `/props` build_info).
     """
@@ -120,6 +122,19 @@ def from_package(server: Path) -> Build | None:
                 if found.metadata["Name"] == distribution:
                     return from_distribution(distribution, found.version)
     return None
+
+
+def identify(version: str, server: Path | None = None) -> Build | None:
+    """The build of a llama-server from its `--version` output, or where that names no build number,
+    from the PyPI package its path `server` lies in (from_package; `reported` then says both);
+    None when neither names a build."""
+    said = parse_version(version)
+    if (said is None or said.number is None) and server is not None:
+        package = from_package(server)
+        if package is not None:
+            return Build(package.number, said.commit if said else None,
+                         f"{said.reported if said else 'no version line'}; {package.reported}")
+    return said
 
 
 @dataclasses.dataclass(frozen=True)

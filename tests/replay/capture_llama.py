@@ -50,10 +50,9 @@ def as_curl(response: httpx.Response) -> str:
 def main(server: str, model: str) -> None:
     version = subprocess.run([server, "--version"], capture_output=True, text=True)
     text = version.stdout + version.stderr
-    build = builds.parse_version(text)
-    if build is None or build.number is None:  # e.g. "build 0, commit unknown": the package names it
-        build = builds.from_package(Path(server))
-        text += f"installed by: {build.reported}\n" if build else ""
+    build = builds.identify(text, Path(server))   # "build 0, commit unknown": the package names it
+    if build is not None and "; PyPI " in build.reported:
+        text += f"installed by: {build.reported.partition('; ')[2]}\n"
     if build is None or build.number is None:
         sys.exit(f"{server} --version names no known build: {text!r}")
     out = HERE / f"llama-b{build.number}"

@@ -74,3 +74,9 @@ def test_from_package_reads_the_site_packages_the_binary_lies_in(tmp_path):
     assert builds.from_package(tmp_path / "elsewhere") is None
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: something-else\nVersion: 1\n")
     assert builds.from_package(server) is None
+
+
+def test_identify_asks_the_package_only_where_the_version_names_no_number(tmp_path):
+    assert builds.identify("version: 11434 (1a2b3c4)", tmp_path / "x").reported == "version: 11434 (1a2b3c4)"
+    assert builds.identify("version: 0.6.0-dev (build 0, commit unknown)", tmp_path / "x").number is None
+    assert builds.identify("nothing", None) is None
