@@ -3,7 +3,7 @@
 # integration tests, the unit tests, and two end-to-end tests with the real llama-server) on this
 # host's Slurm and HAProxy and in a Debian root per newer suite; then the llama-server axis: the
 # llama-facing tests (LLAMA_TESTS) on the host against each llama-server build installed in .venv
-# (llama-wheel: b10434, where the CPU has AVX-512; llama-source: b11434, after
+# (llama-wheel: b10434, where its CPU backend runs; llama-source: b11434, after
 # `HPCSERVE_LLAMA_BUILD=source scripts/setup.sh`); then one table. A build that is not installed
 # or does not run here is a row that says so (its captured answers are still checked by
 # tests/integration/test_llama_builds.py in every suite).

@@ -1,6 +1,7 @@
 """The llama-server simulator answers like the real llama-server: the same requests to both, and
 the same shapes and field names back (values differ: the simulator's text is not a model's). The
-simulator answers as the real server's build (its `--version`, given as --sim-build), so these pass
+simulator answers as the real server's build (named by conftest.llama_server_build, given as
+--sim-build), so these pass
 against whichever build scripts/setup.sh installed; tests/integration/test_llama_builds.py checks
 the builds this machine cannot run against their captured answers."""
 
