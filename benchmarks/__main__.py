@@ -4,10 +4,12 @@
     python -m benchmarks report [--out DIR]          # redraw report.md and plots from results.json
     python -m benchmarks load --url URL --model M --rate R --duration S   # your own pool
     python -m benchmarks calibrate [--parallel 4] [--out FILE]  # the simulator's profile from llama-server
+    python -m benchmarks stress [--bursts 1000] [--threads 1,2,4] [--runs 30] [--out FILE]  # exact guarantees
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks import calibrate, loadgen, metrics, report, scenarios, systems
+from benchmarks import calibrate, loadgen, metrics, report, scenarios, stress, systems
 from benchmarks.common import KEY, MODEL, ROOT, start_llama_server
 from benchmarks.workload import poisson
 
@@ -148,6 +150,64 @@ def calibrate_command(parallel: int, threads: int | None, out: Path) -> None:
     steps = ", ".join(f"{s * 1000:.1f}" for s in profile.decode_step_s)
     click.echo(f"{out}: decode steps of 1..{parallel} generating slots {steps} ms; prefill "
                f"{profile.prefill_base_s * 1000:.0f} ms + {profile.prefill_tokens_per_s:.0f} tokens/s")
+
+
+def _numbers(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(1 <= x <= 64 for x in values):
+        raise click.BadParameter(f"expected comma-separated integers in 1..64, got {text!r}", param_hint=name)
+    return values
+
+
+@main.command("stress")
+@click.option("--bursts", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bursts of 8 simultaneous requests per limits configuration (0: no limits runs).")
+@click.option("--threads", default="1,2,4", show_default=True, help="HAProxy nbthread values to stress the limits with.")
+@click.option("--keys", "key_kinds", default="fresh,long-lived", show_default=True,
+              help="Keys of the concurrency bursts: fresh (a new key each burst), long-lived, or both.")
+@click.option("--runs", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Runs of the slots scenario per policy (0: none); about 70 s each.")
+@click.option("--policies", default="leastconn,affinity", show_default=True, help="Balance policies of the slots runs.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every run's record as JSON here.")
+def stress_command(bursts: int, threads: str, key_kinds: str, runs: int, policies: str, out: Path | None) -> None:
+    """Repeat the pool's exact guarantees (slots, per-key limits) with the HAProxy on PATH and count
+    violations from inside the backends (benchmarks/stress.py). Exit status 1 if any."""
+    thread_counts = _numbers(threads, "--threads")
+    kinds = [k.strip() for k in key_kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"fresh", "long-lived"}:
+        raise click.BadParameter(f"expected fresh, long-lived or both, got {key_kinds!r}", param_hint="--keys")
+    chosen = [p.strip() for p in policies.split(",") if p.strip()]
+    if not chosen or set(chosen) - {"leastconn", "affinity"}:
+        raise click.BadParameter(f"expected leastconn, affinity or both, got {policies!r}", param_hint="--policies")
+    work = Path(tempfile.mkdtemp(prefix="hpcserve-stress-", dir="/tmp"))
+    _say(f"configs and logs of this run: {work}; HAProxy {stress.haproxy_release()}")
+    limit_runs: list[stress.LimitsRun] = []
+    slot_records: list[dict] = []
+    if bursts:
+        for n in thread_counts:
+            cases = [("concurrent", k) for k in kinds] + [("rate", "fresh")]
+            for kind, keys in cases:
+                folder = work / f"limits-{kind}-{keys}-{n}"
+                limit_runs.append(stress.limits(folder, bursts, n, keys, kind, progress=_say))
+    for policy in chosen if runs else ():
+        slot_records += stress.slots(work / "slots", runs, policy, progress=_say)
+    lines = stress.summarize(limit_runs, slot_records)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": {"started": stress.timestamp(), "machine": f"{platform.node()}: "
+                                            f"{os.cpu_count()} CPUs", "command": "python -m benchmarks "
+                                            + shlex.join(sys.argv[1:])},
+                                   "limits": [dataclasses.asdict(r) for r in limit_runs],
+                                   "slots": slot_records, "summary": lines}, indent=1) + "\n")
+    for line in lines:
+        click.echo(line)
+    violations = sum(r.violations for r in limit_runs) + sum(len(r["violations"]) for r in slot_records)
+    failed = sum(r["summary"]["requests"] - r["summary"]["completed"] for r in slot_records)
+    sys.exit(1 if violations or failed or any(r.other for r in limit_runs) else 0)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def run(settings) -> list[dict]:
 class _Hpcserve:
     """Membership changes through hpcserve's own HAProxy.update()."""
 
-    def __init__(self, system: systems.Running) -> None:
+    def __init__(self, system: systems.Running, reload_every: int = 4, settle_timeout: float = 0) -> None:
         self.proxy = system.proxy
+        self.reload_every = reload_every
+        self.settle_timeout = settle_timeout
         self.lock = threading.Lock()
         self.active: list[systems.Running] = []
         self.draining: list[systems.Running] = []
@@ -84,13 +86,13 @@ class _Hpcserve:
     def change(self, index: int, active: list, leaving: list) -> str:
         from hpcserve.haproxy.process import HAProxy
         with self.lock:
-            if index % 4 == 0:  # a structural change: this update reloads HAProxy
+            if index % self.reload_every == 0:  # a structural change: this update reloads HAProxy
                 d = self.proxy.deployment
                 self.proxy = HAProxy(d.model_copy(update={"haproxy": d.haproxy.model_copy(
                     update={"timeout_client": d.haproxy.timeout_client + 1})}), systems.KEY)
             self.active = list(active)
             self.draining += leaving
-            return self.proxy.update(self._servers(), settle_timeout=0)
+            return self.proxy.update(self._servers(), settle_timeout=self.settle_timeout)
 
     def drained(self, member: systems.Running) -> None:
         with self.lock:
@@ -151,7 +153,14 @@ class _Nginx:
         pass
 
 
-def _one_run(settings, name: str, seed: int) -> dict:
+def _one_run(settings, name: str, seed: int, reload_every: int = 4, affinity_header: str | None = None,
+             settle_timeout: float = 0) -> dict:
+    """One run of system `name` (see run()); for hpcserve, every `reload_every`-th change reloads
+    HAProxy, with `affinity_header` the pool keeps each client's conversation on its server (the
+    client's header value) and the clients send it, and a change waits up to `settle_timeout`
+    seconds for the slots of old workers after a reload (HAProxy.update; 0 for the fixed clock of
+    the comparison, reconcile's 30 s for benchmarks/stress.py). A change that takes longer than
+    its turn delays the next; the clients go on until TAIL seconds after the last."""
     folder = settings.folder / "c" / f"{name}-{seed}"
     made = [0]
     every: list[systems.Running] = []  # each backend started, stopped at the end whatever happens
@@ -165,9 +174,10 @@ def _one_run(settings, name: str, seed: int) -> dict:
         return started
 
     members = new_backends(4)
-    system = systems.start(name, [m.urls[0] for m in members], SHAPE.slots, folder)
+    system = systems.start(name, [m.urls[0] for m in members], SHAPE.slots, folder,
+                           {"affinity_header": affinity_header} if affinity_header else None)
     if name == "hpcserve":
-        changer: object = _Hpcserve(system)
+        changer: object = _Hpcserve(system, reload_every, settle_timeout)
     elif name.startswith("haproxy-"):
         changer = _HAProxyStatic(system, folder / name)
         changer.serving = {m.name for m in members}
@@ -175,6 +185,7 @@ def _one_run(settings, name: str, seed: int) -> dict:
         changer = _Nginx(system, folder / name)
     results: list[str] = []
     change_s: list[float] = []
+    steps: list[tuple[int, float, str]] = []  # (change index, when it began in epoch seconds, how applied)
     drain_s: list[float] = []
     drains: list[tuple[int, str, str, float]] = []
     forced = [0]
@@ -196,18 +207,22 @@ def _one_run(settings, name: str, seed: int) -> dict:
         drain_s.append(time.monotonic() - since)
         drains.append((change, results[change], member.name, round(drain_s[-1], 2)))
         try:
-            peaks.append(systems.sim_stats([member])[0])
+            peaks.append({**systems.sim_stats([member])[0], "backend": member.name})
             changer.drained(member)
         finally:
             member.stop()
 
     failures: list[BaseException] = []
 
+    changed = [0.0]  # when the last change was made (monotonic s), 0 until then
+
     def change_pool() -> None:
         try:
             changes()
         except BaseException as e:  # raised again once the run is over
             failures.append(e)
+        finally:
+            changed[0] = time.monotonic()
 
     def changes() -> None:
         nonlocal members
@@ -216,8 +231,9 @@ def _one_run(settings, name: str, seed: int) -> dict:
             time.sleep(max(0.0, start + LEAD + i * EVERY - time.monotonic()))
             keep, leaving = members[:size], members[size:]
             active = keep + upcoming
-            began = time.monotonic()
+            began, wall = time.monotonic(), time.time()
             results.append(changer.change(i, active, leaving))
+            steps.append((i, round(wall, 3), results[-1]))
             change_s.append(time.monotonic() - began)
             for m in leaving:
                 drainers.append(threading.Thread(target=drain, args=(m, began, i), daemon=True))
@@ -232,22 +248,29 @@ def _one_run(settings, name: str, seed: int) -> dict:
     driver.start()
     try:
         outcomes = loadgen.run_closed(system.urls, "m", CLIENTS, TOKENS,
-                                      lambda: time.monotonic() - start >= WINDOW, seed=seed, headers=system.headers)
+                                      lambda: (time.monotonic() - start >= WINDOW
+                                               and 0 < changed[0] <= time.monotonic() - TAIL),
+                                      seed=seed, headers=system.headers,
+                                      conversation_header=affinity_header)
     finally:
         driver.join()
         for thread in drainers:
             thread.join(DRAIN_TIMEOUT + 10)
-        peaks += systems.sim_stats(members)
+        peaks += [{**stats, "backend": m.name} for m, stats in zip(members, systems.sim_stats(members))]
         system.stop()
         for m in every:
             m.stop()
     if failures:
         raise failures[0]
     return {"scenario": "c", "case": f"{len(CHANGES)} changes", "system": name, "seed": seed,
-            "summary": metrics.summarize(outcomes), "window_s": WINDOW, "pool_changes": len(CHANGES),
+            "summary": metrics.summarize(outcomes), "window_s": round(time.monotonic() - start, 1),
+            "pool_changes": len(CHANGES),
             "reloads": sum(1 for x in results if x in ("reloaded", "started")),
             "drain_s": [round(x, 2) for x in sorted(drain_s)], "forced_stops": forced[0],
             "drains": sorted(drains),
             "change_s": [round(x, 3) for x in change_s],
             "max_busy": max((p["max_busy"] for p in peaks), default=None),
-            "max_waiting": max((p["max_waiting"] for p in peaks), default=None)}
+            "max_waiting": max((p["max_waiting"] for p in peaks), default=None),
+            "backends": [{k: p[k] for k in ("backend", "served", "max_busy", "max_waiting", "first_over")}
+                         for p in peaks],
+            "steps": steps}

@@ -135,7 +135,7 @@ def run(urls: list[str], model: str, requests: list[Request], deadline: float,
 
 
 async def _closed(urls: list[str], model: str, clients: int, tokens: tuple[int, int], until, seed: int,
-                  headers: dict[str, str]) -> list[Outcome]:
+                  headers: dict[str, str], conversation_header: str | None) -> list[Outcome]:
     import random
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
@@ -148,19 +148,22 @@ async def _closed(urls: list[str], model: str, clients: int, tokens: tuple[int, 
                 outcome = Outcome(sent=0.0)
                 outcomes.append(outcome)
                 request = Request(at=0.0, max_tokens=rng.randint(*tokens))
-                await _one(session, urls[i % len(urls)], model, request, start, headers, outcome,
+                own = {**headers, conversation_header: f"conversation-{i}"} if conversation_header else headers
+                await _one(session, urls[i % len(urls)], model, request, start, own, outcome,
                            open_loop=False)
         await asyncio.gather(*(client(i) for i in range(clients)))
     return outcomes
 
 
 def run_closed(urls: list[str], model: str, clients: int, tokens: tuple[int, int], until,
-               seed: int = 1, headers: dict[str, str] | None = None) -> list[Outcome]:
+               seed: int = 1, headers: dict[str, str] | None = None,
+               conversation_header: str | None = None) -> list[Outcome]:
     """`clients` concurrent clients, each sending streamed chat completions one after another
     (answers of tokens[0]..tokens[1] tokens) until `until()` is true; every request started is
-    awaited to its end.
+    awaited to its end. With `conversation_header`, client i sends it with the value
+    "conversation-i" (one conversation per client, as OpenWebUI's chat id).
 
     Returns:
         one Outcome per request sent.
     """
-    return asyncio.run(_closed(urls, model, clients, tokens, until, seed, headers or {}))
+    return asyncio.run(_closed(urls, model, clients, tokens, until, seed, headers or {}, conversation_header))

@@ -111,8 +111,8 @@ def free_slots(slots: int, claimed: int) -> int:
     Not 0, which HAProxy reads as "no limit" (HAProxy 2.6 configuration manual, `maxconn` of a
     server), nor weight 0: a server with weight 0 is not eligible, and when every server of a
     backend is full (a reload at saturation) the new worker would answer 503 at once instead of
-    queueing. So where other workers claim every slot (a make_room before the reload that timed
-    out), a server may get one request more than its slots, waiting inside llama-server.
+    queueing. Where other workers claim every slot, a server would so get one request more than
+    its slots, waiting inside llama-server: HAProxy.update does not reload then.
     """
     return max(1, slots - claimed)
 

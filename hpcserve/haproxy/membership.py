@@ -107,16 +107,18 @@ class Membership:
         ended, at most `timeout` seconds; where old workers hold the slots (their maxconn cannot
         be lowered), it waits for their streams, queue and client connections to end. Returns
         True when every serving server has a free slot for the next worker. A `set maxconn server`
-        that gets an answer (a refusal) is sent again at the next poll; errors of the runtime API
-        (no answer) end the wait quietly (the reload then shares what it can).
+        that gets an answer (a refusal) is sent again at the next poll, and so is a read that
+        fails (no answer, or a worker's `show stat` cut short, as one is while the worker exits):
+        ending the wait there let a reload at saturation give a full server one request more than
+        its slots (tests/integration/test_haproxy.py, the unreadable answer).
         """
         deadline = time.monotonic() + timeout
         lowered: set[str] = set()
         targets: dict[str, int] = {}    # server name -> the maxconn asked for
         master = self.paths.master_socket
         models = {m.name for m in self.deployment.models}
-        try:
-            while True:
+        while True:
+            try:
                 claims, limits, held_by_old = self._claims_and_limits(servers, current=True)
                 full = {s.name for s in servers if not s.draining and s.model in models
                         and claims.get(s.name, 0) >= self.slots(s)}
@@ -135,9 +137,11 @@ class Membership:
                         (refused if answer.strip() else lowered).add(name)
                 if not full & (lowered | held_by_old | refused):
                     return False  # only the current worker fills them, at maxconn 1: nothing to wait for
-                time.sleep(0.2)
-        except HAProxyError:
-            return False
+            except HAProxyError as exc:
+                log.debug("make_room: %s; trying again at the next poll", exc)
+                if time.monotonic() >= deadline:
+                    return False
+            time.sleep(0.2)
 
     def settle(self, servers: list[Server], timeout: float) -> bool:
         """Give each server of the current worker the slots old workers no longer claim.

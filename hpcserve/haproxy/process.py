@@ -138,7 +138,10 @@ class HAProxy:
         reload `Membership.make_room()` frees one slot of every full server, the new worker starts
         with each server's maxconn lowered by what the running workers can still fill
         (`Membership.old_worker_claims()`), and `Membership.settle()` hands the slots over as the
-        old workers' queues, streams and client connections end.
+        old workers' queues, streams and client connections end. Where no slot of a server freed
+        within `room_timeout` (streams longer than that, or a server of one slot the running
+        worker refills at once), the reload does not happen: HAProxyError, and the next step
+        tries again (the lowered maxconn stays, so a slot that frees meanwhile stays free).
 
         Args:
             servers: the membership.
@@ -178,10 +181,17 @@ class HAProxy:
             self.membership.sync(servers)
             self.membership.make_room(servers, timeout=room_timeout)
             claims = self.membership.old_worker_claims(servers, current=True)
-            self.apply(render(self.deployment, within_slots(servers, self.membership.slots, claims)))  # make_room freed one first
+            models = {m.name for m in self.deployment.models}
+            full = [s.name for s in servers if not s.draining and s.model in models
+                    and claims.get(s.name, 0) >= self.membership.slots(s)]
+            if full:
+                raise HAProxyError(
+                    f"not reloaded: every slot of {', '.join(full)} stayed busy for {room_timeout:g} s, and a new "
+                    "HAProxy worker would send one request more (it would wait inside llama-server); the "
+                    "running config stays and the next step tries again")
+            self.apply(render(self.deployment, within_slots(servers, self.membership.slots, claims)))
             write_private(self.paths.config, text)  # the steady state, for restarts and later reloads
             write_private(self.paths.base_config, base)
-            self.sync_keys()   # the old workers' maps, for requests on their open connections
             self.membership.settle(servers, timeout=settle_timeout)
             return "reloaded"
         self.validate(text)
@@ -236,6 +246,13 @@ class HAProxy:
         Old workers (from before a reload) are changed too: they still answer requests on their
         open keep-alive connections. Returns the number of runtime commands sent.
 
+        Each key's entry of the frontend's stick table (the per-key limits count there) is made
+        here too, before the key's first request: HAProxy 3.0.11 with 2 or more threads lets a
+        new key's first burst past its limits when the requests make the entry themselves
+        (benchmarks/stress.py: 1 in 300 bursts of 8 over max_concurrent 3, 11 in 300 over a
+        rate of 3 per minute; none with the entries made first; 2.6.12: none either way). The
+        table keeps the entries (no `expire`), and a new worker gets them at its start.
+
         Raises:
             HAProxyError: the runtime API refused a change.
             ConfigError: the api_keys_file cannot be read; HpcserveError: keys.json is unreadable.
@@ -250,7 +267,10 @@ class HAProxy:
             live = runtime.show_map(self.paths.master_socket, self.paths.keys_map_file, prefix=target)
             if live is None:
                 continue  # this worker's config has no key map (auth was open)
-            for line in keys_commands(str(self.paths.keys_map_file), live, entries):
+            commands = keys_commands(str(self.paths.keys_map_file), live, entries)
+            tracked = runtime.show_table(self.paths.master_socket, KEY_TABLE, prefix=target)
+            commands += table_commands(KEY_TABLE, tracked, entries)
+            for line in commands:
                 answer = runtime.command(self.paths.master_socket, target + line).strip()
                 sent += 1
                 if answer and pid in info.workers:
@@ -264,7 +284,7 @@ class HAProxy:
             True when something changed (a start or a reload), False when `text` is what runs.
         Raises:
             HAProxyError: validation, start or reload failed; the previous config is back in
-                place (and running, if it was).
+                place (and running, if it was); or the new workers refused a key (sync_keys).
         """
         running = self.running()
         if running and text == self.live_config():
@@ -282,6 +302,9 @@ class HAProxy:
                 if running:
                     self._try_reload()
             raise
+        # The new worker's key entries (sync_keys), and the old workers' maps: they answer the
+        # requests of their open connections.
+        self.sync_keys()
         return True
 
     def check_ports(self) -> None:
@@ -428,6 +451,19 @@ def keys_commands(map_file: str, live: dict[str, str], wanted: dict[str, str]) -
     commands += [f"set map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k in live and live[k] != v]
     commands += [f"add map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k not in live]
     return commands
+
+
+KEY_TABLE = "openai"  # the frontend whose stick table counts per key (templates/haproxy.cfg.j2)
+
+
+def table_commands(table: str, tracked: Mapping[str, object], wanted: dict[str, str]) -> list[str]:
+    """Runtime API commands that make an entry in stick table `table` for each key name of the key
+    map `wanted` (digest -> "name|class|..."; keys.Key.map_value) that `tracked` (the table's
+    entries by key) lacks. `set table <table> key <key>` without data makes the entry and sets no
+    counter (HAProxy 2.6 management guide, `set table`); an entry no key uses any more stays
+    until the next start (a handful of bytes each)."""
+    names = sorted({value.split("|", 1)[0] for value in wanted.values()} - set(tracked))
+    return [f"set table {table} key {name}" for name in names]
 
 
 def check_port_free(bind: str, port: int, field: str) -> None:

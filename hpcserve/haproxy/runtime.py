@@ -171,16 +171,17 @@ def show_map(socket_path: Path, map_file: Path, prefix: str = "") -> dict[str, s
     return entries
 
 
-def show_table(socket_path: Path, table: str) -> dict[str, dict[str, int]]:
+def show_table(socket_path: Path, table: str, prefix: str = "") -> dict[str, dict[str, int]]:
     """The entries of stick table `table`: key -> {"use": trackers now, and each stored counter by
     its name as HAProxy prints it, e.g. "http_req_cnt", "gpc0_rate(60000)"} (HAProxy 2.6
     management guide, `show table <name>`: "0xADDR: key=K use=N exp=MS name=value ...").
+    `prefix` "@!PID " asks a worker through the master CLI.
 
     Raises:
         HAProxyError: the runtime API did not answer.
     """
     entries: dict[str, dict[str, int]] = {}
-    for line in command(socket_path, f"show table {table}").splitlines():
+    for line in command(socket_path, f"{prefix}show table {table}").splitlines():
         if not line.startswith("0x"):
             continue
         fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)

@@ -21,7 +21,8 @@ attention, and its first token comes with the step that ends its prefill. So bus
 other down and a long prompt stalls the generating slots beside it, as on a real server
 (tests/integration/test_simulator_timing.py replays one trace on both). GET /sim/stats reports the peak of busy slots and of the internal
 queue, so a test can prove that no backend ever received more requests than its slots (and when one
-first did: first_over, epoch seconds).
+first did: first_over, epoch seconds); GET /sim/stats?reset=1 answers the same and starts the
+peaks again from the present.
 
 It emulates one llama-server build (`--sim-build`, e.g. b10434 or b11434; default the newest
 hpcserve knows): where builds answer differently, the build's answer, as hpcserve.llama.builds lists
@@ -373,8 +374,12 @@ class Simulator:
                                   "build_info": self.fingerprint, "is_sleeping": False})
 
     async def sim_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({**self.stats, **getattr(self.timing, "stats", {}), "busy": sum(self.busy),
-                                  "waiting": self.waiting, "slots": self.slots})
+        answer = web.json_response({**self.stats, **getattr(self.timing, "stats", {}), "busy": sum(self.busy),
+                                    "waiting": self.waiting, "slots": self.slots})
+        if request.query.get("reset"):  # the peaks start again from now (benchmarks/stress.py, per burst)
+            self.stats.update(max_busy=sum(self.busy), max_waiting=max(0, self.waiting - self.free.qsize()),
+                              first_over=None)
+        return answer
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)

@@ -350,6 +350,65 @@ def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy,
     assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
 
 
+def test_an_unreadable_answer_before_a_reload_at_saturation_overfills_nothing(proxy, simulator4, monkeypatch):
+    """make_room reads every worker's `show stat` through the master; an answer cut short (as when
+    a worker exits while it answers; injected here once) ended its wait at once, and the reload
+    went on with every slot still claimed: the new worker's server got maxconn 1 (free_slots'
+    floor) on top of the old worker's 4, and one request waited inside the backend (max_waiting 1:
+    the CI failure of test_no_backend_ever_got_more_than_its_slots). Now the read is tried again
+    at the next poll, and the reload waits for a free slot as it does without the error."""
+    from hpcserve.haproxy import membership as membership_module
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "25", "127.0.0.1", simulator4)
+    first = HAProxy(d, "test-key")
+    assert first.update([server]) == "started"
+    url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
+    streams, results = _streams(url, 10)                       # 4 in service, 6 in HAProxy's queue
+    while first.membership.held_sessions(old_only=False).get("job25", 0) < 4:
+        time.sleep(0.05)
+    real, cut = runtime.worker_stats, []
+
+    def cut_once(master, pid, *args, **kwargs):
+        if not cut:
+            cut.append(pid)
+            raise HAProxyError(f"worker {pid}: show stat ended early")
+        return real(master, pid, *args, **kwargs)
+    monkeypatch.setattr(membership_module.runtime, "worker_stats", cut_once)
+    second = HAProxy(_restructured(d, 13), "test-key")
+    assert second.update([server], settle_timeout=0, room_timeout=20) == "reloaded"
+    assert cut
+    later, later_results = _streams(url, 3)                    # to the new worker
+    for t in streams + later:
+        t.join()
+    assert results + later_results == [200] * 13
+    stats = httpx.get(f"http://127.0.0.1:{simulator4}/sim/stats").json()
+    assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
+
+
+def test_a_reload_that_finds_no_free_slot_in_time_does_not_happen(proxy, simulator4):
+    """Every slot busy with streams longer than room_timeout: the reload is refused (a new worker
+    would send one request more than the slots) and the running config stays; the next step,
+    once a stream ended, reloads."""
+    d = _slots_of(proxy.deployment)
+    server = Server("m", "26", "127.0.0.1", simulator4)
+    first = HAProxy(d, "test-key")
+    assert first.update([server]) == "started"
+    running = first.live_config()
+    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 6, tokens=60)  # 3 s
+    while first.membership.held_sessions(old_only=False).get("job26", 0) < 4:
+        time.sleep(0.05)
+    second = HAProxy(_restructured(d, 17), "test-key")
+    with pytest.raises(HAProxyError, match="not reloaded: every slot of job26 stayed busy"):
+        second.update([server], settle_timeout=0, room_timeout=0.3)
+    assert second.live_config() == running and runtime.show_proc(second.paths.master_socket).reloads == 0
+    assert second.update([server], settle_timeout=0, room_timeout=20) == "reloaded"
+    for t in streams:
+        t.join()
+    assert results == [200] * 6
+    stats = httpx.get(f"http://127.0.0.1:{simulator4}/sim/stats").json()
+    assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
+
+
 def test_a_refused_maxconn_change_before_a_reload_is_sent_again(proxy, simulator4, monkeypatch):
     """make_room lowers the current worker's maxconn through the master CLI; when that answers with
     a refusal (injected here once: the master relays the worker's answer), the change is sent
@@ -479,6 +538,38 @@ def test_a_server_added_under_a_full_queue_never_takes_more_than_its_slots(hapro
             assert results == [200] * 40
             assert stats["max_busy"] <= 4 and stats["max_waiting"] == 0, stats
             assert taken == (4 if releases.fixes_queue_overshoot(h.release) else 0), (h.release, taken)
+        finally:
+            h.stop(timeout=5)
+
+
+def test_a_server_back_from_down_under_a_full_queue_never_takes_more_than_its_slots(haproxy_bin, gguf, tmp_path):
+    """A server HAProxy marked DOWN (a failed check) while hpcserve sees it healthy gets `health
+    up` from the next step (core.membership.membership_change). Under a backlog of 36 waiting
+    streams it then holds at most its 4 slots and nothing waits inside it, on every release."""
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "timeout_queue": 120},
+                  models=[{"name": "m", "gguf": str(gguf), "parallel": 4}])
+    h = haproxy_for(raw, tmp_path, key="test-key")
+    with simulator(tmp_path / "a.log", slots=4, token_rate=20, key="test-key") as pa, \
+            simulator(tmp_path / "b.log", slots=4, token_rate=20, key="test-key") as pb:
+        a, b = Server("m", "1", "127.0.0.1", pa), Server("m", "2", "127.0.0.1", pb)
+        try:
+            assert h.update([a, b]) == "started"
+            # b's own check would bring it back by itself: off, so that only hpcserve does
+            for line in ("disable health model_m/job2", "set server model_m/job2 health down"):
+                assert runtime.command(h.paths.admin_socket, line).strip() == ""
+            threads, results = _streams(f"http://127.0.0.1:{h.deployment.haproxy.port}/v1/chat/completions", 40,
+                                        tokens=30)
+            deadline = time.monotonic() + 20
+            while sum(s.queued for s in runtime.parse_stat(runtime.command(h.paths.admin_socket, "show stat"),
+                                                           rows="BACKEND")) < 36:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert h.update([a, b]) == "unchanged"
+            for t in threads:
+                t.join()
+            stats = httpx.get(f"http://127.0.0.1:{pb}/sim/stats").json()
+            assert results == [200] * 40
+            assert stats["served"] > 0 and stats["max_busy"] <= 4 and stats["max_waiting"] == 0, (h.release, stats)
         finally:
             h.stop(timeout=5)
 
