@@ -218,6 +218,9 @@ class HAProxy(_Strict):
                     "context_size (at least 64 KiB), which holds any prompt that fits the context")
     body_timeout: float = Field(default=30, gt=0, le=3600,
                                 description="seconds a request's whole body may take to arrive; then 408")
+    max_header_bytes: int = Field(default=16384, ge=4096, le=1 << 20,
+                                  description="bytes of request headers (all of them); larger gets 431 before "
+                                              "the key is checked")
     max_requests_per_client: int = Field(
         default=256, ge=1, le=100000,
         description="requests one API key (or, with auth: open, one source address) may have in "

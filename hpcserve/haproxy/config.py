@@ -84,8 +84,6 @@ def models_list(deployment: Deployment) -> str:
     return json.dumps({"object": "list", "data": data}) + "\n"
 
 
-#: Bytes of the request buffer kept for headers: HAProxy's default buffer (16 KiB) holds them today.
-HEADER_ROOM = 16384
 #: tune.maxrewrite: room to add headers (the backend key) to a full buffer. 8 KiB is far more than
 #: the one header hpcserve sets (HAProxy 2.6 manual, tune.maxrewrite: the default is 1024 or half
 #: the buffer, whichever is smaller).
@@ -93,10 +91,12 @@ MAXREWRITE = 8192
 
 
 def buffer_size(deployment: Deployment) -> int:
-    """tune.bufsize in bytes: headers + the largest accepted body + the rewrite reserve, so that
-    a body one byte over the limit still fits and is measured (HAProxy 2.6 manual, tune.bufsize:
-    a request must fit the buffer less tune.maxrewrite)."""
-    return HEADER_ROOM + deployment.max_request_body + 1 + MAXREWRITE
+    """tune.bufsize in bytes: the largest accepted headers (haproxy.max_header_bytes; larger get
+    431) + the largest accepted body + the rewrite reserve, so that a body one byte over the limit
+    still fits and is measured, whatever the headers (HAProxy 2.6 manual, tune.bufsize: a request
+    must fit the buffer less tune.maxrewrite; wait-for-body stops waiting when the buffer is full:
+    with 40 KB of headers a body arrived cut, and routing missed its model)."""
+    return deployment.haproxy.max_header_bytes + deployment.max_request_body + 1 + MAXREWRITE
 
 
 def render(deployment: Deployment, servers: list[Server]) -> str:

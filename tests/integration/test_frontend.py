@@ -140,6 +140,66 @@ def test_routing_reads_the_whole_body(tmp_path, gguf):
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 
 
+def served(proxy) -> int:
+    """Requests every server of `proxy`'s current worker has been sent (stot)."""
+    text = runtime.command(proxy.paths.admin_socket, "show stat")
+    return sum(int(row.split(",")[7]) for row in text.splitlines() if row.startswith(("model_big,job", "model_small,job")))
+
+
+def test_padded_headers_get_431_before_the_key_and_routing_sees_the_whole_body(haproxy_bin, gguf, tmp_path):
+    """Headers over haproxy.max_header_bytes (16 KiB) get 431 before anything else, with a key or
+    without: ~40 KB of headers once filled the buffer, the body wait proceeded on a cut body and a
+    request naming "small" was answered by "big". Headers under the cap and the largest body
+    still fit together and reach the model they name."""
+    with two_model_pool(tmp_path, gguf, auth="keys") as (proxy, base):
+        key = StateDir(proxy.deployment.state_dir).api_key()
+        proxy.sync_keys()
+        body = _chat_body("small", 60000, False)
+        before = served(proxy)
+        for auth in ({}, {"Authorization": f"Bearer {key}"}):
+            padded = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30,
+                                headers={**auth, **{f"X-Pad-{i}": "a" * 4000 for i in range(10)}})
+            assert padded.status_code == 431, padded.text
+            assert padded.json()["error"]["code"] == "request_header_fields_too_large"
+        assert served(proxy) == before                            # no server saw them
+        near = httpx.post(f"{base}/v1/chat/completions", json=_chat_body("small", proxy.deployment.max_request_body - 200, False),
+                          timeout=60, headers={"Authorization": f"Bearer {key}",
+                                                    **{f"X-Pad-{i}": "a" * 4900 for i in range(3)}})
+        assert near.status_code == 200 and near.json()["model"] == "small", near.text
+
+
+@pytest.mark.parametrize("field, value", [("n", 4), ("n_cmpl", 2), ("id_slot", 0), ("n", "2")])
+def test_a_request_for_more_than_one_slot_or_a_chosen_slot_is_refused(tmp_path, gguf, field, value):
+    """`n` (and llama-server's `n_cmpl`) would take as many slots while maxconn, the per-key limits
+    and the usage count one request; `id_slot` picks the slot whose cache another key left. 400 in
+    the OpenAI error shape, naming the field; n 1 and id_slot -1 (llama-server's defaults) pass."""
+    with two_model_pool(tmp_path, gguf) as (proxy, base):
+        before = served(proxy)
+        refused = httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                             json={**_chat_body("big", 100, True), field: value})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
+        assert served(proxy) == before
+        fine = {"n": 1, "n_cmpl": 1, "id_slot": -1}[field]
+        assert httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                          json={**_chat_body("big", 100, True), field: fine}).status_code == 200
+
+
+def test_http2_is_not_served_on_the_clear_text_frontend(tmp_path, gguf):
+    """An HTTP/2 client (prior knowledge, as `curl --http2-prior-knowledge`) gets no HTTP/2: the
+    slots an old worker may fill are counted one request per client connection."""
+    with two_model_pool(tmp_path, gguf) as (proxy, base):
+        with socket.create_connection(("127.0.0.1", proxy.deployment.haproxy.port), timeout=10) as conn:
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(4096):
+                    answer += chunk
+        # An HTTP/2 server answers with a SETTINGS frame (type 4); this one says HTTP/1.1 or closes.
+        assert not (len(answer) >= 9 and answer[3] == 4), answer[:40]
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:40]
+        assert httpx.get(f"{base}/v1/models").status_code == 200
+
+
 def test_a_body_over_the_limit_gets_413_and_reaches_no_server(tmp_path, gguf):
     with two_model_pool(tmp_path, gguf, max_request_body=65536) as (proxy, base):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
