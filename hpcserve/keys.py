@@ -29,7 +29,7 @@ import secrets
 
 from .config import Deployment, read_api_keys
 from .errors import ConfigError, HpcserveError
-from .state import StateDir, write_private
+from .state import MIN_KEY_CHARS, StateDir, read_private, write_private
 from .webui import key_file as webui_key_file
 
 #: Priority classes: interactive requests leave HAProxy's queue before batch ones (see haproxy.batch_delay).
@@ -216,8 +216,8 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
     if owner:
         keys.append(Key("owner", digest(owner), source="owner"))
     try:
-        webui = webui_key_file(deployment).read_text().strip()
-    except (FileNotFoundError, PermissionError):
+        webui = read_private(webui_key_file(deployment)).strip()
+    except FileNotFoundError:
         webui = ""
     if webui:
         keys.append(Key("openwebui", digest(webui), forwards_users=True, source="openwebui"))
@@ -226,6 +226,11 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
             file_keys = read_api_keys(deployment.haproxy.api_keys_file)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"haproxy.api_keys_file: {exc}") from None
+        short = [key for key in file_keys if len(key) < MIN_KEY_CHARS]
+        if short:
+            raise ConfigError(f"haproxy.api_keys_file: {len(short)} key(s) shorter than {MIN_KEY_CHARS} characters "
+                              f"(the shortest has {min(len(k) for k in short)}); a short key can be guessed: "
+                              "replace them, e.g. with `hpcserve keys add NAME`")
         keys += [Key(f"file-{digest(key)[:8]}", digest(key), source="file") for key in file_keys]
     keys += KeyRegistry(deployment).named()
     return keys

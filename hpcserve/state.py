@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import secrets
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -205,6 +206,7 @@ class StateDir:
             os.chmod(self.root, 0o700)
         except OSError as exc:
             raise ConfigError(f"state_dir: cannot create {self.root} ({exc.strerror})") from None
+        check_owned_path(self.root)
 
     def lock(self, timeout: float = 600.0) -> filelock.FileLock:
         """An exclusive lock on the deployment: one command changes it at a time.
@@ -324,10 +326,14 @@ class StateDir:
         return key
 
     def read_api_key(self) -> str | None:
-        """The owner's frontend API key if it exists (never created here), else None."""
+        """The owner's frontend API key if it exists (never created here), else None.
+
+        Raises:
+            ConfigError: the file is not a private regular file of this user (read_private).
+        """
         try:
-            return self.api_key_file.read_text().strip() or None
-        except (FileNotFoundError, PermissionError):
+            return read_private(self.api_key_file).strip() or None
+        except FileNotFoundError:
             return None
 
 
@@ -338,19 +344,85 @@ MIN_KEY_CHARS = 32
 def secret_file(path: Path, nbytes: int = 32) -> str:
     """The secret in `path`, made on first use: `nbytes` random bytes, URL-safe text, in a file
     created 0600 with O_EXCL, so that of two commands racing to make it, both use the first one's.
-    The folder must exist."""
+    The folder must exist.
+
+    Raises:
+        ConfigError: the file exists but is not a regular file of this user that only this user
+            can read and write (a symlink, another user's file, or a group or world mode bit): a
+            secret someone else can read, or has chosen, is refused (read_private).
+    """
     try:
-        return path.read_text().strip()
+        return read_private(path).strip()
     except FileNotFoundError:
         pass
     key = secrets.token_urlsafe(nbytes)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:  # another command created it first: use theirs
-        return path.read_text().strip()
+        return read_private(path).strip()
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
+
+
+def read_private(path: Path) -> str:
+    """The text of `path`, a regular file (not a symlink) owned by this user with no group or
+    world permission bits.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ConfigError: it is a symlink, not a regular file, another user's, or its mode lets others in.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        if os.path.islink(path):
+            raise ConfigError(f"{path}: a symlink where hpcserve keeps a secret; remove it (the next command "
+                              "makes a new one)") from None
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file where hpcserve keeps a secret; remove it (the next command "
+                          "makes a new one)")
+    with os.fdopen(fd, "r") as f:
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ConfigError(f"{path}: a secret must be a regular file of user {os.getuid()} with mode 0600; this "
+                              f"one is {'owned by user %d' % info.st_uid if info.st_uid != os.getuid() else ''}"
+                              f"{' mode %04o' % stat.S_IMODE(info.st_mode) if info.st_mode & 0o077 else ''}; "
+                              "remove it (the next command makes a new one) or fix it")
+        return f.read()
+
+
+def check_owned_path(root: Path) -> None:
+    """Refuse a state directory another user could move or replace: `root` itself must belong to
+    this user, and each folder above it to this user or root, none writable by others (the
+    world) unless sticky (as /tmp: then only the owner of an entry may rename or remove it).
+    Otherwise another user could swap the folder, and hpcserve would read keys and a key map
+    they chose. Group-writable folders above are not refused (project spaces shared with a
+    group are the rule on clusters): their group is trusted.
+
+    Raises:
+        ConfigError: naming the folder and what is wrong with it.
+    """
+    me = os.getuid()
+    path = root.resolve()
+    for folder in (path, *path.parents):
+        try:
+            info = folder.stat()
+        except OSError as exc:
+            raise ConfigError(f"state_dir: cannot check {folder} ({exc.strerror})") from None
+        if folder == path and info.st_uid != me:
+            raise ConfigError(f"state_dir: {folder} belongs to user {info.st_uid}, not to you (user {me}); "
+                              "choose a folder of your own")
+        if info.st_uid not in (me, 0):
+            raise ConfigError(f"state_dir: {folder}, above the state directory, belongs to user {info.st_uid}, who "
+                              "could replace what lies in it; choose a state_dir under folders of yours or root's")
+        if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            raise ConfigError(f"state_dir: {folder} is writable by every user and not sticky: anyone could replace "
+                              "the state directory; choose another state_dir, or chmod o-w (or +t) that folder")
 
 
 def _startups(data: object) -> dict[str, list]:

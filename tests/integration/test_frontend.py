@@ -79,7 +79,7 @@ def test_only_the_openai_api_reaches_a_backend(tmp_path, gguf):
 
 def test_every_request_needs_a_key_by_default(haproxy_bin, gguf, tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# a researcher\nresearcher-key-0123456789\n")
+    keys.write_text("# a researcher\nresearcher-key-0123456789abcdefghij\n")
     raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "keys",
                                            "api_keys_file": str(keys)})
     proxy = haproxy_for(raw, tmp_path, key=KEY)
@@ -92,14 +92,14 @@ def test_every_request_needs_a_key_by_default(haproxy_bin, gguf, tmp_path):
                         {"Authorization": f"Bearer {owner[:-1]}"}):
             answer = httpx.get(url, headers=headers)
             assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
-        for key in (owner, "researcher-key-0123456789"):
+        for key in (owner, "researcher-key-0123456789abcdefghij"):
             assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         # The stats page and Prometheus exporter ask for a key too: every user reaches 127.0.0.1.
         assert httpx.get(f"{stats}/metrics").status_code == 401
         assert httpx.get(f"{stats}/metrics", headers={"Authorization": f"Bearer {owner}"}).status_code == 200
         # Only hashes are on disk: no key in the file HAProxy matches against, nor in haproxy.cfg.
         on_disk = proxy.paths.keys_map_file.read_text() + proxy.paths.config.read_text()
-        assert owner not in on_disk and "researcher-key-0123456789" not in on_disk
+        assert owner not in on_disk and "researcher-key-0123456789abcdefghij" not in on_disk
     finally:
         proxy.stop(timeout=5)
     assert proxy.paths.keys_map_file.read_text().count("\n") == 2

@@ -236,7 +236,7 @@ def test_errors_keep_the_openai_shape(proxy):
 
 def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# researchers\nkey-one\n\nkey-two\n")
+    keys.write_text("# researchers\nkey-one-0123456789abcdefghijklmnopqrstuv\n\nkey-two-0123456789abcdefghijklmnopqrstuv\n")
     proxy = haproxy_for(minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(),
                                                          "auth": "keys", "api_keys_file": str(keys)}), tmp_path)
     d = proxy.deployment
@@ -245,7 +245,7 @@ def test_frontend_api_keys(haproxy_bin, gguf, tmp_path):
         url = f"http://127.0.0.1:{d.haproxy.port}/v1/models"
         assert httpx.get(url).status_code == 401
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == 401
-        assert httpx.get(url, headers={"Authorization": "Bearer key-two"}).status_code == 200  # past the key check
+        assert httpx.get(url, headers={"Authorization": "Bearer key-two-0123456789abcdefghijklmnopqrstuv"}).status_code == 200  # past the key check
     finally:
         proxy.stop(timeout=5)
 

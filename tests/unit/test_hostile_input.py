@@ -86,9 +86,11 @@ def test_a_backend_or_api_key_that_is_not_a_key(tmp_path, gguf, content):
     state = StateDir(tmp_path / "state")
     state.ensure()
     state.key_file.write_text(content)
+    state.key_file.chmod(0o600)
     refused(hpcserve("-f", str(path), "reconcile"), "backend.key", "expected a random key of at least 32")
     state.key_file.unlink()
     state.api_key_file.write_text(content)
+    state.api_key_file.chmod(0o600)
     with pytest.raises(ConfigError, match="api.key"):
         state.api_key()
 
@@ -271,7 +273,7 @@ def test_every_string_field_is_refused_or_inert(tmp_path_factory, stubs, field, 
     # haproxy.cfg: the one frontend bind and the stats bind, nothing smuggled in.
     cfg = haproxy_config.render(deployment, [])
     binds = [line.strip() for line in cfg.splitlines() if re.match(r"\s*bind\s", line)]
-    assert binds == [f"bind {deployment.haproxy.bind}:{deployment.haproxy.port}",
+    assert binds == [f"bind {deployment.haproxy.bind}:{deployment.haproxy.port} proto h1",
                      f"bind 127.0.0.1:{deployment.haproxy.stats_port_or_default}"]
     assert all(not re.search(r"[\x00-\x08\x0b-\x1f]", line) for line in cfg.splitlines())
     for line in cfg.splitlines():

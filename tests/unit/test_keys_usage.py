@@ -9,6 +9,7 @@ import pytest
 from hpcserve import config, keys, usage
 from hpcserve.errors import ConfigError, HpcserveError
 from hpcserve.haproxy.process import keys_commands
+from hpcserve.state import StateDir
 from tests.conftest import minimal
 
 
@@ -64,17 +65,60 @@ def deployment_stub():
 
 def test_key_map_holds_every_accepted_key_once(tmp_path, gguf):
     keys_file = tmp_path / "keys.txt"
-    keys_file.write_text("# old style\nfile-key-0123456789\nfile-key-0123456789\n")
+    keys_file.write_text("# old style\nfile-key-0123456789abcdefghijklmn\nfile-key-0123456789abcdefghijklmn\n")
     d = deployment(tmp_path, gguf, api_keys_file=str(keys_file))
     (tmp_path / "state").mkdir(mode=0o700)
     (tmp_path / "state" / "api.key").write_text("o" * 43 + "\n")
+    (tmp_path / "state" / "api.key").chmod(0o600)
     keys.KeyRegistry(d).add("alice")
     entries = keys.key_map(d)
     names = sorted(v.split("|")[0] for v in entries.values())
-    assert names == ["alice", "file-" + keys.digest("file-key-0123456789")[:8], "owner"]
+    assert names == ["alice", "file-" + keys.digest("file-key-0123456789abcdefghijklmn")[:8], "owner"]
     assert keys.map_text(entries).count("\n") == 3 and "o" * 43 not in keys.map_text(entries)
     open_pool = deployment(tmp_path, gguf, auth="open")
     assert keys.key_map(open_pool) is None and keys.accepted_keys(open_pool) == []
+
+
+def test_a_short_legacy_key_is_refused(tmp_path, gguf):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("a-guessable-key\n" + "x" * 40 + "\n")
+    d = deployment(tmp_path, gguf, api_keys_file=str(keys_file))
+    with pytest.raises(ConfigError, match=r"api_keys_file: 1 key\(s\) shorter than 32 characters \(the shortest has 15\)"):
+        keys.key_map(d)
+
+
+@pytest.mark.parametrize("bad", ["symlink", "mode", "directory"])
+def test_a_secret_file_others_could_read_or_choose_is_refused(tmp_path, bad):
+    """backend.key / api.key / OpenWebUI's secrets: a regular file of this user, mode 0600, or
+    nothing is read (another user's symlink or file would hand them the key, or choose it)."""
+    root = tmp_path / "state"
+    root.mkdir(mode=0o700)
+    path = StateDir(root).key_file
+    if bad == "symlink":
+        (tmp_path / "chosen").write_text("c" * 43 + "\n")
+        (tmp_path / "chosen").chmod(0o600)
+        path.symlink_to(tmp_path / "chosen")
+    elif bad == "mode":
+        path.write_text("k" * 43 + "\n")
+        path.chmod(0o644)
+    else:
+        path.mkdir()
+    with pytest.raises(ConfigError, match=str(path)):
+        StateDir(root).backend_key()
+    if bad == "mode":
+        path.chmod(0o600)
+        assert StateDir(root).backend_key() == "k" * 43
+
+
+def test_a_state_dir_others_could_replace_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)                                   # world-writable, not sticky
+    with pytest.raises(ConfigError, match=f"state_dir: {shared} is writable by every user and not sticky"):
+        StateDir(shared / "state").ensure()
+    shared.chmod(0o1777)                                  # sticky, as /tmp: only the owner renames
+    StateDir(shared / "state").ensure()
+    assert (shared / "state").stat().st_mode & 0o777 == 0o700
 
 
 def test_runtime_commands_turn_the_live_map_into_the_wanted_one():

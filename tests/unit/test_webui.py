@@ -28,7 +28,7 @@ def hpcserve(path, *args, env=None):
 
 def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
     keys = tmp_path / "keys"
-    keys.write_text("frontend-key\n")
+    keys.write_text("frontend-key-0123456789abcdefghijklmnopqrstuv\n")
     path = write_deployment(tmp_path, minimal(gguf, tmp_path, haproxy={"port": 8123, "api_keys_file": str(keys)}))
     result = hpcserve(path, "webui", "--env")
     assert result.returncode == 0, result.stderr
@@ -41,7 +41,7 @@ def test_env_wires_openwebui_to_the_pool_with_private_secrets(tmp_path, gguf):
     assert env["ENABLE_FORWARD_USER_INFO_HEADERS"] == "True"
     listed = json.loads(hpcserve(path, "keys", "list", "--json").stdout)
     assert [(k["name"], k["source"], k["forwards_users"]) for k in listed] == [
-        ("openwebui", "openwebui", True), ("file-" + hashlib.sha256(b"frontend-key").hexdigest()[:8], "file", False)]
+        ("openwebui", "openwebui", True), ("file-" + hashlib.sha256(b"frontend-key-0123456789abcdefghijklmnopqrstuv").hexdigest()[:8], "file", False)]
     assert (env["ENABLE_OLLAMA_API"], env["OFFLINE_MODE"], env["ENABLE_PERSISTENT_CONFIG"],
             env["BYPASS_MODEL_ACCESS_CONTROL"]) == ("False", "True", "False", "True")
     webui_dir = tmp_path / "state" / "webui"
