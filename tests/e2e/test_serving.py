@@ -48,7 +48,7 @@ def test_200_streams_while_the_pool_changes_20_times(pool_factory, affinity):
     sizes, reload_every = (SIZES[:10], 2) if affinity else (SIZES, 3)
     try:
         for i, size in enumerate(sizes):
-            if i % reload_every == 0:  # a structural change of the config: the next command reloads HAProxy
+            if i % reload_every == reload_every - 1:  # a structural change: the next command reloads HAProxy
                 pool.raw["haproxy"]["timeout_client"] = 600 + i
                 pool.write(pool.raw)
             started = time.time()
