@@ -32,14 +32,17 @@ class PoolCollector(Collector):
         table: the frontend stick table (runtime.show_table): key name (or source address with
             auth: open) -> {"use", "http_req_cnt", "http_err_cnt", "gpc0_rate(60000)"}; {} when
             HAProxy does not run.
+        dropped_log_lines: access log lines HAProxy's current worker dropped
+            (HAProxy.dropped_log_lines); None when unknown (no series then).
     """
 
     def __init__(self, deployment: Deployment, desired: Desired, backends: Iterable[Replica] | None,
-                 table: Mapping[str, Mapping[str, int]]):
+                 table: Mapping[str, Mapping[str, int]], dropped_log_lines: int | None = None):
         self.deployment = deployment
         self.desired = desired
         self.backends = None if backends is None else list(backends)
         self.table = table
+        self.dropped_log_lines = dropped_log_lines
 
     def collect(self):
         name = self.deployment.name
@@ -75,6 +78,12 @@ class PoolCollector(Collector):
             errors.add_metric([name, key], counters.get("http_err_cnt", 0))
             admitted.add_metric([name, key], counters.get("gpc0_rate(60000)", 0))
         yield from (in_flight, requests, errors, admitted)
+        if self.dropped_log_lines is not None:
+            dropped = CounterMetricFamily("hpcserve_access_log_dropped_lines",
+                                          "Access log lines HAProxy dropped (its current worker's DroppedLogs): "
+                                          "requests missing from `hpcserve usage`.", labels=["deployment"])
+            dropped.add_metric([name], self.dropped_log_lines)
+            yield dropped
 
 
 def registry(collector: PoolCollector) -> CollectorRegistry:

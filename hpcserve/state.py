@@ -325,6 +325,17 @@ class StateDir:
                               f"holds {len(key)}; {fix}")
         return key
 
+    def read_backend_key(self) -> str | None:
+        """The backend key if it exists (never created here), else None.
+
+        Raises:
+            ConfigError: the file is not a private regular file of this user (read_private).
+        """
+        try:
+            return read_private(self.key_file).strip() or None
+        except FileNotFoundError:
+            return None
+
     def read_api_key(self) -> str | None:
         """The owner's frontend API key if it exists (never created here), else None.
 

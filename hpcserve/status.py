@@ -69,10 +69,12 @@ class ModelStatus:
 
 @dataclasses.dataclass(frozen=True)
 class HAProxyStatus:
-    """Whether the deployment's HAProxy master runs, and its pid."""
+    """Whether the deployment's HAProxy master runs, its pid, and the access log lines its current
+    worker dropped (HAProxy.dropped_log_lines; None when unknown)."""
 
     running: bool
     pid: int | None
+    dropped_log_lines: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +125,7 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
     slurm_error = None
     replicas: list[Replica] = []
     try:
-        key = state.key_file.read_text().strip() if state.key_file.exists() else None
+        key = state.read_backend_key()
         replicas = observe(deployment, scheduler, key=key, slots=True)
     except SlurmError as exc:
         slurm_error = str(exc)
@@ -153,7 +155,8 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
                 "api_keys_file": str(deployment.haproxy.api_keys_file) if deployment.haproxy.api_keys_file else None}
     webui_url = webui.url(deployment)
     return PoolStatus(deployment=deployment.name, url=deployment.url, up=desired.up, auth=auth,
-                      haproxy=HAProxyStatus(running=haproxy.running(), pid=haproxy.pid()),
+                      haproxy=HAProxyStatus(running=haproxy.running(), pid=haproxy.pid(),
+                                            dropped_log_lines=haproxy.dropped_log_lines()),
                       models=models, backends=rows, slurm_error=slurm_error,
                       last_autoscale=autoscaler.last_decisions(deployment.state_dir),
                       webui=WebUIStatus(url=webui_url, up=webui.answers(webui_url + "/health")))
@@ -196,6 +199,9 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
     else:
         out.print(f"  API key: {auth['owner_key'] or '(made at the next up)'} (in {auth['owner_key_file']})",
                   markup=False)
+    if h.dropped_log_lines:
+        err.print(f"[yellow]access log:[/] HAProxy dropped {h.dropped_log_lines} line(s) since its last start "
+                  "(the log writer fell behind): `hpcserve usage` misses those requests")
     out.print(f"  OpenWebUI {report.webui.url}: {'up' if report.webui.up else 'not running'}")
     for name, m in report.models.items():
         out.print(f"  model {name}: {m.ready} ready of {m.jobs} job(s), {m.desired} wanted")

@@ -236,7 +236,7 @@ def metrics(ctx: Context, textfile: Path | None) -> None:
     deployment = ctx.deployment
     state = StateDir(deployment.state_dir)
     try:
-        key = state.key_file.read_text().strip() if state.key_file.exists() else None
+        key = state.read_backend_key()
         backends = observe(deployment, ctx.scheduler(), key=key)
     except SlurmError:
         backends = None   # hpcserve_scheduler_up 0; the desired replicas are still exported
@@ -247,7 +247,8 @@ def metrics(ctx: Context, textfile: Path | None) -> None:
             table = runtime.show_table(haproxy.paths.admin_socket, "openai")
         except HAProxyError:
             pass
-    registry = metrics_mod.registry(metrics_mod.PoolCollector(deployment, state.read_desired(), backends, table))
+    registry = metrics_mod.registry(metrics_mod.PoolCollector(deployment, state.read_desired(), backends, table,
+                                                              dropped_log_lines=haproxy.dropped_log_lines()))
     if textfile:
         write_to_textfile(str(textfile), registry)
     else:

@@ -213,6 +213,17 @@ class HAProxy:
         return Stats(servers={s.server: s for s in runtime.parse_stat(text)},
                      backends={s.backend: s for s in runtime.parse_stat(text, rows="BACKEND")})
 
+    def dropped_log_lines(self) -> int | None:
+        """Access log lines the current worker could not send since it started (DroppedLogs of
+        `show info`: the writer's socket queue was full): requests missing from the access log and
+        from `hpcserve usage`. None when HAProxy does not run or did not answer."""
+        if not self.running():
+            return None
+        try:
+            return int(runtime.show_info(self.paths.admin_socket).get("DroppedLogs", "0"))
+        except (HAProxyError, ValueError):
+            return None
+
     def server_sessions(self) -> dict[str, int] | None:
         """Job id -> sessions of its server in every worker, old ones included: {} when HAProxy is
         not running (nothing can be in flight), None when it runs but did not answer (unknown: a

@@ -171,6 +171,21 @@ def show_map(socket_path: Path, map_file: Path, prefix: str = "") -> dict[str, s
     return entries
 
 
+def show_info(socket_path: Path) -> dict[str, str]:
+    """The worker's `show info` fields (name -> value as text), e.g. "DroppedLogs" (log lines it
+    could not send: the log socket's queue was full; HAProxy 2.6 management guide, `show info`).
+
+    Raises:
+        HAProxyError: the runtime API did not answer.
+    """
+    fields = {}
+    for line in command(socket_path, "show info").splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip()] = value.strip()
+    return fields
+
+
 def show_table(socket_path: Path, table: str, prefix: str = "") -> dict[str, dict[str, int]]:
     """The entries of stick table `table`: key -> {"use": trackers now, and each stored counter by
     its name as HAProxy prints it, e.g. "http_req_cnt", "gpc0_rate(60000)"} (HAProxy 2.6

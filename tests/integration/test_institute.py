@@ -145,6 +145,32 @@ def test_each_keys_table_entry_is_made_before_its_first_request(tmp_path, gguf):
         assert "expire" not in runtime.command(p.proxy.paths.admin_socket, "show table").split("openai", 1)[1].split("\n")[0]
 
 
+def test_dropped_access_log_lines_are_counted_in_status_and_metrics(tmp_path, gguf):
+    """The access log goes to hpcserve's writer over a datagram socket; when the writer falls
+    behind (stopped here), HAProxy drops lines and counts them (DroppedLogs). `status` and
+    `metrics` show the count, and logged plus dropped lines are every request."""
+    import signal
+    from hpcserve import accesslog
+    with pool(tmp_path, gguf) as p:
+        logged_before = len(p.records(0, timeout=0))
+        writer = accesslog.writer_pid(p.proxy.deployment)
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            with httpx.Client(headers={"Authorization": f"Bearer {p.owner}"}) as client:
+                codes = [client.get(f"{p.url}/v1/models").status_code for _ in range(300)]
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        assert codes == [200] * 300
+        status = json.loads(p.hpcserve("status", "--json").stdout)["haproxy"]
+        dropped = status["dropped_log_lines"]
+        assert dropped > 0
+        logged = len(p.records(logged_before + 300 - dropped)) - logged_before
+        assert logged + dropped == 300, (logged, dropped)
+        exported = p.hpcserve("metrics").stdout
+        assert f'hpcserve_access_log_dropped_lines_total{{deployment="t"}} {float(dropped)}' in exported
+        assert "dropped" in p.hpcserve("status").stderr
+
+
 def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
     """Never more than max_concurrent in service or queued, never more than the rate per minute;
     the 429 has the OpenAI error shape, and the openai client sees a RateLimitError."""
