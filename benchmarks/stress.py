@@ -24,7 +24,10 @@ full grid on every release (through the Debian roots of scripts/release-root.sh)
 
 Found with it (2026-12-07): on HAProxy 3.0.11 with 2 and 4 threads, fresh keys let 1 in 300
 bursts past max_concurrent and 11 in 300 past the rate; with each key's stick-table entry made
-by hpcserve before its first request, none in 2,000 bursts per case (HAProxy.sync_keys).
+by hpcserve before its first request (HAProxy.sync_keys), max_concurrent held in every burst
+(5,200 at 2 and 4 threads, 2.6.12 and 3.0.11), the rate did not quite: 1 in 300 bursts at 2
+threads on 2.6.12, 1 in 1,000 at 4 on 3.0.11 (its check and its count are two rules that two
+threads can interleave), none at 1 thread, hpcserve's default (haproxy.threads).
 """
 
 from __future__ import annotations

@@ -261,8 +261,9 @@ class HAProxy:
         here too, before the key's first request: HAProxy 3.0.11 with 2 or more threads lets a
         new key's first burst past its limits when the requests make the entry themselves
         (benchmarks/stress.py: 1 in 300 bursts of 8 over max_concurrent 3, 11 in 300 over a
-        rate of 3 per minute; none with the entries made first; 2.6.12: none either way). The
-        table keeps the entries (no `expire`), and a new worker gets them at its start.
+        rate of 3 per minute; with the entries made first, none over max_concurrent, and the
+        rate's rarer race across threads is why haproxy.threads defaults to 1). The table keeps
+        the entries (no `expire`), and a new worker gets them at its start (apply).
 
         Raises:
             HAProxyError: the runtime API refused a change.
