@@ -39,8 +39,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import systems
-from benchmarks.common import KEY, start_haproxy
+from benchmarks import churn, systems
+from benchmarks.common import start_haproxy
+from benchmarks.scenarios import Settings
 from benchmarks.workload import Backend
 
 LIMIT = 3           # max_concurrent, and requests per minute, of a stressed key
@@ -146,8 +147,6 @@ def slots(folder: Path, runs: int, policy: str, reload_every: int = 2, progress=
     "affinity"); one record per run: churn's record plus "release", "policy" and "violations" (each
     {"backend", "max_busy", "max_waiting", "first_over", "after_change", "after_reload"}, the
     latest change and the latest reloading change that began before the first overfill)."""
-    from benchmarks import churn
-    from benchmarks.scenarios import Settings
     release = haproxy_release()
     records = []
     for seed in range(1, runs + 1):
@@ -168,18 +167,13 @@ def overfills(record: dict) -> list[dict]:
     each with the change (index) and the reloading change that came last before its first overfill."""
     found = []
     for b in record["backends"]:
-        if b["max_busy"] <= churn_slots() and b["max_waiting"] == 0:
+        if b["max_busy"] <= churn.SHAPE.slots and b["max_waiting"] == 0:
             continue
         before = [s for s in record["steps"] if b["first_over"] is not None and s[1] <= b["first_over"]]
         reloads = [s for s in before if s[2] in ("reloaded", "started")]
         found.append({**b, "after_change": before[-1][0] if before else None,
                       "after_reload": reloads[-1][0] if reloads else None})
     return found
-
-
-def churn_slots() -> int:
-    from benchmarks import churn
-    return churn.SHAPE.slots
 
 
 def summarize(limits_runs: list[LimitsRun], slot_records: list[dict]) -> list[str]:

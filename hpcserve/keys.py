@@ -29,7 +29,7 @@ import secrets
 
 from .config import Deployment, read_api_keys
 from .errors import ConfigError, HpcserveError
-from .state import MIN_KEY_CHARS, StateDir, read_private, write_private
+from .state import MIN_KEY_CHARS, StateDir, read_secret, write_private
 from .webui import key_file as webui_key_file
 
 #: Priority classes: interactive requests leave HAProxy's queue before batch ones (see haproxy.batch_delay).
@@ -215,10 +215,7 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
     owner = StateDir(deployment.state_dir).read_api_key()
     if owner:
         keys.append(Key("owner", digest(owner), source="owner"))
-    try:
-        webui = read_private(webui_key_file(deployment)).strip()
-    except FileNotFoundError:
-        webui = ""
+    webui = read_secret(webui_key_file(deployment))
     if webui:
         keys.append(Key("openwebui", digest(webui), forwards_users=True, source="openwebui"))
     if deployment.haproxy.api_keys_file:

@@ -326,26 +326,12 @@ class StateDir:
         return key
 
     def read_backend_key(self) -> str | None:
-        """The backend key if it exists (never created here), else None.
-
-        Raises:
-            ConfigError: the file is not a private regular file of this user (read_private).
-        """
-        try:
-            return read_private(self.key_file).strip() or None
-        except FileNotFoundError:
-            return None
+        """The backend key if it exists (never created here), else None (read_secret)."""
+        return read_secret(self.key_file)
 
     def read_api_key(self) -> str | None:
-        """The owner's frontend API key if it exists (never created here), else None.
-
-        Raises:
-            ConfigError: the file is not a private regular file of this user (read_private).
-        """
-        try:
-            return read_private(self.api_key_file).strip() or None
-        except FileNotFoundError:
-            return None
+        """The owner's frontend API key if it exists (never created here), else None (read_secret)."""
+        return read_secret(self.api_key_file)
 
 
 #: The shortest secret accepted in a key file (characters). hpcserve writes 43 (256 random bits).
@@ -374,6 +360,18 @@ def secret_file(path: Path, nbytes: int = 32) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
+
+
+def read_secret(path: Path) -> str | None:
+    """The secret in `path` if the file exists and holds one, else None; never made here.
+
+    Raises:
+        ConfigError: the file is not a private regular file of this user (read_private).
+    """
+    try:
+        return read_private(path).strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def read_private(path: Path) -> str:

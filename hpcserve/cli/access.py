@@ -24,7 +24,7 @@ from .context import Context, deployment_lock, late_options, out, pass_ctx
 from ..llama.probe import observe
 from ..errors import ConfigError, HAProxyError, SlurmError
 from ..haproxy import runtime
-from ..haproxy.process import HAProxy
+from ..haproxy.process import KEY_TABLE, HAProxy
 from ..state import StateDir
 
 
@@ -244,7 +244,7 @@ def metrics(ctx: Context, textfile: Path | None) -> None:
     haproxy = HAProxy(deployment, "")
     if haproxy.running():
         try:
-            table = runtime.show_table(haproxy.paths.admin_socket, "openai")
+            table = runtime.show_table(haproxy.paths.admin_socket, KEY_TABLE)
         except HAProxyError:
             pass
     registry = metrics_mod.registry(metrics_mod.PoolCollector(deployment, state.read_desired(), backends, table,

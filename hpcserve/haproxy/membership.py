@@ -99,6 +99,13 @@ class Membership:
                     limits.setdefault(stat.server, []).append((stat.limit, pid, stat.backend))
         return claimed, limits, held_by_old
 
+    def full(self, servers: list[Server], claims: dict[str, int]) -> set[str]:
+        """The names of the serving servers (of this deployment's models, not draining) whose
+        slots `claims` (server name -> slots the workers can fill; old_worker_claims) all take."""
+        models = {m.name for m in self.deployment.models}
+        return {s.name for s in servers if not s.draining and s.model in models
+                and claims.get(s.name, 0) >= self.slots(s)}
+
     def make_room(self, servers: list[Server], timeout: float) -> bool:
         """Before a reload: free one slot of every serving server the running workers fill.
 
@@ -116,12 +123,10 @@ class Membership:
         lowered: set[str] = set()
         targets: dict[str, int] = {}    # server name -> the maxconn asked for
         master = self.paths.master_socket
-        models = {m.name for m in self.deployment.models}
         while True:
             try:
                 claims, limits, held_by_old = self._claims_and_limits(servers, current=True)
-                full = {s.name for s in servers if not s.draining and s.model in models
-                        and claims.get(s.name, 0) >= self.slots(s)}
+                full = self.full(servers, claims)
                 if not full:
                     return True
                 if time.monotonic() >= deadline:

@@ -181,12 +181,10 @@ class HAProxy:
             self.membership.sync(servers)
             self.membership.make_room(servers, timeout=room_timeout)
             claims = self.membership.old_worker_claims(servers, current=True)
-            models = {m.name for m in self.deployment.models}
-            full = [s.name for s in servers if not s.draining and s.model in models
-                    and claims.get(s.name, 0) >= self.membership.slots(s)]
+            full = self.membership.full(servers, claims)
             if full:
                 raise HAProxyError(
-                    f"not reloaded: every slot of {', '.join(full)} stayed busy for {room_timeout:g} s, and a new "
+                    f"not reloaded: every slot of {', '.join(sorted(full))} stayed busy for {room_timeout:g} s, and a new "
                     "HAProxy worker would send one request more (it would wait inside llama-server); the "
                     "running config stays and the next step tries again")
             self.apply(render(self.deployment, within_slots(servers, self.membership.slots, claims)))

@@ -295,17 +295,26 @@ def _restructured(d, timeout_queue: float):
     return d.model_copy(update={"haproxy": d.haproxy.model_copy(update={"timeout_queue": timeout_queue})})
 
 
-def _reloaded_under_three_streams(proxy, port: int, job_id: str):
-    """HAProxy started with one 4-slot server (job `job_id` on `port`), 3 streams held by it, then
-    reloaded with a changed structure and no settle: (the new HAProxy, the server, the stream
-    threads, their HTTP statuses). The old worker holds the 3 streams."""
+def _holding(proxy, port: int, job_id: str, count: int, tokens: int = 40):
+    """HAProxy started with one 4-slot server (job `job_id` on `port`) and `count` streams sent,
+    once the server holds min(count, 4) of them: (its deployment, the HAProxy, the server, the
+    chat completions URL, the stream threads, their HTTP statuses); the rest wait in its queue."""
     d = _slots_of(proxy.deployment)
     server = Server("m", job_id, "127.0.0.1", port)
     first = HAProxy(d, "test-key")
     assert first.update([server]) == "started"
-    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 3)
-    while first.membership.held_sessions(old_only=False).get(server.name, 0) < 3:
+    url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
+    streams, results = _streams(url, count, tokens)
+    while first.membership.held_sessions(old_only=False).get(server.name, 0) < min(count, 4):
         time.sleep(0.05)
+    return d, first, server, url, streams, results
+
+
+def _reloaded_under_three_streams(proxy, port: int, job_id: str):
+    """HAProxy started with one 4-slot server (job `job_id` on `port`), 3 streams held by it, then
+    reloaded with a changed structure and no settle: (the new HAProxy, the server, the stream
+    threads, their HTTP statuses). The old worker holds the 3 streams."""
+    d, _first, server, _url, streams, results = _holding(proxy, port, job_id, 3)
     second = HAProxy(_restructured(d, 9), "test-key")
     assert second.update([server], settle_timeout=0) == "reloaded"
     return second, server, streams, results
@@ -329,14 +338,7 @@ def test_after_a_reload_a_server_gets_only_the_slots_old_workers_do_not_hold(pro
 def test_a_reload_at_saturation_waits_for_a_free_slot_and_never_overfills(proxy, simulator4):
     """Every slot busy and requests queued: the reload first frees a slot in the old worker (a
     stream must end, ~2 s), so old and new worker together never exceed the backend's 4 slots."""
-    d = _slots_of(proxy.deployment)
-    server = Server("m", "22", "127.0.0.1", simulator4)
-    first = HAProxy(d, "test-key")
-    assert first.update([server]) == "started"
-    url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
-    streams, results = _streams(url, 6)                        # 4 in service, 2 in HAProxy's queue
-    while first.membership.held_sessions(old_only=False).get("job22", 0) < 4:
-        time.sleep(0.05)
+    d, _first, server, url, streams, results = _holding(proxy, simulator4, "22", 6)  # 4 in service, 2 queued
 
     started = time.monotonic()
     second = HAProxy(_restructured(d, 11), "test-key")
@@ -358,14 +360,7 @@ def test_an_unreadable_answer_before_a_reload_at_saturation_overfills_nothing(pr
     the CI failure of test_no_backend_ever_got_more_than_its_slots). Now the read is tried again
     at the next poll, and the reload waits for a free slot as it does without the error."""
     from hpcserve.haproxy import membership as membership_module
-    d = _slots_of(proxy.deployment)
-    server = Server("m", "25", "127.0.0.1", simulator4)
-    first = HAProxy(d, "test-key")
-    assert first.update([server]) == "started"
-    url = f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions"
-    streams, results = _streams(url, 10)                       # 4 in service, 6 in HAProxy's queue
-    while first.membership.held_sessions(old_only=False).get("job25", 0) < 4:
-        time.sleep(0.05)
+    d, _first, server, url, streams, results = _holding(proxy, simulator4, "25", 10)  # 4 in service, 6 queued
     real, cut = runtime.worker_stats, []
 
     def cut_once(master, pid, *args, **kwargs):
@@ -389,14 +384,8 @@ def test_a_reload_that_finds_no_free_slot_in_time_does_not_happen(proxy, simulat
     """Every slot busy with streams longer than room_timeout: the reload is refused (a new worker
     would send one request more than the slots) and the running config stays; the next step,
     once a stream ended, reloads."""
-    d = _slots_of(proxy.deployment)
-    server = Server("m", "26", "127.0.0.1", simulator4)
-    first = HAProxy(d, "test-key")
-    assert first.update([server]) == "started"
+    d, first, server, _url, streams, results = _holding(proxy, simulator4, "26", 6, tokens=60)  # 3 s each
     running = first.live_config()
-    streams, results = _streams(f"http://127.0.0.1:{d.haproxy.port}/v1/chat/completions", 6, tokens=60)  # 3 s
-    while first.membership.held_sessions(old_only=False).get("job26", 0) < 4:
-        time.sleep(0.05)
     second = HAProxy(_restructured(d, 17), "test-key")
     with pytest.raises(HAProxyError, match="not reloaded: every slot of job26 stayed busy"):
         second.update([server], settle_timeout=0, room_timeout=0.3)
