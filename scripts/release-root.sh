@@ -26,16 +26,16 @@ venv=/opt/hpcserve-venv
 
 # The tests that talk to Slurm or HAProxy, and two end-to-end ones with the real llama-server and
 # model (a pool up, a chat, scale, down; and a job warned by Slurm's --signal leaving rotation).
-# Left out: the two that time the simulator against the real llama-server and against the policy
-# model (2.7 minutes a root): they touch neither Slurm nor HAProxy, and the llama-server and model
-# are the host's in every root, so a root can find nothing there that the host run cannot.
-# The tests of what a release changes (Slurm, HAProxy, and Python 3.13 running them): not the pure
-# unit tests, the simulator's timing, the policy model or the llama-server replays, which no
-# Slurm or HAProxy release touches.
+# Left out: the pure unit tests, the simulator (its API and timing against the real llama-server),
+# the load generator, the policy model and the llama-server replays: they touch neither Slurm nor
+# HAProxy, and the llama-server and model are the host's in every root, so a root can find nothing
+# there that the host run cannot.
 RELEASE_TESTS=(tests/integration
                "tests/e2e/test_pool.py::test_up_chat_scale_down"
                "tests/e2e/test_lifecycle.py::test_a_warned_job_leaves_rotation_before_it_ends"
+               --ignore=tests/integration/test_simulator.py
                --ignore=tests/integration/test_simulator_timing.py
+               --ignore=tests/integration/test_load_generator.py
                --ignore=tests/integration/test_policy_model.py
                --ignore=tests/integration/test_llama_builds.py)
 

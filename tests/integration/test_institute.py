@@ -244,10 +244,11 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
 
 
 def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
-    """A batch key keeps 300 requests in flight on 16 slots; 20 chats sent meanwhile wait at most
-    one slot's turnover (the longest time a request held a slot), not behind the flood."""
+    """A batch key keeps 150 requests in flight on 16 slots (a queue of about 4 s); 20 chats sent
+    meanwhile wait at most one slot's turnover (the longest time a request held a slot), not behind
+    the flood."""
     with pool(tmp_path, gguf, servers=2, slots=8, token_rate=20, batch_delay=30, timeout_queue=60) as p:
-        batch = p.add_key("batch-user", "--class", "batch", "--max-concurrent", "300")
+        batch = p.add_key("batch-user", "--class", "batch", "--max-concurrent", "150")
         person = p.add_key("person")
 
         async def flood():
@@ -265,7 +266,7 @@ def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
                         codes.append(await one(batch, **{"X-Priority-Class": "interactive"}))
                     return codes
 
-                batch_tasks = [asyncio.create_task(batch_client()) for _ in range(300)]
+                batch_tasks = [asyncio.create_task(batch_client()) for _ in range(150)]
                 await asyncio.sleep(3)       # the queue is full of batch requests now
                 chats = []
                 for _ in range(20):          # a person: one chat after the other
