@@ -1,23 +1,35 @@
 """The access log: HAProxy's one JSON line per request, written to STATE_DIR/logs/access.log and
 rotated by size, without syslog or root.
 
-HAProxy sends each line as one datagram to a UNIX socket in the private state directory (`log
-/path format raw`, HAProxy 2.6 configuration manual 4.2 "log"); the writer started here reads them
-and appends them through Python's RotatingFileHandler (access.log, access.log.1 ... .N). HAProxy
-never blocks on logging: were the writer gone, lines would be dropped and counted by HAProxy
-(`show info`, DroppedLogs), which is why every step of hpcserve restarts a writer that is not running.
+HAProxy writes each line to its file descriptor 3 (`log fd@3 format raw`, HAProxy 2.6 configuration
+manual 4.2 "log": unbuffered, one writev() per line, atomic on a pipe up to PIPE_BUF bytes, dropped
+and counted in DroppedLogs when it would block). hpcserve makes that descriptor a named pipe in the
+private state directory, enlarged to PIPE_BYTES (open_pipe, HAProxy.start); the master passes it
+to every worker through reloads. The writer started here reads the pipe and appends the lines
+through Python's RotatingFileHandler (access.log, access.log.1 ... .N); other lines HAProxy logs
+there (its alerts, "Proxy ... stopped") go to logs/haproxy.log. A line waits in the pipe while the
+writer is busy or restarting; were the writer gone for long, the pipe would fill and HAProxy drop
+lines, which is why every step of hpcserve restarts a writer that is not running.
 
-Run as `python -m hpcserve.accesslog SOCKET FILE MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
+Why not a datagram socket (the way before): its queue is net.unix.max_dgram_qlen datagrams (10 on
+a bare kernel), so a burst of 300 requests logged 142 lines; and not a ring buffer forwarding to a
+stream socket (HAProxy `ring`): an old worker exits without sending what its ring still holds, and
+so lost the line of every stream that ended on it after a reload (measured, 2.6.12).
+
+Run as `python -m hpcserve.accesslog PIPE FILE MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import logging.handlers
 import os
+import select
 import signal
-import socket
+import stat
 import subprocess
 import sys
 import time
@@ -31,8 +43,52 @@ from .config import Deployment
 from .haproxy.config import paths
 from .state import StateDir
 
-#: The receive buffer asked for (bytes): a burst of lines waits here while a line is written.
-RECEIVE_BUFFER = 4 << 20
+#: The pipe's size asked for (bytes; Linux's default limit for a user, /proc/sys/fs/pipe-max-size):
+#: about 2,500 lines of 400 bytes wait here while the writer is busy.
+PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux fcntl(2)
+
+
+def open_pipe(path: Path) -> int:
+    """Open the named pipe `path` for reading and writing, non-blocking, made first if missing
+    (mode 0600), and enlarged to PIPE_BYTES (or the system's limit). The caller closes the
+    descriptor; the pipe and its size last while any process holds it open.
+
+    Returns:
+        the file descriptor.
+    Raises:
+        OSError: `path` is something else than a named pipe of this user (it is then left alone),
+            or it could not be made or opened.
+    """
+    try:
+        os.mkfifo(path, 0o600)
+    except FileExistsError:
+        pass
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISFIFO(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise OSError(errno.EPERM, "not a private named pipe of this user", str(path))
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, min(PIPE_BYTES, limit))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def holds_pipe(pid: int, path: Path) -> bool:
+    """Whether process `pid` has the named pipe `path` as its file descriptor 3 (the HAProxy
+    master that hpcserve started with it; one started otherwise would write its log lines to
+    whatever its descriptor 3 is)."""
+    try:
+        held, ours = os.stat(f"/proc/{pid}/fd/3"), os.stat(path)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def log_file(deployment: Deployment) -> Path:
@@ -59,26 +115,25 @@ def writer_pid(deployment: Deployment) -> int | None:
 
 def ensure_writer(deployment: Deployment, timeout: float = 10.0) -> bool:
     """Start the log writer unless it runs (or the access log is off); returns True if it was started.
+    Lines HAProxy writes meanwhile wait in the pipe.
 
     Raises:
-        OSError: it could not be started, or its socket did not appear within `timeout` seconds.
+        OSError: the pipe is not a private named pipe of this user, or the writer exited at once.
     """
     if not deployment.haproxy.access_log or writer_pid(deployment) is not None:
         return False
     settings = deployment.haproxy
-    sock = paths(deployment).access_log_socket
-    sock.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "hpcserve.accesslog", str(sock), str(log_file(deployment)),
+    pipe = paths(deployment).access_log_fifo
+    os.close(open_pipe(pipe))   # made (and checked) before the writer reads it
+    argv = [sys.executable, "-m", "hpcserve.accesslog", str(pipe), str(log_file(deployment)),
             str(settings.access_log_max_bytes), str(settings.access_log_files), str(paths(deployment).pid_file)]
     error_file = StateDir(deployment.state_dir).access_writer_files[1]
     with open(os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as errors:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
                                    start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not sock.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise OSError(f"the access log writer did not start (see {error_file})")
-        time.sleep(0.02)
+    time.sleep(0.05)
+    if process.poll() is not None:
+        raise OSError(f"the access log writer did not start (see {error_file})")
     _pid_file(deployment).write_text(f"{process.pid}\n")
     return True
 
@@ -105,42 +160,54 @@ def _haproxy_alive(pid_file: Path) -> bool:
         return False
 
 
-def serve(sock_path: Path, file: Path, max_bytes: int, backups: int, haproxy_pid_file: Path) -> None:
-    """Receive datagrams on `sock_path` (made 0600) and append each as a line of `file`, rotating it
-    at `max_bytes` bytes and keeping `backups` older files. Returns on SIGTERM or SIGINT, or once
-    the HAProxy of `haproxy_pid_file` has been gone for ORPHAN_GRACE seconds (killed, or stopped
-    without hpcserve): the next step that starts HAProxy starts a writer again."""
+def serve(pipe: Path, file: Path, max_bytes: int, backups: int, haproxy_pid_file: Path) -> None:
+    """Read lines from the named pipe `pipe` and append each JSON one to `file`, rotating it at
+    `max_bytes` bytes and keeping `backups` older files; other lines (HAProxy's alerts) go to
+    haproxy.log beside it. Returns on SIGTERM or SIGINT, or once the HAProxy of `haproxy_pid_file`
+    has been gone for ORPHAN_GRACE seconds (killed, or stopped without hpcserve): the next step
+    that starts HAProxy starts a writer again. What is in the pipe then stays for the next writer."""
     os.umask(0o077)
     handler = logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups,
                                                    encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        sock.bind(str(sock_path))
-        running = True
+    running = True
 
-        def stop(_signum, _frame):
-            nonlocal running
-            running = False
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        sock.settimeout(1.0)
-        last_seen = time.monotonic()
-        try:
+    def stop(_signum, _frame):
+        nonlocal running
+        running = False
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    fd = open_pipe(pipe)    # read and write: no end of file while HAProxy restarts
+    pending = b""
+    last_seen = time.monotonic()
+    try:
+        with open(file.parent / "haproxy.log", "ab") as alerts:
             while running:
                 try:
-                    data = sock.recv(65536)
-                except (TimeoutError, InterruptedError):
+                    ready, _, _ = select.select([fd], [], [], 1.0)
+                except InterruptedError:
+                    continue
+                if not ready:
                     if _haproxy_alive(haproxy_pid_file):
                         last_seen = time.monotonic()
                     elif time.monotonic() - last_seen > ORPHAN_GRACE:
                         return
                     continue
-                line = data.decode("utf-8", errors="replace").rstrip("\n")
-                handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
-        finally:
-            handler.close()
-            sock_path.unlink(missing_ok=True)
+                try:
+                    pending += os.read(fd, PIPE_BYTES)
+                except BlockingIOError:
+                    continue
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", errors="replace")
+                    if line.startswith("{"):
+                        handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
+                    elif line:
+                        alerts.write(raw + b"\n")
+                alerts.flush()
+    finally:
+        handler.close()
+        os.close(fd)
 
 
 def records(deployment: Deployment) -> Iterator[dict]:

@@ -34,15 +34,20 @@ class PoolCollector(Collector):
             HAProxy does not run.
         dropped_log_lines: access log lines HAProxy's current worker dropped
             (HAProxy.dropped_log_lines); None when unknown (no series then).
+        unauthenticated: the stick table "unauthenticated" (runtime.show_table): source address
+            -> {"http_req_cnt": requests refused before a key was known, not logged}; an entry
+            expires an hour after its last request.
     """
 
     def __init__(self, deployment: Deployment, desired: Desired, backends: Iterable[Replica] | None,
-                 table: Mapping[str, Mapping[str, int]], dropped_log_lines: int | None = None):
+                 table: Mapping[str, Mapping[str, int]], dropped_log_lines: int | None = None,
+                 unauthenticated: Mapping[str, Mapping[str, int]] | None = None):
         self.deployment = deployment
         self.desired = desired
         self.backends = None if backends is None else list(backends)
         self.table = table
         self.dropped_log_lines = dropped_log_lines
+        self.unauthenticated = unauthenticated or {}
 
     def collect(self):
         name = self.deployment.name
@@ -84,6 +89,13 @@ class PoolCollector(Collector):
                                           "requests missing from `hpcserve usage`.", labels=["deployment"])
             dropped.add_metric([name], self.dropped_log_lines)
             yield dropped
+        refused = CounterMetricFamily("hpcserve_unauthenticated_requests",
+                                      "Requests refused before a key was known (no or a wrong key, headers too "
+                                      "large), by source address; not in the access log.",
+                                      labels=["deployment", "source"])
+        for source, counters in sorted(self.unauthenticated.items()):
+            refused.add_metric([name, source], counters.get("http_req_cnt", 0))
+        yield refused
 
 
 def registry(collector: PoolCollector) -> CollectorRegistry:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
         env: Mapping[str, str] | None = None, check: bool = True,
-        output: Path | None = None) -> subprocess.CompletedProcess[str]:
+        output: Path | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Run `argv` and return its result, text mode.
 
     Args:
@@ -38,6 +38,7 @@ def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
         output: append stdout and stderr to this file instead of capturing them. Needed for a
             command that leaves a daemon behind (haproxy -D): the daemon would hold our pipes open.
             The error's stderr is then the file's last lines.
+        pass_fds: file descriptors the command inherits (subprocess.Popen's pass_fds).
 
     Raises:
         CommandError: it could not be started, timed out, or (with check) exited non-zero; the
@@ -48,12 +49,13 @@ def run(argv: list[str], *, input: str | None = None, timeout: float = 60.0,
     try:
         if output is None:
             result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
-                                    env=dict(env) if env is not None else None,
+                                    env=dict(env) if env is not None else None, pass_fds=pass_fds,
                                     stdin=None if input is not None else subprocess.DEVNULL)
         else:
             with open(output, "a") as sink:
                 result = subprocess.run(argv, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, text=True,
-                                        timeout=timeout, env=dict(env) if env is not None else None)
+                                        timeout=timeout, env=dict(env) if env is not None else None,
+                                        pass_fds=pass_fds)
             result.stderr = "\n".join(output.read_text(errors="replace").splitlines()[-20:])
             result.stdout = ""
     except FileNotFoundError as exc:

@@ -103,9 +103,9 @@ class HAProxyFiles:
         return self.root / "keys.map"
 
     @property
-    def access_log_socket(self) -> Path:
-        """The datagram socket HAProxy sends its access log lines to (see accesslog.py)."""
-        return self.root / "logs" / "access.sock"
+    def access_log_fifo(self) -> Path:
+        """The named pipe HAProxy writes its access log lines to, its file descriptor 3 (accesslog.py)."""
+        return self.root / "logs" / "access.fifo"
 
     @property
     def log_file(self) -> Path:

@@ -240,15 +240,18 @@ def metrics(ctx: Context, textfile: Path | None) -> None:
         backends = observe(deployment, ctx.scheduler(), key=key)
     except SlurmError:
         backends = None   # hpcserve_scheduler_up 0; the desired replicas are still exported
-    table = {}
+    table, unauthenticated = {}, {}
     haproxy = HAProxy(deployment, "")
     if haproxy.running():
         try:
             table = runtime.show_table(haproxy.paths.admin_socket, KEY_TABLE)
+            if deployment.haproxy.access_log:
+                unauthenticated = runtime.show_table(haproxy.paths.admin_socket, "unauthenticated")
         except HAProxyError:
             pass
     registry = metrics_mod.registry(metrics_mod.PoolCollector(deployment, state.read_desired(), backends, table,
-                                                              dropped_log_lines=haproxy.dropped_log_lines()))
+                                                              dropped_log_lines=haproxy.dropped_log_lines(),
+                                                              unauthenticated=unauthenticated))
     if textfile:
         write_to_textfile(str(textfile), registry)
     else:

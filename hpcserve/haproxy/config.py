@@ -119,7 +119,7 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             leaving=" disabled" if leaving_state(deployment) == "maint" else " weight 0",
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
                             keys_map=p.keys_map_file if deployment.haproxy.auth == "keys" else None,
-                            access_log_socket=p.access_log_socket if deployment.haproxy.access_log else None,
+                            access_log_fifo=deployment.haproxy.access_log,
                             batch_delay_ms=round(deployment.haproxy.batch_delay_or_default * 1000),
                             models_file=p.models_file,
                             max_body=deployment.max_request_body, bufsize=buffer_size(deployment),

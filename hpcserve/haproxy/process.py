@@ -344,12 +344,24 @@ class HAProxy:
         self.paths.server_state_file.touch(mode=0o600, exist_ok=True)
         argv = [*self._argv0, "-W", "-D", "-S", f"{self.paths.master_socket},mode,600",
                 "-p", str(self.paths.pid_file), "-f", str(self.paths.config)]
+        pipe = None
+        if self.deployment.haproxy.access_log:
+            # The access log's pipe as HAProxy's descriptor 3 (`log fd@3`; accesslog.py), the open
+            # file of open_pipe (non-blocking: a full pipe drops a line, never stalls a worker).
+            try:
+                pipe = accesslog.open_pipe(self.paths.access_log_fifo)
+            except OSError as exc:
+                raise HAProxyError(f"the access log pipe {self.paths.access_log_fifo}: {exc.strerror or exc}") from None
+            argv = ["/bin/bash", "-c", f'exec "$@" 3<&{pipe} {pipe}<&-', "haproxy", *argv]   # bash: fd numbers over 9
         try:
-            proc.run(argv, env=self._env, timeout=30, output=self.log_file)
+            proc.run(argv, env=self._env, timeout=30, output=self.log_file, pass_fds=(pipe,) if pipe is not None else ())
         except CommandError as exc:
             alerts = [line for line in exc.stderr.splitlines() if "ALERT" in line]
             raise HAProxyError(f"haproxy did not start: {(alerts or [str(exc)])[-1].strip()} "
                                f"(see {self.log_file})") from None
+        finally:
+            if pipe is not None:
+                os.close(pipe)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             # The socket file appears before the master accepts on it: wait for an answer.
@@ -370,6 +382,12 @@ class HAProxy:
         Raises:
             HAProxyError: the master reported a failed reload, or none happened within `timeout` s.
         """
+        pid = self.pid()
+        if self.deployment.haproxy.access_log and pid is not None \
+                and not accesslog.holds_pipe(pid, self.paths.access_log_fifo):
+            # Its descriptor 3 is something else: the new config's `log fd@3` would write there.
+            raise HAProxyError("the running HAProxy was started without the access log's pipe (by an older "
+                               "hpcserve); not reloaded: `hpcserve down` and `hpcserve up` start it with the pipe")
         before = runtime.show_proc(self.paths.master_socket)
         self.save_server_state()
         runtime.command(self.paths.master_socket, "reload")
