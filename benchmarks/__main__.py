@@ -128,7 +128,7 @@ def load(url: str, model: str, rate: float, duration: float, seed: int, as_json:
 @click.option("--parallel", type=click.IntRange(min=2), default=4, show_default=True,
               help="Slots of the measured llama-server (--parallel).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="llama-server --threads (its default if unset).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT / "profile.json",
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "benchmarks" / "inputs" / "profile.json",
               show_default=True)
 def calibrate_command(parallel: int, threads: int | None, out: Path) -> None:
     """Measure the real llama-server with the test model and write the simulator's batch-step

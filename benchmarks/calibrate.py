@@ -16,7 +16,7 @@ generating slots' tokens and its own prefill_base_s.
 The decode steps are kept as measured, not fitted to a line: on the test model on 2 cores a step
 with 3 generating slots took longer than one with 4 (ggml's kernels favour some batch sizes).
 
-    python -m benchmarks calibrate [--parallel 4] [--out benchmarks/results/profile.json]
+    python -m benchmarks calibrate [--parallel 4] [--out benchmarks/inputs/profile.json]
 
 Measurements use llama-server's own `timings` of each answer (predicted_per_second: a slot's
 tokens per second while generating; prompt_n and prompt_ms: its prefill), with prompts of distinct

@@ -134,7 +134,7 @@ def batch_pool(profile: BatchProfile, fast_rate: float = 10.0, count: int = 16, 
 
 
 def scenario_h(settings: Settings) -> list[dict]:
-    """(h) Scenario (a) on backends that follow the calibrated batch profile (results/profile.json,
+    """(h) Scenario (a) on backends that follow the calibrated batch profile (inputs/profile.json,
     batch_pool): the same workload, loads and seeds, but busy slots share each backend's steps, as
     on a real llama-server. Checks whether (a)'s ranking holds where the simulator is not
     independent slots, which favours a slot cap."""
@@ -143,7 +143,7 @@ def scenario_h(settings: Settings) -> list[dict]:
 
 def seeded_pool(scenario: str) -> list[Backend]:
     """The pool of a seeded-load scenario: "a" heterogeneous_pool(), "h" batch_pool() on the
-    calibrated profile (results/profile.json).
+    calibrated profile (inputs/profile.json).
 
     Raises:
         ValueError: another scenario.
@@ -275,7 +275,7 @@ def scenario_c(settings: Settings) -> list[dict]:
     return churn.run(settings)
 
 
-PROFILE = Path(__file__).parent / "results" / "profile.json"  # python -m benchmarks calibrate
+PROFILE = Path(__file__).parent / "inputs" / "profile.json"  # python -m benchmarks calibrate
 SPEEDUP = 10.0   # scenario (g)'s backends: the calibrated llama-server, 10 times faster in every step
 
 
@@ -300,7 +300,7 @@ def prefill_capacity(requests: list[Request], profile: BatchProfile, servers: in
 def scenario_g(settings: Settings) -> list[dict]:
     """(g) Long prompts, short answers: prompts of 1k-32k tokens (log-uniform), answers of 16-64,
     at 80% of the nominal prefill capacity of 8 backends x 4 slots following the calibrated batch
-    profile (results/profile.json) made SPEEDUP times faster. A long prompt takes its backend's
+    profile (inputs/profile.json) made SPEEDUP times faster. A long prompt takes its backend's
     batch for many steps and stalls the slots generating beside it; every balancer here counts
     requests, not tokens. Seeds as in (a); hpcserve's frontend accepts 512 KiB bodies (what it
     derives for a 32k context)."""

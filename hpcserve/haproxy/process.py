@@ -380,7 +380,9 @@ class HAProxy:
         Server states are saved first (server-state-file), so drain and maint survive it.
 
         Raises:
-            HAProxyError: the master reported a failed reload, or none happened within `timeout` s.
+            HAProxyError: the master reported a failed reload, or none happened within `timeout` s,
+                or (access log on) the master does not hold the access log's pipe as its
+                descriptor 3 (started by an older hpcserve): nothing is reloaded then.
         """
         pid = self.pid()
         if self.deployment.haproxy.access_log and pid is not None \
