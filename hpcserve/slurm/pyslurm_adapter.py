@@ -2,7 +2,7 @@
 
 pyslurm talks to slurmctld through libslurm instead of forking sbatch/squeue. Each pyslurm release
 builds only against its own Slurm major version, and PyPI has 25.11 only while the Slurm releases
-tested here are 22.05, 24.11 and 26.05 (README, "Tested with"), so `choose()` takes this adapter
+tested here are 22.05, 24.11 and 26.05 (docs/testing.md, "Tested with"), so `choose()` takes this adapter
 only when `import pyslurm` works and its version matches the cluster's major.minor (`sbatch
 --version`); otherwise the CLI adapter.
 

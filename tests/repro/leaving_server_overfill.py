@@ -1,4 +1,4 @@
-"""Reproduces the open affinity overfill on HAProxy 3.0.11 (README, "Exact under stress"); not a test.
+"""Reproduces the open affinity overfill on HAProxy 3.0.11 (docs/testing.md, "Exact under stress"); not a test.
 
 HAProxy with hpcserve's config and affinity on, two simulated llama-servers of 4 slots at 20
 tokens/s, 24 streaming clients each with its own conversation (30-token answers), so that sticky
