@@ -26,7 +26,7 @@ from hpcserve.llama import probe
 from hpcserve.errors import SlurmError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy.process import HAProxy
-from hpcserve.reconcile import Reconciler
+from hpcserve.control.reconcile import Reconciler
 from hpcserve.core.jobs import Job
 from hpcserve.slurm.cli import CLIScheduler
 from hpcserve.core.jobs import JobState

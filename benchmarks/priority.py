@@ -27,7 +27,7 @@ import httpx
 from benchmarks.common import percentile, start_haproxy
 from benchmarks.systems import port_of, start_simulators
 from benchmarks.workload import Backend
-from hpcserve.keys import KeyRegistry
+from hpcserve.access.keys import KeyRegistry
 
 BODY = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
 

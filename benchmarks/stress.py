@@ -104,7 +104,7 @@ async def _burst(client: httpx.AsyncClient, url: str, key: str) -> list[int]:
 def limits(folder: Path, bursts: int, threads: int, keys: str, kind: str, progress=print) -> LimitsRun:
     """`bursts` bursts against keys limited by `kind` ("concurrent" or "rate") to LIMIT, `keys`
     "fresh" or "long-lived", HAProxy with nbthread `threads`; the counts (LimitsRun)."""
-    from hpcserve.keys import KeyRegistry
+    from hpcserve.access.keys import KeyRegistry
     if kind == "rate" and keys == "long-lived":
         raise ValueError("the rate limit is stressed with fresh keys only (a long-lived key's minute is spent)")
     run = LimitsRun(kind, keys, threads, haproxy_release())

@@ -19,7 +19,8 @@ import click
 from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
-from .. import accesslog, keys as keys_mod, metrics as metrics_mod, usage as usage_mod
+from ..haproxy import accesslog
+from ..access import keys as keys_mod, metrics as metrics_mod, usage as usage_mod
 from .context import Context, deployment_lock, late_options, out, pass_ctx
 from ..llama.probe import observe
 from ..errors import ConfigError, HAProxyError, SlurmError

@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import batch as batch_mod
-from .. import webui as webui_mod
+from ..clients import batch as batch_mod
+from ..clients import webui as webui_mod
 from .context import Context, deployment_lock, err, late_options, out, pass_ctx
 from ..errors import HpcserveError
 from ..haproxy.process import HAProxy

@@ -18,7 +18,7 @@ from rich.console import Console
 from .. import config as config_mod
 from ..config import Deployment
 from ..slurm.local import LocalScheduler
-from ..reconcile import Outcome, Reconciler, summary
+from ..control.reconcile import Outcome, Reconciler, summary
 from ..slurm import Scheduler, pyslurm_adapter
 from ..state import StateDir
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import click
 
-from .. import __version__, autoscaler
+from .. import __version__
+from ..control import autoscaler
 from . import access, clients, site as site_cli
-from .. import check as check_mod
-from .. import status as status_mod
+from ..site import check as check_mod
+from ..control import status as status_mod
 from .context import Context, err, late_options, out, pass_ctx
 from ..core.pool import Desired
 from ..errors import DeploymentBusy, HpcserveError, SlurmError
-from ..reconcile import describe
+from ..control.reconcile import describe
 from ..state import StateDir
 
 

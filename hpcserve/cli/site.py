@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from .. import check as check_mod
+from ..site import check as check_mod
 from .. import config as config_mod
-from .. import site
+from ..site import plan as site
 from .context import Context, err, late_options, out, pass_ctx
 from ..errors import ConfigError
 from ..haproxy import config as haproxy_config

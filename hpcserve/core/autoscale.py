@@ -1,7 +1,7 @@
 """Autoscaling decisions: load signals + policy + what happened before -> desired replicas. Pure.
 
 `hpcserve autoscale` (cron, once a minute, or --watch) reads the signals from HAProxy
-(hpcserve/autoscaler.py), asks
+(hpcserve/control/autoscaler.py), asks
 `decide()` for each model with a policy, and applies the result as one reconcile step. The memory
 between runs (since when the need has differed, when the last change was) is a small JSON record
 in the state directory, so every run is independent and a crashed run loses nothing.

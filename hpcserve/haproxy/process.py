@@ -22,7 +22,9 @@ from pathlib import Path
 
 import psutil
 
-from .. import accesslog, keys, proc, releases
+from . import accesslog
+from ..access import keys
+from .. import proc, releases
 from ..config import Deployment
 from ..core.membership import within_slots
 from ..core.pool import Server, job_id_of

@@ -27,7 +27,7 @@ from hpcserve.haproxy import runtime
 from hpcserve.core.pool import Server
 from hpcserve.haproxy.process import HAProxy
 from hpcserve.state import StateDir
-from hpcserve.usage import slot_seconds
+from hpcserve.access.usage import slot_seconds
 from tests.conftest import ROOT, free_port, haproxy_for, minimal, simulator, write_deployment
 
 pytestmark = pytest.mark.haproxy
@@ -156,7 +156,7 @@ def test_the_access_log_loses_no_line_to_a_burst_a_flood_or_a_stopped_writer(tmp
     dropped lines are every request."""
     import fcntl
     import signal
-    from hpcserve import accesslog
+    from hpcserve.haproxy import accesslog
 
     async def send(url: str, key: str | None, count: int) -> collections.Counter:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

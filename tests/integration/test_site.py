@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcserve import check as check_mod
+from hpcserve.site import check as check_mod
 from hpcserve.slurm import layout as layout_mod
 from tests.conftest import LLAMA_SERVER, free_port_pair, llama_server_build, missing
 from tests.slurm_layouts import Cluster, NodeSpec, PartitionSpec, available

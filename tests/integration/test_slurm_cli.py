@@ -51,7 +51,7 @@ def test_unreachable_slurmctld_is_a_slurm_error(slurm_env, tmp_path):
 
 
 def test_openwebui_job_script_passes_sbatch_test_only(slurm_env, gguf, tmp_path):
-    from hpcserve import webui
+    from hpcserve.clients import webui
 
     raw = minimal(gguf, tmp_path, slurm={"partition": "gpu"}, haproxy={"bind": "0.0.0.0"})
     raw["webui"] = {"partition": "gpu", "time_limit": "01:00:00"}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hpcserve.batch import finished_ids, read_rows
+from hpcserve.clients.batch import finished_ids, read_rows
 from hpcserve.errors import ConfigError
 
 

@@ -37,6 +37,60 @@ def test_the_core_imports_only_the_standard_library_and_itself():
     assert outside == []
 
 
+PACKAGE = CORE.parent
+#: What the adapters (a folder per outside system) may import of hpcserve: the pure core and the
+#: plumbing below everything, and their own folder; never the layers that use them (control/,
+#: access/, site/, clients/, cli/).
+BASE = {"core", "config", "state", "proc", "templates", "errors", "releases"}
+ADAPTERS = ("slurm", "haproxy", "llama")
+#: Known exceptions, each to go: the HAProxy adapter renders the key map itself (keys.key_map; the
+#: Reconciler should hand it in, as it hands in the HAProxy factory), and the replica observation
+#: (squeue joined with /health) sits beside the /health probe though it belongs in control/.
+EXCEPTIONS = {("haproxy/process.py", "access"), ("llama/probe.py", "slurm")}
+
+
+def _hpcserve_imports(path: Path, package: tuple[str, ...]) -> set[str]:
+    """The top-level hpcserve packages or modules that `path`, a module of hpcserve's subpackage
+    `package` (e.g. ("haproxy",)), imports."""
+    found = set()
+    for level, module in _imports(path):
+        if level == 0:
+            parts = module.split(".")
+            if parts[0] == "hpcserve" and len(parts) > 1:
+                found.add(parts[1])
+        else:
+            base = list(package[:len(package) - (level - 1)])
+            parts = base + ([m for m in module.split(".") if m] if module else [])
+            if parts:
+                found.add(parts[0])
+    return found
+
+
+def test_adapters_import_only_the_core_the_plumbing_and_themselves():
+    checked = 0
+    wrong = []
+    for adapter in ADAPTERS:
+        for path in sorted((PACKAGE / adapter).glob("*.py")):
+            checked += 1
+            name = str(path.relative_to(PACKAGE))
+            wrong += [f"{name}: {m}" for m in _hpcserve_imports(path, (adapter,)) - BASE - {adapter}
+                      if (name, m) not in EXCEPTIONS]
+    assert checked >= 12 and wrong == []
+
+
+def test_only_the_plumbing_is_left_loose_in_the_package():
+    """Everything else lives in a folder per outside system or per group of commands."""
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert loose == {"config", "errors", "proc", "releases", "state", "templates"}
+
+
+def test_the_layering_check_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from ..control import reconcile\nfrom . import runtime\nfrom hpcserve.access import keys\n"
+                   "from ..core.pool import Server\n")
+    assert _hpcserve_imports(bad, ("haproxy",)) - BASE - {"haproxy"} == {"control", "access"}
+
+
 def test_the_purity_check_sees_an_outside_import(tmp_path):
     """The check above can fail: a third-party import and a climb out of the package are seen."""
     bad = tmp_path / "bad.py"

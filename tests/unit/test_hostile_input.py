@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hpcserve import check as check_mod
+from hpcserve.site import check as check_mod
 from hpcserve import config
 from hpcserve.slurm import jobscript
 from hpcserve.errors import ConfigError

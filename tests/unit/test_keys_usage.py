@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from hpcserve import config, keys, usage
+from hpcserve import config
+from hpcserve.access import keys, usage
 from hpcserve.errors import ConfigError, HpcserveError
 from hpcserve.haproxy.process import keys_commands
 from hpcserve.state import StateDir
@@ -162,7 +163,7 @@ def test_gpu_hours_by_hand(tmp_path, gguf):
 
 
 def test_records_read_rotated_files_oldest_first_and_skip_broken_lines(tmp_path, gguf):
-    from hpcserve import accesslog
+    from hpcserve.haproxy import accesslog
     d = deployment(tmp_path, gguf)
     logs = tmp_path / "state" / "logs"
     logs.mkdir(parents=True)

@@ -192,7 +192,7 @@ def test_the_effective_renew_before_is_the_floor_or_what_startups_took():
 
 def test_up_says_which_backends_join_later(deployment):
     """`up` returns at one ready backend per model; its summary names the ones still loading."""
-    from hpcserve.status import still_coming
+    from hpcserve.control.status import still_coming
     desired = Desired(up=True, replicas={"a": 2, "b": 1})
     assert still_coming(deployment, desired, (backend(1), backend(2), backend(3, "b"))) == ""
     tail = still_coming(deployment, desired, (backend(1), backend(2, health=Health.LOADING), backend(3, "b")))

@@ -16,7 +16,7 @@ from hpcserve import config
 from hpcserve.core.jobs import Job, JobState
 from hpcserve.core.pool import Desired, Server
 from hpcserve.errors import HAProxyError, HpcserveError, SlurmError, TemplateError, WaitTimeout
-from hpcserve.reconcile import Reconciler
+from hpcserve.control.reconcile import Reconciler
 from hpcserve.slurm import Scheduler
 from hpcserve.state import StateDir, StepRecord
 from tests.conftest import minimal

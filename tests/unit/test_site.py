@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcserve import check, config, site
+from hpcserve.site import check, plan as site
+from hpcserve import config
 from hpcserve.errors import ConfigError
 from hpcserve.slurm.layout import Association, Gres, Layout, parse_associations, parse_gres, parse_sinfo
 

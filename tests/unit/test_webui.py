@@ -16,7 +16,8 @@ import time
 import psutil
 import pytest
 
-from hpcserve import config, proc, webui
+from hpcserve import config, proc
+from hpcserve.clients import webui
 from hpcserve.state import StateDir
 from tests.conftest import minimal, write_deployment
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 import tenacity
 
-from .config import Deployment, Model
-from .errors import ConfigError, HpcserveError
-from .haproxy.config import backend_name
-from .haproxy.process import HAProxy
+from ..config import Deployment, Model
+from ..errors import ConfigError, HpcserveError
+from ..haproxy.config import backend_name
+from ..haproxy.process import HAProxy
 
 RETRY_STATUS = {429, 502, 503, 504}
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions"}

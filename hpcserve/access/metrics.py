@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import Deployment
-from .core.pool import Desired, Health, Replica
+from ..config import Deployment
+from ..core.pool import Desired, Health, Replica
 
 #: Replica states exported: desired (what the user asked for), and the jobs Slurm has, by health.
 STATES = ("desired", "ready", "loading", "starting", "pending", "unreachable")

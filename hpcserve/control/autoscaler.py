@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .core.autoscale import Memory, Signals, decide
-from .core.jobs import JobState
-from .core.pool import Desired
-from .haproxy.config import backend_name
+from ..core.autoscale import Memory, Signals, decide
+from ..core.jobs import JobState
+from ..core.pool import Desired
+from ..haproxy.config import backend_name
 from .reconcile import Outcome, Reconciler
-from .state import StateDir
+from ..state import StateDir
 
 def run_once(reconciler: Reconciler, now: float | None = None) -> tuple[list[dict], Outcome | None]:
     """Decide and apply once; the caller holds the deployment lock.

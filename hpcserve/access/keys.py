@@ -27,10 +27,10 @@ import math
 import re
 import secrets
 
-from .config import Deployment, read_api_keys
-from .errors import ConfigError, HpcserveError
-from .state import MIN_KEY_CHARS, StateDir, read_secret, write_private
-from .webui import key_file as webui_key_file
+from ..config import Deployment, read_api_keys
+from ..errors import ConfigError, HpcserveError
+from ..state import MIN_KEY_CHARS, StateDir, read_secret, write_private
+from ..clients.webui import key_file as webui_key_file
 
 #: Priority classes: interactive requests leave HAProxy's queue before batch ones (see haproxy.batch_delay).
 PRIORITY_CLASSES = ("interactive", "batch")

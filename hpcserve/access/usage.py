@@ -13,7 +13,7 @@ import dataclasses
 import statistics
 from collections.abc import Iterable
 
-from .config import Deployment
+from ..config import Deployment
 
 GROUPINGS = ("key", "model", "user")
 

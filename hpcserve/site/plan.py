@@ -23,10 +23,10 @@ import json
 import re
 from pathlib import Path
 
-from . import templates
-from .errors import ConfigError
-from .slurm.cli import format_duration, parse_duration
-from .slurm.layout import Layout, Node, Partition, gpu_words
+from .. import templates
+from ..errors import ConfigError
+from ..slurm.cli import format_duration, parse_duration
+from ..slurm.layout import Layout, Node, Partition, gpu_words
 
 TEMPLATE = "hpcserve.yaml.j2"
 DAY_S = 86400

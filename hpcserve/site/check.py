@@ -23,17 +23,17 @@ from pathlib import Path
 
 import psutil
 
-from . import releases, templates
-from .config import Deployment, Model
-from .core.jobs import JobState
-from .errors import CommandError, ConfigError, HAProxyError, HpcserveError, SlurmError, TemplateError
-from .haproxy import config as haproxy_config
-from .haproxy.process import HAProxy
-from .llama import builds
-from .llama.probe import resolve
-from .slurm import Scheduler, jobscript
-from .slurm import layout as layout_mod
-from .state import StateDir, write_private
+from .. import releases, templates
+from ..config import Deployment, Model
+from ..core.jobs import JobState
+from ..errors import CommandError, ConfigError, HAProxyError, HpcserveError, SlurmError, TemplateError
+from ..haproxy import config as haproxy_config
+from ..haproxy.process import HAProxy
+from ..llama import builds
+from ..llama.probe import resolve
+from ..slurm import Scheduler, jobscript
+from ..slurm import layout as layout_mod
+from ..state import StateDir, write_private
 
 PASS, FAIL, WARN = "pass", "fail", "warn"
 #: Filesystems one host exports to others (mount types as /proc/mounts names them).

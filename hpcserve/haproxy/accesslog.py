@@ -16,7 +16,7 @@ a bare kernel), so a burst of 300 requests logged 142 lines; and not a ring buff
 stream socket (HAProxy `ring`): an old worker exits without sending what its ring still holds, and
 so lost the line of every stream that ended on it after a reload (measured, 2.6.12).
 
-Run as `python -m hpcserve.accesslog PIPE FILE MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
+Run as `python -m hpcserve.haproxy.accesslog PIPE FILE MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import psutil
 
-from . import proc
-from .config import Deployment
-from .haproxy.config import paths
-from .state import StateDir
+from .. import proc
+from ..config import Deployment
+from .config import paths
+from ..state import StateDir
 
 #: The pipe's size asked for (bytes; Linux's default limit for a user, /proc/sys/fs/pipe-max-size):
 #: about 2,500 lines of 400 bytes wait here while the writer is busy.
@@ -105,7 +105,7 @@ def writer_pid(deployment: Deployment) -> int | None:
     try:
         pid = int(_pid_file(deployment).read_text().split()[0])
         process = psutil.Process(pid)
-        if "hpcserve.accesslog" in process.cmdline() and str(log_file(deployment)) in process.cmdline() \
+        if "hpcserve.haproxy.accesslog" in process.cmdline() and str(log_file(deployment)) in process.cmdline() \
                 and process.status() != psutil.STATUS_ZOMBIE:
             return pid
     except (OSError, ValueError, IndexError, psutil.Error):
@@ -125,7 +125,7 @@ def ensure_writer(deployment: Deployment, timeout: float = 10.0) -> bool:
     settings = deployment.haproxy
     pipe = paths(deployment).access_log_fifo
     os.close(open_pipe(pipe))   # made (and checked) before the writer reads it
-    argv = [sys.executable, "-m", "hpcserve.accesslog", str(pipe), str(log_file(deployment)),
+    argv = [sys.executable, "-m", "hpcserve.haproxy.accesslog", str(pipe), str(log_file(deployment)),
             str(settings.access_log_max_bytes), str(settings.access_log_files), str(paths(deployment).pid_file)]
     error_file = StateDir(deployment.state_dir).access_writer_files[1]
     with open(os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as errors:

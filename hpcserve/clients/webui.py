@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 import psutil
 
-from . import proc, templates
-from .config import ANY_ADDRESSES, Deployment, url_host
-from .errors import ConfigError, HpcserveError, WaitTimeout
-from .state import StateDir, secret_file, write_private
+from .. import proc, templates
+from ..config import ANY_ADDRESSES, Deployment, url_host
+from ..errors import ConfigError, HpcserveError, WaitTimeout
+from ..state import StateDir, secret_file, write_private
 
 
 def folder(deployment: Deployment) -> Path:

@@ -14,15 +14,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import autoscaler, webui
-from .config import Deployment
-from .core.pool import Desired, Health, Replica, server_name
-from .errors import SlurmError
-from .haproxy.process import HAProxy
-from .llama.probe import observe
-from .slurm import Scheduler
-from .slurm.cli import format_duration
-from .state import StateDir
+from . import autoscaler
+from ..clients import webui
+from ..config import Deployment
+from ..core.pool import Desired, Health, Replica, server_name
+from ..errors import SlurmError
+from ..haproxy.process import HAProxy
+from ..llama.probe import observe
+from ..slurm import Scheduler
+from ..slurm.cli import format_duration
+from ..state import StateDir
 
 
 @dataclasses.dataclass(frozen=True)

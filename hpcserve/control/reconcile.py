@@ -29,15 +29,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from .slurm import jobscript
-from .config import Deployment
-from .core.plan import Plan, effective_renew_before, plan
-from .core.pool import Desired, Health, Replica
-from .llama.probe import observe
-from .haproxy.process import HAProxy
-from .slurm import Scheduler
-from .errors import HpcserveError, WaitTimeout
-from .state import StateDir, StepRecord, write_private
+from ..slurm import jobscript
+from ..config import Deployment
+from ..core.plan import Plan, effective_renew_before, plan
+from ..core.pool import Desired, Health, Replica
+from ..llama.probe import observe
+from ..haproxy.process import HAProxy
+from ..slurm import Scheduler
+from ..errors import HpcserveError, WaitTimeout
+from ..state import StateDir, StepRecord, write_private
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""Who may use the pool and what they used: API keys, usage accounting, Prometheus series."""

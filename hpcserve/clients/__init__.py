@@ -1,0 +1,1 @@
+"""Clients of the pool that hpcserve runs: bulk inference (`batch`) and OpenWebUI."""
