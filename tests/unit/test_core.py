@@ -81,7 +81,7 @@ def test_adapters_import_only_the_core_the_plumbing_and_themselves():
 def test_only_the_plumbing_is_left_loose_in_the_package():
     """Everything else lives in a folder per outside system or per group of commands."""
     loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
-    assert loose == {"config", "errors", "proc", "releases", "state", "templates"}
+    assert loose == {"errors", "proc", "releases", "state", "templates"}
 
 
 def test_the_layering_check_sees_an_upward_import(tmp_path):

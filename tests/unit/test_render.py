@@ -168,5 +168,5 @@ def test_the_cli_reports_a_broken_template_in_one_line_with_exit_code_2(gguf, tm
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"hpcserve: error: template {site / haproxy_config.TEMPLATE}:2: 'hpcserve.config.HAProxy object' has no "
+        f"hpcserve: error: template {site / haproxy_config.TEMPLATE}:2: 'hpcserve.config.schema.HAProxy object' has no "
         "attribute 'no_such_field'"]
