@@ -113,7 +113,7 @@ def writer_pid(deployment: Deployment) -> int | None:
     return None
 
 
-def ensure_writer(deployment: Deployment, timeout: float = 10.0) -> bool:
+def ensure_writer(deployment: Deployment) -> bool:
     """Start the log writer unless it runs (or the access log is off); returns True if it was started.
     Lines HAProxy writes meanwhile wait in the pipe.
 
