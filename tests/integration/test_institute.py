@@ -218,7 +218,10 @@ def test_the_line_of_a_stream_that_ends_on_an_old_worker_is_logged(tmp_path, ggu
         with ThreadPoolExecutor(1) as executor:
             for i in range(3):
                 streaming = executor.submit(chat, p.url, p.owner, 40)    # 2 s at 20 tokens/s
-                time.sleep(0.5)
+                deadline = time.monotonic() + 10                          # until the server has it
+                while not sum(s.sessions for s in runtime.show_stat(p.proxy.paths.admin_socket)):
+                    assert time.monotonic() < deadline and not streaming.done()
+                    time.sleep(0.02)
                 assert p.proxy.apply(p.proxy.live_config() + f"# reload {i}\n")
                 assert streaming.result().status_code == 200
         assert p.reloads() == reloads + 3
