@@ -42,15 +42,18 @@ class StepRecord:
         in_rotation: job ids of the servers in the live HAProxy config.
         draining: job id -> drain deadline (epoch seconds) of the servers being drained.
         startups: {"jobs": [job id, ...] seen ready (last 50), "seconds": [startup s, ...] (last 20)}.
+        builds: job id -> the llama-server build its /props named when it was admitted ("b11434"),
+            for the jobs still active.
     """
 
     in_rotation: frozenset[str] = frozenset()
     draining: Mapping[str, float] = dataclasses.field(default_factory=dict)
     startups: Mapping[str, list] = dataclasses.field(default_factory=dict)
+    builds: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"in_rotation": sorted(self.in_rotation), "draining": dict(sorted(self.draining.items())),
-                "startups": dict(self.startups)}
+                "startups": dict(self.startups), "builds": dict(sorted(self.builds.items()))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +271,8 @@ class StateDir:
                 data = json.loads(self.step_file.read_text())
                 return StepRecord(frozenset(str(j) for j in data["in_rotation"]),
                                   {str(k): float(v) for k, v in data["draining"].items()},
-                                  _startups(data.get("startups")))
+                                  _startups(data.get("startups")),
+                                  {str(k): str(v) for k, v in data.get("builds", {}).items()})
             servers, draining, startups = (self.root / name for name in self._LEGACY_STEP_FILES)
             return StepRecord(frozenset(str(j) for j in json.loads(servers.read_text())) if servers.exists()
                               else frozenset(),

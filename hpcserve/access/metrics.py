@@ -19,7 +19,7 @@ from ..config import Deployment
 from ..core.pool import Desired, Health, Replica
 
 #: Replica states exported: desired (what the user asked for), and the jobs Slurm has, by health.
-STATES = ("desired", "ready", "loading", "starting", "pending", "unreachable")
+STATES = ("desired", "ready", "loading", "starting", "pending", "unreachable", "refused")
 
 
 class PoolCollector(Collector):

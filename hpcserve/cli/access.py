@@ -238,7 +238,7 @@ def metrics(ctx: Context, textfile: Path | None) -> None:
     state = StateDir(deployment.state_dir)
     try:
         key = state.read_backend_key()
-        backends = observe(deployment, ctx.scheduler(), key=key)
+        backends = observe(deployment, ctx.scheduler(), key=key, admitted=state.read_step().in_rotation)
     except SlurmError:
         backends = None   # hpcserve_scheduler_up 0; the desired replicas are still exported
     table, unauthenticated = {}, {}

@@ -103,6 +103,26 @@ class Autoscale(_Strict):
         return self
 
 
+#: llama-server options that hpcserve sets itself or that decide what the pool relies on, refused in
+#: models[].extra_args with what to use instead (llama-server --help of b11434 names each; the short
+#: forms are its aliases).
+_SET_BY_HPCSERVE = "set by hpcserve from the deployment file"
+SHAPE_ARGS: dict[str, str] = {
+    **dict.fromkeys(("-m", "--model"), f"{_SET_BY_HPCSERVE}: use gguf"),
+    **dict.fromkeys(("-a", "--alias"), f"{_SET_BY_HPCSERVE}: the model's name is the alias clients use"),
+    **dict.fromkeys(("--host", "--port"), f"{_SET_BY_HPCSERVE}: the job binds port 0 on every "
+                                          "address and announces the port the kernel picked"),
+    **dict.fromkeys(("-np", "--parallel"), f"{_SET_BY_HPCSERVE}: use parallel (HAProxy's maxconn follows it)"),
+    **dict.fromkeys(("-c", "--ctx-size"), f"{_SET_BY_HPCSERVE}: use context_size"),
+    **dict.fromkeys(("-cram", "--cache-ram"), f"{_SET_BY_HPCSERVE}: use cache_ram (counted in memory)"),
+    **dict.fromkeys(("--api-key", "--api-key-file"), "the backend key reaches llama-server through its "
+                    "environment, set by hpcserve; a key on the command line is visible to every user in ps"),
+    **dict.fromkeys(("--ui", "--webui"), "llama-server's own web UI is off (--no-webui): users reach the pool "
+                    "through HAProxy and OpenWebUI"),
+    "--sleep-idle-seconds": "an idle llama-server that sleeps unloads its model while HAProxy routes to it",
+}
+
+
 class Model(_Strict):
     """One model of the pool and how each of its replicas (one Slurm job each) runs llama-server."""
 
@@ -115,6 +135,8 @@ class Model(_Strict):
     gpu_layers: int | Literal["auto", "all"] = Field(default="all", description="--n-gpu-layers")
     threads: int | None = Field(default=None, ge=1, description="--threads; default: the job's CPUs")
     extra_args: list[str] = Field(default_factory=list, description="more llama-server arguments")
+    cache_ram: int = Field(default=0, ge=0, description="MiB of host RAM for llama-server's prompt cache "
+                                                         "(--cache-ram; 0: off), counted in memory")
     gpus: GPUs = Field(default_factory=GPUs)
     cpus: int = Field(default=4, ge=1, le=1024, description="--cpus-per-task")
     memory: str = Field(default="16G", pattern=MEMORY_PATTERN, description="--mem")
@@ -133,7 +155,17 @@ class Model(_Strict):
         for item in value:
             if _CONTROL.search(item):
                 raise ValueError(f"expected llama-server arguments without control characters, got {item!r}")
+            flag = item.split("=", 1)[0]
+            if flag in SHAPE_ARGS:
+                raise ValueError(f"{item!r}: {SHAPE_ARGS[flag]}")
         return value
+
+    @model_validator(mode="after")
+    def _cache_within_memory(self) -> Model:
+        if self.cache_ram and self.cache_ram >= self.memory_mb:
+            raise ValueError(f"cache_ram ({self.cache_ram} MiB) must be less than memory ({self.memory}): "
+                             "llama-server's prompt cache lives in the job's host memory")
+        return self
 
     @property
     def command_argv(self) -> list[str]:

@@ -135,11 +135,14 @@ class Reconciler:
         key = self.state.backend_key()
         if self.deployment.haproxy.auth == "keys":
             self.state.api_key()  # the owner's frontend key: the frontend is never open by default
-        replicas = observe(self.deployment, self.scheduler, key=key)
+        record = self.state.read_step()
+        replicas = observe(self.deployment, self.scheduler, key=key, admitted=record.in_rotation)
         haproxy = self._make_haproxy(self.deployment, key)
         sessions = haproxy.server_sessions()
         now = time.time()
-        record = self.state.read_step()
+        active = {b.job.job_id for b in replicas if b.job.state.active}
+        builds = {**{j: b for j, b in record.builds.items() if j in active},
+                  **{b.job.job_id: b.build for b in replicas if b.build and b.health is Health.READY}}
         startups = self._learn_startups(record.startups, replicas, now)
         the_plan = plan([m.name for m in self.deployment.models], desired, replicas, record.in_rotation,
                         draining=record.draining, sessions=sessions, now=now,
@@ -169,7 +172,7 @@ class Reconciler:
             for model_name in the_plan.submit:
                 write_private(self.state.sbatch_dir / f"{model_name}.sbatch", scripts[model_name])
                 submitted.append((model_name, self.scheduler.submit(scripts[model_name])))
-            applied = StepRecord(applied.in_rotation, dict(the_plan.draining), startups)
+            applied = StepRecord(applied.in_rotation, dict(the_plan.draining), startups, builds)
         finally:
             if applied != written:
                 self.state.write_step(applied)
@@ -233,7 +236,9 @@ class Reconciler:
 
         Raises:
             WaitTimeout: not ready within `timeout` seconds (the jobs stay; the pool keeps coming up).
-            HpcserveError: a job submitted by these steps ended before it was ready (its log named).
+            HpcserveError: a job submitted by these steps ended before it was ready (its log named),
+                or its llama-server was refused (llama.props: the reason named; the job is kept,
+                out of rotation, until the deployment is fixed or the pool scaled down).
         """
         submitted: set[str] = set()
 
@@ -253,6 +258,10 @@ class Reconciler:
             if all(counts[name] >= n for name, n in wanted.items()):
                 return True
             for b in o.replicas:
+                if b.job.job_id in submitted and b.health is Health.REFUSED:
+                    raise HpcserveError(f"job {b.job.job_id} ({b.model}) is not put in rotation: {b.refusal}. "
+                                        "Fix the deployment file or the llama-server build, then scale "
+                                        "the model to 0 and back (or `hpcserve down` and `up`)")
                 if b.job.job_id in submitted and b.health is Health.ENDED:
                     log = jobscript.log_dir(self.deployment) / f"job-{b.job.job_id}.out"
                     raise HpcserveError(f"job {b.job.job_id} ({b.model}) ended {b.job.state.value} before it "

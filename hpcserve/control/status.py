@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import autoscaler
@@ -34,9 +35,11 @@ class BackendStatus:
         job_id, model, state (squeue's job state), node (None while pending), reason (squeue's
             reason, "None" when there is none), time_left_s (seconds; None when unlimited or unknown).
         endpoint: "HOST:PORT" the job announced, None before it did.
-        health: "pending", "loading", "ready", "unreachable" (core.pool.Health).
+        health: "pending", "starting", "loading", "ready", "refused", "unreachable" (core.pool.Health).
         slots_busy, slots_total: llama-server's /slots (None when it did not answer).
-        build: the llama-server build its /props names ("b11434"; None when it did not answer).
+        build: the llama-server build its /props named when it was checked before serving
+            ("b11434"; None before, or when /props named none).
+        refusal: why a ready llama-server is kept out of rotation (health "refused"), else None.
         haproxy_status, sessions, queued, served: the HAProxy server's status ("UP", "DRAIN", ...),
             current sessions, requests queued on it, sessions served since the worker started; None
             when the job is no server of HAProxy.
@@ -51,6 +54,7 @@ class BackendStatus:
     slots_busy: int | None
     slots_total: int | None
     build: str | None
+    refusal: str | None
     time_left_s: int | None
     reason: str
     haproxy_status: str | None
@@ -127,7 +131,8 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
     replicas: list[Replica] = []
     try:
         key = state.read_backend_key()
-        replicas = observe(deployment, scheduler, key=key, slots=True)
+        record = state.read_step()
+        replicas = observe(deployment, scheduler, key=key, slots=True, admitted=record.in_rotation)
     except SlurmError as exc:
         slurm_error = str(exc)
     desired = state.read_desired()
@@ -141,7 +146,7 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
         rows.append(BackendStatus(
             job_id=b.job.job_id, model=b.model, state=b.job.state.value, node=b.job.node,
             endpoint=b.endpoint, health=b.health.value, slots_busy=b.slots_busy, slots_total=b.slots_total,
-            build=b.build,
+            build=b.build or record.builds.get(b.job.job_id), refusal=b.refusal,
             time_left_s=b.job.time_left_s, reason=b.job.reason,
             haproxy_status=s.status if s else None, sessions=s.sessions if s else None,
             queued=s.queued if s else None, served=s.total if s else None))
@@ -226,6 +231,9 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
                       _dash(r.sessions), _dash(r.queued), _dash(r.served),
                       "-" if r.time_left_s is None else format_duration(r.time_left_s))
     out.print(table)
+    for r in report.backends:
+        if r.refusal:
+            err.print(f"[red]job {r.job_id} refused:[/] {escape(r.refusal)}", highlight=False)
 
 
 def _dash(value: int | None) -> str:

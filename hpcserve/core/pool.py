@@ -37,6 +37,7 @@ class Health(enum.Enum):
     LOADING = "loading"          # /health answered 503: the model is loading
     UNREACHABLE = "unreachable"  # announced, but no answer or an unexpected one
     STARTING = "starting"        # running, endpoint not announced yet
+    REFUSED = "refused"          # /health answered 200, but the server must not serve (Replica.refusal)
     PENDING = "pending"          # waiting in Slurm's queue
     ENDED = "ended"              # the job is over (or ending)
 
@@ -52,8 +53,9 @@ class Replica:
         port: its TCP port, or None before it announced.
         health: see Health.
         slots_busy, slots_total: from /slots when asked for (status), else None.
-        build: the llama-server build from /props build_info ("b11434"; hpcserve.llama.builds) when
-            asked for (status), else None.
+        build: the llama-server build from /props build_info ("b11434"; hpcserve.llama.builds),
+            read when the replica was checked before serving (llama.props), else None.
+        refusal: why a replica that answers /health must not serve (Health.REFUSED), else None.
         warned: Slurm warned the job that it will end (its comment says "leaving").
     """
 
@@ -65,6 +67,7 @@ class Replica:
     slots_busy: int | None = None
     slots_total: int | None = None
     build: str | None = None
+    refusal: str | None = None
     warned: bool = False
 
     @property

@@ -18,12 +18,12 @@ import socket
 
 import httpx
 
-from ..config import Deployment
+from ..config import Deployment, Model
 from ..core.jobs import JobState
 from ..core.pool import Health, Replica
 from ..slurm.jobscript import job_name_prefix, model_of
 from ..slurm import Scheduler
-from . import builds
+from . import props
 
 _ENDPOINT = re.compile(r"(?:^|\s)endpoint=(?P<host>[^\s:]+):(?P<port>\d{1,5})(?:\s|$)")
 _LEAVING = re.compile(r"(?:^|\s)leaving(?:\s|$)")
@@ -39,15 +39,21 @@ def parse_endpoint(comment: str) -> tuple[str, int] | None:
 
 
 def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = None,
-            probe_timeout: float = 3.0, slots: bool = False) -> list[Replica]:
+            probe_timeout: float = 3.0, slots: bool = False,
+            admitted: frozenset[str] | None = None) -> list[Replica]:
     """The deployment's jobs with their endpoints and health, sorted by job id.
 
     Args:
         deployment: whose jobs (by job name prefix).
         scheduler: where to list them.
-        key: the backend key, needed only to read /slots.
+        key: the backend key, needed to read /slots and /props.
         probe_timeout: seconds per HTTP probe; probes run concurrently.
-        slots: also read /slots and /props of ready replicas (for status: busy slots, the build).
+        slots: also read /slots of ready replicas (for status: busy slots).
+        admitted: job ids of replicas already serving (the step record's in_rotation): every other
+            replica that answers /health 200 is checked before it may serve (llama.props.admit:
+            /props with and without the key) and gets its build, or Health.REFUSED with the
+            reason, or Health.UNREACHABLE while /props gives no answer. None: no check (every
+            ready replica stays READY).
 
     Raises:
         SlurmError: the job list could not be read. A failure to list is never taken as "no jobs".
@@ -77,7 +83,10 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
             address = resolved[host]
             replicas.append(Replica(job, model, address=address, port=endpoint[1] if address else None,
                                     health=Health.UNREACHABLE, warned=bool(_LEAVING.search(job.comment))))
-    return asyncio.run(_probe_all(replicas, key, probe_timeout, slots))
+    models = {m.name: m for m in deployment.models}
+    check = None if admitted is None else {
+        r.job.job_id: models[r.model] for r in replicas if r.job.job_id not in admitted and r.model in models}
+    return asyncio.run(_probe_all(replicas, key, probe_timeout, slots, check or {}))
 
 
 def resolve(host: str) -> str | None:
@@ -90,7 +99,8 @@ def resolve(host: str) -> str | None:
     return None
 
 
-async def _probe_all(replicas: list[Replica], key: str | None, timeout: float, slots: bool) -> list[Replica]:
+async def _probe_all(replicas: list[Replica], key: str | None, timeout: float, slots: bool,
+                     check: dict[str, Model]) -> list[Replica]:
     # At most 50 probes at a time, each within `timeout` (connect and read). Measured with 512
     # replicas (benchmarks, scenario e): handing httpx all 512 at once cost 9 ms of CPU per probe
     # in its connection pool's bookkeeping, and a wait for a free connection counted in the timeout
@@ -99,14 +109,15 @@ async def _probe_all(replicas: list[Replica], key: str | None, timeout: float, s
 
     async def probe(client: httpx.AsyncClient, replica: Replica) -> Replica:
         async with gate:
-            return await _probe(client, replica, key, slots)
+            return await _probe(client, replica, key, slots, check.get(replica.job.job_id))
 
     limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         return list(await asyncio.gather(*(probe(client, b) for b in replicas)))
 
 
-async def _probe(client: httpx.AsyncClient, replica: Replica, key: str | None, slots: bool) -> Replica:
+async def _probe(client: httpx.AsyncClient, replica: Replica, key: str | None, slots: bool,
+                 model: Model | None) -> Replica:
     if replica.endpoint is None:
         return replica
     base = f"http://{replica.endpoint}"
@@ -116,15 +127,24 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, key: str | None, s
         return dataclasses.replace(replica, health=Health.UNREACHABLE)
     health = {200: Health.READY, 503: Health.LOADING}.get(response.status_code, Health.UNREACHABLE)
     replica = dataclasses.replace(replica, health=health)
-    if slots and health is Health.READY and key:
+    if health is not Health.READY or not key:
+        return replica
+    if model is not None:
+        with_key = await _get_json(client, f"{base}/props", key)
+        try:
+            without_key: int | None = (await client.get(f"{base}/props")).status_code
+        except httpx.HTTPError:
+            without_key = None
+        verdict = props.admit(model, with_key, without_key)
+        if verdict is None:
+            return dataclasses.replace(replica, health=Health.UNREACHABLE)
+        replica = dataclasses.replace(replica, build=verdict.build, refusal=verdict.refusal,
+                                      health=Health.REFUSED if verdict.refusal else Health.READY)
+    if slots and replica.health is Health.READY:
         data = await _get_json(client, f"{base}/slots", key)
         if isinstance(data, list):
             busy = sum(1 for slot in data if isinstance(slot, dict) and slot.get("is_processing"))
             replica = dataclasses.replace(replica, slots_busy=busy, slots_total=len(data))
-        props = await _get_json(client, f"{base}/props", key)
-        build = builds.parse_build_info(props.get("build_info")) if isinstance(props, dict) else None
-        if build is not None:
-            replica = dataclasses.replace(replica, build=build.name)
     return replica
 
 

@@ -47,7 +47,7 @@ import random
 import string
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -410,18 +410,19 @@ class Simulator:
         return body if isinstance(body, dict) else _error(400, "Expected a JSON object", "invalid_request_error")
 
     # --- generation -----------------------------------------------------------------------
-    async def _generate(self, request: web.Request, body: dict, prompt_tokens: int, chat: bool):
-        n_tokens = body.get("max_tokens", body.get("n_predict", self.default_tokens))
-        n_tokens = max(0, int(n_tokens if n_tokens is not None else self.default_tokens))
-        stream = bool(body.get("stream"))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncGenerator[tuple[int, Callable[[], None]], None]:
+        """A free slot for one choice (waiting in the internal FIFO queue while none is), and a
+        release() that frees it early; freed in any case on exit."""
         self.waiting += 1
         over = self.waiting - self.free.qsize()
         if over > 0 and self.stats["first_over"] is None:
             self.stats["first_over"] = round(time.time(), 3)
         self.stats["max_waiting"] = max(self.stats["max_waiting"], over)
-        slot = await self.free.get()
-        self.waiting -= 1
+        try:
+            slot = await self.free.get()
+        finally:
+            self.waiting -= 1
         self.busy[slot] = True
         self.stats["max_busy"] = max(self.stats["max_busy"], sum(self.busy))
 
@@ -433,78 +434,97 @@ class Simulator:
                 self.free.put_nowait(slot)
 
         try:
-            async with contextlib.aclosing(self.timing.generate(prompt_tokens, n_tokens)) as ticks:
-                return await self._run(request, slot, release, ticks, prompt_tokens, n_tokens, stream,
-                                       include_usage, chat)
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.stats["cancelled"] += 1
-            raise
+            yield slot, release
         finally:
             release()
 
-    async def _run(self, request, slot, release, ticks, prompt_tokens, n_tokens, stream, include_usage, chat):
-        started = time.monotonic()
-        await anext(ticks)  # the prompt is processed
-        prompt_ms = (time.monotonic() - started) * 1000
+    async def _generate(self, request: web.Request, body: dict, prompt_tokens: int, chat: bool):
+        n_tokens = body.get("max_tokens", body.get("n_predict", self.default_tokens))
+        n_tokens = max(0, int(n_tokens if n_tokens is not None else self.default_tokens))
+        # `n` choices, each generated in a slot of its own at once (llama-server b11434: n=2 took
+        # two slots and streamed both choices interleaved; n above the slots is refused, "Field 'n':
+        # Value must be between 1 <= value <= 2, but got 3"). usage counts one choice, as there.
+        n = body.get("n", 1)
+        if type(n) is not int or not 1 <= n <= self.slots:
+            return _error(400, f"Field 'n': Value must be between 1 <= value <= {self.slots}, but got {n}",
+                          "invalid_request_error")
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid = _id("chatcmpl-")
         base = {"created": int(time.time()), "model": self.alias, "system_fingerprint": self.fingerprint,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
-        words = [_WORDS[(slot + i) % len(_WORDS)] + " " for i in range(n_tokens)]
-        decode_start = time.monotonic()
+        usage = {"completion_tokens": n_tokens, "prompt_tokens": prompt_tokens,
+                 "total_tokens": n_tokens + prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
+        response: web.StreamResponse | None = None
+        writing = asyncio.Lock()
 
-        def timings() -> dict:
-            predicted_ms = (time.monotonic() - decode_start) * 1000
-            return {"cache_n": 0, "prompt_n": prompt_tokens, "prompt_ms": prompt_ms,
+        async def send(payload: dict | str) -> None:
+            nonlocal response
+            async with writing:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache"})
+                    await response.prepare(request)
+                data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+                await response.write(f"data: {data}\n\n".encode())
+
+        async def choice(index: int) -> tuple[str, dict]:
+            """Generate choice `index` in its own slot: (its text, its timings)."""
+            async with self._slot() as (slot, release), \
+                    contextlib.aclosing(self.timing.generate(prompt_tokens, n_tokens)) as ticks:
+                started = time.monotonic()
+                await anext(ticks)  # the prompt is processed
+                prompt_ms = (time.monotonic() - started) * 1000
+                decode_start = time.monotonic()
+                words = [_WORDS[(slot + i) % len(_WORDS)] + " " for i in range(n_tokens)]
+                if stream and chat:
+                    await send({"choices": [{"finish_reason": None, "index": index,
+                                             "delta": {"role": "assistant", "content": None}}], **base, "id": rid})
+                for word in words:
+                    await anext(ticks)
+                    if stream:
+                        await send({"choices": [{"finish_reason": None, "index": index, "delta": {"content": word}}
+                                                if chat else {"text": word, "index": index, "logprobs": None,
+                                                              "finish_reason": None}], **base, "id": rid})
+                release()
+                predicted_ms = (time.monotonic() - decode_start) * 1000
+                return "".join(words), {
+                    "cache_n": 0, "prompt_n": prompt_tokens, "prompt_ms": prompt_ms,
                     "prompt_per_token_ms": prompt_ms / max(1, prompt_tokens),
                     "prompt_per_second": prompt_tokens / max(prompt_ms / 1000, 1e-9),
                     "predicted_n": n_tokens, "predicted_ms": predicted_ms,
                     "predicted_per_token_ms": predicted_ms / max(1, n_tokens),
                     "predicted_per_second": n_tokens / max(predicted_ms / 1000, 1e-9)}
 
-        usage = {"completion_tokens": n_tokens, "prompt_tokens": prompt_tokens,
-                 "total_tokens": n_tokens + prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
-        if not stream:
-            async for _ in ticks:
-                pass
-            release()
-            self.stats["served"] += 1
-            text = "".join(words)
-            choice = ({"finish_reason": "length", "index": 0, "message": {"role": "assistant", "content": text}}
-                      if chat else {"text": text, "index": 0, "logprobs": None, "finish_reason": "length"})
-            obj = "chat.completion" if chat else "text_completion"
-            return web.json_response({"choices": [choice], **base, "object": obj, "usage": usage, "id": rid,
-                                      "timings": timings()})
+        async def finished(index: int) -> tuple[str, dict]:
+            text, timings = await choice(index)
+            if stream and chat:
+                # With include_usage, timings move from the finish chunk to the usage chunk.
+                finish = {"choices": [{"finish_reason": "length", "index": index, "delta": {}}], **base, "id": rid}
+                await send(finish if include_usage else {**finish, "timings": timings})
+            return text, timings
 
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-
-        async def send(payload: dict | str) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-            await response.write(f"data: {data}\n\n".encode())
-
-        if chat:
-            await send({"choices": [{"finish_reason": None, "index": 0,
-                                     "delta": {"role": "assistant", "content": None}}], **base, "id": rid})
-        for word in words:
-            await anext(ticks)
-            if chat:
-                await send({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": word}}],
-                            **base, "id": rid})
-            else:
-                await send({"choices": [{"text": word, "index": 0, "logprobs": None, "finish_reason": None}],
-                            **base, "id": rid})
-        release()
-        if chat:
-            # With include_usage, timings move from the finish chunk to the usage chunk.
-            finish = {"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **base, "id": rid}
-            await send(finish if include_usage else {**finish, "timings": timings()})
-            if include_usage:
-                await send({"choices": [], **base, "id": rid, "usage": usage, "timings": timings()})
-        else:
-            await send({"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}],
-                        **base, "usage": usage, "id": rid, "timings": timings()})
-        await send("[DONE]")
+        try:
+            results = await asyncio.gather(*(finished(i) for i in range(n)))
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats["cancelled"] += 1
+            raise
         self.stats["served"] += 1
+        timings = results[-1][1]
+        if not stream:
+            choices = [{"finish_reason": "length", "index": i, "message": {"role": "assistant", "content": text}}
+                       if chat else {"text": text, "index": i, "logprobs": None, "finish_reason": "length"}
+                       for i, (text, _) in enumerate(results)]
+            obj = "chat.completion" if chat else "text_completion"
+            return web.json_response({"choices": choices, **base, "object": obj, "usage": usage, "id": rid,
+                                      "timings": timings})
+        if chat and include_usage:
+            await send({"choices": [], **base, "id": rid, "usage": usage, "timings": timings})
+        elif not chat:
+            await send({"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}],
+                        **base, "usage": usage, "id": rid, "timings": timings})
+        await send("[DONE]")
+        assert response is not None
         await response.write_eof()
         return response
 

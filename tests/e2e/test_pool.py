@@ -185,3 +185,26 @@ def test_two_models_behind_one_url(pool_factory):
     assert unnamed.json()["model"] == pool.model_name          # no model: the first one
     with pytest.raises(openai.NotFoundError, match="Available models"):
         chat(client, "no-such-model")
+
+
+def test_a_llama_server_that_does_not_enforce_the_key_never_serves(pool_factory):
+    """A site wrapper that drops LLAMA_API_KEY (`env -u`), as an old build that does not read it
+    would: the job runs and answers /health, but /props answers without the key, so the server never
+    enters HAProxy; `up` fails naming the job and the reason, `status` shows it refused, and the
+    pool's URL answers 503 rather than routing to a server every user of the node could use."""
+    pool = pool_factory(replicas=1, parallel=2, simulator="--sim-load-time 0")
+    model = pool.raw["models"][0]
+    model["command"] = f"env -u LLAMA_API_KEY {model['command']}"
+    pool.write(pool.raw)
+    up = pool.run("up", "--timeout", "120")
+    assert up.returncode != 0
+    line = error_line(up)
+    assert "is not put in rotation" in line and "without the backend key" in line, line
+    [row] = pool.status()["backends"]
+    assert row["health"] == "refused" and "LLAMA_API_KEY" in row["refusal"] and row["haproxy_status"] is None
+    text = pool.run("status")
+    assert f"job {row['job_id']} refused:" in text.stderr
+    answer = httpx.post(f"{pool.url}/chat/completions", headers=pool.headers, timeout=30,
+                        json={"model": pool.model_name, "messages": [{"role": "user", "content": "x"}]})
+    assert answer.status_code == 503
+    assert len(pool.active_jobs()) == 1           # kept (no resubmission loop) until the pool is fixed or down

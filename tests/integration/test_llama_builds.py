@@ -28,7 +28,6 @@ CAPTURED = sorted(REPLAY.glob("llama-b*"))
 NOT_EMULATED = {
     "props-key": "full /props; the fields hpcserve reads are compared in test_props_fields",
     "metrics-key": "/metrics: hpcserve reads HAProxy's metrics, not llama-server's",
-    "chat-n2-key": "n > 1 (several choices, several slots): the simulator answers one choice",
 }
 # Capture file -> the request it answers: what capture_llama.py sent, less NOT_EMULATED.
 REQUESTS = {name: request for name, request in CAPTURE_REQUESTS.items() if name not in NOT_EMULATED}

@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hpcserve import config
 from hpcserve.llama import builds
+from hpcserve.llama import props as llama_props
 from tests.conftest import LLAMA_SERVER, llama_server_build, missing
 
 KEY = "shape-test-key"
@@ -126,6 +128,8 @@ REQUESTS = {
     "completion": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "ignore_eos": True}, AUTH),
     "completion streamed": ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "stream": True,
                                                          "ignore_eos": True}, AUTH),
+    "chat n=2": ("POST", "/v1/chat/completions", {**CHAT, "n": 2}, AUTH),
+    "n above the slots": ("POST", "/v1/chat/completions", {**CHAT, "n": 3}, AUTH),
     "no key": ("POST", "/v1/chat/completions", CHAT, {}),
     "wrong key": ("GET", "/slots", None, {"Authorization": "Bearer nope"}),
     "bad messages": ("POST", "/v1/chat/completions", {"messages": "not a list"}, AUTH),
@@ -142,6 +146,25 @@ def test_same_status_and_shape(servers, name):
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         answers[which] = (response.status_code, events(response.text) if streamed else shape(response.json()))
     assert answers["sim"] == answers["real"]
+
+
+def test_n_fans_out_over_slots_like_the_real_server(servers):
+    """`n: 2` streamed: both answer each choice with its own index, role, content and finish chunks
+    (interleaved in an order of their own, so compared as sets of event shapes), and the error for
+    n above the slots names the same limit."""
+    seen = {}
+    for which in ("real", "sim"):
+        response = httpx.post(servers[which] + "/v1/chat/completions", headers=AUTH, timeout=60,
+                              json={**CHAT, "n": 2, "stream": True})
+        chunks = [json.loads(block[len("data: "):]) for block in response.text.split("\n\n")
+                  if block.startswith("data: {")]
+        seen[which] = ({c["choices"][0]["index"] for c in chunks},
+                       sorted({json.dumps(shape(c), sort_keys=True) for c in chunks}),
+                       response.text.rstrip().endswith("data: [DONE]"))
+    assert seen["sim"] == seen["real"] and seen["real"][0] == {0, 1}
+    errors = [httpx.post(servers[w] + "/v1/chat/completions", headers=AUTH, timeout=60,
+                         json={**CHAT, "n": 3}).json()["error"]["message"] for w in ("real", "sim")]
+    assert errors[0] == errors[1]
 
 
 def test_loading_answer_has_the_same_shape(servers):
@@ -174,3 +197,35 @@ def test_props_has_what_hpcserve_reads_and_the_same_build(servers):
     assert props["real"]["total_slots"] == props["sim"]["total_slots"] == 2
     assert "n_ctx" in props["real"]["default_generation_settings"]
     assert "n_ctx" in props["sim"]["default_generation_settings"]
+
+
+def test_admission_reads_the_real_servers_shape_and_refuses_one_without_the_key(servers, real_model, tmp_path):
+    """llama.props.admit on live answers: the real server (and the simulator) started with -np 2
+    -c 1024 is admitted as parallel 2 / context 1024 and refused as parallel 4 or context 4096; a
+    real llama-server started without LLAMA_API_KEY (a wrapper that drops the environment) answers
+    /props to anyone and is refused."""
+    for which in ("real", "sim"):
+        with_key = httpx.get(servers[which] + "/props", headers=AUTH, timeout=10).json()
+        without = httpx.get(servers[which] + "/props", timeout=10).status_code
+        fits = llama_props.admit(config.Model(name="m", gguf=real_model, parallel=2, context_size=1024), with_key, without)
+        assert fits is not None and fits.refusal is None, which
+        for wrong in ({"parallel": 4, "context_size": 1024}, {"parallel": 2, "context_size": 4096}):
+            verdict = llama_props.admit(config.Model(name="m", gguf=real_model, **wrong), with_key, without)
+            assert verdict is not None and verdict.refusal, (which, wrong)
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_API_KEY"}
+    with open(tmp_path / "keyless.log", "w") as sink:
+        keyless = subprocess.Popen([str(LLAMA_SERVER), "--model", str(real_model), "--host", "127.0.0.1", "--port", "0",
+                                    "--parallel", "2", "--ctx-size", "1024"], stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (match := re.search(r"listening on http://[^ ]*:(\d+)", (tmp_path / "keyless.log").read_text())):
+            assert keyless.poll() is None and time.monotonic() < deadline, (tmp_path / "keyless.log").read_text()
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{match.group(1)}"
+        wait_ready(url)
+        verdict = llama_props.admit(config.Model(name="m", gguf=real_model, parallel=2, context_size=1024),
+                                    httpx.get(url + "/props", timeout=10).json(), httpx.get(url + "/props", timeout=10).status_code)
+        assert verdict is not None and "without the backend key (HTTP 200)" in (verdict.refusal or "")
+    finally:
+        keyless.terminate()
+        keyless.wait(10)

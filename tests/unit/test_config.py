@@ -59,6 +59,14 @@ def test_relative_paths_are_taken_from_the_files_folder(tmp_path):
     ({"haproxy": {"port": "http"}}, "haproxy.port: expected an integer, got 'http'"),
     ({"models": [{"name": "m", "gguf": "X", "gpu_layers": "most"}]}, "models[0].gpu_layers"),
     ({"models": [{"name": "m", "gguf": "X"}, {"name": "m", "gguf": "X"}]}, "model names must be unique, repeated: m"),
+    # What decides the pool's shape is the deployment's own fields, never a second value in extra_args.
+    ({"models": [{"name": "m", "gguf": "X", "extra_args": ["-np", "8"]}]}, "models[0].extra_args: '-np': set by hpcserve from the deployment file: use parallel"),
+    ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--ctx-size=8192"]}]}, "models[0].extra_args: '--ctx-size=8192': set by hpcserve from the deployment file: use context_size"),
+    ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--api-key", "s3cret"]}]}, "visible to every user in ps"),
+    ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--port", "8080"]}]}, "the job binds port 0"),
+    ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--webui"]}]}, "(--no-webui)"),
+    ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--sleep-idle-seconds", "60"]}]}, "unloads its model"),
+    ({"models": [{"name": "m", "gguf": "X", "cache_ram": 2048, "memory": "2G"}]}, "models[0]: cache_ram (2048 MiB) must be less than memory (2G)"),
 ])
 def test_invalid_fields_are_named(load, gguf, tmp_path, change, expected):
     raw = minimal(gguf, tmp_path)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from hpcserve import config
 from hpcserve.llama import builds
+from hpcserve.llama import props as llama_props
+
+REPLAY = Path(__file__).resolve().parent.parent / "replay"
 
 
 @pytest.mark.parametrize("text, number, commit", [
@@ -80,3 +87,41 @@ def test_identify_asks_the_package_only_where_the_version_names_no_number(tmp_pa
     assert builds.identify("version: 11434 (1a2b3c4)", tmp_path / "x").reported == "version: 11434 (1a2b3c4)"
     assert builds.identify("version: 0.6.0-dev (build 0, commit unknown)", tmp_path / "x").number is None
     assert builds.identify("nothing", None) is None
+
+
+# --- llama.props.admit: may a ready server serve? -------------------------------------------------
+
+def _capture(build: str, name: str) -> tuple[int, object]:
+    """(status, JSON body) of a captured answer of tests/replay/llama-BUILD."""
+    head, _, body = (REPLAY / f"llama-{build}" / f"{name}.http").read_text().partition("\n\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _model(**fields) -> config.Model:
+    return config.Model(name="m", gguf=Path("/m.gguf"), **fields)
+
+
+@pytest.mark.parametrize("build", ["b10434", "b11434"])
+def test_each_captured_build_is_admitted_as_what_it_was_started_for(build):
+    """Both builds were captured with -c 1024 -np 2 and the key: admitted as parallel 2 /
+    context 1024, with their build named; refused as parallel 4 or context 4096, naming the field."""
+    _, props_body = _capture(build, "props-key")
+    status, _ = _capture(build, "props-nokey")
+    verdict = llama_props.admit(_model(parallel=2, context_size=1024), props_body, status)
+    assert verdict is not None and verdict.refusal is None
+    assert verdict.build == ("b10434" if build == "b10434" else "b0-unknown")  # b11434, built without git, names no number
+    slots = llama_props.admit(_model(parallel=4, context_size=1024), props_body, status)
+    assert slots is not None and "total_slots" in (slots.refusal or "") and "parallel: 4" in (slots.refusal or "")
+    context = llama_props.admit(_model(parallel=2, context_size=4096), props_body, status)
+    assert context is not None and "n_ctx" in (context.refusal or "") and "2048" in (context.refusal or "")
+    # context_size 0 (the model's own): any context is accepted.
+    assert llama_props.admit(_model(parallel=2, context_size=0), props_body, status).refusal is None  # type: ignore[union-attr]
+
+
+def test_a_server_that_answers_without_the_key_is_refused_and_an_unread_one_undecided():
+    _, props_body = _capture("b11434", "props-key")
+    keyless = llama_props.admit(_model(parallel=2, context_size=1024), props_body, 200)
+    assert keyless is not None and "without the backend key" in (keyless.refusal or "")
+    assert llama_props.admit(_model(parallel=2), None, 401) is None          # /props not read
+    assert llama_props.admit(_model(parallel=2), props_body, None) is None   # no answer without key
+    assert llama_props.admit(_model(parallel=2), {"total_slots": "2"}, 401).refusal  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ tests/integration and tests/e2e.)"""
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,18 @@ from tests.conftest import minimal
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
+    """/health 200; /props as a llama-server with the deployment's defaults (4 slots, 4096 tokens
+    of context) answers it: 401 without a key."""
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/props":
+            keyed = self.headers.get("Authorization", "").startswith("Bearer ")
+            body = json.dumps({"total_slots": 4, "default_generation_settings": {"n_ctx": 1024},
+                               "build_info": "b11434-test"}).encode()
+            self.send_response(200 if keyed else 401)
+            self.end_headers()
+            self.wfile.write(body if keyed else b"{}")
+            return
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 
@@ -113,9 +125,10 @@ def ready_job(job_id: str, model: str, port: int, time_left: int = 3600) -> Job:
 @pytest.fixture
 def pool(gguf, tmp_path):
     """(reconciler, scheduler, haproxy, log) for a deployment of models a and b."""
-    def make(jobs: list[Job], **overrides) -> tuple[Reconciler, FakeScheduler, RecordingHAProxy, list]:
+    def make(jobs: list[Job], model_b: dict | None = None,
+             **overrides) -> tuple[Reconciler, FakeScheduler, RecordingHAProxy, list]:
         raw = minimal(gguf, tmp_path, **overrides)
-        raw["models"] = [{"name": "a", "gguf": str(gguf)}, {"name": "b", "gguf": str(gguf)}]
+        raw["models"] = [{"name": "a", "gguf": str(gguf)}, {"name": "b", "gguf": str(gguf), **(model_b or {})}]
         deployment = config.parse(raw, base=tmp_path)
         log: list = []
         state = StateDir(deployment.state_dir)
@@ -320,3 +333,24 @@ def test_a_step_reports_each_change(pool, health_port):
     reconciler._report = lines.append
     reconciler.step(Desired(up=True, replicas={"a": 1, "b": 1}))
     assert lines == ["submitted job 101 for model b", "HAProxy started: 1 server(s) in rotation"]
+
+
+def test_a_server_whose_props_disagree_is_kept_out_and_up_says_why(pool, health_port, monkeypatch):
+    """The fake llama-server reports 4 slots; model b asks for 2: its job answers /health but never
+    enters HAProxy (no churn: nothing more is submitted), the wait names the field, and the
+    admitted server of model a keeps its build in the step record."""
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    reconciler, scheduler, haproxy, log = pool([ready_job("1", "a", health_port), ready_job("2", "b", health_port)],
+                                               model_b={"parallel": 2})
+    outcome = reconciler.step(Desired(up=True, replicas={"a": 1, "b": 1}))
+    health = {b.job.job_id: (b.health.value, b.refusal) for b in outcome.replicas}
+    assert health["1"] == ("ready", None)
+    assert health["2"][0] == "refused" and "4 slots (/props total_slots)" in health["2"][1]
+    assert outcome.plan.submit == () and reconciler.in_rotation() == frozenset({"1"})
+    assert reconciler.state.read_step().builds == {"1": "b11434"}
+    # A job whose server is refused counts as one of the replicas (no resubmission) and ends `up`'s wait.
+    outcome = reconciler.locked_step(lambda d: Desired(up=True, replicas={"a": 1, "b": 2}))
+    with pytest.raises(HpcserveError, match=r"job 102 \(b\) is not put in rotation: .*parallel: 2"):
+        scheduler.listed[-1] = ready_job("102", "b", health_port)
+        reconciler.wait_ready({"b": 2}, outcome, timeout=60)
+    assert reconciler.in_rotation() == frozenset({"1"})
