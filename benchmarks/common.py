@@ -29,13 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
+
+
 def start_llama_server(model: Path, log: Path, parallel: int = 1, ctx: int = 1024,
-                       threads: int | None = None, cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
+                       threads: int | None = None, cpus: set[int] | None = None,
+                       flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
     """A real llama-server on a free port, ready (/health 200); (process, port). `cpus`: the CPUs it
-    runs on (set before it starts, so every thread it makes inherits them)."""
+    runs on (set before it starts, so every thread it makes inherits them); `flags`: more options."""
     port = free_port()
-    argv = [str(Path(sys.executable).parent / "llama-server"), "--model", str(model), "--alias", "m",
-            "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx)]
+    argv = [str(LLAMA_SERVER), "--model", str(model), "--alias", "m",
+            "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx), *flags]
     if threads:
         argv += ["--threads", str(threads)]
     process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -50,6 +54,29 @@ def start_llama_server(model: Path, log: Path, parallel: int = 1, ctx: int = 102
             pass
         time.sleep(0.1)
     raise SystemExit(f"llama-server did not start; see {log}")
+
+
+def provenance() -> dict[str, object]:
+    """What a result file records of the run behind it: {"commit": git HEAD (+ "-dirty" when the
+    tree differs), "machine": {"cpus", "cpu_model", "platform"}, "versions": {"haproxy",
+    "llama-server"}} (first lines of `haproxy -v` and `llama-server --version`; None if absent)."""
+    def first_line(argv: list[str]) -> str | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        return next((line for line in lines if "version" in line.lower()), lines[0] if lines else None)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else ""),
+            "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "platform": sys.platform},
+            "versions": {"haproxy": first_line(["haproxy", "-v"]),
+                         "llama-server": first_line([str(LLAMA_SERVER), "--version"])}}
 
 
 def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_delay: bool = True,

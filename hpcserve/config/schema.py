@@ -135,6 +135,12 @@ class Model(_Strict):
     gpu_layers: int | Literal["auto", "all"] = Field(default="all", description="--n-gpu-layers")
     threads: int | None = Field(default=None, ge=1, description="--threads; default: the job's CPUs")
     extra_args: list[str] = Field(default_factory=list, description="more llama-server arguments")
+    prompt_cache: Literal["off", "shared"] = Field(
+        default="off", description="off: llama-server reuses no prompt prefix (--no-cache-prompt; "
+                                   "requests may not turn it on), so no key learns what another sent; "
+                                   "shared: prefixes are reused across all keys (faster multi-turn "
+                                   "chats; cached_tokens and timing tell a key whether another sent a "
+                                   "prompt)")
     cache_ram: int = Field(default=0, ge=0, description="MiB of host RAM for llama-server's prompt cache "
                                                          "(--cache-ram; 0: off), counted in memory")
     gpus: GPUs = Field(default_factory=GPUs)

@@ -466,3 +466,94 @@ def test_a_client_that_disconnects_frees_its_slot_on_real_llama_server(tmp_path,
         server.terminate()
         server.wait(10)
         log.close()
+
+
+def _start_llama(real_model: Path, log: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+    """A real llama-server with the backend key, 2 slots and `flags`; (process, port) once /health is 200."""
+    port = free_port()
+    with open(log, "w") as sink:
+        server = subprocess.Popen([str(LLAMA_SERVER), "--model", str(real_model), "--host", "127.0.0.1",
+                                   "--port", str(port), "--parallel", "2", "--ctx-size", "2048", "--threads", "1",
+                                   "--cache-ram", "0", *flags],
+                                  stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_API_KEY": KEY})
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return server, port
+        assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.2)
+
+
+SECRET = ("The project codename is BLUE HERON; its budget of 4.2 million euros was approved by the board "
+          "on Tuesday and must not be shared outside the steering group.")
+# Bodies that llama-server (nlohmann::json) reads as n 2 while json_query reads n 1 or nothing.
+N_TRICKS = {
+    "duplicate key": '{{"model":"{m}","max_tokens":2,"n":1,"n":2,"messages":[{{"role":"user","content":"hi"}}]}}',
+    "escaped key": '{{"model":"{m}","max_tokens":2,"\\u006e":2,"messages":[{{"role":"user","content":"hi"}}]}}',
+    "past json_query's depth": '{{"model":"{m}","max_tokens":2,"x":' + "[" * 20 + "]" * 20
+                               + ',"n":2,"messages":[{{"role":"user","content":"hi"}}]}}',
+    "after a byte-order mark": '\ufeff{{"model":"{m}","max_tokens":2,"n":2,"messages":[{{"role":"user","content":"hi"}}]}}',
+}
+
+
+def test_body_tricks_and_another_keys_cached_prompt_on_real_llama_server(tmp_path, gguf, real_model, haproxy_bin):
+    """Two real llama-servers behind HAProxy: model `private` with the default prompt_cache off (the
+    job's --no-cache-prompt) and model `shared` (prompt_cache: shared).
+
+    - Each body of N_TRICKS gets two choices from llama-server directly, and 400 naming `n` through
+      HAProxy, reaching no server.
+    - On `private`, a prompt sent twice is never served from cache, and a request that asks for the
+      cache back (`cache_prompt`: true, also as a duplicate or an escaped key) gets 400: a second
+      key sending the first one's secret prompt sees 0 cached tokens. On `shared` the same
+      sequence shows the channel the setting closes: the second sender is served from cache."""
+    private, private_port = _start_llama(real_model, tmp_path / "private.log", "--no-cache-prompt")
+    shared, shared_port = _start_llama(real_model, tmp_path / "shared.log")
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port()})
+    raw["models"] = [{"name": "private", "gguf": str(gguf), "parallel": 2, "context_size": 2048},
+                     {"name": "shared", "gguf": str(gguf), "parallel": 2, "context_size": 2048,
+                      "prompt_cache": "shared"}]
+    proxy = haproxy_for(raw, tmp_path, key=KEY)
+    base = f"http://127.0.0.1:{proxy.deployment.haproxy.port}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    try:
+        proxy.update([Server("private", "1", "127.0.0.1", private_port), Server("shared", "2", "127.0.0.1", shared_port)])
+        for name, template in N_TRICKS.items():
+            body = template.format(m="private").encode()
+            direct = httpx.post(f"http://127.0.0.1:{private_port}/v1/chat/completions", content=body,
+                                headers=auth, timeout=60)
+            assert len(direct.json()["choices"]) == 2, (name, direct.text)
+            before = {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)}
+            refused = httpx.post(base, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+            assert refused.status_code == 400, (name, refused.text)
+            assert refused.json()["error"].get("param", "n") == "n", (name, refused.text)
+            assert {s.server: s.total for s in runtime.show_stat(proxy.paths.admin_socket)} == before, name
+        # A tool parameter named n is no request for n choices: it passes.
+        tool = {"type": "function", "function": {"name": "pick", "parameters": {
+            "type": "object", "properties": {"n": {"type": "integer"}}}}}
+        assert httpx.post(base, json={"model": "private", "max_tokens": 2, "tools": [tool],
+                                      "messages": [{"role": "user", "content": "hi"}]}, timeout=60).status_code == 200
+
+        def chat(model: str, **extra) -> httpx.Response:
+            return httpx.post(base, timeout=60, json={"model": model, "max_tokens": 2, **extra, "messages": [
+                {"role": "system", "content": SECRET}, {"role": "user", "content": "Summarise it in one line."}]})
+
+        cached = {}
+        for model in ("private", "shared"):
+            first, again = chat(model), chat(model)     # one key, then another key guessing the prompt
+            assert first.status_code == again.status_code == 200, again.text
+            cached[model] = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached["private"] == 0 and cached["shared"] > 20, cached
+        asks = [json.dumps({"model": "private", "cache_prompt": True, "messages": []}),
+                '{"model":"private","cache_prompt":false,"cache_prompt":true,"messages":[]}',
+                '{"model":"private","\\u0063ache_prompt":true,"messages":[]}']
+        for body in asks:
+            refused = httpx.post(base, content=body.encode(), headers={"Content-Type": "application/json"}, timeout=60)
+            assert refused.status_code == 400, (body, refused.text)
+        assert chat("private", cache_prompt=False).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert chat("shared", cache_prompt=True).status_code == 200      # shared: the field is the client's
+    finally:
+        proxy.stop(timeout=5)
+        for server in (private, shared):
+            server.terminate()
+            server.wait(10)
