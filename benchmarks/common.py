@@ -73,7 +73,7 @@ def provenance() -> dict[str, object]:
 
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    return {"commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else ""),
+    return {"commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
             "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "platform": sys.platform},
             "versions": {"haproxy": first_line(["haproxy", "-v"]),
                          "llama-server": first_line([str(LLAMA_SERVER), "--version"])}}
