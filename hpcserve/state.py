@@ -106,6 +106,12 @@ class HAProxyFiles:
         return self.root / "keys.map"
 
     @property
+    def leaving_map_file(self) -> Path:
+        """HAProxy's map of the servers leaving the pool ("BACKEND/SERVER 1" lines), which the
+        affinity stick table no longer sends conversations to (core.membership.leave)."""
+        return self.root / "leaving.map"
+
+    @property
     def access_log_fifo(self) -> Path:
         """The named pipe HAProxy writes its access log lines to, its file descriptor 3 (accesslog.py)."""
         return self.root / "logs" / "access.fifo"

@@ -24,6 +24,8 @@ class LiveServer(Protocol):
     def draining(self) -> bool: ...
     @property
     def in_maintenance(self) -> bool: ...
+    @property
+    def weight(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +63,39 @@ def into_rotation(where: str, weight_last: bool) -> list[str]:
 
 
 def is_leaving(server: LiveServer, state: str) -> bool:
-    """The running worker has `server` out of rotation the way `state` ("drain" or "maint") puts it."""
-    return server.in_maintenance if state == "maint" else server.draining
+    """The running worker has `server` out of rotation the way `state` ("drain" or "weight") puts it."""
+    return server.weight == 0 if state == "weight" else server.draining
+
+
+def leave(backend: str, server: Server, state: str) -> list[str]:
+    """The runtime commands that take `server` of `backend` out of rotation the way `state` says.
+
+    "drain": `set server ... state drain`. "weight" (affinity on): weight 0, its state kept; its
+    conversations move because the stick table's match skips the servers of the leaving map
+    (leaving_map, sent by the HAProxy adapter before these commands): a drained server, and one
+    of weight 0, still take persistent requests (HAProxy 2.6 management guide, `set server`). Not a
+    state change: on HAProxy 3.0.11, `state maint` or `state drain` sent while a request waits in
+    the server's own queue and its slots are full gave it that request at once, one over its
+    maxconn (`show stat` scur 5 with maxconn 4, in 3 of 3 runs; 2.6.12: none;
+    tests/repro/leaving_server_overfill.py).
+    """
+    where = f"{backend}/{server.name}"
+    return [f"set server {where} weight 0"] if state == "weight" else [f"set server {where} state {state}"]
+
+
+def leaving_map(wanted: Mapping[tuple[str, str], Server]) -> dict[str, str]:
+    """The leaving map HAProxy matches against (key "BACKEND/SERVER", value "1") for the servers of
+    `wanted` ((backend, server name) -> Server) that drain."""
+    return {f"{backend}/{name}": "1" for (backend, name), server in sorted(wanted.items()) if server.draining}
+
+
+def map_commands(map_file: str, live: Mapping[str, str], wanted: Mapping[str, str]) -> list[str]:
+    """Runtime API commands that turn the map `live` (key -> value) into `wanted`: removals first,
+    then changes, then additions (HAProxy 2.6 management guide: del map, set map, add map)."""
+    commands = [f"del map {map_file} {k}" for k in sorted(live.keys() - wanted.keys())]
+    commands += [f"set map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k in live and live[k] != v]
+    commands += [f"add map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k not in live]
+    return commands
 
 
 def membership_change(wanted: Mapping[tuple[str, str], Server], live: Mapping[tuple[str, str], LiveServer], *,
@@ -74,15 +107,16 @@ def membership_change(wanted: Mapping[tuple[str, str], Server], live: Mapping[tu
         wanted: (HAProxy backend, server name) -> the server as the plan wants it.
         live: (backend, server name) -> the server as the running worker has it, for our
             backends only.
-        leaving_state: "drain" or "maint": how a server leaves rotation (haproxy.config.leaving_state).
+        leaving_state: "drain" or "weight": how a server leaves rotation (haproxy.config.leaving_state,
+            leave()).
         weight_last: HAProxy #2744 is unfixed on this release (see into_rotation).
         options: the `add server` options of a server (haproxy.config.server_options of its model).
     Returns:
         A MembershipChange. A new server is added with weight 0 and its health check enabled, then
-        put into rotation (or straight into `leaving_state` when it is draining). A live server
-        whose leaving differs from the wanted one changes state; a live server marked DOWN that
-        hpcserve saw healthy gets `health up`; a server no longer wanted goes to maintenance and is
-        deleted.
+        put into rotation (or straight out of it when it is draining). A live server whose leaving
+        differs from the wanted one is taken out (leave()) or put back; a live server marked DOWN
+        that hpcserve saw healthy gets `health up`; a server no longer wanted goes to maintenance
+        and is deleted.
     """
     added: list[str] = []
     commands: list[str] = []
@@ -96,7 +130,7 @@ def membership_change(wanted: Mapping[tuple[str, str], Server], live: Mapping[tu
             if current.down and server.healthy and not server.draining:
                 commands.append(f"set server {where} health up")   # see haproxy.config.server_options
             continue
-        commands += ([f"set server {where} state {leaving_state}"] if server.draining else
+        commands += (leave(backend, server, leaving_state) if server.draining else
                      into_rotation(where, weight_last))
     gone = sorted(live.keys() - wanted.keys())
     for backend, name in gone:

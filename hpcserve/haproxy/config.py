@@ -18,17 +18,20 @@ def backend_name(model: Model) -> str:
 
 
 def leaving_state(deployment: Deployment) -> str:
-    """The runtime-API state of a server leaving the pool: "drain", or "maint" with affinity on.
+    """How a server leaves the pool through the runtime API (core.membership.leave): "drain", or
+    "weight" with affinity on.
 
     DRAIN still accepts persistent traffic (HAProxy 2.6 management guide, `set server state`:
     "only persistent connections will be accepted"), so with the affinity stick table a drained
     server kept taking its conversations' requests, never emptied, and was cancelled under them
-    (measured: 37 broken streams with 200 streams through 20 pool changes). MAINT takes no request
-    at all, sticky or not, lets the sessions it has finish, and with `option redispatch` its queued
-    requests go to the other servers. Without a stick table the two are alike; DRAIN keeps the
-    health check running, so `status` still shows whether a leaving backend is alive.
+    (measured: 37 broken streams with 200 streams through 20 pool changes). MAINT took none, but
+    on HAProxy 3.0.11 a state change while a sticky request waits in the server's own queue gives
+    it that request over its maxconn (core.membership.leave); so with affinity a leaving server
+    gets weight 0 and loses its stick-table entries instead, and keeps its state. Without a stick
+    table no request waits in a server's own queue; DRAIN keeps the health check running, so
+    `status` still shows whether a leaving backend is alive.
     """
-    return "maint" if deployment.haproxy.affinity_header else "drain"
+    return "weight" if deployment.haproxy.affinity_header else "drain"
 
 
 #: `rise` of every server: successful checks a DOWN server needs to return by itself. With checks
@@ -116,9 +119,9 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             haproxy=deployment.haproxy, servers=by_model, backend_name=backend_name,
                             server_options=lambda model: server_options(deployment, model),
                             server_prefix=server_name(""),
-                            leaving=" disabled" if leaving_state(deployment) == "maint" else " weight 0",
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
                             keys_map=p.keys_map_file if deployment.haproxy.auth == "keys" else None,
+                            leaving_map=p.leaving_map_file,
                             access_log_fifo=deployment.haproxy.access_log,
                             batch_delay_ms=round(deployment.haproxy.batch_delay_or_default * 1000),
                             models_file=p.models_file,

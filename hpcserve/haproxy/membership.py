@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from .. import releases
 from ..config import Deployment
-from ..core.membership import free_slots, membership_change, worker_claim
+from ..core.membership import free_slots, leaving_map, map_commands, membership_change, worker_claim
 from ..core.pool import Server
 from ..errors import CommandError, HAProxyError
 from . import runtime
@@ -45,6 +45,15 @@ class Membership:
         self.deployment = deployment
         self.paths = paths
         self._release = release
+
+    def wanted(self, servers: list[Server]) -> dict[tuple[str, str], Server]:
+        """(HAProxy backend, server name) -> server, for the servers of this deployment's models."""
+        models = {m.name: m for m in self.deployment.models}
+        return {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
+
+    def leaving_map(self, servers: list[Server]) -> dict[str, str]:
+        """The leaving map for `servers` (core.membership.leaving_map): what the file holds."""
+        return leaving_map(self.wanted(servers))
 
     def slots(self, server: Server) -> int:
         """The slots (llama-server --parallel) of `server`'s model."""
@@ -182,7 +191,9 @@ class Membership:
     def sync(self, servers: list[Server]) -> None:
         """Add, drain, un-drain and delete servers of the running worker to match `servers`.
 
-        A new server (or one back from drain) enters rotation in one of two ways, by release
+        With affinity, the leaving map of the running worker is made to match `servers` too
+        (core.membership.leave). A new server (or one back from drain) enters rotation in one of
+        two ways, by release
         (releases.fixes_queue_overshoot). Where HAProxy issue #2744 is unfixed (Debian's 2.6.12 and
         3.0.11 among them), a server that leaves maintenance with its weight set may take up to
         twice its maxconn from the backend queue (measured once on 2.6.12 under 200 queued streams,
@@ -200,17 +211,23 @@ class Membership:
         """
         models = {m.name: m for m in self.deployment.models}
         ours = {backend_name(m) for m in self.deployment.models}
-        wanted = {(backend_name(models[s.model]), s.name): s for s in servers if s.model in models}
+        wanted = self.wanted(servers)
         live = {(ls.backend, ls.name): ls for ls in runtime.show_servers(self.paths.admin_socket)
                 if ls.backend in ours}
         try:
             weight_last = not releases.fixes_queue_overshoot(self._release())
         except CommandError:    # `haproxy -v` failed now: the way that is safe on every release
             weight_last = True
-        change = membership_change(wanted, live, leaving_state=leaving_state(self.deployment),
-                                   weight_last=weight_last,
+        state = leaving_state(self.deployment)
+        change = membership_change(wanted, live, leaving_state=state, weight_last=weight_last,
                                    options=lambda s: server_options(self.deployment, models[s.model]))
-        self._send(list(change.added + change.commands))
+        marks: list[str] = []
+        if state == "weight":
+            # The leaving map first: a server's conversations stop sticking to it before its weight
+            # drops (and one returning to rotation is unmarked with its weight set again).
+            live_map = runtime.show_map(self.paths.admin_socket, self.paths.leaving_map_file) or {}
+            marks = map_commands(str(self.paths.leaving_map_file), live_map, leaving_map(wanted))
+        self._send(list(change.added) + marks + list(change.commands))
 
     def _send(self, commands: list[str]) -> None:
         for line in commands:

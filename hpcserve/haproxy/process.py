@@ -26,7 +26,7 @@ from . import accesslog
 from ..access import keys
 from .. import proc, releases
 from ..config import Deployment
-from ..core.membership import within_slots
+from ..core.membership import map_commands, within_slots
 from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError
 from ..state import HAProxyFiles, write_private
@@ -132,7 +132,7 @@ class HAProxy:
         weights agree (HAProxy 2.6 source, server_state.c: "a configuration file change has
         precedence over a unix socket change" only when iweight differs; servers added at runtime
         start at weight 0, like a draining server in the file), so the file must already say
-        "drain" (or "maint", see leaving_state) for a server leaving in this very change.
+        "drain" (or weight 0, see leaving_state) for a server leaving in this very change.
 
         A new worker knows nothing of the streams its predecessor still serves (nor of the queue
         the predecessor goes on dispatching), so after a reload each server would take its full
@@ -158,6 +158,9 @@ class HAProxy:
         """
         text = render(self.deployment, servers)
         base = render(self.deployment, [])
+        if self.deployment.haproxy.affinity_header:   # what a new worker loads (Membership.sync: the running one)
+            _write_if_changed(self.paths.leaving_map_file,
+                              "".join(f"{k} {v}\n" for k, v in self.membership.leaving_map(servers).items()))
         try:
             accesslog.ensure_writer(self.deployment)
         except OSError as exc:
@@ -240,6 +243,8 @@ class HAProxy:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
         _write_if_changed(self.paths.models_file, models_list(self.deployment))
         self._write_key_map()
+        if self.deployment.haproxy.affinity_header and not self.paths.leaving_map_file.exists():
+            write_private(self.paths.leaving_map_file, "")
         # Older hpcserve kept the keys ("Bearer KEY" lines), then their hashes, in these: gone now.
         for old in ("frontend-keys.lst", "frontend-key-hashes.lst"):
             (self.paths.root / old).unlink(missing_ok=True)
@@ -279,7 +284,7 @@ class HAProxy:
             live = runtime.show_map(self.paths.master_socket, self.paths.keys_map_file, prefix=target)
             if live is None:
                 continue  # this worker's config has no key map (auth was open)
-            commands = keys_commands(str(self.paths.keys_map_file), live, entries)
+            commands = map_commands(str(self.paths.keys_map_file), live, entries)
             tracked = runtime.show_table(self.paths.master_socket, KEY_TABLE, prefix=target)
             commands += table_commands(KEY_TABLE, tracked, entries)
             for line in commands:
@@ -474,15 +479,6 @@ def _write_if_changed(path: Path, text: str) -> None:
     files at each reload, and an unchanged file keeps its time."""
     if not path.exists() or path.read_text() != text:
         write_private(path, text)
-
-
-def keys_commands(map_file: str, live: dict[str, str], wanted: dict[str, str]) -> list[str]:
-    """Runtime API commands that turn the key map `live` into `wanted` (digest -> value): revocations
-    first, then changes, then additions (HAProxy 2.6 management guide: del map, set map, add map)."""
-    commands = [f"del map {map_file} {k}" for k in sorted(live.keys() - wanted.keys())]
-    commands += [f"set map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k in live and live[k] != v]
-    commands += [f"add map {map_file} {k} {v}" for k, v in sorted(wanted.items()) if k not in live]
-    return commands
 
 
 KEY_TABLE = "openai"  # the frontend whose stick table counts per key (templates/haproxy.cfg.j2)

@@ -232,6 +232,7 @@ class LiveServer:
             0x01 forced maintenance (`state maint`, and `disabled` in the config, which also sets
             0x04), 0x02/0x20 maintenance inherited/from DNS, 0x08 forced drain (`state drain`).
         op_state: srv_op_state (server-t.h): 0 stopped (DOWN), 1 starting, 2 running, 3 stopping.
+        weight: srv_uweight, the weight set in the config or by `set server ... weight`.
     """
 
     backend: str
@@ -240,6 +241,7 @@ class LiveServer:
     port: int
     admin_state: int
     op_state: int = 2
+    weight: int = 1
 
     @property
     def down(self) -> bool:
@@ -269,7 +271,7 @@ def show_servers(socket_path: Path) -> list[LiveServer]:
 
 def parse_servers_state(text: str) -> list[LiveServer]:
     """The servers of a `show servers state` answer (format version 1: be_id be_name srv_id
-    srv_name srv_addr srv_op_state srv_admin_state ... srv_port is field 19; HAProxy 2.6
+    srv_name srv_addr srv_op_state srv_admin_state srv_uweight ... srv_port is field 19; HAProxy 2.6
     management guide, and unchanged through 3.2: tests/replay).
 
     Raises:
@@ -285,7 +287,7 @@ def parse_servers_state(text: str) -> list[LiveServer]:
             continue
         servers.append(LiveServer(backend=fields[1], name=fields[3], address=fields[4],
                                   port=_int(fields[18]), admin_state=_int(fields[6]),
-                                  op_state=_int(fields[5])))
+                                  op_state=_int(fields[5]), weight=_int(fields[7])))
     return servers
 
 

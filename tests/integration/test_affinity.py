@@ -115,8 +115,8 @@ def test_while_servers_are_full_no_request_is_refused(haproxy_bin, gguf, tmp_pat
 
 def test_a_leaving_server_takes_no_request_of_its_conversations(pool):
     """A drained server would still take sticky requests (HAProxy manual, `set server state`):
-    with affinity a leaving server is in maintenance, so its conversations move to another server
-    while the stream it serves ends normally."""
+    with affinity a leaving server gets weight 0 and loses its stick-table entries, so its
+    conversations move to another server while the stream it serves ends normally."""
     proxy, url = pool
     chat(url, "c")
     table = runtime.command(proxy.paths.admin_socket, "show table model_m")
@@ -133,10 +133,14 @@ def test_a_leaving_server_takes_no_request_of_its_conversations(pool):
         streaming.result()   # the stream in flight on the leaving server completed (200)
     after = served(proxy)
     assert after[owner] == before[owner] and sum(after.values()) == sum(before.values()) + 3, (before, after)
-    assert next(s for s in runtime.show_servers(proxy.paths.admin_socket) if s.name == owner).in_maintenance
-    # Back in the pool (a scale-up while it was leaving): out of maintenance, new conversations reach it.
+    live = next(s for s in runtime.show_servers(proxy.paths.admin_socket) if s.name == owner)
+    assert live.weight == 0 and not live.in_maintenance and not live.draining
+    assert runtime.show_map(proxy.paths.admin_socket, proxy.paths.leaving_map_file) == {f"model_m/{owner}": "1"}
+    assert proxy.paths.leaving_map_file.read_text() == f"model_m/{owner} 1\n"     # for a new worker
+    # Back in the pool (a scale-up while it was leaving): its weight back, new conversations reach it.
     assert proxy.update(servers) == "runtime"
-    assert not any(s.in_maintenance for s in runtime.show_servers(proxy.paths.admin_socket))
+    assert all(s.weight == 1 and not s.in_maintenance for s in runtime.show_servers(proxy.paths.admin_socket))
+    assert runtime.show_map(proxy.paths.admin_socket, proxy.paths.leaving_map_file) == {}
     assert proxy.update(servers) == "unchanged"
     with ThreadPoolExecutor(4) as executor:
         list(executor.map(lambda c: chat(url, f"new-{c}", 20), range(4)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import hpcserve.core
-from hpcserve.core.membership import (MembershipChange, free_slots, into_rotation, membership_change,
+from hpcserve.core.membership import (MembershipChange, free_slots, into_rotation, leaving_map, map_commands, membership_change,
                                       within_slots, worker_claim)
 from hpcserve.core.pool import Server, job_id_of, server_name
 
@@ -106,6 +106,7 @@ class Live:
     down: bool = False
     draining: bool = False
     in_maintenance: bool = False
+    weight: int = 1
 
 
 def server(job_id: str, draining: bool = False, healthy: bool = True) -> Server:
@@ -138,11 +139,18 @@ def test_a_leaving_server_is_drained():
     assert result.added == () and result.commands == ("set server model_m/job7 state drain",)
 
 
-def test_with_affinity_leaving_means_maintenance():
-    """leaving_state "maint": a server in drain is not out of rotation that way, so it moves."""
-    result = change([server("7", draining=True)], {"job7": Live(draining=True)}, state="maint")
-    assert result.commands == ("set server model_m/job7 state maint",)
-    assert change([server("7", draining=True)], {"job7": Live(in_maintenance=True)}, state="maint").commands == ()
+def test_with_affinity_leaving_means_weight_0_and_the_leaving_map_never_a_state_change():
+    """leaving_state "weight": the server keeps its state (a state change with a request in its own
+    queue overfilled it on HAProxy 3.0.11); the leaving map moves its conversations."""
+    result = change([server("7", draining=True)], {"job7": Live()}, state="weight")
+    assert result.commands == ("set server model_m/job7 weight 0",)
+    assert change([server("7", draining=True)], {"job7": Live(weight=0)}, state="weight").commands == ()
+    back = change([server("7")], {"job7": Live(weight=0)}, state="weight", weight_last=True).commands
+    assert back[-1] == "set server model_m/job7 weight 1"
+    assert leaving_map({("model_m", "job7"): server("7", draining=True), ("model_m", "job8"): server("8")}) == {
+        "model_m/job7": "1"}
+    assert map_commands("/s/leaving.map", {"model_m/job6": "1"}, {"model_m/job7": "1"}) == [
+        "del map /s/leaving.map model_m/job6", "add map /s/leaving.map model_m/job7 1"]
 
 
 def test_a_server_back_from_drain_returns_to_rotation():

@@ -9,7 +9,7 @@ import pytest
 from hpcserve import config
 from hpcserve.access import keys, usage
 from hpcserve.errors import ConfigError, HpcserveError
-from hpcserve.haproxy.process import keys_commands
+from hpcserve.core.membership import map_commands
 from hpcserve.state import StateDir
 from tests.conftest import minimal
 
@@ -125,11 +125,11 @@ def test_a_state_dir_others_could_replace_is_refused(tmp_path):
 def test_runtime_commands_turn_the_live_map_into_the_wanted_one():
     live = {"a" * 64: "alice|interactive|256|0|0|1", "b" * 64: "bob|batch|4|0|0|1"}
     wanted = {"a" * 64: "alice|interactive|256|60|0|1", "c" * 64: "carol|batch|256|0|0|1"}
-    assert keys_commands("/s/keys.map", live, wanted) == [
+    assert map_commands("/s/keys.map", live, wanted) == [
         f"del map /s/keys.map {'b' * 64}",
         f"set map /s/keys.map {'a' * 64} alice|interactive|256|60|0|1",
         f"add map /s/keys.map {'c' * 64} carol|batch|256|0|0|1"]
-    assert keys_commands("/s/keys.map", wanted, wanted) == []
+    assert map_commands("/s/keys.map", wanted, wanted) == []
 
 
 def record(**fields):

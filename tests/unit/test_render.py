@@ -149,13 +149,14 @@ def test_server_lines_for_drain_and_reduced_maxconn(gguf, tmp_path):
     assert "server job4 n:4 id 4\n" in text
 
 
-def test_with_affinity_a_leaving_server_is_disabled_not_drained(gguf, tmp_path):
-    """A drained server still takes sticky requests (HAProxy manual), so with the stick table on a
-    leaving server is in maintenance, in the file as in the runtime API."""
+def test_a_leaving_server_has_weight_0_in_the_file_and_with_affinity_leaves_by_weight(gguf, tmp_path):
+    """In the file a leaving server has weight 0 (a new worker's stick table starts empty); through
+    the runtime API, with affinity, it leaves by weight and stick-table entries, not by a state
+    change (core.membership.leave)."""
     d = config.parse(minimal(gguf, tmp_path, haproxy={"affinity_header": "X-Chat-Id"}), base=tmp_path)
     text = haproxy_config.render(d, [Server("m", "1", "n", 1, draining=True), Server("m", "2", "n", 2)])
-    assert "server job1 n:1 id 1 disabled\n" in text and "server job2 n:2 id 2\n" in text
-    assert haproxy_config.leaving_state(d) == "maint"
+    assert "server job1 n:1 id 1 weight 0\n" in text and "server job2 n:2 id 2\n" in text
+    assert haproxy_config.leaving_state(d) == "weight"
     assert haproxy_config.leaving_state(config.parse(minimal(gguf, tmp_path), base=tmp_path)) == "drain"
 
 
