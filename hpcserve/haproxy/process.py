@@ -12,6 +12,7 @@ catch a port already in use, so that is checked before starting.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shlex
 import signal
@@ -356,7 +357,12 @@ class HAProxy:
             # The access log's pipe as HAProxy's descriptor 3 (`log fd@3`; accesslog.py), the open
             # file of open_pipe (non-blocking: a full pipe drops a line, never stalls a worker).
             try:
-                pipe = accesslog.open_pipe(self.paths.access_log_fifo)
+                opened = accesslog.open_pipe(self.paths.access_log_fifo)
+                # Moved to 10 or above: in a process whose descriptor 3 was free the pipe opened as 3,
+                # and `exec haproxy 3<&3 3<&-` closed it: HAProxy then wrote its log lines to
+                # whatever it opened next as descriptor 3 (a socket; measured on 2.6.12).
+                pipe = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 10)
+                os.close(opened)
             except OSError as exc:
                 raise HAProxyError(f"the access log pipe {self.paths.access_log_fifo}: {exc.strerror or exc}") from None
             argv = ["/bin/bash", "-c", f'exec "$@" 3<&{pipe} {pipe}<&-', "haproxy", *argv]   # bash: fd numbers over 9

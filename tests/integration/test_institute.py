@@ -23,6 +23,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hpcserve import config
 from hpcserve.haproxy import runtime
 from hpcserve.core.pool import Server
 from hpcserve.haproxy.process import HAProxy
@@ -470,3 +471,48 @@ def test_a_redispatched_request_is_one_readable_access_log_line_and_counted_by_u
         assert any(r["retries"].startswith("+") for r in records), [r["retries"] for r in records]
         report = json.loads(p.hpcserve("usage", "--json").stdout)
         assert sum(r["requests"] for r in report["rows"]) == sent
+
+
+START_FROM_A_BARE_PROCESS = """
+import os, sys
+from pathlib import Path
+from hpcserve import config
+from hpcserve.core.pool import Server
+from hpcserve.haproxy.process import HAProxy
+try:
+    os.fstat(3)
+    sys.exit("descriptor 3 is taken: this would not test the case")
+except OSError:
+    pass
+deployment = config.load(Path(sys.argv[1]))
+HAProxy(deployment, sys.argv[2]).update([Server("m", "1", "127.0.0.1", int(sys.argv[3]))])
+"""
+
+
+def test_haproxy_started_where_descriptor_3_is_free_still_logs_to_the_pipe(tmp_path, gguf):
+    """`hpcserve up` run from cron or a bare shell has descriptor 3 free, and the pipe then opened
+    as descriptor 3: bash's `exec haproxy 3<&3 3<&-` closed it, and HAProxy wrote its log lines to
+    whatever it opened next as its descriptor 3 (a socket of the master, measured on 2.6.12), and
+    no line reached the access log. Started from such a process, the master holds the pipe as its
+    descriptor 3 and a request is logged."""
+    from hpcserve.haproxy import accesslog
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "open"})
+    path = write_deployment(tmp_path, raw)
+    (tmp_path / "state" / "logs").mkdir(mode=0o700, parents=True)
+    with simulator(tmp_path / "sim.log", 2, 200, KEY) as port:
+        done = subprocess.run([sys.executable, "-c", START_FROM_A_BARE_PROCESS, str(path), KEY, str(port)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        proxy = HAProxy(config.load(path), KEY)
+        try:
+            assert accesslog.holds_pipe(proxy.pid(), proxy.paths.access_log_fifo)
+            assert httpx.get(f"http://127.0.0.1:{raw['haproxy']['port']}/v1/models").status_code == 200
+            log = proxy.paths.root / "logs" / "access.log"
+            deadline = time.monotonic() + 10
+            while not (log.exists() and log.read_text().strip()):
+                assert time.monotonic() < deadline, "no access log line"
+                time.sleep(0.1)
+            assert json.loads(log.read_text().splitlines()[-1])["status"] == 200
+        finally:
+            proxy.stop(timeout=5)
+            accesslog.stop_writer(proxy.deployment)
