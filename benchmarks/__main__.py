@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from benchmarks import calibrate, loadgen, metrics, report, scenarios, stress, systems
-from benchmarks.common import KEY, MODEL, ROOT, start_llama_server
+from benchmarks.common import KEY, MODEL, ROOT, provenance, start_llama_server
 from benchmarks.workload import poisson
 
 SCENARIOS = {"a": scenarios.scenario_a, "b": scenarios.scenario_b, "c": scenarios.scenario_c,
@@ -200,7 +200,7 @@ def stress_command(bursts: int, threads: str, key_kinds: str, runs: int, policie
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": {"started": stress.timestamp(), "machine": f"{platform.node()}: "
                                             f"{os.cpu_count()} CPUs", "command": "python -m benchmarks "
-                                            + shlex.join(sys.argv[1:])},
+                                            + shlex.join(sys.argv[1:]), **provenance()},
                                    "limits": [dataclasses.asdict(r) for r in limit_runs],
                                    "slots": slot_records, "summary": lines}, indent=1) + "\n")
     for line in lines:

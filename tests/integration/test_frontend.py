@@ -184,6 +184,24 @@ def test_a_request_for_more_than_one_slot_or_a_chosen_slot_is_refused(tmp_path, 
                           json={**_chat_body("big", 100, True), field: fine}).status_code == 200
 
 
+def test_the_field_checks_hold_on_bodies_built_to_exhaust_the_regex_engine(tmp_path, gguf):
+    """1.8 MB of backslashes before an escaped `n`, and 1.8 MB of spaces between `"n":` and its
+    value: with backtracking patterns the first ran into PCRE2's match limit and passed (2.6.12);
+    the possessive ones refuse both, and a large ordinary body still passes."""
+    with two_model_pool(tmp_path, gguf, max_request_body=4 << 20) as (proxy, base):
+        url, headers = f"{base}/v1/chat/completions", {"Content-Type": "application/json"}
+        messages = '"messages":[{"role":"user","content":"%s"}]'
+        tricks = {"escaped n after backslashes": '{"model":"big",' + messages % ("\\\\" * 450_000) + ',"\\u006e":2}',
+                  "n after spaces": '{"model":"big",' + messages % "hi" + ',"n":' + " " * 1_800_000 + "2}"}
+        before = served(proxy)
+        for name, body in tricks.items():
+            answer = httpx.post(url, content=body.encode(), headers=headers, timeout=60)
+            assert answer.status_code == 400, (name, answer.text[:200])
+        assert served(proxy) == before
+        ordinary = '{"model":"big","max_tokens":2,' + messages % ("word " * 300_000) + "}"
+        assert httpx.post(url, content=ordinary.encode(), headers=headers, timeout=60).status_code == 200
+
+
 def test_http2_is_not_served_on_the_clear_text_frontend(tmp_path, gguf):
     """An HTTP/2 client (prior knowledge, as `curl --http2-prior-knowledge`) gets no HTTP/2: the
     slots an old worker may fill are counted one request per client connection."""
