@@ -86,7 +86,8 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
     Ablations for the comparison: no_delay=False drops `option http-no-delay`; `without` names
     directives to take out: "maxconn" (the per-server slot cap of default-server), "leastconn"
     (`balance roundrobin` instead), "server-close" (`option http-server-close`: HAProxy then keeps
-    idle server connections for reuse, benchmarks/server_close.py).
+    idle server connections for reuse, benchmarks/server_close.py), "body-checks" (the request body
+    checks by regular expression: benchmarks/body_checks.py).
     """
     port = free_port()
     deployment = config.parse({"name": "bench", "state_dir": str(folder),
@@ -104,6 +105,8 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
         text = re.sub(r"^(\s*default-server .*) maxconn \d+", r"\1", text, flags=re.MULTILINE)
     if "server-close" in without:
         text = re.sub(r"^\s*option http-server-close\n", "", text, flags=re.MULTILINE)
+    if "body-checks" in without:   # the checks of n, n_cmpl, id_slot, escapes, cache_prompt (#42)
+        text = re.sub(r"^\s*http-request return status 400 .* if \{ req\.body -m reg .*\n", "", text, flags=re.MULTILINE)
     if "leastconn" in without:
         text = re.sub(r"^(\s*)balance leastconn$", r"\1balance roundrobin", text, flags=re.MULTILINE)
     proxy = HAProxy(deployment, KEY)
