@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,12 +51,14 @@ def ttft(client: httpx.Client, url: str, body: bytes) -> float:
 def main(count: int, rounds: int, out: Path) -> None:
     """TTFT with and without the body checks (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="hpcserve-body-checks-"))   # HAProxy's sockets need a short path
+    click.echo(f"HAProxy and simulator files: {work}", err=True)
     results: dict[str, dict[str, list[dict]]] = {size: {"with": [], "without": []} for size in SIZES}
-    with simulator(out / "sim.log", 4, 1000, KEY, prefill_rate=1e9) as port:
+    with simulator(work / "sim.log", 4, 1000, KEY, prefill_rate=1e9) as port:
         proxies = {}
         try:
             for name, without in (("with", ()), ("without", ("body-checks",))):
-                proxies[name] = start_haproxy(out / f"haproxy-{name}", [port], parallel=4, without=without,
+                proxies[name] = start_haproxy(work / f"haproxy-{name}", [port], parallel=4, without=without,
                                               max_request_body=4 << 20)
             with httpx.Client(timeout=60) as client:
                 for r in range(rounds):
