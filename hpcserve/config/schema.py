@@ -355,6 +355,21 @@ class WebUI(_Strict):
     time_limit: str = Field(default="7-00:00:00", pattern=TIME_LIMIT_PATTERN)
     admin_email: str = Field(default="admin@localhost", pattern=EMAIL_PATTERN,
                              description="the admin account created at first start")
+    user_max_concurrent: int = Field(default=8, ge=1, le=4096,
+                                     description="requests one OpenWebUI user may have in service, queued or "
+                                                 "uploading at once; beyond, 429 to that user only")
+    user_requests_per_minute: int = Field(default=0, ge=0, le=100000,
+                                          description="requests one OpenWebUI user may send per minute (0: no limit)")
+    batch_users: list[str] = Field(default_factory=list,
+                                   description="e-mails of OpenWebUI users whose requests queue as batch")
+
+    @field_validator("batch_users")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(EMAIL_PATTERN, item):
+                raise ValueError(f"expected e-mail addresses such as ann@example.org, got {item!r}")
+        return value
 
     @field_validator("host")
     @classmethod

@@ -69,11 +69,11 @@ class Pool:
 
 @contextlib.contextmanager
 def pool(tmp_path: Path, gguf: Path, servers: int = 1, slots: int = 4, token_rate: float = 200,
-         gpus: int = 1, **haproxy):
+         gpus: int = 1, webui: dict | None = None, **haproxy):
     """HAProxy (auth: keys) over `servers` simulators of `slots` slots, started the way a reconcile
     step starts it (HAProxy.update); the deployment file is written for the CLI."""
     raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "keys",
-                                           **haproxy})
+                                           **haproxy}, **({"webui": webui} if webui else {}))
     raw["models"][0].update(parallel=slots, gpus={"count": gpus})
     path = write_deployment(tmp_path, raw)
     proxy = haproxy_for(raw, tmp_path, key=KEY)
@@ -392,6 +392,48 @@ def test_a_batch_request_is_not_starved_by_an_interactive_flood(tmp_path, gguf):
         assert left > 5, left                             # served while the flood went on
 
 
+def _with_webui_key(p: Pool) -> str:
+    """OpenWebUI's key, placed as `hpcserve webui` makes it and synced into HAProxy."""
+    webui_key = "w" * 43
+    (p.proxy.paths.root / "webui").mkdir(mode=0o700)
+    (p.proxy.paths.root / "webui" / "api.key").write_text(webui_key + "\n")
+    (p.proxy.paths.root / "webui" / "api.key").chmod(0o600)   # as secret_file makes it
+    p.proxy.sync_keys()   # what `hpcserve webui` does
+    return webui_key
+
+
+def test_each_openwebui_user_has_limits_of_their_own_and_batch_users_queue_as_batch(tmp_path, gguf):
+    """Ann holds webui.user_max_concurrent (3) streams open through OpenWebUI's key: her 4th
+    request gets 429 naming the OpenWebUI user, while Ben's is served at the same moment (before,
+    one user could take everything OpenWebUI's key may have, and every other user got 429). With
+    3 requests a minute, Ben's 4th gets 429 and Cy is still served; Dee, marked batch, is logged as
+    batch. Only OpenWebUI's key may name a user: another key's header is ignored."""
+    webui = {"user_max_concurrent": 3, "user_requests_per_minute": 3, "batch_users": ["dee@example.org"]}
+    with pool(tmp_path, gguf, slots=8, token_rate=20, webui=webui) as p:
+        key = _with_webui_key(p)
+        as_user = lambda user, tokens=2: chat(p.url, key, tokens, **{"X-OpenWebUI-User-Email": user})  # noqa: E731
+        with ThreadPoolExecutor(3) as executor:
+            held = [executor.submit(as_user, "ann@example.org", 60) for _ in range(3)]   # 3 s each at 20 tokens/s
+            deadline = time.monotonic() + 10
+            while sum(s.sessions for s in runtime.show_stat(p.proxy.paths.admin_socket)) < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            refused = as_user("ann@example.org")
+            assert refused.status_code == 429 and "OpenWebUI user at once (at most 3)" in refused.json()["error"]["message"]
+            assert as_user("ben@example.org").status_code == 200
+            assert [f.result().status_code for f in held] == [200, 200, 200]
+        assert [as_user("ben@example.org").status_code for _ in range(3)] == [200, 200, 429]   # 4 in the minute
+        assert as_user("cy@example.org").status_code == 200
+        assert as_user("dee@example.org").status_code == 200
+        alice = p.add_key("alice")
+        assert [chat(p.url, alice, **{"X-OpenWebUI-User-Email": "ben@example.org"}).status_code
+                for _ in range(2)] == [200, 200]                                    # not Ben's limit
+        records = p.records(13)
+        assert {(r["user"], r["class"]) for r in records if r["user"] == "dee@example.org"} == {("dee@example.org", "batch")}
+        assert {r["class"] for r in records if r["user"] == "cy@example.org"} == {"interactive"}
+        assert [r["status"] for r in records if r["user"] == "ann@example.org"].count(429) == 1
+
+
 def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
     """A mixed run: every request with a key is one access log line, rotated files included, and
     `hpcserve usage` totals equal the client-side counts exactly, per key, per model, per OpenWebUI
@@ -399,11 +441,7 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
     with pool(tmp_path, gguf, slots=4, token_rate=100, gpus=2, access_log_max_bytes=65536) as p:
         alice = p.add_key("alice")
         bob = p.add_key("bob", "--rate", "30")
-        webui_key = "w" * 43
-        (p.proxy.paths.root / "webui").mkdir(mode=0o700)
-        (p.proxy.paths.root / "webui" / "api.key").write_text(webui_key + "\n")
-        (p.proxy.paths.root / "webui" / "api.key").chmod(0o600)   # as secret_file makes it
-        p.proxy.sync_keys()   # what `hpcserve webui` does
+        webui_key = _with_webui_key(p)
         sent = {"alice": {"ok": 0, "invalid": 0}, "bob": {"ok": 0, "rate_limited": 0}, "openwebui": {"ok": 0}}
         users = {"ann@example.org": 0, "ben@example.org": 0, "-": 0}
         for i in range(300):
