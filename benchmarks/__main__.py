@@ -23,13 +23,13 @@ from pathlib import Path
 import click
 
 from benchmarks import calibrate, loadgen, metrics, report, scenarios, stress, systems
-from benchmarks.common import KEY, MODEL, ROOT, provenance, start_llama_server
+from benchmarks.common import KEY, MODEL, ROOT, dated, provenance, start_llama_server
 from benchmarks.workload import poisson
 
 SCENARIOS = {"a": scenarios.scenario_a, "b": scenarios.scenario_b, "c": scenarios.scenario_c,
              "d": scenarios.scenario_d, "e": scenarios.scenario_e, "f": scenarios.scenario_f,
              "g": scenarios.scenario_g, "h": scenarios.scenario_h}
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
+DEFAULT_OUT = dated("run")
 
 
 def _say(message: str) -> None:

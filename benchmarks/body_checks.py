@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import httpx
 
-from benchmarks.common import KEY, ROOT, percentile, provenance, start_haproxy
+from benchmarks.common import KEY, dated, percentile, provenance, start_haproxy
 from tests.conftest import simulator
 
 SIZES = {"1 KB": 1 << 10, "64 KB": 64 << 10, "1 MB": 1 << 20}
@@ -47,7 +47,7 @@ def ttft(client: httpx.Client, url: str, body: bytes) -> float:
               help="Requests per body size, HAProxy and round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=ROOT / "benchmarks" / "results" / "body-checks", show_default=True)
+              default=dated("body-checks"), show_default=True)
 def main(count: int, rounds: int, out: Path) -> None:
     """TTFT with and without the body checks (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)

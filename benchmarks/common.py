@@ -23,6 +23,13 @@ MODEL = ROOT / ".cache/models/gemma3-270m-q4_k_m.gguf"
 KEY = "benchmark-key"
 
 
+def dated(name: str) -> Path:
+    """Where a run of today writes by default: benchmarks/results/YYYY-MM-DD-NAME (a folder, or a
+    file when `name` has a suffix); results/INDEX.md maps published figures to such runs."""
+    import datetime
+    return ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{name}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -56,7 +56,7 @@ import httpx
 import psutil
 
 from benchmarks import loadgen, stats
-from benchmarks.common import KEY, MODEL, ROOT, percentile, start_haproxy, start_llama_server
+from benchmarks.common import KEY, MODEL, ROOT, dated, percentile, start_haproxy, start_llama_server
 from benchmarks.workload import Request
 from hpcserve.haproxy import runtime
 
@@ -134,7 +134,7 @@ def guidellm_figures(benchmark: dict, requested: int) -> dict:
     targeted_start; epoch seconds), with guidellm's own summary under "guidellm": {"ttft_p50",
     "ttft_p90", "itl_mean"} in seconds, and "errors": {"errored" or "incomplete": count}. Requests
     it did not complete or never sent count against "completed"; guidellm 0.8.1 left a trace's last
-    row out in 8 of the 10 runs of benchmarks/results/crosscheck.
+    row out in 8 of the 10 runs of benchmarks/results/2026-11-23-crosscheck.
 
     Raises:
         KeyError: the JSON lacks a field named above (another guidellm version's layout).
@@ -320,7 +320,7 @@ def trace_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = trace_parser("crosscheck", __doc__.split("\n\n")[0], ROOT / "benchmarks" / "results" / "crosscheck")
+    parser = trace_parser("crosscheck", __doc__.split("\n\n")[0], dated("crosscheck"))
     parser.add_argument("--resume", action="store_true", help="keep the runs in OUT/results.json made with the "
                         "same --count and --rate and make only the missing ones (more seeds, or after a failure)")
     args, results = trace_run(parser, argv)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import percentile, start_haproxy
+from benchmarks.common import dated, percentile, start_haproxy
 from benchmarks.systems import port_of, start_simulators
 from benchmarks.workload import Backend
 from hpcserve.access.keys import KeyRegistry
@@ -105,7 +105,7 @@ def main() -> None:
         rate = [r["batch_per_s"] for r in runs]
         report[name] = {"ttft_p50": p50, "ttft_p99": p99, "batch_per_s": rate}
         print(f"{name:<22} {_cell(p50):>22} {_cell(p99):>22} {statistics.median(rate):>12.1f}")
-    out = Path(__file__).parent / "results" / "priority.json"
+    out = dated("priority.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"(written to {out})")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 import httpx
 
-from benchmarks.common import KEY, MODEL, ROOT, provenance, start_llama_server
+from benchmarks.common import KEY, MODEL, dated, provenance, start_llama_server
 
 SYSTEM = ("You are the help desk assistant of a computing centre. " * 30).strip()
 QUESTIONS = ["How do I submit a job to the GPU partition?", "What is the time limit of the long queue?",
@@ -57,7 +57,7 @@ def turn(url: str, messages: list[dict]) -> tuple[float, dict, str]:
 @click.option("--conversations", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--turns", type=click.IntRange(min=1, max=len(QUESTIONS)), default=6, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=ROOT / "benchmarks" / "results" / "prompt-cache", show_default=True)
+              default=dated("prompt-cache"), show_default=True)
 def main(conversations: int, turns: int, out: Path) -> None:
     """Multi-turn TTFT with the prompt cache off and shared (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ latency it adds at high request rates.
 
     .venv/bin/python -m benchmarks.proxy_cost [--part cost|latency|both]
         [--systems hpcserve,haproxy-lc,nginx-lc,litellm] [--latency-systems hpcserve,haproxy-lc,nginx-lc]
-        [--rates 100,300,1000,2000,5000] [--seeds 5] [--window 20] [--out benchmarks/results/proxy-cost.json]
+        [--rates 100,300,1000,2000,5000] [--seeds 5] [--window 20] [--out benchmarks/results/YYYY-MM-DD-proxy-cost.json]
 
 The proxy under test (every process of it: HAProxy's master and worker, nginx's master and workers,
 LiteLLM's workers) is pinned to CPU 1 with sched_setaffinity (what `taskset -p` does); this
@@ -45,7 +45,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import loadgen, metrics, stats, systems
-from benchmarks.common import ROOT, free_port, rotated
+from benchmarks.common import ROOT, dated, free_port, rotated
 from benchmarks.workload import Backend, capacity, mean_tokens, poisson
 
 PROXY_CPU, CLIENT_CPU = {1}, {0}
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", default="100,300,1000,2000,5000", help="request rates of the latency part (per s)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of each part (each system once per seed)")
     parser.add_argument("--window", type=float, default=20.0, help="seconds of each run")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "proxy-cost.json")
+    parser.add_argument("--out", type=Path, default=dated("proxy-cost.json"))
     args = parser.parse_args(argv)
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise SystemExit("needs 2 CPUs: the proxy is pinned to CPU 1, everything else to CPU 0")

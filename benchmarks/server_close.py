@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks import stats
-from benchmarks.common import ROOT
+from benchmarks.common import dated
 from benchmarks.crosscheck import CLIENT_CPUS, one_run, trace, trace_parser, trace_run
 
 VARIANTS = ("as generated", "without http-server-close")
@@ -72,7 +72,7 @@ def write_report(results: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = trace_parser("server_close", __doc__.split("\n\n")[0], ROOT / "benchmarks" / "results" / "server-close")
+    parser = trace_parser("server_close", __doc__.split("\n\n")[0], dated("server-close"))
     args, results = trace_run(parser, argv)
     os.sched_setaffinity(0, CLIENT_CPUS)  # loadgen here, HAProxy as its child
     work = Path(tempfile.mkdtemp(prefix="hpcserve-server-close-", dir="/tmp"))

@@ -20,8 +20,8 @@ the lowest does not); the report gives its median over seeds with the bootstrap 
 (benchmarks/stats.py). A measured figure is one of the loads measured: 0.95 reads "at least
 0.95 of capacity, less than the next load measured".
 
-    python -m benchmarks.sweep --results benchmarks/results/a-sweep/results.json \\
-        --results benchmarks/results/a/results.json --out benchmarks/results/a-sweep
+    python -m benchmarks.sweep --results benchmarks/results/2026-11-23-a-sweep/results.json \\
+        --results benchmarks/results/2026-11-22-a/results.json --out benchmarks/results/2026-11-23-a-sweep
 """
 
 from __future__ import annotations
