@@ -76,11 +76,15 @@ def provenance() -> dict[str, object]:
         return next((line for line in lines if "version" in line.lower()), lines[0] if lines else None)
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:   # no git (a release root): the commit stays unknown
+            return ""
 
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    return {"commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+    commit = git("rev-parse", "--short", "HEAD")
+    return {"commit": (commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None,
             "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "platform": sys.platform},
             "versions": {"haproxy": first_line(["haproxy", "-v"]),
                          "llama-server": first_line([str(LLAMA_SERVER), "--version"])}}
