@@ -22,7 +22,7 @@ from benchmarks import systems
 from benchmarks.common import KEY
 from benchmarks.workload import Backend
 from hpcserve import config
-from hpcserve.llama import probe
+from hpcserve.control import observe
 from hpcserve.errors import SlurmError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy.process import HAProxy
@@ -120,7 +120,7 @@ def run(settings) -> list[dict]:
                    f"HAProxy started with 512 servers")
             seconds, outcome = _timed(lambda: reconciler.step(Desired(up=True, replicas={"m": BACKENDS})), repeat=3)
             record("reconcile step, nothing to change", seconds, "median of 3")
-            seconds, backends = _timed(lambda: probe.observe(deployment, scheduler, key=KEY, slots=True), repeat=3)
+            seconds, backends = _timed(lambda: observe.observe(deployment, scheduler, key=KEY, slots=True), repeat=3)
             ready = sum(1 for b in backends if b.slots_total)
             record("status probes, 512 backends", seconds, f"squeue + /health and /slots of {ready} backends, median of 3")
         else:

@@ -28,7 +28,7 @@ class PoolCollector(Collector):
     Args:
         deployment: the deployment.
         desired: its desired state.
-        backends: its jobs as observed (llama.probe.observe), or None when Slurm did not answer.
+        backends: its jobs as observed (control.observe.observe), or None when Slurm did not answer.
         table: the frontend stick table (runtime.show_table): key name (or source address with
             auth: open) -> {"use", "http_req_cnt", "http_err_cnt", "gpc0_rate(60000)"}; {} when
             HAProxy does not run.

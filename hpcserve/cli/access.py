@@ -22,7 +22,7 @@ from rich.table import Table
 from ..haproxy import accesslog
 from ..access import keys as keys_mod, metrics as metrics_mod, usage as usage_mod
 from .context import Context, deployment_lock, late_options, out, pass_ctx
-from ..llama.probe import observe
+from ..control.observe import observe
 from ..errors import ConfigError, HAProxyError, SlurmError
 from ..haproxy import runtime
 from ..haproxy.process import KEY_TABLE, HAProxy

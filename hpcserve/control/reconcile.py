@@ -33,7 +33,7 @@ from ..slurm import jobscript
 from ..config import Deployment
 from ..core.plan import Plan, effective_renew_before, plan
 from ..core.pool import Desired, Health, Replica
-from ..llama.probe import observe
+from .observe import observe
 from ..haproxy.process import HAProxy
 from ..slurm import Scheduler
 from ..errors import HpcserveError, WaitTimeout

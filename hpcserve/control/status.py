@@ -21,7 +21,7 @@ from ..config import Deployment
 from ..core.pool import Desired, Health, Replica, server_name
 from ..errors import SlurmError
 from ..haproxy.process import HAProxy
-from ..llama.probe import observe
+from .observe import observe
 from ..slurm import Scheduler
 from ..slurm.cli import format_duration
 from ..state import StateDir

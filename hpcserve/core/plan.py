@@ -64,7 +64,7 @@ def plan(models: Sequence[str], desired: Desired, replicas: Sequence[Replica],
     Args:
         models: the names of the deployment file's models, in its order (submissions follow it).
         desired: replicas wanted per model, and whether the deployment is up.
-        replicas: every job of the deployment as observed (llama.probe.observe), ended ones included.
+        replicas: every job of the deployment as observed (control.observe.observe), ended ones included.
         in_rotation: job ids of the servers in HAProxy now. Such a server stays while its job
             runs even if one probe failed (a busy server may answer slowly): HAProxy's own health
             checks take a dead one out of rotation within a few intervals, and a reload for every

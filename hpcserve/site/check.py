@@ -30,7 +30,7 @@ from ..errors import CommandError, ConfigError, HAProxyError, HpcserveError, Slu
 from ..haproxy import config as haproxy_config
 from ..haproxy.process import HAProxy
 from ..llama import builds
-from ..llama.probe import resolve
+from ..control.observe import resolve
 from ..slurm import Scheduler, jobscript
 from ..slurm import layout as layout_mod
 from ..state import StateDir, write_private

@@ -1,7 +1,7 @@
 """Rendering the batch script of one backend job (pure: no I/O beyond reading the template).
 
 A backend job runs one llama-server for one model, binds a port the kernel picks, and announces
-"endpoint=HOST:PORT" in its job comment, where `hpcserve.llama.probe` finds it through squeue.
+"endpoint=HOST:PORT" in its job comment, where `hpcserve.control.observe` finds it through squeue.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_one_busy_conversation_cannot_overload_its_server(pool):
 
 def test_while_servers_are_full_no_request_is_refused(haproxy_bin, gguf, tmp_path):
     """24 clients sending at once to 4 servers of 1 slot (1-token answers), 6 of them in 3
-    conversations, for 40 s (~10,000 requests): every request is answered 200.
+    conversations, for 20 s (~5,000 requests): every request is answered 200.
 
     With the bound as the servers' maxqueue 1 (before), two requests could pick the same full
     server at once (leastconn takes a server while served + queue < maxconn + maxqueue) and the
@@ -90,11 +90,13 @@ def test_while_servers_are_full_no_request_is_refused(haproxy_bin, gguf, tmp_pat
     "SQ", backend.c srv_redispatch_connect). Measured on HAProxy 2.6 with that config: this test
     failed with 2 such 503s of 16,963 requests in 60 s (and two 40 s runs of like loads had 2
     each), so it catches the bug most times, not every time; with the bound as a condition on the stick
-    rule, none. Seen first as 1 in ~4,100 requests of the 200-stream e2e test.
+    rule, none. Seen first as 1 in ~4,100 requests of the 200-stream e2e test. 20 s (40 s until
+    2026-12-07, to keep .ci/run's time) still sends more requests than the one in ~4,100 that first
+    showed the fault; the stress harness runs the long version of such loads.
     """
     statuses: collections.Counter[int] = collections.Counter()
     with affinity_pool(tmp_path, gguf, slots=1, servers=4, token_rate=2000) as (proxy, url):
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + 20
 
         def loop(conversation: str | None) -> None:
             with httpx.Client(timeout=60) as client:

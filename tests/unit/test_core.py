@@ -43,10 +43,9 @@ PACKAGE = CORE.parent
 #: access/, site/, clients/, cli/).
 BASE = {"core", "config", "state", "proc", "templates", "errors", "releases"}
 ADAPTERS = ("slurm", "haproxy", "llama")
-#: Known exceptions, each to go: the HAProxy adapter renders the key map itself (keys.key_map; the
-#: Reconciler should hand it in, as it hands in the HAProxy factory), and the replica observation
-#: (squeue joined with /health) sits beside the /health probe though it belongs in control/.
-EXCEPTIONS = {("haproxy/process.py", "access"), ("llama/probe.py", "slurm")}
+#: Known exception, to go: the HAProxy adapter renders the key map itself (keys.key_map; the
+#: Reconciler should hand it in, as it hands in the HAProxy factory).
+EXCEPTIONS = {("haproxy/process.py", "access")}
 
 
 def _hpcserve_imports(path: Path, package: tuple[str, ...]) -> set[str]:

@@ -10,7 +10,7 @@ from hpcserve import config
 from hpcserve.core.jobs import Job, JobState
 from hpcserve.core.plan import plan, effective_renew_before
 from hpcserve.core.pool import Desired, Health, Replica
-from hpcserve.llama.probe import parse_endpoint
+from hpcserve.control.observe import parse_endpoint
 from tests.conftest import minimal
 
 MODELS = ("a", "b")   # the deployment's model names, in its order
