@@ -225,8 +225,9 @@ class Membership:
         if state == "weight":
             # The leaving map first: a server's conversations stop sticking to it before its weight
             # drops (and one returning to rotation is unmarked with its weight set again).
-            live_map = runtime.show_map(self.paths.admin_socket, self.paths.leaving_map_file) or {}
-            marks = map_commands(str(self.paths.leaving_map_file), live_map, leaving_map(wanted))
+            live_map = runtime.show_map(self.paths.admin_socket, self.paths.leaving_map_file)
+            if live_map is not None:   # None: a worker whose config predates the map (the reload brings it)
+                marks = map_commands(str(self.paths.leaving_map_file), live_map, leaving_map(wanted))
         self._send(list(change.added) + marks + list(change.commands))
 
     def _send(self, commands: list[str]) -> None:
