@@ -261,7 +261,7 @@ def write_report(results: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     s = summary(results["records"])
-    lines = [f"# Cross-check: guidellm and loadgen on the same traces\n",
+    lines = ["# Cross-check: guidellm and loadgen on the same traces\n",
              f"{results['meta']['command']} (started {results['meta']['started']}"
              + "".join(f", resumed {at}" for at in results["meta"].get("resumed", []))
              + f", {results['meta']['machine']}); "

@@ -11,7 +11,6 @@ and most requests waiting inside it)}.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
