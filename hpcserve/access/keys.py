@@ -250,6 +250,3 @@ def key_map(deployment: Deployment) -> dict[str, str] | None:
     return entries
 
 
-def map_text(entries: dict[str, str]) -> str:
-    """The map file: one "digest value" line per key, sorted (the same keys give the same text)."""
-    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))

@@ -82,9 +82,9 @@ def observe(deployment: Deployment, scheduler: Scheduler, *, key: str | None = N
             replicas.append(Replica(job, model, address=address, port=endpoint[1] if address else None,
                                     health=Health.UNREACHABLE, warned=bool(_LEAVING.search(job.comment))))
     models = {m.name: m for m in deployment.models}
-    check = None if admitted is None else {
+    check = {} if admitted is None else {
         r.job.job_id: models[r.model] for r in replicas if r.job.job_id not in admitted and r.model in models}
-    return asyncio.run(probe_all(replicas, key, probe_timeout, slots, check or {}))
+    return asyncio.run(probe_all(replicas, key, probe_timeout, slots, check))
 
 
 def resolve(host: str) -> str | None:

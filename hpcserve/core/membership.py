@@ -89,6 +89,12 @@ def leaving_map(wanted: Mapping[tuple[str, str], Server]) -> dict[str, str]:
     return {f"{backend}/{name}": "1" for (backend, name), server in sorted(wanted.items()) if server.draining}
 
 
+def map_text(entries: Mapping[str, str]) -> str:
+    """A map file HAProxy loads: one "key value" line per entry, sorted (the same entries give the
+    same text, so an unchanged map leaves its file alone)."""
+    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
+
+
 def map_commands(map_file: str, live: Mapping[str, str], wanted: Mapping[str, str]) -> list[str]:
     """Runtime API commands that turn the map `live` (key -> value) into `wanted`: removals first,
     then changes, then additions (HAProxy 2.6 management guide: del map, set map, add map)."""

@@ -27,7 +27,8 @@ def leaving_state(deployment: Deployment) -> str:
     (measured: 37 broken streams with 200 streams through 20 pool changes). MAINT took none, but
     on HAProxy 3.0.11 a state change while a sticky request waits in the server's own queue gives
     it that request over its maxconn (core.membership.leave); so with affinity a leaving server
-    gets weight 0 and loses its stick-table entries instead, and keeps its state. Without a stick
+    gets weight 0 and a line in the leaving map that the stick match skips, and keeps its state.
+    Without a stick
     table no request waits in a server's own queue; DRAIN keeps the health check running, so
     `status` still shows whether a leaving backend is alive.
     """

@@ -27,7 +27,7 @@ from . import accesslog
 from ..access import keys
 from .. import proc, releases
 from ..config import Deployment
-from ..core.membership import map_commands, within_slots
+from ..core.membership import map_commands, map_text, within_slots
 from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError
 from ..state import HAProxyFiles, write_private
@@ -160,8 +160,7 @@ class HAProxy:
         text = render(self.deployment, servers)
         base = render(self.deployment, [])
         if self.deployment.haproxy.affinity_header:   # what a new worker loads (Membership.sync: the running one)
-            _write_if_changed(self.paths.leaving_map_file,
-                              "".join(f"{k} {v}\n" for k, v in self.membership.leaving_map(servers).items()))
+            _write_if_changed(self.paths.leaving_map_file, map_text(self.membership.leaving_map(servers)))
         try:
             accesslog.ensure_writer(self.deployment)
         except OSError as exc:
@@ -253,7 +252,7 @@ class HAProxy:
     def _write_key_map(self) -> dict[str, str] | None:
         entries = keys.key_map(self.deployment)
         if entries is not None:
-            _write_if_changed(self.paths.keys_map_file, keys.map_text(entries))
+            _write_if_changed(self.paths.keys_map_file, map_text(entries))
         return entries
 
     def sync_keys(self) -> int:

@@ -9,7 +9,7 @@ import pytest
 from hpcserve import config
 from hpcserve.access import keys, usage
 from hpcserve.errors import ConfigError, HpcserveError
-from hpcserve.core.membership import map_commands
+from hpcserve.core.membership import map_commands, map_text
 from hpcserve.state import StateDir
 from tests.conftest import minimal
 
@@ -75,7 +75,7 @@ def test_key_map_holds_every_accepted_key_once(tmp_path, gguf):
     entries = keys.key_map(d)
     names = sorted(v.split("|")[0] for v in entries.values())
     assert names == ["alice", "file-" + keys.digest("file-key-0123456789abcdefghijklmn")[:8], "owner"]
-    assert keys.map_text(entries).count("\n") == 3 and "o" * 43 not in keys.map_text(entries)
+    assert map_text(entries).count("\n") == 3 and "o" * 43 not in map_text(entries)
     open_pool = deployment(tmp_path, gguf, auth="open")
     assert keys.key_map(open_pool) is None and keys.accepted_keys(open_pool) == []
 
