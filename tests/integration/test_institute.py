@@ -302,10 +302,13 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
         assert len(plotted) >= 8 and plotted <= series, plotted - series
 
 
+CHATS = 12
+
+
 def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
-    """A batch key keeps 150 requests in flight on 16 slots (a queue of about 4 s); 20 chats sent
-    meanwhile wait at most one slot's turnover (the longest time a request held a slot), not behind
-    the flood."""
+    """A batch key keeps 150 requests in flight on 16 slots (a queue of about 4 s); 12 chats sent
+    meanwhile, one after the other, wait at most one slot's turnover (the longest time a request
+    held a slot), not behind the flood (each chat ~1 s: 20 until 2026-12-07)."""
     with pool(tmp_path, gguf, servers=2, slots=8, token_rate=20, batch_delay=30, timeout_queue=60) as p:
         batch = p.add_key("batch-user", "--class", "batch", "--max-concurrent", "150")
         person = p.add_key("person")
@@ -328,7 +331,7 @@ def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
                 batch_tasks = [asyncio.create_task(batch_client()) for _ in range(150)]
                 await asyncio.sleep(3)       # the queue is full of batch requests now
                 chats = []
-                for _ in range(20):          # a person: one chat after the other
+                for _ in range(CHATS):       # a person: one chat after the other
                     chats.append(await one(person))
                 # A client may lower its own priority, never raise it.
                 lowered = await one(person, **{"X-Priority-Class": "batch"})
@@ -336,8 +339,8 @@ def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
                 return [c for codes in await asyncio.gather(*batch_tasks) for c in codes], chats, lowered
 
         batch_codes, chat_codes, lowered = asyncio.run(flood())
-        assert set(batch_codes) == {200} and chat_codes == [200] * 20 and lowered == 200
-        records = p.records(len(batch_codes) + 21)
+        assert set(batch_codes) == {200} and chat_codes == [200] * CHATS and lowered == 200
+        records = p.records(len(batch_codes) + CHATS + 1)
         person_records = [r for r in records if r["key"] == "person"]
         chat_waits = [r["Tw"] / 1000 for r in person_records if r["class"] == "interactive"]
         batch_waits = [r["Tw"] / 1000 for r in records if r["key"] == "batch-user"]
@@ -353,7 +356,7 @@ def test_interactive_chats_go_before_a_batch_flood(tmp_path, gguf, capsys):
         # A chat waits for one slot to free (100 ms for scheduling on a busy 2-core machine).
         assert chat_p99 <= turnover + 0.1
         # The lowered request went in with the batch requests (it waited like them).
-        assert [r["class"] for r in person_records] == ["interactive"] * 20 + ["batch"]
+        assert [r["class"] for r in person_records] == ["interactive"] * CHATS + ["batch"]
         assert person_records[-1]["Tw"] / 1000 > 4 * turnover
 
 
