@@ -139,8 +139,29 @@ class StateDir:
 
     @property
     def access_log(self) -> Path:
-        """The access log (rotated ones: access.log.1 ... .N, the highest the oldest; accesslog.py)."""
+        """The access log of requests that reached a replica (rotated ones: access.log.1 ... .N, the
+        highest the oldest; older ones wait in expired_logs_dir to be folded into the usage ledger;
+        accesslog.py)."""
         return self.logs_dir / "access.log"
+
+    @property
+    def unbilled_log(self) -> Path:
+        """The access log of requests HAProxy answered itself (the model list, 429, 400, 404, 413,
+        503: no replica held a slot for them), rotated apart (unbilled.log.1 ... .N, then deleted) so that a flood
+        of refusals cannot rotate the billed lines away (accesslog.py)."""
+        return self.logs_dir / "unbilled.log"
+
+    @property
+    def expired_logs_dir(self) -> Path:
+        """Access logs rotated past access_log_files, each access-<ns>.log, until the usage ledger
+        has their totals (access/ledger.py)."""
+        return self.logs_dir / "expired"
+
+    @property
+    def usage_ledger(self) -> Path:
+        """Hourly usage totals of the expired access logs, one JSON line per folded file
+        (access/ledger.py)."""
+        return self.logs_dir / "usage-ledger.jsonl"
 
     @property
     def access_writer_files(self) -> tuple[Path, Path]:

@@ -66,7 +66,8 @@ class Row:
         requests: requests received (answered or not).
         ok: requests answered successfully (status < 400, not cut).
         errors: error kind -> count (see kind()).
-        queue_p50_ms, queue_p99_ms: queue wait (Tw) of requests that were queued, ms; None if none.
+        queue_p50_ms, queue_p99_ms: queue wait (Tw) of requests that were queued, ms, over those
+            still in the access log (not the ledger's); None if none.
         slot_seconds: busy slot-seconds.
         gpu_hours: GPU-hours (slot-seconds x gpus.count / parallel / 3600, per model).
         bytes_out: response bytes sent to clients.
@@ -92,10 +93,16 @@ def _percentile(values: list[int], q: int) -> float | None:
 
 
 def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
-              since: float | None = None, until: float | None = None) -> list[Row]:
+              since: float | None = None, until: float | None = None,
+              archived: Iterable[dict] = ()) -> list[Row]:
     """Usage rows grouped `by` "key", "model" or "user", for requests that started in
     [since, until) (epoch seconds; None: unbounded), sorted by GPU-hours then name.
 
+    Args:
+        records: access log lines (haproxy/accesslog.py records()).
+        archived: the usage ledger's hourly buckets (access/ledger.py buckets()) of lines no
+            longer in the access log; a bucket counts when its hour starts in [since, until).
+            Queue percentiles are over `records` only.
     Raises:
         ValueError: `by` is not one of GROUPINGS.
     """
@@ -104,27 +111,38 @@ def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
     models = {m.name: m for m in deployment.models}
     rows: dict[str, Row] = {}
     waits: dict[str, list[int]] = {}
-    for record in records:
-        started = float(record.get("time", 0))
-        if (since is not None and started < since) or (until is not None and started >= until):
-            continue
-        model = model_of(record)
-        name = model if by == "model" else str(record.get(by, "-"))
+
+    def inside(started: float) -> bool:
+        return not ((since is not None and started < since) or (until is not None and started >= until))
+
+    def add(group: dict, model: str, requests: int, ok: int, errors: dict[str, int], held: float,
+            bytes_out: int) -> Row:
+        name = model if by == "model" else str(group.get(by, "-"))
         row = rows.setdefault(name, Row(name))
-        row.requests += 1
-        outcome = kind(record)
-        if outcome == "ok":
-            row.ok += 1
-        else:
-            row.errors[outcome] = row.errors.get(outcome, 0) + 1
-        if int(record.get("Tw", -1)) >= 0:
-            waits.setdefault(name, []).append(int(record["Tw"]))
-        held = slot_seconds(record)
+        row.requests += requests
+        row.ok += ok
+        for outcome, count in errors.items():
+            row.errors[outcome] = row.errors.get(outcome, 0) + count
         row.slot_seconds += held
         if model in models and held:
             m = models[model]
             row.gpu_hours += held * m.gpus.count / m.parallel / 3600
-        row.bytes_out += max(0, int(record.get("bytes_out", 0)))
+        row.bytes_out += bytes_out
+        return row
+
+    for bucket in archived:
+        if inside(float(bucket["hour"])):
+            add(bucket, str(bucket["model"]), int(bucket["requests"]), int(bucket["ok"]),
+                {str(k): int(v) for k, v in bucket["errors"].items()}, float(bucket["slot_seconds"]),
+                int(bucket["bytes_out"]))
+    for record in records:
+        if not inside(float(record.get("time", 0))):
+            continue
+        outcome = kind(record)
+        row = add(record, model_of(record), 1, int(outcome == "ok"), {} if outcome == "ok" else {outcome: 1},
+                  slot_seconds(record), max(0, int(record.get("bytes_out", 0))))
+        if int(record.get("Tw", -1)) >= 0:
+            waits.setdefault(row.name, []).append(int(record["Tw"]))
     for name, row in rows.items():
         row.queue_p50_ms = _percentile(waits.get(name, []), 50)
         row.queue_p99_ms = _percentile(waits.get(name, []), 99)

@@ -20,7 +20,7 @@ from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
 from ..haproxy import accesslog
-from ..access import keys as keys_mod, metrics as metrics_mod, usage as usage_mod
+from ..access import keys as keys_mod, ledger, metrics as metrics_mod, usage as usage_mod
 from .context import Context, deployment_lock, late_options, out, pass_ctx
 from ..control.observe import observe
 from ..errors import ConfigError, HAProxyError, SlurmError
@@ -182,9 +182,17 @@ def usage(ctx: Context, since: float | None, until: float | None, by: str, as_cs
     \b
     GPU-hours: a request holds one of a job's `parallel` slots, and the job `gpus.count` GPUs,
     from the backend's connection to the response's end; slot-seconds x gpus.count / parallel.
+    Access logs rotated out count from the usage ledger (by the hour; queue waits over the lines
+    still logged); requests HAProxy answered itself (429, 400, ...) only while their own log
+    (unbilled.log) keeps them.
     """
     deployment = ctx.deployment
-    rows = usage_mod.summarize(accesslog.records(deployment), deployment, by, since, until)
+    try:
+        ledger.fold(deployment)
+    except OSError as e:   # the expired files then count from where they are
+        ctx.say(f"warning: the usage ledger was not updated: {e}")
+    with ledger.reading(deployment) as (archived, records):
+        rows = usage_mod.summarize(records, deployment, by, since, until, archived)
     data = [dataclasses.asdict(r) for r in rows]
     if ctx.as_json:
         click.echo(json.dumps({"by": by, "since": since, "until": until, "rows": data}, indent=2))

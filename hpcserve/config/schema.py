@@ -298,7 +298,9 @@ class HAProxy(_Strict):
     access_log_max_bytes: int = Field(default=100 << 20, ge=1 << 16,
                                       description="bytes of access.log before it is rotated to access.log.1")
     access_log_files: int = Field(default=10, ge=1, le=1000,
-                                  description="rotated access logs kept (access.log.1 ... access.log.N)")
+                                  description="rotated access logs kept (access.log.1 ... access.log.N, "
+                                              "and as many unbilled.log); older billed ones are folded into "
+                                              "the usage ledger, not deleted")
 
     @property
     def batch_delay_or_default(self) -> float:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from ..access import ledger
 from ..slurm import jobscript
 from ..config import Deployment
 from ..core.plan import Plan, effective_renew_before, plan
@@ -177,6 +178,10 @@ class Reconciler:
             if applied != written:
                 self.state.write_step(applied)
         self.state.write_desired(desired)
+        try:   # access logs rotated out since the last step: their totals into the usage ledger
+            ledger.fold(self.deployment)
+        except OSError as e:   # they wait in logs/expired/ and count from there meanwhile
+            self._report(f"warning: the usage ledger was not updated: {e}")
         outcome = Outcome(tuple(replicas), the_plan, tuple(submitted), change, sessions)
         for line in describe(outcome):
             self._report(line)

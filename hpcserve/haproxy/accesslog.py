@@ -6,8 +6,12 @@ manual 4.2 "log": unbuffered, one writev() per line, atomic on a pipe up to PIPE
 and counted in DroppedLogs when it would block). hpcserve makes that descriptor a named pipe in the
 private state directory, enlarged to PIPE_BYTES (open_pipe, HAProxy.start); the master passes it
 to every worker through reloads. The writer started here reads the pipe and appends the lines
-through Python's RotatingFileHandler (access.log, access.log.1 ... .N); other lines HAProxy logs
-there (its alerts, "Proxy ... stopped") go to logs/haproxy.log. A line waits in the pipe while the
+through Python's RotatingFileHandler: a request that reached a replica (its server a job, so it
+held a slot and is billed) to access.log (access.log.1 ... .N, then expired/, never deleted here:
+the usage ledger folds it, access/ledger.py); one HAProxy answered itself (the model list, 429,
+400, 404, 413, 503) to unbilled.log (unbilled.log.1 ... .N, then deleted), so that a key holder's
+flood of refusals rotates only unbilled lines away. Other lines HAProxy logs there (its alerts, "Proxy ... stopped") go
+to logs/haproxy.log. A line waits in the pipe while the
 writer is busy or restarting; were the writer gone for long, the pipe would fill and HAProxy drop
 lines, which is why every step of hpcserve restarts a writer that is not running.
 
@@ -16,7 +20,7 @@ a bare kernel), so a burst of 300 requests logged 142 lines; and not a ring buff
 stream socket (HAProxy `ring`): an old worker exits without sending what its ring still holds, and
 so lost the line of every stream that ended on it after a reload (measured, 2.6.12).
 
-Run as `python -m hpcserve.haproxy.accesslog PIPE FILE MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
+Run as `python -m hpcserve.haproxy.accesslog PIPE STATE_DIR MAX_BYTES BACKUPS HAPROXY_PID_FILE` (by `ensure_writer`).
 """
 
 from __future__ import annotations
@@ -96,16 +100,46 @@ def log_file(deployment: Deployment) -> Path:
     return StateDir(deployment.state_dir).access_log
 
 
+def reached_replica(record: dict) -> bool:
+    """Whether a logged request reached a replica (HAProxy's server for it is a job, "job<ID>"),
+    so held one of its slots; else HAProxy answered it itself ("<NOSRV>", a 429, 400, 404 ...)."""
+    return str(record.get("server", "")).startswith("job")
+
+
+class KeepingHandler(logging.handlers.RotatingFileHandler):
+    """A RotatingFileHandler that moves its oldest file (FILE.N) into `expired_dir` as
+    access-<epoch ns>.log instead of deleting it (Python's handler deletes it on rollover)."""
+
+    def __init__(self, file: Path, max_bytes: int, backups: int, expired_dir: Path):
+        super().__init__(file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self.expired_dir = expired_dir
+
+    def doRollover(self) -> None:   # noqa: N802 (logging's name)
+        oldest = Path(f"{self.baseFilename}.{self.backupCount}")
+        if oldest.exists():
+            self.expired_dir.mkdir(mode=0o700, exist_ok=True)
+            os.replace(oldest, self.expired_dir / f"access-{time.time_ns()}.log")
+        super().doRollover()
+
+
+def _rotated(current: Path) -> list[Path]:
+    """current.N ... current.1, current (the oldest first)."""
+    numbered = [p for p in current.parent.glob(current.name + ".*") if p.suffix[1:].isdigit()]
+    return sorted(numbered, key=lambda p: int(p.suffix[1:]), reverse=True) + [current]
+
+
 def _pid_file(deployment: Deployment) -> Path:
     return StateDir(deployment.state_dir).access_writer_files[0]
 
 
 def writer_pid(deployment: Deployment) -> int | None:
-    """The pid of this deployment's log writer if it runs, else None."""
+    """The pid of this deployment's log writer if it runs, else None (a writer started before
+    2026-12-07 names the access log, not the state dir, and is recognised too)."""
     try:
         pid = int(_pid_file(deployment).read_text().split()[0])
         process = psutil.Process(pid)
-        if "hpcserve.haproxy.accesslog" in process.cmdline() and str(log_file(deployment)) in process.cmdline() \
+        argv = process.cmdline()
+        if "hpcserve.haproxy.accesslog" in argv and {str(deployment.state_dir), str(log_file(deployment))} & set(argv) \
                 and process.status() != psutil.STATUS_ZOMBIE:
             return pid
     except (OSError, ValueError, IndexError, psutil.Error):
@@ -125,7 +159,7 @@ def ensure_writer(deployment: Deployment) -> bool:
     settings = deployment.haproxy
     pipe = paths(deployment).access_log_fifo
     os.close(open_pipe(pipe))   # made (and checked) before the writer reads it
-    argv = [sys.executable, "-m", "hpcserve.haproxy.accesslog", str(pipe), str(log_file(deployment)),
+    argv = [sys.executable, "-m", "hpcserve.haproxy.accesslog", str(pipe), str(deployment.state_dir),
             str(settings.access_log_max_bytes), str(settings.access_log_files), str(paths(deployment).pid_file)]
     error_file = StateDir(deployment.state_dir).access_writer_files[1]
     with open(os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as errors:
@@ -160,16 +194,21 @@ def _haproxy_alive(pid_file: Path) -> bool:
         return False
 
 
-def serve(pipe: Path, file: Path, max_bytes: int, backups: int, haproxy_pid_file: Path) -> None:
-    """Read lines from the named pipe `pipe` and append each JSON one to `file`, rotating it at
-    `max_bytes` bytes and keeping `backups` older files; other lines (HAProxy's alerts) go to
-    haproxy.log beside it. Returns on SIGTERM or SIGINT, or once the HAProxy of `haproxy_pid_file`
-    has been gone for ORPHAN_GRACE seconds (killed, or stopped without hpcserve): the next step
-    that starts HAProxy starts a writer again. What is in the pipe then stays for the next writer."""
+def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid_file: Path) -> None:
+    """Read lines from the named pipe `pipe` and append each JSON one to the access log of
+    `state_dir` (StateDir.access_log, KeepingHandler) when it reached a replica, else to its
+    unbilled log (StateDir.unbilled_log), each rotated at `max_bytes` bytes with `backups` older
+    files; other lines (HAProxy's alerts) go to haproxy.log beside them. Returns on SIGTERM or
+    SIGINT, or once the HAProxy of `haproxy_pid_file` has been gone for ORPHAN_GRACE seconds
+    (killed, or stopped without hpcserve): the next step that starts HAProxy starts a writer again.
+    What is in the pipe then stays for the next writer."""
     os.umask(0o077)
-    handler = logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups,
+    state = StateDir(state_dir)
+    served = KeepingHandler(state.access_log, max_bytes, backups, state.expired_logs_dir)
+    unbilled = logging.handlers.RotatingFileHandler(state.unbilled_log, maxBytes=max_bytes, backupCount=backups,
                                                    encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    for handler in (served, unbilled):
+        handler.setFormatter(logging.Formatter("%(message)s"))
     running = True
 
     def stop(_signum, _frame):
@@ -181,7 +220,7 @@ def serve(pipe: Path, file: Path, max_bytes: int, backups: int, haproxy_pid_file
     pending = b""
     last_seen = time.monotonic()
     try:
-        with open(file.parent / "haproxy.log", "ab") as alerts:
+        with open(state.logs_dir / "haproxy.log", "ab") as alerts:
             while running:
                 try:
                     ready, _, _ = select.select([fd], [], [], 1.0)
@@ -201,34 +240,52 @@ def serve(pipe: Path, file: Path, max_bytes: int, backups: int, haproxy_pid_file
                 for raw in lines:
                     line = raw.decode("utf-8", errors="replace")
                     if line.startswith("{"):
+                        try:
+                            record = json.loads(line)
+                        except ValueError:
+                            record = None   # a site template's own format: kept with the billed lines
+                        handler = unbilled if isinstance(record, dict) and not reached_replica(record) else served
                         handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
                     elif line:
                         alerts.write(raw + b"\n")
                 alerts.flush()
     finally:
-        handler.close()
+        served.close()
+        unbilled.close()
         os.close(fd)
 
 
+def expired_files(deployment: Deployment) -> list[Path]:
+    """The access logs rotated past access_log_files and not yet folded into the usage ledger
+    (STATE_DIR/logs/expired/access-<ns>.log), the oldest first."""
+    folder = StateDir(deployment.state_dir).expired_logs_dir
+    return sorted(folder.glob("access-*.log"), key=lambda p: (len(p.name), p.name))
+
+
+def read_file(path: Path) -> Iterator[dict]:
+    """The JSON object lines of one access log file (none if it is gone); other lines (a site
+    template's own format, a line cut by a crash) are skipped."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+    except FileNotFoundError:
+        return
+
+
 def records(deployment: Deployment) -> Iterator[dict]:
-    """The access log's requests, oldest file first (access.log.N ... access.log), as dicts with
-    the keys of the log-format in haproxy.cfg.j2. Lines that are not JSON objects (a site template
-    with another format, a line cut by a crash) are skipped."""
-    current = log_file(deployment)
-    rotated = sorted(current.parent.glob(current.name + ".*"),
-                     key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1, reverse=True)
-    for path in [p for p in rotated if p.suffix[1:].isdigit()] + [current]:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict):
-                        yield record
-        except FileNotFoundError:
-            continue
+    """The access log's requests as dicts with the keys of the log-format in haproxy.cfg.j2: those
+    that reached a replica (the expired files not yet in the ledger, then access.log.N ...
+    access.log), then those HAProxy answered itself (unbilled.log.N ... unbilled.log); each file's
+    lines in the order they were written."""
+    state = StateDir(deployment.state_dir)
+    for path in expired_files(deployment) + _rotated(state.access_log) + _rotated(state.unbilled_log):
+        yield from read_file(path)
 
 
 if __name__ == "__main__":

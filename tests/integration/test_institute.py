@@ -54,11 +54,12 @@ class Pool:
         return json.loads(result.stdout)["key"]
 
     def records(self, count: int, timeout: float = 10) -> list[dict]:
-        """The access log's lines, once it holds `count` (the writer gets them a moment later)."""
+        """The access log's lines (accesslog.records: billed ones, then those HAProxy answered
+        itself), once it holds `count` (the writer gets them a moment later)."""
+        from hpcserve.haproxy import accesslog
         deadline = time.monotonic() + timeout
         while True:
-            lines = [json.loads(line) for path in sorted(self.proxy.paths.root.glob("logs/access.log*"))
-                     for line in path.read_text().splitlines()]
+            lines = list(accesslog.records(self.proxy.deployment))
             if len(lines) >= count or time.monotonic() > deadline:
                 return lines
             time.sleep(0.1)
@@ -441,17 +442,21 @@ def test_each_openwebui_user_has_limits_of_their_own_and_batch_users_queue_as_ba
 def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
     """A mixed run: every request with a key is one access log line, rotated files included, and
     `hpcserve usage` totals equal the client-side counts exactly, per key, per model, per OpenWebUI
-    user; requests without a valid key are counted by `metrics`, not logged."""
-    with pool(tmp_path, gguf, slots=4, token_rate=100, gpus=2, access_log_max_bytes=65536) as p:
+    user; requests without a valid key are counted by `metrics`, not logged. The log keeps two
+    files of 64 KiB: the billed lines rotated past them are folded into the usage ledger and still
+    counted; then another key holder's 3,000 requests that HAProxy refuses (404) rotate only the
+    unbilled lines: every served request, slot-second and GPU-hour is still counted."""
+    with pool(tmp_path, gguf, slots=4, token_rate=100, gpus=2, access_log_max_bytes=65536, access_log_files=1) as p:
         alice = p.add_key("alice")
         bob = p.add_key("bob", "--rate", "30")
         webui_key = _with_webui_key(p)
         sent = {"alice": {"ok": 0, "invalid": 0}, "bob": {"ok": 0, "rate_limited": 0}, "openwebui": {"ok": 0}}
         users = {"ann@example.org": 0, "ben@example.org": 0, "-": 0}
-        for i in range(300):
-            answer = chat(p.url, alice, **{"X-OpenWebUI-User-Email": "forged@example.org"})
-            sent["alice"]["ok"] += answer.status_code == 200
-            users["-"] += 1
+        with ThreadPoolExecutor(4) as executor:   # 500 lines: more than the two files of 64 KiB hold
+            for answer in executor.map(lambda _: chat(p.url, alice, **{"X-OpenWebUI-User-Email": "forged@example.org"}),
+                                       range(500)):
+                sent["alice"]["ok"] += answer.status_code == 200
+                users["-"] += 1
         for i in range(40):
             answer = chat(p.url, bob)
             sent["bob"]["ok" if answer.status_code == 200 else "rate_limited"] += 1
@@ -474,7 +479,8 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
         records = p.records(total)
         assert len(records) == total
         assert [(r["key"], r["user"]) for r in records if r["model"] == hostile] == [("alice", "-")] * 20
-        assert (p.proxy.paths.root / "logs" / "access.log.1").exists()     # rotated at 64 KiB, none lost
+        logs = p.proxy.paths.root / "logs"
+        assert list((logs / "expired").iterdir())     # rotated past the two files kept, none lost
         assert 'hpcserve_unauthenticated_requests_total{deployment="t",source="::ffff:127.0.0.1"} 10.0' in p.hpcserve("metrics").stdout
 
         report = json.loads(p.hpcserve("usage", "--json").stdout)
@@ -487,15 +493,41 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
         assert by_user == users    # a forged user header from another key is not accounted
         by_model = json.loads(p.hpcserve("usage", "--by", "model", "--json").stdout)["rows"]
         served = [r for r in by_model if r["name"] == "m"][0]
-        assert served["requests"] == 300 + 40 - 10 + 30    # the 429s were refused before the body was read
+        assert served["requests"] == 500 + 40 - 10 + 30    # the 429s were refused before the body was read
         # Each served request held a slot for its 2-5 tokens at 100 tokens/s; GPU-hours are
         # slot-seconds x 2 GPUs / 4 slots.
-        assert 360 * 0.02 <= served["slot_seconds"] <= 360 * 0.5
+        assert 560 * 0.02 <= served["slot_seconds"] <= 560 * 0.5
+        assert not list((logs / "expired").iterdir()) and (logs / "usage-ledger.jsonl").exists()   # folded
         assert served["gpu_hours"] == pytest.approx(served["slot_seconds"] * 2 / 4 / 3600)
         future = p.hpcserve("usage", "--since", "2999-01-01", "--json")
         assert json.loads(future.stdout)["rows"] == []
         csv_lines = p.hpcserve("usage", "--csv").stdout.splitlines()
         assert csv_lines[0].startswith("key,requests,ok,errors") and len(csv_lines) == 1 + len(sent)
+
+        # A key holder floods requests HAProxy answers itself: only unbilled lines rotate away.
+        mallory = p.add_key("mallory", "--max-concurrent", "64")
+
+        def flood(count: int) -> collections.Counter:   # on one connection (httpx's async pool is slow
+            with httpx.Client(headers={"Authorization": f"Bearer {mallory}"}) as client:   # with thousands)
+                return collections.Counter(client.post(f"{p.url}/v1/chat/completions", json={"model": "nope"}).status_code
+                                           for _ in range(count))
+
+        with ThreadPoolExecutor(4) as executor:
+            assert sum(executor.map(flood, [750] * 4), collections.Counter()) == {404: 3000}
+        # One more after the flood: once its line is written, so is every line of the flood (one pipe).
+        assert httpx.post(f"{p.url}/v1/chat/completions", json={"model": "flood-end"},
+                          headers={"Authorization": f"Bearer {mallory}"}).status_code == 404
+        deadline = time.monotonic() + 10
+        while not any(r["model"] == "flood-end" for r in p.records(0, timeout=0)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        after = {r["name"]: r for r in json.loads(p.hpcserve("usage", "--json").stdout)["rows"]}
+        for name in sent:
+            assert {k: after[name][k] for k in ("ok", "slot_seconds", "gpu_hours")} == \
+                {k: by_key[name][k] for k in ("ok", "slot_seconds", "gpu_hours")}, (name, after[name])
+        assert [r for r in json.loads(p.hpcserve("usage", "--by", "model", "--json").stdout)["rows"]
+                if r["name"] == "m"][0] == served
+        assert after["mallory"]["requests"] < 3000    # unbilled lines rotate: two files of 64 KiB
 
 
 def test_a_redispatched_request_is_one_readable_access_log_line_and_counted_by_usage(tmp_path, gguf):
@@ -549,12 +581,11 @@ def test_haproxy_started_where_descriptor_3_is_free_still_logs_to_the_pipe(tmp_p
         try:
             assert accesslog.holds_pipe(proxy.pid(), proxy.paths.access_log_fifo)
             assert httpx.get(f"http://127.0.0.1:{raw['haproxy']['port']}/v1/models").status_code == 200
-            log = proxy.paths.root / "logs" / "access.log"
-            deadline = time.monotonic() + 10
-            while not (log.exists() and log.read_text().strip()):
+            deadline = time.monotonic() + 10   # the model list: HAProxy's answer, in unbilled.log
+            while not (records := list(accesslog.records(proxy.deployment))):
                 assert time.monotonic() < deadline, "no access log line"
                 time.sleep(0.1)
-            assert json.loads(log.read_text().splitlines()[-1])["status"] == 200
+            assert records[-1]["status"] == 200 and records[-1]["server"] == "<NOSRV>"
         finally:
             proxy.stop(timeout=5)
             accesslog.stop_writer(proxy.deployment)

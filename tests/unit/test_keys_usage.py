@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -170,6 +171,82 @@ def test_records_read_rotated_files_oldest_first_and_skip_broken_lines(tmp_path,
     for suffix, t in ((".2", 1), (".1", 2), ("", 3), (".10", 0)):
         (logs / f"access.log{suffix}").write_text(json.dumps(record(time=t)) + "\n{cut\n[1]\n")
     assert [r["time"] for r in accesslog.records(d)] == [0, 1, 2, 3]
+
+
+def test_records_read_expired_then_billed_then_refused_files(tmp_path, gguf):
+    from hpcserve.haproxy import accesslog
+    d = deployment(tmp_path, gguf)
+    logs = tmp_path / "state" / "logs"
+    (logs / "expired").mkdir(parents=True)
+    for name, t in (("expired/access-900.log", 1), ("expired/access-1000.log", 2), ("access.log.1", 3),
+                    ("access.log", 4), ("unbilled.log.1", 5), ("unbilled.log", 6), ("expired/other.log", 99)):
+        (logs / name).write_text(json.dumps(record(time=t)) + "\n")
+    assert [r["time"] for r in accesslog.records(d)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_oldest_billed_log_expires_instead_of_being_deleted(tmp_path):
+    import logging
+    from hpcserve.haproxy.accesslog import KeepingHandler
+    handler = KeepingHandler(tmp_path / "access.log", 100, 1, tmp_path / "expired")
+    for i in range(12):   # 60-byte lines, 100 bytes a file: a rollover every line or two
+        handler.emit(logging.makeLogRecord({"msg": f"{i:02d}" + "x" * 57, "args": None}))
+    handler.close()
+    kept = sorted(tmp_path.glob("access.log*")) + sorted((tmp_path / "expired").iterdir())
+    lines = sorted(line for path in kept for line in path.read_text().splitlines())
+    assert [line[:2] for line in lines] == [f"{i:02d}" for i in range(12)]   # not one line deleted
+    assert len(list((tmp_path / "expired").iterdir())) >= 5
+
+
+def test_only_requests_that_reached_a_replica_are_billed_lines():
+    from hpcserve.haproxy.accesslog import reached_replica
+    assert reached_replica(record(server="job12"))
+    assert not any(reached_replica(record(server=s)) for s in ("<NOSRV>", "", "-", "openwebui_users"))
+
+
+def _expire(d, name: str, records: list[dict]) -> None:
+    folder = d.state_dir / "logs" / "expired"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_ledger_counts_expired_logs_as_the_lines_did_exactly_once(tmp_path, gguf):
+    from hpcserve.access import ledger
+    d = deployment(tmp_path, gguf)
+    old = [record(time=3600 * 5 + i, key=k, Ta=1000 + i, bytes_out=10 * i, status=s, server=srv)
+           for i, (k, s, srv) in enumerate([("alice", 200, "job7"), ("bob", 200, "job8"), ("alice", 429, "<NOSRV>"),
+                                            ("alice", 200, "job7")])]
+    old.append(record(time=3600 * 7, key="bob", model="cpu", backend="model_cpu"))
+    _expire(d, "access-1.log", old)
+    live = [record(time=3600 * 8, key="alice")]
+    (d.state_dir / "logs" / "access.log").write_text(json.dumps(live[0]) + "\n")
+    by_lines = usage.summarize(old + live, d)
+
+    assert ledger.fold(d) == 1 and not list((d.state_dir / "logs" / "expired").iterdir())
+    assert d.state_dir.joinpath("logs", "usage-ledger.jsonl").stat().st_mode & 0o077 == 0
+    with ledger.reading(d) as (archived, records):
+        by_ledger = usage.summarize(records, d, archived=archived)
+    drop = ("queue_p50_ms", "queue_p99_ms")
+    assert [{k: v for k, v in dataclasses.asdict(r).items() if k not in drop} for r in by_ledger] == \
+        [{k: v for k, v in dataclasses.asdict(r).items() if k not in drop} for r in by_lines]
+    # A fold cut after its append, before the delete: the file comes back, it is not counted twice.
+    _expire(d, "access-1.log", old)
+    assert ledger.fold(d) == 0 and not list((d.state_dir / "logs" / "expired").iterdir())
+    with ledger.reading(d) as (archived, records):
+        assert usage.summarize(records, d, archived=archived) == by_ledger
+        # by the hour the requests started: [5h, 6h) holds the first four, not the 7h one
+        window = {r.name: r.requests for r in usage.summarize(records, d, since=3600 * 5, until=3600 * 6,
+                                                              archived=archived)}
+    assert window == {"alice": 3, "bob": 1}
+
+
+def test_a_ledger_line_cut_by_a_crash_is_skipped_and_its_file_folded_again(tmp_path, gguf):
+    from hpcserve.access import ledger
+    d = deployment(tmp_path, gguf)
+    _expire(d, "access-2.log", [record()])
+    (d.state_dir / "logs" / "usage-ledger.jsonl").write_text('{"file":"access-2.log","buck')
+    assert ledger.fold(d) == 1
+    with ledger.reading(d) as (archived, records):
+        assert [r.requests for r in usage.summarize(records, d, archived=archived)] == [1]
 
 
 def test_batch_delay_must_be_shorter_than_the_queue_timeout(tmp_path, gguf):
