@@ -15,6 +15,7 @@ import httpx
 
 from hpcserve import config
 from hpcserve.haproxy import config as haproxy_config
+from hpcserve.access.keys import serving_haproxy
 from hpcserve.haproxy.process import HAProxy
 from hpcserve.state import StateDir
 
@@ -120,7 +121,7 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
         text = re.sub(r"^\s*http-request return status 400 .* if \{ req\.body -m reg .*\n", "", text, flags=re.MULTILINE)
     if "leastconn" in without:
         text = re.sub(r"^(\s*)balance leastconn$", r"\1balance roundrobin", text, flags=re.MULTILINE)
-    proxy = HAProxy(deployment, KEY)
+    proxy = serving_haproxy(deployment, KEY)
     # With auth: keys the stats page asks for a key too: the owner key, made here.
     owner = StateDir(folder).api_key() if deployment.haproxy.auth == "keys" else None
     proxy.apply(text)

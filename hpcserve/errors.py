@@ -56,7 +56,7 @@ class HAProxyError(HpcserveError):
 
 
 class WaitTimeout(HpcserveError):
-    """A wait (for a ready backend, for a drain) ran past its deadline."""
+    """A wait (for a ready replica, for a drain) ran past its deadline."""
 
     exit_code = 5
 

@@ -144,11 +144,11 @@ def haproxy_for(raw: dict, base: Path, key: str = "k"):
     Without a reconcile step nobody makes the owner key, so the frontend is open unless `raw`
     sets haproxy.auth (tests/integration/test_frontend.py checks the keys).
     """
-    from hpcserve.haproxy.process import HAProxy
+    from hpcserve.access.keys import serving_haproxy
     raw = {**raw, "haproxy": {"auth": "open", **raw.get("haproxy", {})}}
     deployment = config.parse(raw, base=base)
     (deployment.state_dir / "logs").mkdir(mode=0o700, parents=True)
-    return HAProxy(deployment, key)
+    return serving_haproxy(deployment, key)
 
 
 @pytest.fixture(scope="session")

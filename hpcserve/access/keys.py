@@ -31,6 +31,7 @@ from ..config import Deployment, read_api_keys
 from ..errors import ConfigError, HpcserveError
 from ..state import MIN_KEY_CHARS, StateDir, read_secret, write_private
 from ..clients.webui import key_file as webui_key_file
+from ..haproxy.process import HAProxy
 
 #: Priority classes: interactive requests leave HAProxy's queue before batch ones (see haproxy.batch_delay).
 PRIORITY_CLASSES = ("interactive", "batch")
@@ -248,5 +249,12 @@ def key_map(deployment: Deployment) -> dict[str, str] | None:
     for key in accepted_keys(deployment):
         entries.setdefault(key.sha256, key.map_value(deployment))
     return entries
+
+
+def serving_haproxy(deployment: Deployment, backend_key: str) -> HAProxy:
+    """The deployment's HAProxy, with its key map read from the accepted keys (key_map) at each
+    config write and key sync: the one to start, reload or change (HAProxy(deployment, "")
+    reads only)."""
+    return HAProxy(deployment, backend_key, key_map=lambda: key_map(deployment))
 
 

@@ -73,7 +73,7 @@ def _locked(ctx: Context, change):
     date; returns (change's result, where it took effect)."""
     with deployment_lock(ctx, timeout=60):
         result = change()
-        haproxy = HAProxy(ctx.deployment, "")
+        haproxy = keys_mod.serving_haproxy(ctx.deployment, "")
         haproxy.sync_keys()
     return result, ("in effect now" if haproxy.running() else "in effect when the pool starts")
 

@@ -17,7 +17,7 @@ from ..clients import batch as batch_mod
 from ..clients import webui as webui_mod
 from .context import Context, deployment_lock, err, late_options, out, pass_ctx
 from ..errors import HpcserveError
-from ..haproxy.process import HAProxy
+from ..access.keys import serving_haproxy
 from ..state import StateDir
 
 
@@ -32,7 +32,7 @@ from ..state import StateDir
 @click.option("--model", "model_name", help="Model for rows that name none [default: the first model].")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Limit for rows that set none.")
 @click.option("--concurrency", type=click.IntRange(min=1, max=4096),
-              help="Requests in flight [default: the free slots of the model's ready backends].")
+              help="Requests in flight [default: the free slots of the model's ready replicas].")
 @click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
               help="Retries of a request that failed before any answer (with backoff).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
@@ -135,4 +135,4 @@ def webui(ctx: Context, print_env: bool, stop: bool, print_sbatch: bool, timeout
 def _sync_keys(ctx: Context) -> None:
     """Bring the running HAProxy's key map up to date (keys.py), under the deployment lock."""
     with deployment_lock(ctx, timeout=60):
-        HAProxy(ctx.deployment, "").sync_keys()
+        serving_haproxy(ctx.deployment, "").sync_keys()

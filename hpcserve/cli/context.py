@@ -87,7 +87,7 @@ class Context:
                 self.say(f"waiting: {line}")
             last[0] = line
 
-        with err.status("waiting for ready backends", spinner="dots") as spinner:
+        with err.status("waiting for ready replicas", spinner="dots") as spinner:
             return self.reconciler().wait_ready(wanted, outcome, timeout, on_progress=show)
 
     def print_summary(self, outcome: Outcome, message: str) -> None:

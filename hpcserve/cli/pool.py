@@ -59,12 +59,12 @@ drain_option = click.option(
 @cli.command()
 @late_options
 @click.option("--wait/--no-wait", default=True, show_default=True,
-              help="Wait until every model has a ready backend.")
+              help="Wait until every model has a ready replica.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
-              help="Seconds to wait for ready backends (queue wait plus model load).")
+              help="Seconds to wait for ready replicas (queue wait plus model load).")
 @pass_ctx
 def up(ctx: Context, wait: bool, timeout: float) -> None:
-    """Start the pool: submit the jobs, start HAProxy, wait for ready backends.
+    """Start the pool: submit the jobs, start HAProxy, wait for ready replicas.
 
     Sets the desired replicas of every model to the deployment file's `replicas`. Running it
     again is harmless: only what is missing is submitted.
@@ -83,14 +83,14 @@ def up(ctx: Context, wait: bool, timeout: float) -> None:
 @click.argument("replicas", type=click.IntRange(min=0, max=1024))
 @click.option("--model", "model_name", help="The model to scale (needed when there are several).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
-              help="Wait until the model has REPLICAS ready backends.")
+              help="Wait until the model has REPLICAS ready replicas.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
               help="Seconds to wait with --wait.")
 @drain_option
 @pass_ctx
 def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeout: float,
           drain_timeout: float | None) -> None:
-    """Grow or shrink the pool of one model to REPLICAS backend jobs.
+    """Grow or shrink the pool of one model to REPLICAS replicas (llama-server jobs).
 
     Shrinking drains first: a leaving server takes no new request, finishes the ones it has (or
     reaches --drain-timeout), and only then is its job cancelled.

@@ -37,7 +37,7 @@ def _default_llama_server() -> str:
 @click.option("--model-name", help="The model id clients ask for [default: from the file name].")
 @click.option("--replicas", type=click.IntRange(min=0, max=1024), help="Backend jobs [default: 1; asked].")
 @click.option("--gpus", type=click.IntRange(min=1, max=64), default=1, show_default=True, help="GPUs per replica.")
-@click.option("--partition", help="Partition for the backends [default: the GPU partition Slurm offers].")
+@click.option("--partition", help="Partition for the replicas [default: the GPU partition Slurm offers].")
 @click.option("--gpu-type", help="Gres type [default: the partition's most common].")
 @click.option("--time-limit", help="Job time limit, within the partition's MaxTime [default: 1 day or MaxTime].")
 @click.option("--account", help="Slurm account [default: yours].")
@@ -74,7 +74,7 @@ def init(ctx: Context, gguf: Path | None, model_name: str | None, replicas: int 
     cluster = layout_mod.read()
     if options["partition"] is None and ask and len(site.gpu_partitions(cluster)) > 1:
         choices = [p.name for p in site.gpu_partitions(cluster)]
-        options["partition"] = click.prompt("partition for the backends", type=click.Choice(choices),
+        options["partition"] = click.prompt("partition for the replicas", type=click.Choice(choices),
                                             default=site.choose_partition(cluster, None).name, err=True)
     if gguf is None:
         if not ask:
@@ -144,7 +144,7 @@ def check(ctx: Context, with_job: bool, timeout: float) -> None:
     checks = check_mod.preflight(deployment, scheduler)
     if with_job:
         if deployment.scheduler == "local":
-            checks.append(check_mod.Check("job", check_mod.PASS, "scheduler: local runs backends on this host; "
+            checks.append(check_mod.Check("job", check_mod.PASS, "scheduler: local runs replicas on this host; "
                                           "the checks above cover it"))
         else:
             checks += check_mod.job_check(deployment, scheduler, timeout, on_progress=ctx.say)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from ..access import ledger
+from ..access.keys import serving_haproxy
 from ..slurm import jobscript
 from ..config import Deployment
 from ..core.plan import Plan, effective_renew_before, plan
@@ -81,13 +82,13 @@ class Reconciler:
     Args:
         deployment: the validated deployment file.
         scheduler: the Slurm adapter.
-        haproxy: makes the deployment's HAProxy from (deployment, backend key); HAProxy itself
-            unless a test records the calls.
+        haproxy: makes the deployment's HAProxy from (deployment, backend key);
+            access.keys.serving_haproxy (HAProxy with the key map) unless a test records the calls.
         report: gets one human line per change a step made (describe()); the CLI prints them.
     """
 
     def __init__(self, deployment: Deployment, scheduler: Scheduler,
-                 haproxy: Callable[[Deployment, str], HAProxy] = HAProxy,
+                 haproxy: Callable[[Deployment, str], HAProxy] = serving_haproxy,
                  report: Callable[[str], None] = _ignore):
         self.deployment = deployment
         self.scheduler = scheduler
@@ -276,7 +277,7 @@ class Reconciler:
         return self.run_until(
             done, outcome, deadline=time.monotonic() + timeout, interval=2.0,
             on_progress=lambda o: on_progress(progress_text(o)),
-            on_timeout=lambda o: WaitTimeout(f"no ready backend within {timeout:g} s ({progress_text(o)}); "
+            on_timeout=lambda o: WaitTimeout(f"no ready replica within {timeout:g} s ({progress_text(o)}); "
                                              "the jobs stay queued, see `hpcserve status`"))
 
     def wait_ended(self, timeout: float) -> None:

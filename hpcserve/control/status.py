@@ -1,4 +1,4 @@
-"""The pool as `hpcserve status` reports it: what Slurm, the backends, HAProxy and OpenWebUI say
+"""The pool as `hpcserve status` reports it: what Slurm, the replicas, HAProxy and OpenWebUI say
 now, gathered once into a PoolStatus whose `to_json()` is the documented `status --json` shape,
 and print_report() its text form.
 
@@ -28,8 +28,9 @@ from ..state import StateDir
 
 
 @dataclasses.dataclass(frozen=True)
-class BackendStatus:
-    """One job of the deployment that has not ended, with its llama-server and HAProxy server.
+class ReplicaStatus:
+    """One replica (a job of the deployment that has not ended), with its llama-server and HAProxy
+    server.
 
     Attributes:
         job_id, model, state (squeue's job state), node (None while pending), reason (squeue's
@@ -101,7 +102,7 @@ class PoolStatus:
             (the owner key is None before the first `up`; api_keys_file None when not configured).
         haproxy, webui: see HAProxyStatus, WebUIStatus.
         models: model name -> ModelStatus, in the deployment file's order.
-        backends: the jobs that have not ended, by job id; [] when Slurm did not answer.
+        replicas: the jobs that have not ended, by job id; [] when Slurm did not answer.
         slurm_error: Slurm's error when it did not answer, else None.
         last_autoscale: model -> its last autoscale decision record (autoscaler.last_decisions).
     """
@@ -112,18 +113,20 @@ class PoolStatus:
     auth: dict[str, str | None]
     haproxy: HAProxyStatus
     models: dict[str, ModelStatus]
-    backends: list[BackendStatus]
+    replicas: list[ReplicaStatus]
     slurm_error: str | None
     last_autoscale: dict[str, dict]
     webui: WebUIStatus
 
     def to_json(self) -> dict[str, Any]:
-        """The `hpcserve status --json` document: these fields, nested as plain JSON objects."""
-        return dataclasses.asdict(self)
+        """The `hpcserve status --json` document: these fields, nested as plain JSON objects, and
+        "backends", the replicas under their name before 2026-12-07 (kept for one release)."""
+        document = dataclasses.asdict(self)
+        return {**document, "backends": document["replicas"]}
 
 
 def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
-    """Ask Slurm (one squeue), every backend (/health, /slots), HAProxy (one `show stat`) and
+    """Ask Slurm (one squeue), every replica (/health, /slots), HAProxy (one `show stat`) and
     OpenWebUI (/health) once. A Slurm failure is reported in `slurm_error`, never raised."""
     state = StateDir(deployment.state_dir)
     haproxy = HAProxy(deployment, "")
@@ -143,7 +146,7 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
         if b.health is Health.ENDED:
             continue
         s = servers.get(server_name(b.job.job_id))
-        rows.append(BackendStatus(
+        rows.append(ReplicaStatus(
             job_id=b.job.job_id, model=b.model, state=b.job.state.value, node=b.job.node,
             endpoint=b.endpoint, health=b.health.value, slots_busy=b.slots_busy, slots_total=b.slots_total,
             build=b.build or record.builds.get(b.job.job_id), refusal=b.refusal,
@@ -163,28 +166,28 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
     return PoolStatus(deployment=deployment.name, url=deployment.url, up=desired.up, auth=auth,
                       haproxy=HAProxyStatus(running=haproxy.running(), pid=haproxy.pid(),
                                             dropped_log_lines=haproxy.dropped_log_lines()),
-                      models=models, backends=rows, slurm_error=slurm_error,
+                      models=models, replicas=rows, slurm_error=slurm_error,
                       last_autoscale=autoscaler.last_decisions(deployment.state_dir),
                       webui=WebUIStatus(url=webui_url, up=webui.answers(webui_url + "/health")))
 
 
-def up_message(deployment: Deployment, desired: Desired, backends: tuple[Replica, ...]) -> str:
-    """`hpcserve up`'s last line: the URL, which backends are still coming, where the API key is."""
+def up_message(deployment: Deployment, desired: Desired, replicas: tuple[Replica, ...]) -> str:
+    """`hpcserve up`'s last line: the URL, which replicas are still coming, where the API key is."""
     key_hint = (f"; API key in {StateDir(deployment.state_dir).api_key_file} (`hpcserve status` shows it)"
                 if deployment.haproxy.auth != "open" else " (open: no API key needed)")
-    return f"pool is up: {deployment.url}" + still_coming(deployment, desired, backends) + key_hint
+    return f"pool is up: {deployment.url}" + still_coming(deployment, desired, replicas) + key_hint
 
 
-def still_coming(deployment: Deployment, desired: Desired, backends: tuple[Replica, ...]) -> str:
-    """The summary's tail when some wanted backends are not ready yet: they join HAProxy later.
+def still_coming(deployment: Deployment, desired: Desired, replicas: tuple[Replica, ...]) -> str:
+    """The summary's tail when some wanted replicas are not ready yet: they join HAProxy later.
 
-    A backend enters HAProxy only at a reconcile step that finds it ready (core/plan.py), so the ones
+    A replica enters HAProxy only at a reconcile step that finds it ready (core/plan.py), so the ones
     still loading when `up` returns join at the next `hpcserve reconcile` (what cron runs).
     """
     short = []
     for m in deployment.models:
         wanted = desired.replicas_of(m.name)
-        ready = sum(1 for b in backends if b.model == m.name and b.health is Health.READY)
+        ready = sum(1 for b in replicas if b.model == m.name and b.health is Health.READY)
         if ready < wanted:
             short.append(f"{m.name} {ready}/{wanted} ready")
     if not short:
@@ -195,7 +198,7 @@ def still_coming(deployment: Deployment, desired: Desired, backends: tuple[Repli
 
 def print_report(report: PoolStatus, out: Console, err: Console) -> None:
     """`hpcserve status` without --json: a summary per deployment and model on `out`, then one table
-    row per backend; a Slurm failure on `err`."""
+    row per replica; a Slurm failure on `err`."""
     h = report.haproxy
     out.print(f"deployment [bold]{report.deployment}[/]: {'up' if report.up else 'down'}, "
               f"URL {report.url}, HAProxy {'running (pid %s)' % h.pid if h.running else 'not running'}")
@@ -219,19 +222,19 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
     if report.slurm_error:
         err.print(f"[red]Slurm is not answering:[/] {report.slurm_error}")
         return
-    if not report.backends:
+    if not report.replicas:
         return
     table = Table(box=None, pad_edge=False)
     for column in ("JOB", "MODEL", "STATE", "NODE", "ENDPOINT", "HEALTH", "SLOTS", "BUILD", "SESS", "QUEUE",
                    "SERVED", "TIME LEFT"):
         table.add_column(column)
-    for r in report.backends:
+    for r in report.replicas:
         table.add_row(r.job_id, r.model, r.state, r.node or r.reason, r.endpoint or "-", r.health,
                       f"{r.slots_busy}/{r.slots_total}" if r.slots_total is not None else "-", r.build or "-",
                       _dash(r.sessions), _dash(r.queued), _dash(r.served),
                       "-" if r.time_left_s is None else format_duration(r.time_left_s))
     out.print(table)
-    for r in report.backends:
+    for r in report.replicas:
         if r.refusal:
             err.print(f"[red]job {r.job_id} refused:[/] {escape(r.refusal)}", highlight=False)
 

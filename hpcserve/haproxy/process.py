@@ -18,18 +18,17 @@ import shlex
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
 
 from . import accesslog
-from ..access import keys
 from .. import proc, releases
 from ..config import Deployment
 from ..core.membership import map_commands, map_text, within_slots
 from ..core.pool import Server, job_id_of
-from ..errors import CommandError, HAProxyError
+from ..errors import CommandError, HAProxyError, HpcserveError
 from ..state import HAProxyFiles, write_private
 from . import runtime
 from .membership import Membership
@@ -58,10 +57,16 @@ class HAProxy:
         deployment: the deployment (bind address, port, binary, state directory).
         backend_key: the key HAProxy adds to every forwarded request (passed through its
             environment, never its command line or config file).
+        key_map: returns the key map's entries (digest -> "name|class|..."; access/keys.py
+            key_map), None when the frontend is open; read at each update, apply and sync_keys.
+            Without it only what reads HAProxy works (status, stats); writing a config of a
+            deployment with keys raises HpcserveError.
     """
 
-    def __init__(self, deployment: Deployment, backend_key: str):
+    def __init__(self, deployment: Deployment, backend_key: str,
+                 key_map: Callable[[], dict[str, str] | None] | None = None):
         self.deployment = deployment
+        self._key_map = key_map
         self.paths: HAProxyFiles = paths(deployment)
         self._argv0 = shlex.split(deployment.haproxy.command)
         self._env = {**os.environ, KEY_ENV: backend_key}
@@ -250,14 +255,18 @@ class HAProxy:
             (self.paths.root / old).unlink(missing_ok=True)
 
     def _write_key_map(self) -> dict[str, str] | None:
-        entries = keys.key_map(self.deployment)
+        if self._key_map is None:
+            if self.deployment.haproxy.auth == "open":
+                return None
+            raise HpcserveError(f"internal: HAProxy of {self.deployment.name} made without its key map")
+        entries = self._key_map()
         if entries is not None:
             _write_if_changed(self.paths.keys_map_file, map_text(entries))
         return entries
 
     def sync_keys(self) -> int:
         """Make the key map file and the running workers' key maps hold the accepted keys
-        (keys.key_map): a key added, changed or revoked counts from the next request, no reload.
+        (the key_map given): a key added, changed or revoked counts from the next request, no reload.
 
         Old workers (from before a reload) are changed too: they still answer requests on their
         open keep-alive connections. Returns the number of runtime commands sent.

@@ -28,7 +28,7 @@ from ..config import Deployment, Model
 from ..core.jobs import JobState
 from ..errors import CommandError, ConfigError, HAProxyError, HpcserveError, SlurmError, TemplateError
 from ..haproxy import config as haproxy_config
-from ..haproxy.process import HAProxy
+from ..access.keys import serving_haproxy
 from ..llama import builds
 from ..control.observe import resolve
 from ..slurm import Scheduler, jobscript
@@ -173,7 +173,7 @@ def haproxy_checks(deployment: Deployment) -> list[Check]:
         return [Check("haproxy", FAIL, f"{settings.command}: {refusal}",
                       f"install HAProxy {minimum} or newer, or set haproxy.command to it", kind="haproxy")]
     checks = [Check("haproxy", PASS, f"HAProxy {releases.text(release)} (hpcserve needs {minimum} or newer)")]
-    haproxy = HAProxy(deployment, "")
+    haproxy = serving_haproxy(deployment, "")   # validate writes the served files, the key map too
     try:
         haproxy.validate(haproxy_config.render(deployment, []))
         checks.append(Check("haproxy.cfg", PASS, "haproxy -c accepts the rendered config"))

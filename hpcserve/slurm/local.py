@@ -91,7 +91,7 @@ class LocalScheduler(Scheduler):
             taken = {g for r in records if self._alive(r) for g in r.get("gpus", [])}
             free = [g for g in self.gpus if g not in taken]
             if len(free) < self.gpus_per_job:
-                raise SlurmError(f"local.gpus: all of {self.gpus} are in use by running backends")
+                raise SlurmError(f"local.gpus: all of {self.gpus} are in use by running replicas")
             devices = free[: self.gpus_per_job]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         script_path = self.root / f"{job_id}.sh"

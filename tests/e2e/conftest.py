@@ -69,7 +69,7 @@ class Pool:
         """
         deadline = time.monotonic() + timeout
         while True:
-            rows = self.status()["backends"]
+            rows = self.status()["replicas"]
             if sum(1 for r in rows if (r["haproxy_status"] or "").startswith("UP")) >= count:
                 return rows
             assert time.monotonic() < deadline, rows

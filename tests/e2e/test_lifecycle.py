@@ -36,7 +36,7 @@ def test_a_load_ramp_grows_the_pool_and_it_shrinks_back_after(pool_factory):
     load = Load(pool.url, pool.model_name, api_key=pool.api_key, clients=16, max_tokens=(30, 50), duration=120).start()
     deadline = time.monotonic() + 90
     try:
-        while desired(pool) < 3 or len([b for b in pool.status()["backends"] if b["health"] == "ready"]) < 3:
+        while desired(pool) < 3 or len([b for b in pool.status()["replicas"] if b["health"] == "ready"]) < 3:
             assert time.monotonic() < deadline, decisions(pool)[-3:]
             pool.ok("autoscale")
             time.sleep(1)
@@ -139,7 +139,7 @@ def test_a_warned_job_leaves_rotation_before_it_ends(pool_factory):
         time.sleep(0.5)
 
     pool.ok("reconcile")   # drains the warned server and submits its successor
-    rows = {b["job_id"]: b for b in pool.status()["backends"]}
+    rows = {b["job_id"]: b for b in pool.status()["replicas"]}
     assert rows[victim]["haproxy_status"].startswith("DRAIN") and len(pool.active_jobs()) == 3
 
     deadline = time.monotonic() + 60

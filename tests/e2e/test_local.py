@@ -25,19 +25,19 @@ def test_local_pool_up_chat_kill_down(tmp_path, real_model, haproxy_bin):
         pool.wait_in_rotation(2, timeout=120)
         status = pool.status()
         assert status["models"][pool.model_name]["ready"] == 2
-        assert {b["node"] for b in status["backends"]} == {"local"}
+        assert {b["node"] for b in status["replicas"]} == {"local"}
         reply = pool.client().chat.completions.create(model=pool.model_name, max_tokens=8,
                                                       messages=[{"role": "user", "content": "Hello"}])
         assert reply.usage.completion_tokens > 0
 
-        victim = status["backends"][0]
+        victim = status["replicas"][0]
         server = next(p for p in pool.llama_processes()
                       if any(c.laddr.port == int(victim["endpoint"].rsplit(":", 1)[1]) for c in p.net_connections()))
         os.kill(server.pid, signal.SIGKILL)
         deadline = time.monotonic() + 120
         while True:
             pool.ok("reconcile")
-            ready = {b["job_id"] for b in pool.status()["backends"] if b["health"] == "ready"}
+            ready = {b["job_id"] for b in pool.status()["replicas"] if b["health"] == "ready"}
             if len(ready) == 2 and victim["job_id"] not in ready:
                 break
             assert time.monotonic() < deadline, pool.status()

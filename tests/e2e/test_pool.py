@@ -47,13 +47,15 @@ def test_up_chat_scale_down(pool_factory):
     # Wait until HAProxy routes to both, then load both: leastconn with maxconn 2 spreads the work.
     pool.wait_in_rotation(2)
     # A cluster user who finds a backend port cannot use it: no key, 401.
-    endpoint = pool.status()["backends"][0]["endpoint"]
+    endpoint = pool.status()["replicas"][0]["endpoint"]
     direct = httpx.post(f"http://{endpoint}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert direct.status_code == 401
     with ThreadPoolExecutor(8) as executor:
         replies = list(executor.map(lambda _: chat(client, pool.model_name, max_tokens=24), range(8)))
     assert all(r.usage.completion_tokens > 0 for r in replies)
-    backends = pool.status()["backends"]
+    status = pool.status()
+    backends = status["replicas"]
+    assert status["backends"] == backends     # the name before 2026-12-07, kept one release
     served = {b["job_id"]: b["served"] for b in backends}
     assert len(served) == 2 and all(n and n > 0 for n in served.values()), served
     # status names each backend's llama-server build, read from its /props ("b0-unknown" from a
@@ -200,7 +202,7 @@ def test_a_llama_server_that_does_not_enforce_the_key_never_serves(pool_factory)
     assert up.returncode != 0
     line = error_line(up)
     assert "is not put in rotation" in line and "without the backend key" in line, line
-    [row] = pool.status()["backends"]
+    [row] = pool.status()["replicas"]
     assert row["health"] == "refused" and "LLAMA_API_KEY" in row["refusal"] and row["haproxy_status"] is None
     text = pool.run("status")
     assert f"job {row['job_id']} refused:" in text.stderr

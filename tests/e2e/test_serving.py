@@ -115,7 +115,7 @@ def test_kill_9_of_a_backend_under_load(pool_factory):
                         haproxy={"timeout_queue": 60})
     pool.ok("up", "--timeout", "120")
     pool.wait_in_rotation(3)
-    victim = pool.status()["backends"][0]
+    victim = pool.status()["replicas"][0]
     port = int(victim["endpoint"].rsplit(":", 1)[1])
     process = next(p for p in pool.llama_processes()
                    if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in p.net_connections()))
@@ -146,7 +146,7 @@ def test_kill_9_of_a_backend_under_load(pool_factory):
     while True:
         pool.ok("reconcile")
         status = pool.status()
-        ids = {b["job_id"] for b in status["backends"] if b["health"] == "ready"}
+        ids = {b["job_id"] for b in status["replicas"] if b["health"] == "ready"}
         if len(ids) == 3 and victim["job_id"] not in ids:
             break
         assert time.monotonic() < deadline, status

@@ -335,7 +335,7 @@ def test_init_asks_what_slurm_cannot_tell_on_a_terminal(slurm_env, model, tmp_pa
     out, err = process.communicate(timeout=120)
     os.close(leader)
     assert process.returncode == 0, err
-    assert "partition for the backends (cpu, gpu) [gpu]" in err and "model name [gemma3-270m]" in err
+    assert "partition for the replicas (cpu, gpu) [gpu]" in err and "model name [gemma3-270m]" in err
     raw = yaml.safe_load((tmp_path / "hpcserve.yaml").read_text())
     assert raw["slurm"]["partition"] == "cpu"
     assert (raw["models"][0]["gguf"], raw["models"][0]["name"], raw["models"][0]["replicas"]) == (model, "gemma3-270m", 3)

@@ -43,9 +43,8 @@ PACKAGE = CORE.parent
 #: access/, site/, clients/, cli/).
 BASE = {"core", "config", "state", "proc", "templates", "errors", "releases"}
 ADAPTERS = ("slurm", "haproxy", "llama")
-#: Known exception, to go: the HAProxy adapter renders the key map itself (keys.key_map; the
-#: Reconciler should hand it in, as it hands in the HAProxy factory).
-EXCEPTIONS = {("haproxy/process.py", "access")}
+#: Known exceptions: none (the key map is handed to the HAProxy adapter: access.keys.serving_haproxy).
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _hpcserve_imports(path: Path, package: tuple[str, ...]) -> set[str]:

@@ -295,7 +295,7 @@ def test_wait_ready_ends_when_a_submitted_job_failed(pool, monkeypatch):
 def test_wait_ready_times_out_naming_the_progress(pool):
     reconciler, scheduler, haproxy, log = pool([])
     outcome = reconciler.locked_step(lambda _d: Desired(up=True, replicas={"a": 1}))
-    with pytest.raises(WaitTimeout, match=r"no ready backend within 0.01 s \(a 0/1 ready \(1 pending\)\)"):
+    with pytest.raises(WaitTimeout, match=r"no ready replica within 0.01 s \(a 0/1 ready \(1 pending\)\)"):
         reconciler.wait_ready({"a": 1}, outcome, timeout=0.01)
 
 
