@@ -21,7 +21,7 @@ from benchmarks.scenarios import PROFILE
 from benchmarks.workload import Backend
 from hpcserve.llama.simulator import BatchProfile
 
-SLOTS, RATE, COUNT = 4, 2.0, 60
+SLOTS, RATE, COUNT = 4, 2.0, 40   # 40 requests (20 s): 60 until 2026-12-07
 MEDIAN_TOLERANCE, TTFT_P90_S = 0.15, 0.060
 
 
