@@ -10,18 +10,19 @@ ledger (a fold cut between its append and the delete) is deleted without being c
 What the ledger cannot keep: queue-wait percentiles (usage reports them over the lines still in
 the access log) and the second a request started (it counts by the hour).
 
-Locking: fold() holds an exclusive flock(2) on usage-ledger.lock; reading() a shared one, so a
-report never sees a file both in the ledger and still in expired/, or in neither.
+Locking: fold() and reading() hold usage-ledger.lock (filelock), so a report never sees a file
+both in the ledger and still in expired/, or in neither.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import filelock
 
 from ..config import Deployment
 from ..haproxy import accesslog
@@ -30,17 +31,13 @@ from . import usage
 
 #: Seconds in a bucket of the ledger.
 BUCKET_S = 3600
+#: Seconds a fold or a report waits for another one (a fold of one file takes well under that).
+LOCK_TIMEOUT_S = 600.0
 
 
-@contextlib.contextmanager
-def _locked(state: StateDir, mode: int) -> Iterator[None]:
+def _lock(state: StateDir) -> filelock.FileLock:
     state.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state.logs_dir / "usage-ledger.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, mode)
-        yield
-    finally:
-        os.close(fd)
+    return filelock.FileLock(str(state.logs_dir / "usage-ledger.lock"), timeout=LOCK_TIMEOUT_S, mode=0o600)
 
 
 def buckets(records: Iterable[dict]) -> list[dict]:
@@ -95,10 +92,10 @@ def fold(deployment: Deployment) -> int:
         the number of files folded.
     Raises:
         OSError: the ledger or an expired file could not be written, read or deleted (what was
-            folded before stays folded).
+            folded before stays folded); filelock.Timeout (an OSError) after LOCK_TIMEOUT_S.
     """
     state = StateDir(deployment.state_dir)
-    with _locked(state, fcntl.LOCK_EX):
+    with _lock(state):
         files = accesslog.expired_files(deployment)
         if not files:
             return 0
@@ -131,5 +128,5 @@ def reading(deployment: Deployment) -> Iterator[tuple[list[dict], Iterator[dict]
     """Everything the access log ever counted, consistent while the block runs: (the ledger's
     buckets, the access log's records, accesslog.records). fold() waits meanwhile."""
     state = StateDir(deployment.state_dir)
-    with _locked(state, fcntl.LOCK_SH):
+    with _lock(state):
         yield [b for entry in _entries(state) for b in entry["buckets"]], accesslog.records(deployment)
