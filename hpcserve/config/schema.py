@@ -384,6 +384,24 @@ class WebUI(_Strict):
         return _command_line(value, "the open-webui program")
 
 
+class Batches(_Strict):
+    """The OpenAI Batch API (`/v1/files`, `/v1/batches`) behind the frontend, each batch a Slurm
+    job (hpcserve/batches/)."""
+
+    enabled: bool = Field(default=False, description="serve /v1/files and /v1/batches (a service HAProxy "
+                                                    "reaches on a Unix socket in the state directory)")
+    max_file_bytes: int = Field(default=200 << 20, ge=1 << 10, le=1 << 40,
+                                description="largest batch input file accepted, bytes (413 above)")
+    max_rows: int = Field(default=500_000, ge=1, le=50_000_000, description="rows per batch input file")
+    partition: str | None = Field(default=None, pattern=SLURM_NAMES_PATTERN,
+                                  description="partition of the batch jobs (default: Slurm's default)")
+    cpus: int = Field(default=1, ge=1, description="--cpus-per-task of a batch job")
+    memory: str = Field(default="1G", pattern=MEMORY_PATTERN, description="--mem of a batch job")
+    time_limit: str = Field(default="1-00:00:00", pattern=TIME_LIMIT_PATTERN,
+                            description="--time of a batch job (the completion window is 24 h)")
+    concurrency: int = Field(default=8, ge=1, le=4096, description="requests in flight per batch job")
+
+
 class Deployment(_Strict):
     """A whole deployment file, validated; paths are absolute."""
 
@@ -396,6 +414,7 @@ class Deployment(_Strict):
     haproxy: HAProxy = Field(default_factory=HAProxy)
     local: Local = Field(default_factory=Local)
     webui: WebUI = Field(default_factory=WebUI)
+    batches: Batches = Field(default_factory=Batches)
     templates_dir: Path | None = Field(default=None, description="site templates that override ours")
 
     @model_validator(mode="after")

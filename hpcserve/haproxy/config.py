@@ -126,5 +126,7 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             access_log_fifo=deployment.haproxy.access_log,
                             batch_delay_ms=round(deployment.haproxy.batch_delay_or_default * 1000),
                             models_file=p.models_file,
+                            batches_socket=StateDir(deployment.state_dir).batches_socket
+                            if deployment.batches.enabled else None,
                             max_body=deployment.max_request_body, bufsize=buffer_size(deployment),
                             maxrewrite=MAXREWRITE)

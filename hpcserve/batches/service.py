@@ -1,0 +1,443 @@
+"""The Batch API service: OpenAI's /v1/files and /v1/batches for the pool's keys, each batch run as a
+Slurm job (templates/batch.sbatch.j2, runner.py).
+
+It listens on a Unix socket in the private state directory (STATE_DIR/batches.sock), so only the
+pool's owner (and so HAProxy) can reach it; HAProxy checks the API key and passes the key's name
+in X-Hpcserve-Key (the client's own header of that name is removed first: haproxy.cfg.j2), which
+the service takes as the caller. A key sees its own files and batches only (404 for another's);
+the owner key sees all. Built on Starlette (routing, multipart uploads through python-multipart)
+on uvicorn; metadata in SQLite (store.py).
+
+Run as `python -m hpcserve.batches.service STATE_DIR` (by ensure(); the deployment it serves is
+the one ensure() wrote to STATE_DIR/batches/deployment.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import psutil
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .. import proc, templates
+from ..access.keys import digest, serving_haproxy
+from ..config import Deployment
+from ..errors import HpcserveError, SlurmError
+from ..slurm import Scheduler
+from ..state import StateDir, write_private
+from .objects import (COMPLETION_WINDOWS, ENDPOINTS, FINAL, APIError, batch_object, check_input, check_metadata,
+                      file_object, page)
+from .store import OWNER, Store
+
+#: The header HAProxy sets to the caller's key name.
+KEY_HEADER = "X-Hpcserve-Key"
+#: Seconds between two refreshes of the running batches when no client asks.
+REFRESH_EVERY_S = 15.0
+#: Read chunk of an upload, bytes.
+CHUNK = 1 << 20
+
+
+def socket_path(deployment: Deployment) -> Path:
+    """STATE_DIR/batches.sock: where the service listens (HAProxy's `server ... unix@`)."""
+    return StateDir(deployment.state_dir).batches_socket
+
+
+def job_name_prefix(deployment: Deployment) -> str:
+    """The job-name prefix of the deployment's batch jobs: "hpcserve-batch:NAME:"."""
+    return f"hpcserve-batch:{deployment.name}:"
+
+
+class BatchAPI:
+    """The service's logic, apart from HTTP: each method takes the caller's key name.
+
+    Args:
+        deployment: the deployment served.
+        scheduler: makes the Slurm adapter (called when a batch is submitted or refreshed).
+        python: the Python the batch jobs run (this one; a site's login and compute nodes share it).
+    """
+
+    def __init__(self, deployment: Deployment, scheduler: Callable[[], Scheduler], python: str = sys.executable):
+        self.deployment = deployment
+        self.store = Store(deployment)
+        self._scheduler = scheduler
+        self.python = python
+
+    # Files.
+
+    def add_file(self, key: str, upload: Path, filename: str, purpose: str) -> dict:
+        """Check the uploaded file at `upload` (moved into the store when valid) and record it.
+
+        Raises:
+            APIError: 400 for a purpose other than batch or a bad line (check_input).
+        """
+        if purpose != "batch":
+            raise APIError(400, "purpose: only \"batch\" files are accepted here", param="purpose")
+        with open(upload, "rb") as lines:
+            check_input(lines, [m.name for m in self.deployment.models], self.deployment.batches.max_rows)
+        file_id = self.store.new_file_id()
+        os.replace(upload, self.store.file_path(file_id))
+        return file_object(self.store.add_file(file_id, key, filename, purpose, self.store.file_path(file_id).stat().st_size))
+
+    # Batches.
+
+    def create_batch(self, key: str, body: object) -> dict:
+        """Check a batch request, record it, start its job; returns the Batch object (status
+        in_progress, or failed with errors when Slurm refused the job).
+
+        Raises:
+            APIError: 400 for a bad field, 404 for an input file the key does not have.
+        """
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object")
+        window = body.get("completion_window")
+        if window not in COMPLETION_WINDOWS:
+            raise APIError(400, f"completion_window: expected one of {', '.join(COMPLETION_WINDOWS)}",
+                           param="completion_window")
+        endpoint = body.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise APIError(400, f"endpoint: expected one of {', '.join(ENDPOINTS)}", param="endpoint")
+        metadata = check_metadata(body.get("metadata"))
+        file_id = str(body.get("input_file_id", ""))
+        source = self.store.file(file_id, key)
+        if source["purpose"] != "batch":
+            raise APIError(400, f"input_file_id: {file_id} is not a batch input file", param="input_file_id")
+        with open(self.store.file_path(file_id), "rb") as lines:
+            summary = check_input(lines, [m.name for m in self.deployment.models], self.deployment.batches.max_rows)
+        if summary.endpoint != endpoint:
+            raise APIError(400, f"endpoint: the input file's requests go to {summary.endpoint}", param="endpoint")
+        batch_id = self.store.new_batch_id()
+        token = secrets.token_urlsafe(32)
+        owner = source["owner"] if key == OWNER else key
+        row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window, metadata,
+                                   summary.rows, digest(token))
+        folder = self.store.write_run(batch_id, {
+            "input": str(self.store.file_path(file_id)), "url": self._pool_url(), "model": sorted(summary.models)[0],
+            "concurrency": self.deployment.batches.concurrency}, token)
+        try:
+            self._sync_keys()      # HAProxy takes the token before the job's first request
+            script = templates.render("batch.sbatch.j2", self.deployment.templates_dir, deployment=self.deployment,
+                                      batches=self.deployment.batches, slurm=self.deployment.slurm,
+                                      batch_id=batch_id, run_dir=folder, python=self.python)
+            job_id = self._scheduler().submit(script)
+        except HpcserveError as exc:
+            row = self.store.update_batch(batch_id, status="failed", failed_at=int(time.time()), errors=json.dumps(
+                [{"code": "job_not_started", "message": str(exc), "param": None, "line": None}]))
+            self._sync_keys()
+            return batch_object(row)
+        return batch_object(self.store.update_batch(batch_id, status="in_progress", job_id=job_id,
+                                                    in_progress_at=int(time.time())))
+
+    def batch(self, key: str, batch_id: str) -> dict:
+        """The Batch object, its counts and status brought up to date first."""
+        row = self.store.batch(batch_id, key)
+        if row["status"] not in FINAL:
+            row = self.refresh([row])[0]
+        return batch_object(row)
+
+    def cancel(self, key: str, batch_id: str) -> dict:
+        """Cancel a batch: its job is cancelled, what finished is kept (status cancelling, then
+        cancelled with the output so far).
+
+        Raises:
+            APIError: 404; 409 when the batch has already ended.
+        """
+        row = self.store.batch(batch_id, key)
+        if row["status"] in FINAL:
+            raise APIError(409, f"Batch {batch_id} is {row['status']}: it cannot be cancelled.", code="batch_ended")
+        if row["job_id"]:
+            self._scheduler().cancel([row["job_id"]])
+        row = self.store.update_batch(batch_id, status="cancelling", cancelling_at=int(time.time()))
+        return batch_object(self.refresh([row])[0])
+
+    def refresh(self, rows: list[dict] | None = None) -> list[dict]:
+        """Bring running batches (`rows`, or all of them) up to date: counts from progress.json;
+        completed once the job wrote done.json; cancelled once a cancelled job has ended; expired
+        past the completion window (the job cancelled); failed when the job ended without
+        finishing. A batch that ends gets its output and error files, and its token leaves
+        HAProxy's key map. Returns the rows as they are now.
+
+        Raises:
+            SlurmError: squeue did not answer (nothing was changed).
+        """
+        rows = rows if rows is not None else self.store.batches(None, 10**6, final=False)
+        running = [r for r in rows if r["status"] not in FINAL]
+        if not running:
+            return rows
+        active = {job.job_id for job in self._scheduler().jobs(job_name_prefix(self.deployment)) if job.state.active}
+        now = int(time.time())
+        changed: dict[str, dict] = {}
+        ended = False
+        for row in running:
+            folder = self.store.run_dir(row["id"])
+            progress = _read_json(folder / "progress.json") or {}
+            fields: dict[str, object] = {k: int(progress[k]) for k in ("completed", "failed") if k in progress}
+            job_running = row["job_id"] in active
+            if (folder / "done.json").exists():
+                fields.update(self._finish(row, "completed", now))
+            elif row["status"] == "cancelling" and not job_running:
+                fields.update(self._finish(row, "cancelled", now))
+            elif now >= row["expires_at"]:
+                if job_running:
+                    self._scheduler().cancel([row["job_id"]])
+                fields.update(self._finish(row, "expired", now))
+            elif row["status"] == "in_progress" and not job_running:
+                fields.update(self._finish(row, "failed", now, errors=[{
+                    "code": "job_ended", "message": f"Slurm job {row['job_id']} ended before every request had its "
+                    f"answer (see {folder}/job-{row['job_id']}.out)", "param": None, "line": None}]))
+            if fields:
+                changed[row["id"]] = self.store.update_batch(row["id"], **fields)
+                ended = ended or changed[row["id"]]["status"] in FINAL
+        if ended:
+            self._sync_keys()
+        return [changed.get(r["id"], r) for r in rows]
+
+    def _finish(self, row: dict, status: str, now: int, errors: list[dict] | None = None) -> dict[str, object]:
+        """The fields of a batch that ends with `status`: its output lines split into an output
+        file (answered) and an error file (with an error), each recorded when not empty."""
+        output = self.store.run_dir(row["id"]) / "output.jsonl"
+        answered: list[str] = []
+        failed: list[str] = []
+        if output.exists():
+            for line in output.read_text().splitlines():
+                try:
+                    (failed if json.loads(line)["error"] is not None else answered).append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        fields: dict[str, object] = {"status": status, f"{status}_at": now, "finalizing_at": now,
+                                     "completed": len(answered), "failed": len(failed)}
+        for name, lines in (("output_file_id", answered), ("error_file_id", failed)):
+            if lines:
+                file_id = self.store.new_file_id()
+                write_private(self.store.file_path(file_id), "\n".join(lines) + "\n")
+                self.store.add_file(file_id, row["owner"], f"{row['id']}_{name.split('_')[0]}.jsonl", "batch_output",
+                                    self.store.file_path(file_id).stat().st_size)
+                fields[name] = file_id
+        if errors:
+            fields["errors"] = json.dumps(errors)
+        return fields
+
+    def _pool_url(self) -> str:
+        from ..clients.webui import pool_url_from_compute_nodes
+        try:
+            return pool_url_from_compute_nodes(self.deployment)
+        except HpcserveError:
+            return self.deployment.url     # a loopback frontend: jobs on this host (a workstation, tests)
+
+    def _sync_keys(self) -> None:
+        with contextlib.suppress(HpcserveError):   # HAProxy not running: the next step writes the map
+            serving_haproxy(self.deployment, "").sync_keys()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def app(api: BatchAPI) -> Starlette:
+    """The ASGI application of `api`."""
+
+    def caller(request: Request) -> str:
+        key = request.headers.get(KEY_HEADER, "")
+        if key:
+            return key
+        if api.deployment.haproxy.auth == "open":
+            return OWNER        # no keys: everyone who reaches the pool is its owner
+        raise APIError(401, "No API key.", type_="authentication_error", code="invalid_api_key")
+
+    def limit_of(request: Request) -> int:
+        try:
+            limit = int(request.query_params.get("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 10000:
+            raise APIError(400, "limit: expected 1 to 10000", param="limit")
+        return limit
+
+    async def create_file(request: Request) -> Response:
+        key = caller(request)
+        maximum = api.deployment.batches.max_file_bytes
+        if int(request.headers.get("content-length", "0") or 0) > maximum + (1 << 20):
+            raise APIError(413, f"The file is larger than this deployment accepts ({maximum} bytes).",
+                           code="file_too_large")
+        async with request.form(max_files=1, max_fields=4) as form:
+            upload, purpose = form.get("file"), form.get("purpose")
+            if not isinstance(upload, UploadFile):
+                raise APIError(400, "file: expected a file part named \"file\"", param="file")
+            if not isinstance(purpose, str):
+                raise APIError(400, "purpose: expected \"batch\"", param="purpose")
+            part = api.store.files_dir / f".upload-{secrets.token_hex(8)}"
+            api.store.files_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            size = 0
+            try:
+                with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as sink:
+                    while chunk := await upload.read(CHUNK):
+                        size += len(chunk)
+                        if size > maximum:
+                            raise APIError(413, f"The file is larger than this deployment accepts ({maximum} bytes).",
+                                           code="file_too_large")
+                        sink.write(chunk)
+                return JSONResponse(await run_in_threadpool(api.add_file, key, part, upload.filename or "input.jsonl",
+                                                            purpose))
+            finally:
+                part.unlink(missing_ok=True)
+
+    async def list_files(request: Request) -> Response:
+        rows = await run_in_threadpool(api.store.files, caller(request), request.query_params.get("purpose"),
+                                       limit_of(request), request.query_params.get("after"))
+        return JSONResponse(page([file_object(r) for r in rows], limit_of(request)))
+
+    async def get_file(request: Request) -> Response:
+        return JSONResponse(file_object(await run_in_threadpool(api.store.file, request.path_params["id"], caller(request))))
+
+    async def file_content(request: Request) -> Response:
+        row = await run_in_threadpool(api.store.file, request.path_params["id"], caller(request))
+        return FileResponse(api.store.file_path(row["id"]), media_type="application/jsonl")
+
+    async def delete_file(request: Request) -> Response:
+        await run_in_threadpool(api.store.delete_file, request.path_params["id"], caller(request))
+        return JSONResponse({"id": request.path_params["id"], "object": "file", "deleted": True})
+
+    async def create_batch(request: Request) -> Response:
+        key = caller(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "expected a JSON body") from None
+        return JSONResponse(await run_in_threadpool(api.create_batch, key, body))
+
+    async def list_batches(request: Request) -> Response:
+        key, limit = caller(request), limit_of(request)
+        rows = await run_in_threadpool(api.store.batches, key, limit, request.query_params.get("after"))
+        rows = await run_in_threadpool(api.refresh, rows)
+        return JSONResponse(page([batch_object(r) for r in rows], limit))
+
+    async def get_batch(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(api.batch, caller(request), request.path_params["id"]))
+
+    async def cancel_batch(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(api.cancel, caller(request), request.path_params["id"]))
+
+    async def refused(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    async def slurm_down(_request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": {"message": f"Slurm did not answer: {exc}", "type": "server_error",
+                                       "param": None, "code": "scheduler_unavailable"}}, status_code=503,
+                            headers={"Retry-After": "30"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async def refresh_forever() -> None:
+            while True:
+                with contextlib.suppress(Exception):   # Slurm or the disk may fail for a while
+                    await run_in_threadpool(api.refresh)
+                await asyncio.sleep(REFRESH_EVERY_S)
+        task = asyncio.create_task(refresh_forever())
+        yield
+        task.cancel()
+
+    return Starlette(routes=[
+        Route("/v1/files", create_file, methods=["POST"]),
+        Route("/v1/files", list_files, methods=["GET"]),
+        Route("/v1/files/{id}", get_file, methods=["GET"]),
+        Route("/v1/files/{id}", delete_file, methods=["DELETE"]),
+        Route("/v1/files/{id}/content", file_content, methods=["GET"]),
+        Route("/v1/batches", create_batch, methods=["POST"]),
+        Route("/v1/batches", list_batches, methods=["GET"]),
+        Route("/v1/batches/{id}", get_batch, methods=["GET"]),
+        Route("/v1/batches/{id}/cancel", cancel_batch, methods=["POST"]),
+    ], exception_handlers={APIError: refused, SlurmError: slurm_down}, lifespan=lifespan)
+
+
+# The process, as the reconcile step keeps it running (like HAProxy and its log writer).
+
+def _files(deployment: Deployment) -> tuple[Path, Path, Path]:
+    root = StateDir(deployment.state_dir).root / "batches"
+    return root / "deployment.json", root / "service.pid", StateDir(deployment.state_dir).logs_dir / "batches.log"
+
+
+def service_pid(deployment: Deployment) -> int | None:
+    """The pid of the deployment's Batch API service if it runs, else None."""
+    _, pid_file, _ = _files(deployment)
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        process = psutil.Process(pid)
+        if "hpcserve.batches.service" in process.cmdline() and process.status() != psutil.STATUS_ZOMBIE:
+            return pid
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass
+    return None
+
+
+def ensure(deployment: Deployment, timeout: float = 30.0) -> bool:
+    """Start the Batch API service unless it runs (with this deployment: a changed file restarts
+    it); returns True if it was started. Waits until its socket accepts connections.
+
+    Raises:
+        HpcserveError: it did not start within `timeout` seconds (its log is named).
+    """
+    spec, pid_file, log = _files(deployment)
+    wanted = deployment.model_dump_json()
+    pid = service_pid(deployment)
+    if pid is not None and spec.exists() and spec.read_text() == wanted:
+        return False
+    if pid is not None:
+        stop(deployment)
+    spec.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(spec, wanted)
+    sock = socket_path(deployment)
+    sock.unlink(missing_ok=True)
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "hpcserve.batches.service", str(deployment.state_dir)],
+                                   stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, start_new_session=True)
+    write_private(pid_file, f"{process.pid}\n")
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise HpcserveError(f"the Batch API service did not start (see {log})")
+        time.sleep(0.05)
+    return True
+
+
+def stop(deployment: Deployment, timeout: float = 10.0) -> None:
+    """Stop the Batch API service (its jobs run on; a new service takes them up)."""
+    pid = service_pid(deployment)
+    if pid is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate([psutil.Process(pid)], timeout)
+    _files(deployment)[1].unlink(missing_ok=True)
+
+
+def main(state_dir: str) -> None:
+    """Serve the deployment that ensure() wrote to STATE_DIR/batches/deployment.json."""
+    import uvicorn
+
+    from ..slurm import pyslurm_adapter
+    spec = Path(state_dir) / "batches" / "deployment.json"
+    deployment = Deployment.model_validate_json(spec.read_text())
+    os.umask(0o077)
+    uvicorn.run(app(BatchAPI(deployment, pyslurm_adapter.choose)), uds=str(socket_path(deployment)),
+                log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,218 @@
+"""Where the Batch API keeps its files and batches: SQLite (Python's sqlite3) for the metadata and
+plain files beside it, all in the private state directory.
+
+STATE_DIR/batches/
+    batches.db            files and batches (one row each; a key sees only its own rows)
+    files/FILE_ID.jsonl   the uploaded input files and the output and error files made from runs
+    runs/BATCH_ID/        one batch's run: run.json (what the job does), token (its 0600 key),
+                          output.jsonl (the engine's result lines, appended), progress.json,
+                          done.json (written once every row has its line), job-%j.out
+
+A batch runs under a token of its own: a random key whose SHA-256 is kept here and put in
+HAProxy's key map under the name of the key that made the batch, in the batch class
+(access/keys.py accepted_keys), so its requests are that key's in the access log, in `hpcserve
+usage` and in its limits, and queue as batch. The token is accepted while the batch is not final.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..config import Deployment
+from ..state import StateDir, write_private
+from .objects import FINAL, not_found
+
+#: Seconds a write waits for another one (SQLite's busy timeout).
+BUSY_TIMEOUT_S = 30.0
+#: The key that sees every file and batch.
+OWNER = "owner"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL,
+    filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL,
+    input_file_id TEXT NOT NULL, endpoint TEXT NOT NULL, completion_window TEXT NOT NULL, metadata TEXT,
+    status TEXT NOT NULL, job_id TEXT, token_sha256 TEXT, total INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, errors TEXT,
+    output_file_id TEXT, error_file_id TEXT, created_at INTEGER NOT NULL, in_progress_at INTEGER,
+    expires_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER, expired_at INTEGER,
+    cancelling_at INTEGER, cancelled_at INTEGER);
+"""
+
+BATCH_FIELDS = ("status", "job_id", "token_sha256", "total", "completed", "failed", "errors", "output_file_id",
+                "error_file_id", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                "cancelling_at", "cancelled_at")
+
+
+class Store:
+    """The Batch API's files and batches of one deployment.
+
+    Args:
+        deployment: the deployment (its state directory holds everything).
+    """
+
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        self.root = StateDir(deployment.state_dir).root / "batches"
+        self.files_dir = self.root / "files"
+        self.runs_dir = self.root / "runs"
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        for folder in (self.root, self.files_dir, self.runs_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.root / "batches.db", timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            connection.row_factory = sqlite3.Row
+            connection.executescript(_SCHEMA)
+            connection.execute("BEGIN IMMEDIATE")
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        finally:
+            connection.close()
+        (self.root / "batches.db").chmod(0o600)
+
+    # Files.
+
+    def file_path(self, file_id: str) -> Path:
+        """Where the content of file `file_id` lives."""
+        return self.files_dir / f"{file_id}.jsonl"
+
+    def new_file_id(self) -> str:
+        """A fresh file id ("file-" and 24 hex digits)."""
+        return "file-" + secrets.token_hex(12)
+
+    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int) -> dict:
+        """Record file `file_id` (its content already at file_path) of key `owner`; returns its row."""
+        with self._db() as db:
+            db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (file_id, owner, filename, purpose, size, int(time.time())))
+            return dict(db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone())
+
+    def file(self, file_id: str, key: str) -> dict:
+        """The row of file `file_id` as key `key` may see it.
+
+        Raises:
+            APIError: 404 when there is none, or it is another key's (the owner key sees all).
+        """
+        with self._db() as db:
+            row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        if row is None or (key != OWNER and row["owner"] != key):
+            raise not_found("file", file_id)
+        return dict(row)
+
+    def files(self, key: str, purpose: str | None, limit: int, after: str | None) -> list[dict]:
+        """Key `key`'s files (all, for the owner key), newest first, after id `after`, up to
+        `limit` + 1 (the extra one says there are more)."""
+        query, args = "SELECT * FROM files WHERE 1", []
+        if key != OWNER:
+            query, args = query + " AND owner = ?", [key]
+        if purpose:
+            query, args = query + " AND purpose = ?", [*args, purpose]
+        if after:
+            query, args = query + " AND seq < (SELECT seq FROM files WHERE id = ?)", [*args, after]
+        with self._db() as db:
+            return [dict(r) for r in db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))]
+
+    def delete_file(self, file_id: str, key: str) -> None:
+        """Delete file `file_id` (its row, then its content).
+
+        Raises:
+            APIError: 404 (see file()).
+        """
+        self.file(file_id, key)
+        with self._db() as db:
+            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        self.file_path(file_id).unlink(missing_ok=True)
+
+    # Batches.
+
+    def new_batch_id(self) -> str:
+        """A fresh batch id ("batch_" and 24 hex digits)."""
+        return "batch_" + secrets.token_hex(12)
+
+    def run_dir(self, batch_id: str) -> Path:
+        """The folder of batch `batch_id`'s run."""
+        return self.runs_dir / batch_id
+
+    def add_batch(self, batch_id: str, owner: str, input_file_id: str, endpoint: str, window_s: int,
+                  completion_window: str, metadata: dict | None, total: int, token_sha256: str) -> dict:
+        """Record a new batch (status validating); returns its row."""
+        now = int(time.time())
+        with self._db() as db:
+            db.execute("INSERT INTO batches (id, owner, input_file_id, endpoint, completion_window, metadata, "
+                       "status, token_sha256, total, created_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
+                       (batch_id, owner, input_file_id, endpoint, completion_window,
+                        json.dumps(metadata) if metadata is not None else None, token_sha256, total, now,
+                        now + window_s))
+            return dict(db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone())
+
+    def batch(self, batch_id: str, key: str) -> dict:
+        """The row of batch `batch_id` as key `key` may see it.
+
+        Raises:
+            APIError: 404 when there is none, or it is another key's (the owner key sees all).
+        """
+        with self._db() as db:
+            row = db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None or (key != OWNER and row["owner"] != key):
+            raise not_found("batch", batch_id)
+        return dict(row)
+
+    def batches(self, key: str | None, limit: int, after: str | None = None, final: bool | None = None) -> list[dict]:
+        """Batches of key `key` (all for the owner key or None), newest first, after id `after`, up
+        to `limit` + 1; `final` False: only those still running."""
+        query, args = "SELECT * FROM batches WHERE 1", []
+        if key not in (None, OWNER):
+            query, args = query + " AND owner = ?", [key]
+        if after:
+            query, args = query + " AND seq < (SELECT seq FROM batches WHERE id = ?)", [*args, after]
+        if final is False:
+            query += f" AND status NOT IN ({', '.join('?' * len(FINAL))})"
+            args += sorted(FINAL)
+        with self._db() as db:
+            return [dict(r) for r in db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))]
+
+    def update_batch(self, batch_id: str, **fields: object) -> dict:
+        """Set `fields` (names of BATCH_FIELDS) of batch `batch_id`; returns the new row.
+
+        Raises:
+            ValueError: a field that is not one of BATCH_FIELDS.
+        """
+        unknown = set(fields) - set(BATCH_FIELDS)
+        if unknown:
+            raise ValueError(f"not batch fields: {sorted(unknown)}")
+        with self._db() as db:
+            db.execute(f"UPDATE batches SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                       (*fields.values(), batch_id))
+            return dict(db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone())
+
+    def active_tokens(self) -> list[tuple[str, str]]:
+        """(owner key name, token SHA-256) of every batch not final: the keys its job sends with."""
+        if not (self.root / "batches.db").exists():
+            return []
+        with self._db() as db:
+            return [(r["owner"], r["token_sha256"]) for r in db.execute(
+                f"SELECT owner, token_sha256 FROM batches WHERE token_sha256 IS NOT NULL AND status NOT IN "
+                f"({', '.join('?' * len(FINAL))}) ORDER BY seq", sorted(FINAL))]
+
+    def write_run(self, batch_id: str, run: dict, token: str) -> Path:
+        """Make batch `batch_id`'s run folder with run.json and its token (both 0600)."""
+        folder = self.run_dir(batch_id)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(folder / "token", token + "\n")
+        write_private(folder / "run.json", json.dumps(run, indent=2) + "\n")
+        return folder

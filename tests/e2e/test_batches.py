@@ -1,0 +1,104 @@
+"""The OpenAI Batch API with the official `openai` client, through the real HAProxy and keys, each
+batch a real Slurm job on the local cluster's CPU partition, over simulated replicas."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
+
+ROWS = 200
+
+
+def requests_file(model: str, rows: int) -> bytes:
+    return "".join(json.dumps({"custom_id": f"row-{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": model, "max_tokens": 4,
+                                        "messages": [{"role": "user", "content": f"row {i}"}]}}) + "\n"
+                   for i in range(rows)).encode()
+
+
+def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory):
+    pool = pool_factory(replicas=1, parallel=4, simulator="--sim-token-rate 200 --sim-load-time 0")
+    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "concurrency": 4}
+    pool.write(pool.raw)
+    pool.ok("up", "--timeout", "120")
+    keys = {name: json.loads(pool.ok("keys", "add", name, "--json").stdout)["key"] for name in ("alice", "bob")}
+    alice = openai.OpenAI(base_url=pool.url, api_key=keys["alice"], max_retries=0, timeout=60)
+    bob = openai.OpenAI(base_url=pool.url, api_key=keys["bob"], max_retries=0, timeout=60)
+
+    uploaded = alice.files.create(file=("rows.jsonl", io.BytesIO(requests_file(pool.model_name, ROWS))),
+                                  purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    batch = alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", metadata={"dataset": "test"})
+    assert batch.status == "in_progress" and batch.request_counts.total == ROWS
+    # The job is Slurm's, on the CPU partition, under a name the pool's reconcile leaves alone.
+    pool.ok("reconcile")
+    jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%j %P %T"], capture_output=True, text=True,
+                          env=pool.env, check=True).stdout.splitlines()
+    [job] = [line.split() for line in jobs if line.startswith(f"hpcserve-batch:{pool.name}:{batch.id} ")]
+    assert job[1] == "cpu" and job[2] in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED"), job
+
+    # Another key: no sight of alice's file or batch, no cancel.
+    for call in (lambda: bob.batches.retrieve(batch.id), lambda: bob.files.retrieve(uploaded.id),
+                 lambda: bob.files.content(uploaded.id), lambda: bob.batches.cancel(batch.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert bob.batches.list().data == [] and bob.files.list().data == []
+
+    deadline = time.monotonic() + 180
+    while (batch := alice.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(1)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (ROWS, 0)
+    assert batch.error_file_id is None and batch.metadata == {"dataset": "test"}
+    lines = [json.loads(line) for line in alice.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(ROWS))  # each once
+    assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in lines)
+    assert {line["response"]["body"]["model"] for line in lines} == {pool.model_name}
+    # The owner key sees every batch; the rows were alice's requests, at batch priority.
+    owner = openai.OpenAI(base_url=pool.url, api_key=pool.api_key, max_retries=0, timeout=60)
+    assert [b.id for b in owner.batches.list().data] == [batch.id]
+    usage = {r["name"]: r for r in json.loads(pool.ok("usage", "--json").stdout)["rows"]}
+    assert usage["alice"]["ok"] >= ROWS and "bob" not in usage
+    # The batch's token is gone from HAProxy's key map with the batch.
+    token = (pool.dir / "state" / "batches" / "runs" / batch.id / "token").read_text().strip()
+    assert httpx.get(f"{pool.url}/models", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_bad_input_is_refused_naming_the_line(pool_factory):
+    pool = pool_factory(replicas=1, parallel=2, simulator="--sim-load-time 0")
+    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "max_file_bytes": 4096}
+    pool.write(pool.raw)
+    pool.ok("up", "--timeout", "120")
+    client = pool.client()
+    good = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": pool.model_name, "messages": []}})
+    cases = {
+        "not JSON": (good + "\n{cut\n", "line 2: not a JSON object"),
+        "unknown model": (good.replace(pool.model_name, "gpt-4"), "line 1: body.model 'gpt-4' is not served"),
+        "repeated id": (good + "\n" + good + "\n", "line 2: custom_id 'a' appears twice"),
+        "other endpoint": (good.replace("chat/completions", "embeddings"), "line 1: url must be one of"),
+        "too large": (good + "\n" + (" " * 5000), "larger than this deployment accepts (4096 bytes)"),
+    }
+    for name, (content, message) in cases.items():
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.files.create(file=("in.jsonl", io.BytesIO(content.encode())), purpose="batch")
+        assert refused.value.status_code in (400, 413) and message in refused.value.message, (name, refused.value)
+    assert client.files.list().data == []
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(good.encode())), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
+    with pytest.raises(openai.BadRequestError, match="endpoint"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    assert client.files.delete(uploaded.id).deleted and client.files.list().data == []

@@ -1,0 +1,265 @@
+"""The Batch API without Slurm or HAProxy: its HTTP service (Starlette's test client, the caller's
+key in the header HAProxy sets), its store and the lifecycle of a batch over a Slurm stand-in;
+the job's runner over a stand-in pool. The real path (openai client, HAProxy, Slurm) is
+tests/e2e/test_batches.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from hpcserve import config
+from hpcserve.batches import objects
+from hpcserve.batches.service import KEY_HEADER, BatchAPI, app
+from hpcserve.core.jobs import Job, JobState
+from hpcserve.errors import SlurmError
+from hpcserve.slurm import Scheduler
+from tests.conftest import minimal
+
+
+class Slurm(Scheduler):
+    """Slurm as a list of jobs: submitted ones run until the test ends them."""
+
+    def __init__(self):
+        self.listed: list[Job] = []
+        self.scripts: list[str] = []
+        self.cancelled: list[str] = []
+        self.refuse = False
+
+    def submit(self, script: str) -> str:
+        if self.refuse:
+            raise SlurmError("sbatch: error: invalid partition specified: nope")
+        name = next(line.split("=", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH --job-name="))
+        job_id = str(500 + len(self.listed))
+        self.listed.append(Job(job_id, name, JobState.RUNNING, "gpu1", "", 3600, 3000, "None"))
+        self.scripts.append(script)
+        return job_id
+
+    def end(self, job_id: str) -> None:
+        self.listed = [dataclasses.replace(j, state=JobState.COMPLETED) if j.job_id == job_id else j
+                       for j in self.listed]
+
+    def test_submit(self, script: str) -> str:
+        return "ok"
+
+    def jobs(self, name_prefix: str) -> list[Job]:
+        return [j for j in self.listed if j.name.startswith(name_prefix)]
+
+    def cancel(self, job_ids: list[str]) -> None:
+        self.cancelled += job_ids
+        for job_id in job_ids:
+            self.end(job_id)
+
+    def node_addresses(self) -> dict[str, str]:
+        return {}
+
+
+@pytest.fixture
+def service(tmp_path, gguf):
+    raw = minimal(gguf, tmp_path, haproxy={"auth": "keys"})
+    raw["batches"] = {"enabled": True, "max_file_bytes": 4096, "max_rows": 5}
+    deployment = config.parse(raw, base=tmp_path)
+    slurm = Slurm()
+    api = BatchAPI(deployment, lambda: slurm, python="/opt/venv/bin/python")
+    with TestClient(app(api)) as client:
+        yield api, slurm, client
+
+
+def line(custom_id: str, model: str = "m", url: str = "/v1/chat/completions") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url,
+                       "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]}}) + "\n"
+
+
+def upload(client, key: str, text: str, purpose: str = "batch"):
+    return client.post("/v1/files", headers={KEY_HEADER: key}, data={"purpose": purpose},
+                       files={"file": ("rows.jsonl", text.encode(), "application/jsonl")})
+
+
+def test_a_file_is_checked_line_by_line_and_kept_for_its_key_only(service):
+    api, _, client = service
+    answer = upload(client, "alice", line("a") + line("b"))
+    assert answer.status_code == 200, answer.text
+    made = answer.json()
+    assert made["object"] == "file" and made["purpose"] == "batch" and made["id"].startswith("file-")
+    assert api.store.file_path(made["id"]).stat().st_mode & 0o077 == 0
+    alice, bob = {KEY_HEADER: "alice"}, {KEY_HEADER: "bob"}
+    assert client.get(f"/v1/files/{made['id']}/content", headers=alice).text == line("a") + line("b")
+    for method, path in (("GET", f"/v1/files/{made['id']}"), ("GET", f"/v1/files/{made['id']}/content"),
+                         ("DELETE", f"/v1/files/{made['id']}")):
+        refused = client.request(method, path, headers=bob)
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    assert client.get("/v1/files", headers=bob).json()["data"] == []
+    assert [f["id"] for f in client.get("/v1/files", headers={KEY_HEADER: "owner"}).json()["data"]] == [made["id"]]
+    assert client.get("/v1/files").status_code == 401            # no key name: not through HAProxy
+    assert client.delete(f"/v1/files/{made['id']}", headers=alice).json()["deleted"] is True
+    assert not api.store.file_path(made["id"]).exists() and client.get("/v1/files", headers=alice).json()["data"] == []
+
+
+@pytest.mark.parametrize("text, message", [
+    (line("a") + "{cut\n", "line 2: not a JSON object"),
+    ("[1]\n", "line 1: expected a JSON object"),
+    (line("a") + line("a"), "line 2: custom_id 'a' appears twice"),
+    (line("a", model="gpt-4"), "line 1: body.model 'gpt-4' is not served here"),
+    (line("a", url="/v1/embeddings"), "line 1: url must be one of"),
+    (line("a") + line("b", url="/v1/completions"), "line 2: url /v1/completions differs"),
+    (line("a").replace('"POST"', '"GET"'), 'line 1: method must be "POST"'),
+    ("".join(line(str(i)) for i in range(6)), "line 6: more than 5 requests"),
+    ("\n\n", "the file holds no request"),
+    (line("a") + " " * 5000, "larger than this deployment accepts (4096 bytes)"),
+])
+def test_a_bad_file_is_refused_naming_its_first_bad_line(service, text, message):
+    api, _, client = service
+    refused = upload(client, "alice", text)
+    assert refused.status_code in (400, 413) and message in refused.json()["error"]["message"], refused.json()
+    assert client.get("/v1/files", headers={KEY_HEADER: "alice"}).json()["data"] == []
+    assert [p.name for p in api.store.files_dir.iterdir()] == []        # nothing left behind
+    assert upload(client, "alice", line("a"), purpose="fine-tune").status_code == 400
+
+
+def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service):
+    from hpcserve.access import keys
+    api, slurm, client = service
+    keys.KeyRegistry(api.deployment).add("alice", max_concurrent=5)
+    alice = {KEY_HEADER: "alice"}
+    file_id = upload(client, "alice", line("a") + line("b") + line("c")).json()["id"]
+    made = client.post("/v1/batches", headers=alice, json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                                          "completion_window": "24h", "metadata": {"project": "x"}})
+    assert made.status_code == 200, made.text
+    batch = made.json()
+    assert batch["status"] == "in_progress" and batch["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    [script] = slurm.scripts
+    folder = api.store.run_dir(batch["id"])
+    assert f"#SBATCH --job-name=hpcserve-batch:t:{batch['id']}" in script and "#SBATCH --requeue" in script
+    assert f"exec /opt/venv/bin/python -m hpcserve.batches.runner {folder}" in script
+    token = (folder / "token").read_text().strip()
+    assert token not in script and folder.joinpath("token").stat().st_mode & 0o077 == 0
+    # The token is accepted as alice's, at batch priority and within her limits, while the batch runs.
+    def token_keys():
+        return [(k.name, k.priority_class, k.max_concurrent, k.source)
+                for k in keys.accepted_keys(api.deployment) if k.sha256 == keys.digest(token)]
+    assert token_keys() == [("alice", "batch", 5, "batch")]
+
+    # The job's progress, then its end: the answered rows in the output file, the failed in the error file.
+    (folder / "progress.json").write_text(json.dumps({"completed": 1, "failed": 0}))
+    assert client.get(f"/v1/batches/{batch['id']}", headers=alice).json()["request_counts"]["completed"] == 1
+    results = [{"id": "r", "custom_id": c, "response": {"status_code": 200, "body": {}}, "error": None} for c in "ab"]
+    results.append({"id": "r", "custom_id": "c", "response": None, "error": {"code": "503", "message": "busy"}})
+    (folder / "output.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    (folder / "done.json").write_text(json.dumps({"completed": 2, "failed": 1, "total": 3}))
+    slurm.end(slurm.listed[0].job_id)
+    done = client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+    assert done["status"] == "completed" and done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert done["metadata"] == {"project": "x"} and done["completed_at"] >= done["created_at"]
+    output = client.get(f"/v1/files/{done['output_file_id']}/content", headers=alice).text
+    errors = client.get(f"/v1/files/{done['error_file_id']}/content", headers=alice).text
+    assert [json.loads(x)["custom_id"] for x in output.splitlines()] == ["a", "b"]
+    assert [json.loads(x)["custom_id"] for x in errors.splitlines()] == ["c"]
+    assert token_keys() == []                       # gone with the batch
+    assert client.get(f"/v1/batches/{batch['id']}", headers={KEY_HEADER: "bob"}).status_code == 404
+    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=alice).status_code == 409
+
+
+def test_a_cancelled_batch_keeps_what_finished_and_a_job_that_died_fails_it(service):
+    api, slurm, client = service
+    alice = {KEY_HEADER: "alice"}
+    file_id = upload(client, "alice", line("a") + line("b")).json()["id"]
+    create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    first = client.post("/v1/batches", headers=alice, json=create).json()
+    (api.store.run_dir(first["id"]) / "output.jsonl").write_text(json.dumps(
+        {"id": "r", "custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}) + "\n")
+    cancelled = client.post(f"/v1/batches/{first['id']}/cancel", headers=alice).json()
+    assert slurm.cancelled == [slurm.listed[0].job_id]
+    assert cancelled["status"] == "cancelled" and cancelled["request_counts"]["completed"] == 1
+    assert cancelled["output_file_id"] and cancelled["error_file_id"] is None
+
+    second = client.post("/v1/batches", headers=alice, json=create).json()
+    slurm.end(slurm.listed[1].job_id)          # killed, not requeued: no done.json
+    failed = client.get(f"/v1/batches/{second['id']}", headers=alice).json()
+    assert failed["status"] == "failed" and failed["errors"]["data"][0]["code"] == "job_ended"
+
+    third = client.post("/v1/batches", headers=alice, json=create).json()
+    api.store.update_batch(third["id"], status="in_progress")
+    with api.store._db() as db:                 # its 24 hours are up
+        db.execute("UPDATE batches SET expires_at = ? WHERE id = ?", (int(time.time()) - 1, third["id"]))
+    expired = client.get(f"/v1/batches/{third['id']}", headers=alice).json()
+    assert expired["status"] == "expired" and slurm.cancelled[-1] == slurm.listed[2].job_id
+
+    slurm.refuse = True                          # sbatch refuses: the batch fails, saying why
+    refused = client.post("/v1/batches", headers=alice, json=create).json()
+    assert refused["status"] == "failed" and "invalid partition" in refused["errors"]["data"][0]["message"]
+    listed = client.get("/v1/batches?limit=2", headers=alice).json()
+    assert [b["id"] for b in listed["data"]] == [refused["id"], third["id"]] and listed["has_more"]
+    after = client.get(f"/v1/batches?limit=2&after={third['id']}", headers=alice).json()
+    assert [b["id"] for b in after["data"]] == [second["id"], first["id"]] and not after["has_more"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"endpoint": "/v1/chat/completions", "completion_window": "24h"}, None),
+    ({"input_file_id": "F", "endpoint": "/v1/embeddings", "completion_window": "24h"}, "endpoint"),
+    ({"input_file_id": "F", "endpoint": "/v1/chat/completions", "completion_window": "1h"}, "completion_window"),
+    ({"input_file_id": "F", "endpoint": "/v1/completions", "completion_window": "24h"}, "endpoint"),
+    ({"input_file_id": "F", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+      "metadata": {"k": "v" * 600}}, "metadata"),
+])
+def test_a_bad_batch_request_is_refused_naming_the_field(service, body, param):
+    _, slurm, client = service
+    file_id = upload(client, "alice", line("a")).json()["id"]
+    body = {k: (file_id if v == "F" else v) for k, v in body.items()}
+    refused = client.post("/v1/batches", headers={KEY_HEADER: "alice"}, json=body)
+    assert refused.status_code == (404 if param is None else 400), refused.text
+    assert refused.json()["error"]["param"] == param and slurm.scripts == []
+
+
+def test_the_runner_sends_each_row_once_and_resumes(tmp_path):
+    """runner.run over a stand-in pool: every row gets a line; a second run (a requeued job)
+    sends nothing again and writes done.json."""
+    import http.server
+    import threading
+
+    from hpcserve.batches import runner
+    seen: list[str] = []
+
+    class Pool(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.headers["Authorization"], self.headers["X-Priority-Class"], body["messages"][0]["content"]))
+            reply = json.dumps({"choices": [], "model": body["model"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pool)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rows = tmp_path / "in.jsonl"
+        rows.write_text("".join(line(f"r{i}").replace('"hi"', f'"row {i}"') for i in range(7)))
+        folder = tmp_path / "run"
+        folder.mkdir(mode=0o700)
+        (folder / "run.json").write_text(json.dumps({"input": str(rows), "url": f"http://127.0.0.1:{server.server_port}/v1",
+                                                      "model": "m", "concurrency": 3}))
+        (folder / "token").write_text("tok\n")
+        (folder / "token").chmod(0o600)
+        (folder / "output.jsonl").write_text(json.dumps({"id": "x", "custom_id": "r0", "response": None,
+                                                          "error": None}) + "\n{\"cut")   # a job killed mid-line
+        assert runner.run(folder) == 0
+        assert sorted(text for _, _, text in seen) == [f"row {i}" for i in range(1, 7)]
+        assert {(auth, cls) for auth, cls, _ in seen} == {("Bearer tok", "batch")}
+        out = [json.loads(x)["custom_id"] for x in (folder / "output.jsonl").read_text().splitlines()]
+        assert sorted(out) == [f"r{i}" for i in range(7)]
+        assert json.loads((folder / "done.json").read_text()) == {"completed": 7, "failed": 0, "total": 7}
+        assert runner.run(folder) == 0 and len(seen) == 6      # requeued after the end: nothing sent again
+    finally:
+        server.shutdown()
+
+
+def test_check_input_counts_rows_and_names_the_endpoint():
+    summary = objects.check_input([line("a").encode(), b"\n", line("b", model="n").encode()], ["m", "n"], 10)
+    assert summary == objects.InputSummary(2, "/v1/chat/completions", frozenset({"m", "n"}))
