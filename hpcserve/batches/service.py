@@ -186,18 +186,21 @@ class BatchAPI:
             progress = _read_json(folder / "progress.json") or {}
             fields: dict[str, object] = {k: int(progress[k]) for k in ("completed", "failed") if k in progress}
             job_running = row["job_id"] in active
+            end: tuple[str, list[dict] | None] | None = None
             if (folder / "done.json").exists():
-                fields.update(self._finish(row, "completed", now))
+                end = "completed", None
             elif row["status"] == "cancelling" and not job_running:
-                fields.update(self._finish(row, "cancelled", now))
+                end = "cancelled", None
             elif now >= row["expires_at"]:
                 if job_running:
                     self._scheduler().cancel([row["job_id"]])
-                fields.update(self._finish(row, "expired", now))
-            elif row["status"] == "in_progress" and not job_running:
-                fields.update(self._finish(row, "failed", now, errors=[{
-                    "code": "job_ended", "message": f"Slurm job {row['job_id']} ended before every request had its "
-                    f"answer (see {folder}/job-{row['job_id']}.out)", "param": None, "line": None}]))
+                end = "expired", None
+            elif row["status"] in ("in_progress", "finalizing") and not job_running:
+                end = "failed", [{"code": "job_ended", "message": f"Slurm job {row['job_id']} ended before every "
+                                  f"request had its answer (see {folder}/job-{row['job_id']}.out)",
+                                  "param": None, "line": None}]
+            if end is not None and self.store.claim_end(row["id"]):
+                fields.update(self._finish(row, end[0], now, errors=end[1]))
             if fields:
                 changed[row["id"]] = self.store.update_batch(row["id"], **fields)
                 ended = ended or changed[row["id"]]["status"] in FINAL
@@ -217,8 +220,8 @@ class BatchAPI:
                     (failed if json.loads(line)["error"] is not None else answered).append(line)
                 except (ValueError, KeyError, TypeError):
                     continue
-        fields: dict[str, object] = {"status": status, f"{status}_at": now, "finalizing_at": now,
-                                     "completed": len(answered), "failed": len(failed)}
+        fields: dict[str, object] = {"status": status, f"{status}_at": now, "completed": len(answered),
+                                     "failed": len(failed)}
         for name, lines in (("output_file_id", answered), ("error_file_id", failed)):
             if lines:
                 file_id = self.store.new_file_id()

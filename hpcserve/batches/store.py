@@ -200,6 +200,18 @@ class Store:
                        (*fields.values(), batch_id))
             return dict(db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone())
 
+    def claim_end(self, batch_id: str, stale_s: float = 120.0) -> bool:
+        """Mark batch `batch_id` finalizing if it is running (or was left finalizing more than
+        `stale_s` seconds ago by a process that died); True for the one caller that did, which
+        then writes its files and final status (two processes refreshing at once finalize once)."""
+        now = int(time.time())
+        with self._db() as db:
+            claimed = db.execute(
+                "UPDATE batches SET status = 'finalizing', finalizing_at = ? WHERE id = ? AND (status IN "
+                "('validating', 'in_progress', 'cancelling') OR (status = 'finalizing' AND finalizing_at < ?))",
+                (now, batch_id, now - stale_s))
+            return claimed.rowcount == 1
+
     def active_tokens(self) -> list[tuple[str, str]]:
         """(owner key name, token SHA-256) of every batch not final: the keys its job sends with."""
         if not (self.root / "batches.db").exists():

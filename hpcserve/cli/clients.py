@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import click
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..batches import objects as batch_objects, service as batch_api, store as batch_store
 from ..clients import batch as batch_mod
 from ..clients import webui as webui_mod
 from .context import Context, deployment_lock, err, late_options, out, pass_ctx
@@ -136,3 +138,65 @@ def _sync_keys(ctx: Context) -> None:
     """Bring the running HAProxy's key map up to date (keys.py), under the deployment lock."""
     with deployment_lock(ctx, timeout=60):
         serving_haproxy(ctx.deployment, "").sync_keys()
+
+
+@click.group()
+def batches() -> None:
+    """The Batch API's batches (batches.enabled): list, show, cancel, as the owner sees them."""
+
+
+def _batch_api(ctx: Context) -> batch_api.BatchAPI:
+    if not ctx.deployment.batches.enabled:
+        raise HpcserveError("batches.enabled is false in the deployment file: the Batch API is off")
+    return batch_api.BatchAPI(ctx.deployment, ctx.scheduler)
+
+
+@batches.command("list")
+@late_options
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="Newest batches shown.")
+@pass_ctx
+def batches_list(ctx: Context, limit: int) -> None:
+    """List the batches of every key, newest first, their counts brought up to date."""
+    api = _batch_api(ctx)
+    rows = api.refresh(api.store.batches(None, limit))[:limit]
+    if ctx.as_json:
+        click.echo(json.dumps([{**batch_objects.batch_object(r), "key": r["owner"], "job_id": r["job_id"]}
+                               for r in rows], indent=2))
+        return
+    table = Table("BATCH", "KEY", "STATUS", "DONE", "FAILED", "TOTAL", "JOB", "CREATED", box=None)
+    for r in rows:
+        table.add_row(r["id"], r["owner"], r["status"], str(r["completed"]), str(r["failed"]), str(r["total"]),
+                      r["job_id"] or "-", time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])))
+    out.print(table)
+
+
+@batches.command("show")
+@late_options
+@click.argument("batch_id")
+@pass_ctx
+def batches_show(ctx: Context, batch_id: str) -> None:
+    """Print one batch as the API returns it (OpenAI's Batch object), with its key and job."""
+    api = _batch_api(ctx)
+    try:
+        row = api.refresh([api.store.batch(batch_id, batch_store.OWNER)])[0]
+    except batch_objects.APIError as exc:
+        raise HpcserveError(str(exc)) from None
+    click.echo(json.dumps({**batch_objects.batch_object(row), "key": row["owner"], "job_id": row["job_id"],
+                           "run_dir": str(api.store.run_dir(batch_id))}, indent=2))
+
+
+@batches.command("cancel")
+@late_options
+@click.argument("batch_id")
+@pass_ctx
+def batches_cancel(ctx: Context, batch_id: str) -> None:
+    """Cancel a batch: its job is cancelled; the rows that finished stay in its output file."""
+    try:
+        batch = _batch_api(ctx).cancel(batch_store.OWNER, batch_id)
+    except batch_objects.APIError as exc:
+        raise HpcserveError(str(exc)) from None
+    if ctx.as_json:
+        click.echo(json.dumps(batch, indent=2))
+    else:
+        out.print(f"batch {batch_id}: {batch['status']} ({batch['request_counts']['completed']} of "
+                  f"{batch['request_counts']['total']} rows answered)")

@@ -159,6 +159,8 @@ def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service)
     assert [json.loads(x)["custom_id"] for x in output.splitlines()] == ["a", "b"]
     assert [json.loads(x)["custom_id"] for x in errors.splitlines()] == ["c"]
     assert token_keys() == []                       # gone with the batch
+    assert not api.store.claim_end(batch["id"])     # ended: no second finalizing (two refreshes at once)
+    assert len(client.get("/v1/files", headers=alice).json()["data"]) == 3   # the input, output, errors
     assert client.get(f"/v1/batches/{batch['id']}", headers={KEY_HEADER: "bob"}).status_code == 404
     assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=alice).status_code == 409
 
