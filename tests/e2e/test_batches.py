@@ -73,32 +73,3 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     token = (pool.dir / "state" / "batches" / "runs" / batch.id / "token").read_text().strip()
     assert httpx.get(f"{pool.url}/models", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
-
-def test_bad_input_is_refused_naming_the_line(pool_factory):
-    pool = pool_factory(replicas=1, parallel=2, simulator="--sim-load-time 0")
-    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "max_file_bytes": 4096}
-    pool.write(pool.raw)
-    pool.ok("up", "--timeout", "120")
-    client = pool.client()
-    good = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-                       "body": {"model": pool.model_name, "messages": []}})
-    cases = {
-        "not JSON": (good + "\n{cut\n", "line 2: not a JSON object"),
-        "unknown model": (good.replace(pool.model_name, "gpt-4"), "line 1: body.model 'gpt-4' is not served"),
-        "repeated id": (good + "\n" + good + "\n", "line 2: custom_id 'a' appears twice"),
-        "other endpoint": (good.replace("chat/completions", "embeddings"), "line 1: url must be one of"),
-        "too large": (good + "\n" + (" " * 5000), "larger than this deployment accepts (4096 bytes)"),
-    }
-    for name, (content, message) in cases.items():
-        with pytest.raises(openai.APIStatusError) as refused:
-            client.files.create(file=("in.jsonl", io.BytesIO(content.encode())), purpose="batch")
-        assert refused.value.status_code in (400, 413) and message in refused.value.message, (name, refused.value)
-    assert client.files.list().data == []
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(good.encode())), purpose="batch")
-    with pytest.raises(openai.BadRequestError, match="completion_window"):
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
-    with pytest.raises(openai.BadRequestError, match="endpoint"):
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
-    with pytest.raises(openai.NotFoundError):
-        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
-    assert client.files.delete(uploaded.id).deleted and client.files.list().data == []
