@@ -47,6 +47,10 @@ def test_the_batch_api_answers_each_key_as_itself_behind_haproxy(tmp_path, gguf)
             # 300 KB: over the LLM path's 64 KiB body limit and its body rules, streamed to the service.
             big = as_alice.files.create(file=("rows.jsonl", io.BytesIO(rows(2000))), purpose="batch")
             assert big.bytes > 300_000
+            # A chunked upload (no length known before it ends): 411.
+            chunked = httpx.post(f"{url}/files", headers={"Authorization": f"Bearer {alice}"},
+                                 content=iter([b"--x\r\n", b"--x--\r\n"]))
+            assert chunked.status_code == 411
             # A client naming itself: HAProxy sets the header from the key, the client's is replaced.
             forged = httpx.get(f"{url}/files", headers={"Authorization": f"Bearer {bob}", service.KEY_HEADER: "alice"})
             assert forged.status_code == 200 and forged.json()["data"] == []
