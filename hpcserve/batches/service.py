@@ -346,6 +346,12 @@ def app(api: BatchAPI) -> Starlette:
                                        "param": None, "code": "scheduler_unavailable"}}, status_code=503,
                             headers={"Retry-After": "30"})
 
+    async def storage_failed(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, OSError)     # a full or unwritable state directory: nothing was recorded
+        return JSONResponse({"error": {"message": f"The pool could not store this: {exc.strerror or exc}.",
+                                       "type": "server_error", "param": None, "code": "storage_error"}},
+                            status_code=507)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async def refresh_forever() -> None:
@@ -367,7 +373,7 @@ def app(api: BatchAPI) -> Starlette:
         Route("/v1/batches", list_batches, methods=["GET"]),
         Route("/v1/batches/{id}", get_batch, methods=["GET"]),
         Route("/v1/batches/{id}/cancel", cancel_batch, methods=["POST"]),
-    ], exception_handlers={APIError: refused, SlurmError: slurm_down}, lifespan=lifespan)
+    ], exception_handlers={APIError: refused, SlurmError: slurm_down, OSError: storage_failed}, lifespan=lifespan)
 
 
 # The process, as the reconcile step keeps it running (like HAProxy and its log writer).

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -39,8 +41,12 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     batch = alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                  completion_window="24h", metadata={"dataset": "test"})
     assert batch.status == "in_progress" and batch.request_counts.total == ROWS
+    # The service killed (kill -9) mid-batch: the next reconcile step starts it again, and the
+    # batch, a Slurm job with its state on disk, goes on.
+    pid_file = pool.dir / "state" / "batches" / "service.pid"
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert "Batch API service started" in pool.ok("reconcile").stderr
     # The job is Slurm's, on the CPU partition, under a name the pool's reconcile leaves alone.
-    pool.ok("reconcile")
     jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%j %P %T"], capture_output=True, text=True,
                           env=pool.env, check=True).stdout.splitlines()
     [job] = [line.split() for line in jobs if line.startswith(f"hpcserve-batch:{pool.name}:{batch.id} ")]

@@ -265,3 +265,17 @@ def test_the_runner_sends_each_row_once_and_resumes(tmp_path):
 def test_check_input_counts_rows_and_names_the_endpoint():
     summary = objects.check_input([line("a").encode(), b"\n", line("b", model="n").encode()], ["m", "n"], 10)
     assert summary == objects.InputSummary(2, "/v1/chat/completions", frozenset({"m", "n"}))
+
+
+def test_a_full_state_directory_is_an_openai_error_and_records_nothing(service, monkeypatch):
+    api, _, client = service
+    real_replace = __import__("os").replace
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("hpcserve.batches.service.os.replace", full)
+    refused = upload(client, "alice", line("a"))
+    assert refused.status_code == 507 and "No space left on device" in refused.json()["error"]["message"]
+    monkeypatch.setattr("hpcserve.batches.service.os.replace", real_replace)
+    assert client.get("/v1/files", headers={KEY_HEADER: "alice"}).json()["data"] == []
+    assert [p.name for p in api.store.files_dir.iterdir()] == []
