@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import autoscaler
+from ..batches import service as batches_service, store as batches_store
 from ..clients import webui
 from ..config import Deployment
 from ..core.pool import Desired, Health, Replica, server_name
@@ -92,6 +93,16 @@ class WebUIStatus:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchesStatus:
+    """The Batch API (batches.enabled): its service's pid (None: not running) and the batches that
+    have not ended."""
+
+    enabled: bool
+    pid: int | None
+    running: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolStatus:
     """The whole report.
 
@@ -100,7 +111,7 @@ class PoolStatus:
         up: the stored desired state says the pool is up.
         auth: {"mode": "open"}, or {"mode": "keys", "owner_key", "owner_key_file", "api_keys_file"}
             (the owner key is None before the first `up`; api_keys_file None when not configured).
-        haproxy, webui: see HAProxyStatus, WebUIStatus.
+        haproxy, webui, batches: see HAProxyStatus, WebUIStatus, BatchesStatus.
         models: model name -> ModelStatus, in the deployment file's order.
         replicas: the jobs that have not ended, by job id; [] when Slurm did not answer.
         slurm_error: Slurm's error when it did not answer, else None.
@@ -117,6 +128,7 @@ class PoolStatus:
     slurm_error: str | None
     last_autoscale: dict[str, dict]
     webui: WebUIStatus
+    batches: BatchesStatus
 
     def to_json(self) -> dict[str, Any]:
         """The `hpcserve status --json` document: these fields, nested as plain JSON objects, and
@@ -168,7 +180,11 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
                                             dropped_log_lines=haproxy.dropped_log_lines()),
                       models=models, replicas=rows, slurm_error=slurm_error,
                       last_autoscale=autoscaler.last_decisions(deployment.state_dir),
-                      webui=WebUIStatus(url=webui_url, up=webui.answers(webui_url + "/health")))
+                      webui=WebUIStatus(url=webui_url, up=webui.answers(webui_url + "/health")),
+                      batches=BatchesStatus(enabled=deployment.batches.enabled,
+                                            pid=batches_service.service_pid(deployment),
+                                            running=len(batches_store.Store(deployment).active_tokens())
+                                            if deployment.batches.enabled else 0))
 
 
 def up_message(deployment: Deployment, desired: Desired, replicas: tuple[Replica, ...]) -> str:
@@ -212,6 +228,10 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
         err.print(f"[yellow]access log:[/] HAProxy dropped {h.dropped_log_lines} line(s) since its last start "
                   "(the log writer fell behind): `hpcserve usage` misses those requests")
     out.print(f"  OpenWebUI {report.webui.url}: {'up' if report.webui.up else 'not running'}")
+    b = report.batches
+    if b.enabled:
+        out.print(f"  Batch API: {'running (pid %s)' % b.pid if b.pid else 'not running'}, "
+                  f"{b.running} batch(es) not ended")
     for name, m in report.models.items():
         out.print(f"  model {name}: {m.ready} ready of {m.jobs} job(s), {m.desired} wanted")
         last = report.last_autoscale.get(name)

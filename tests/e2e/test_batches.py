@@ -41,6 +41,7 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     batch = alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                  completion_window="24h", metadata={"dataset": "test"})
     assert batch.status == "in_progress" and batch.request_counts.total == ROWS
+    assert pool.status()["batches"]["pid"]
     # The service killed (kill -9) mid-batch: the next reconcile step starts it again, and the
     # batch, a Slurm job with its state on disk, goes on.
     pid_file = pool.dir / "state" / "batches" / "service.pid"
