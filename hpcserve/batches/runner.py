@@ -51,6 +51,7 @@ def run(folder: Path) -> int:
     work = engine.workload(Path(spec["input"]), output, template=None, model=spec["model"], max_tokens=None,
                            id_field="custom_id")
     completed, failed = counts(output)
+    print(f"hpcserve-batch start: {work.todo} of {work.total} rows to send to {spec['url']}", flush=True)
     last = 0.0
 
     def on_done(ok: bool) -> None:

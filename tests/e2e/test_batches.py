@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
 
-ROWS = 200
+ROWS = 1500   # about 10 s of the job: time to requeue it midway
 
 
 def requests_file(model: str, rows: int) -> bytes:
@@ -48,10 +48,17 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     assert "Batch API service started" in pool.ok("reconcile").stderr
     # The job is Slurm's, on the CPU partition, under a name the pool's reconcile leaves alone.
-    jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%j %P %T"], capture_output=True, text=True,
+    jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%i %j %P %T"], capture_output=True, text=True,
                           env=pool.env, check=True).stdout.splitlines()
-    [job] = [line.split() for line in jobs if line.startswith(f"hpcserve-batch:{pool.name}:{batch.id} ")]
-    assert job[1] == "cpu" and job[2] in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED"), job
+    [job] = [line.split() for line in jobs if f" hpcserve-batch:{pool.name}:{batch.id} " in line]
+    assert job[2] == "cpu" and job[3] in ("PENDING", "RUNNING"), job
+    # Killed and requeued midway (as after a node failure or preemption): the job starts again and
+    # sends only the rows that have no line yet.
+    deadline = time.monotonic() + 60
+    while alice.batches.retrieve(batch.id).request_counts.completed < 100:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job[0]], env=pool.env, check=True, capture_output=True)
 
     # Another key: no sight of alice's file or batch, no cancel.
     for call in (lambda: bob.batches.retrieve(batch.id), lambda: bob.files.retrieve(uploaded.id),
@@ -69,6 +76,8 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     assert batch.error_file_id is None and batch.metadata == {"dataset": "test"}
     lines = [json.loads(line) for line in alice.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(ROWS))  # each once
+    job_out = (pool.dir / "state" / "batches" / "runs" / batch.id / f"job-{job[0]}.out").read_text()
+    assert job_out.count("hpcserve-batch start") == 2, job_out     # ran twice: before and after the requeue
     assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in lines)
     assert {line["response"]["body"]["model"] for line in lines} == {pool.model_name}
     # The owner key sees every batch; the rows were alice's requests, at batch priority.
