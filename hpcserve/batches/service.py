@@ -296,8 +296,8 @@ def app(api: BatchAPI) -> Starlette:
                             raise APIError(413, f"The file is larger than this deployment accepts ({maximum} bytes).",
                                            code="file_too_large")
                         sink.write(chunk)
-                return JSONResponse(await run_in_threadpool(api.add_file, key, part, upload.filename or "input.jsonl",
-                                                            purpose))
+                name = (upload.filename or "input.jsonl")[:255]
+                return JSONResponse(await run_in_threadpool(api.add_file, key, part, name, purpose))
             finally:
                 part.unlink(missing_ok=True)
 
