@@ -36,6 +36,7 @@ from starlette.routing import Route
 from .. import proc, templates
 from ..access.keys import digest, serving_haproxy
 from ..config import Deployment
+from ..core.jobs import JobState
 from ..errors import HpcserveError, SlurmError
 from ..slurm import Scheduler
 from ..state import StateDir, write_private
@@ -47,6 +48,8 @@ from .store import OWNER, Store
 KEY_HEADER = "X-Hpcserve-Key"
 #: Seconds between two refreshes of the running batches when no client asks.
 REFRESH_EVERY_S = 15.0
+#: Seconds a batch job must show an ended state before its batch fails (a requeue passes through one).
+JOB_GONE_S = 60
 #: Read chunk of an upload, bytes.
 CHUNK = 1 << 20
 
@@ -177,7 +180,7 @@ class BatchAPI:
         running = [r for r in rows if r["status"] not in FINAL]
         if not running:
             return rows
-        active = {job.job_id for job in self._scheduler().jobs(job_name_prefix(self.deployment)) if job.state.active}
+        states = {job.job_id: job.state for job in self._scheduler().jobs(job_name_prefix(self.deployment))}
         now = int(time.time())
         changed: dict[str, dict] = {}
         ended = False
@@ -185,17 +188,18 @@ class BatchAPI:
             folder = self.store.run_dir(row["id"])
             progress = _read_json(folder / "progress.json") or {}
             fields: dict[str, object] = {k: int(progress[k]) for k in ("completed", "failed") if k in progress}
-            job_running = row["job_id"] in active
+            state = states.get(row["job_id"])
+            present = state is not None and (state.active or state in (JobState.COMPLETING, JobState.UNKNOWN))
             end: tuple[str, list[dict] | None] | None = None
             if (folder / "done.json").exists():
                 end = "completed", None
-            elif row["status"] == "cancelling" and not job_running:
+            elif row["status"] == "cancelling" and not present:
                 end = "cancelled", None
             elif now >= row["expires_at"]:
-                if job_running:
+                if present:
                     self._scheduler().cancel([row["job_id"]])
                 end = "expired", None
-            elif row["status"] in ("in_progress", "finalizing") and not job_running:
+            elif row["status"] in ("in_progress", "finalizing") and self._job_gone(folder, present, state, now):
                 end = "failed", [{"code": "job_ended", "message": f"Slurm job {row['job_id']} ended before every "
                                   f"request had its answer (see {folder}/job-{row['job_id']}.out)",
                                   "param": None, "line": None}]
@@ -207,6 +211,25 @@ class BatchAPI:
         if ended:
             self._sync_keys()
         return [changed.get(r["id"], r) for r in rows]
+
+    @staticmethod
+    def _job_gone(folder: Path, present: bool, state: JobState | None, now: int) -> bool:
+        """Whether a batch's job has ended for good: gone from squeue, or in an ended state for
+        JOB_GONE_S seconds on end (a job requeued after a node failure or preemption may show one
+        for a moment; a requeue passes through COMPLETING, which counts as present). The first
+        time it was seen ended is kept in the run folder."""
+        marker = folder / "job-ended-since"
+        if present:
+            marker.unlink(missing_ok=True)
+            return False
+        if state is None:
+            return True
+        try:
+            since = int(marker.read_text())
+        except (OSError, ValueError):
+            since = now
+            write_private(marker, str(now))
+        return now - since >= JOB_GONE_S
 
     def _finish(self, row: dict, status: str, now: int, errors: list[dict] | None = None) -> dict[str, object]:
         """The fields of a batch that ends with `status`: its output lines split into an output

@@ -180,6 +180,10 @@ def test_a_cancelled_batch_keeps_what_finished_and_a_job_that_died_fails_it(serv
 
     second = client.post("/v1/batches", headers=alice, json=create).json()
     slurm.end(slurm.listed[1].job_id)          # killed, not requeued: no done.json
+    # An ended state may be a requeue passing: the batch fails once the job has stayed ended a minute.
+    assert client.get(f"/v1/batches/{second['id']}", headers=alice).json()["status"] == "in_progress"
+    marker = api.store.run_dir(second["id"]) / "job-ended-since"
+    marker.write_text(str(int(marker.read_text()) - 61))
     failed = client.get(f"/v1/batches/{second['id']}", headers=alice).json()
     assert failed["status"] == "failed" and failed["errors"]["data"][0]["code"] == "job_ended"
 
