@@ -94,6 +94,8 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     assert [b.id for b in owner.batches.list().data] == [batch.id]
     usage = {r["name"]: r for r in json.loads(pool.ok("usage", "--json").stdout)["rows"]}
     assert usage["alice"]["ok"] >= ROWS and usage["bob"]["requests"] == 6     # bob's own 6 calls above
+    served = [json.loads(line) for line in (pool.dir / "state" / "logs" / "access.log").read_text().splitlines()]
+    assert {(r["key"], r["class"]) for r in served} == {("alice", "batch")}   # the rows: alice's, queued as batch
     # The batch's token is gone from HAProxy's key map with the batch.
     token = (pool.dir / "state" / "batches" / "runs" / batch.id / "token").read_text().strip()
     assert httpx.get(f"{pool.url}/models", headers={"Authorization": f"Bearer {token}"}).status_code == 401
