@@ -93,7 +93,8 @@ class BatchAPI:
             check_input(lines, [m.name for m in self.deployment.models], self.deployment.batches.max_rows)
         file_id = self.store.new_file_id()
         os.replace(upload, self.store.file_path(file_id))
-        return file_object(self.store.add_file(file_id, key, filename, purpose, self.store.file_path(file_id).stat().st_size))
+        size = self.store.file_path(file_id).stat().st_size
+        return file_object(self.store.add_file(file_id, key, filename, purpose, size))
 
     # Batches.
 
@@ -330,7 +331,8 @@ def app(api: BatchAPI) -> Starlette:
         return JSONResponse(page([file_object(r) for r in rows], limit_of(request)))
 
     async def get_file(request: Request) -> Response:
-        return JSONResponse(file_object(await run_in_threadpool(api.store.file, request.path_params["id"], caller(request))))
+        row = await run_in_threadpool(api.store.file, request.path_params["id"], caller(request))
+        return JSONResponse(file_object(row))
 
     async def file_content(request: Request) -> Response:
         row = await run_in_threadpool(api.store.file, request.path_params["id"], caller(request))

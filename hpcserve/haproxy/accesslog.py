@@ -10,10 +10,10 @@ through Python's RotatingFileHandler: a request that reached a replica (its serv
 held a slot and is billed) to access.log (access.log.1 ... .N, then expired/, never deleted here:
 the usage ledger folds it, access/ledger.py); one HAProxy answered itself (the model list, 429,
 400, 404, 413, 503) to unbilled.log (unbilled.log.1 ... .N, then deleted), so that a key holder's
-flood of refusals rotates only unbilled lines away. Other lines HAProxy logs there (its alerts, "Proxy ... stopped") go
-to logs/haproxy.log. A line waits in the pipe while the
-writer is busy or restarting; were the writer gone for long, the pipe would fill and HAProxy drop
-lines, which is why every step of hpcserve restarts a writer that is not running.
+flood of refusals rotates only unbilled lines away. Other lines HAProxy logs there (its alerts,
+"Proxy ... stopped") go to logs/haproxy.log. A line waits in the pipe while the writer is busy or
+restarting; were the writer gone for long, the pipe would fill and HAProxy drop lines, which is
+why every step of hpcserve restarts a writer that is not running.
 
 Why not a datagram socket (the way before): its queue is net.unix.max_dgram_qlen datagrams (10 on
 a bare kernel), so a burst of 300 requests logged 142 lines; and not a ring buffer forwarding to a
