@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..config import Deployment
 from ..state import StateDir, write_private
-from .objects import FINAL, not_found
+from .objects import FINAL, APIError, not_found
 
 #: Seconds a write waits for another one (SQLite's busy timeout).
 BUSY_TIMEOUT_S = 30.0
@@ -130,10 +130,15 @@ class Store:
         """Delete file `file_id` (its row, then its content).
 
         Raises:
-            APIError: 404 (see file()).
+            APIError: 404 (see file()); 409 while a batch that has not ended reads it.
         """
         self.file(file_id, key)
         with self._db() as db:
+            running = db.execute(f"SELECT id FROM batches WHERE input_file_id = ? AND status NOT IN "
+                                 f"({', '.join('?' * len(FINAL))}) LIMIT 1", (file_id, *sorted(FINAL))).fetchone()
+            if running:
+                raise APIError(409, f"File {file_id} is the input of batch {running['id']}, which has not ended; "
+                               "cancel it first.", code="file_in_use")
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         self.file_path(file_id).unlink(missing_ok=True)
 

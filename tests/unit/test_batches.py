@@ -131,6 +131,8 @@ def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service)
     assert made.status_code == 200, made.text
     batch = made.json()
     assert batch["status"] == "in_progress" and batch["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    in_use = client.delete(f"/v1/files/{file_id}", headers=alice)
+    assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "file_in_use"
     [script] = slurm.scripts
     folder = api.store.run_dir(batch["id"])
     assert f"#SBATCH --job-name=hpcserve-batch:t:{batch['id']}" in script and "#SBATCH --requeue" in script
