@@ -414,7 +414,9 @@ def service_pid(deployment: Deployment) -> int | None:
     try:
         pid = int(pid_file.read_text().split()[0])
         process = psutil.Process(pid)
-        if "hpcserve.batches.service" in process.cmdline() and process.status() != psutil.STATUS_ZOMBIE:
+        argv = process.cmdline()
+        if "hpcserve.batches.service" in argv and str(deployment.state_dir) in argv \
+                and process.status() != psutil.STATUS_ZOMBIE:
             return pid
     except (OSError, ValueError, IndexError, psutil.Error):
         pass
