@@ -163,6 +163,9 @@ def batches_list(ctx: Context, limit: int) -> None:
         click.echo(json.dumps([{**batch_objects.batch_object(r), "key": r["owner"], "job_id": r["job_id"]}
                                for r in rows], indent=2))
         return
+    if not rows:
+        out.print("no batches")
+        return
     table = Table("BATCH", "KEY", "STATUS", "DONE", "FAILED", "TOTAL", "JOB", "CREATED", box=None)
     for r in rows:
         table.add_row(r["id"], r["owner"], r["status"], str(r["completed"]), str(r["failed"]), str(r["total"]),
