@@ -92,6 +92,10 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     # The owner key sees every batch; the rows were alice's requests, at batch priority.
     owner = openai.OpenAI(base_url=pool.url, api_key=pool.api_key, max_retries=0, timeout=60)
     assert [b.id for b in owner.batches.list().data] == [batch.id]
+    listed = json.loads(pool.ok("batches", "list", "--json").stdout)        # and the admin's command
+    assert [(b["id"], b["key"], b["status"]) for b in listed] == [(batch.id, "alice", "completed")]
+    ended = pool.run("batches", "cancel", batch.id)
+    assert ended.returncode == 1 and "is completed: it cannot be cancelled" in ended.stderr
     usage = {r["name"]: r for r in json.loads(pool.ok("usage", "--json").stdout)["rows"]}
     assert usage["alice"]["ok"] >= ROWS and usage["bob"]["requests"] == 6     # bob's own 6 calls above
     served = [json.loads(line) for line in (pool.dir / "state" / "logs" / "access.log").read_text().splitlines()]
