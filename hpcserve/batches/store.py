@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS batches (
     cancelling_at INTEGER, cancelled_at INTEGER);
 """
 
+#: The SQL condition "the batch has not ended", with its parameters (objects.FINAL).
+_NOT_FINAL = f"status NOT IN ({', '.join('?' * len(FINAL))})"
+_FINAL = tuple(sorted(FINAL))
+
 BATCH_FIELDS = ("status", "job_id", "token_sha256", "total", "completed", "failed", "errors", "output_file_id",
                 "error_file_id", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                 "cancelling_at", "cancelled_at")
@@ -107,24 +111,12 @@ class Store:
         Raises:
             APIError: 404 when there is none, or it is another key's (the owner key sees all).
         """
-        with self._db() as db:
-            row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
-        if row is None or (key != OWNER and row["owner"] != key):
-            raise not_found("file", file_id)
-        return dict(row)
+        return self._visible("files", "file", file_id, key)
 
     def files(self, key: str, purpose: str | None, limit: int, after: str | None) -> list[dict]:
         """Key `key`'s files (all, for the owner key), newest first, after id `after`, up to
         `limit` + 1 (the extra one says there are more)."""
-        query, args = "SELECT * FROM files WHERE 1", []
-        if key != OWNER:
-            query, args = query + " AND owner = ?", [key]
-        if purpose:
-            query, args = query + " AND purpose = ?", [*args, purpose]
-        if after:
-            query, args = query + " AND seq < (SELECT seq FROM files WHERE id = ?)", [*args, after]
-        with self._db() as db:
-            return [dict(r) for r in db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))]
+        return self._listed("files", key, limit, after, *(("purpose = ?", (purpose,)) if purpose else ()))
 
     def delete_file(self, file_id: str, key: str) -> None:
         """Delete file `file_id` (its row, then its content).
@@ -134,8 +126,8 @@ class Store:
         """
         self.file(file_id, key)
         with self._db() as db:
-            running = db.execute(f"SELECT id FROM batches WHERE input_file_id = ? AND status NOT IN "
-                                 f"({', '.join('?' * len(FINAL))}) LIMIT 1", (file_id, *sorted(FINAL))).fetchone()
+            running = db.execute(f"SELECT id FROM batches WHERE input_file_id = ? AND {_NOT_FINAL} LIMIT 1",
+                                 (file_id, *_FINAL)).fetchone()
             if running:
                 raise APIError(409, f"File {file_id} is the input of batch {running['id']}, which has not ended; "
                                "cancel it first.", code="file_in_use")
@@ -171,25 +163,36 @@ class Store:
         Raises:
             APIError: 404 when there is none, or it is another key's (the owner key sees all).
         """
+        return self._visible("batches", "batch", batch_id, key)
+
+    def _visible(self, table: str, kind: str, ident: str, key: str) -> dict:
+        """The row `ident` of `table` ("files" or "batches") if key `key` may see it, else the
+        404 of not_found(`kind`, ...)."""
         with self._db() as db:
-            row = db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            row = db.execute(f"SELECT * FROM {table} WHERE id = ?", (ident,)).fetchone()
         if row is None or (key != OWNER and row["owner"] != key):
-            raise not_found("batch", batch_id)
+            raise not_found(kind, ident)
         return dict(row)
+
+    def _listed(self, table: str, key: str | None, limit: int, after: str | None, where: str = "",
+                args: tuple = ()) -> list[dict]:
+        """Rows of `table` that key `key` may see (all for the owner key or None) and that meet
+        `where` (an SQL condition with `args`), newest first, after id `after`, up to `limit` + 1
+        (the extra one says there are more)."""
+        query, values = f"SELECT * FROM {table} WHERE 1", list(args)
+        if where:
+            query += f" AND {where}"
+        if key not in (None, OWNER):
+            query, values = query + " AND owner = ?", [*values, key]
+        if after:
+            query, values = query + f" AND seq < (SELECT seq FROM {table} WHERE id = ?)", [*values, after]
+        with self._db() as db:
+            return [dict(r) for r in db.execute(query + " ORDER BY seq DESC LIMIT ?", (*values, limit + 1))]
 
     def batches(self, key: str | None, limit: int, after: str | None = None, final: bool | None = None) -> list[dict]:
         """Batches of key `key` (all for the owner key or None), newest first, after id `after`, up
         to `limit` + 1; `final` False: only those still running."""
-        query, args = "SELECT * FROM batches WHERE 1", []
-        if key not in (None, OWNER):
-            query, args = query + " AND owner = ?", [key]
-        if after:
-            query, args = query + " AND seq < (SELECT seq FROM batches WHERE id = ?)", [*args, after]
-        if final is False:
-            query += f" AND status NOT IN ({', '.join('?' * len(FINAL))})"
-            args += sorted(FINAL)
-        with self._db() as db:
-            return [dict(r) for r in db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))]
+        return self._listed("batches", key, limit, after, *((_NOT_FINAL, _FINAL) if final is False else ()))
 
     def update_batch(self, batch_id: str, **fields: object) -> dict:
         """Set `fields` (names of BATCH_FIELDS) of batch `batch_id`; returns the new row.
@@ -223,8 +226,8 @@ class Store:
             return []
         with self._db() as db:
             return [(r["owner"], r["token_sha256"]) for r in db.execute(
-                f"SELECT owner, token_sha256 FROM batches WHERE token_sha256 IS NOT NULL AND status NOT IN "
-                f"({', '.join('?' * len(FINAL))}) ORDER BY seq", sorted(FINAL))]
+                f"SELECT owner, token_sha256 FROM batches WHERE token_sha256 IS NOT NULL AND {_NOT_FINAL} "
+                "ORDER BY seq", _FINAL)]
 
     def write_run(self, batch_id: str, run: dict, token: str) -> Path:
         """Make batch `batch_id`'s run folder with run.json and its token (both 0600)."""
