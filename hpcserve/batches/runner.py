@@ -25,18 +25,25 @@ from ..state import read_secret, write_private
 PROGRESS_EVERY_S = 1.0
 
 
-def counts(output: Path) -> tuple[int, int]:
-    """(rows answered, rows written with an error) in the engine's `output` (none if missing)."""
-    done = failed = 0
+def results(output: Path) -> tuple[list[str], list[str]]:
+    """The result lines of the engine's `output` (none if missing): (answered rows, rows written
+    with an error). A line that is not a result (a cut last line, which the engine cuts off before
+    resuming) is skipped."""
+    answered: list[str] = []
+    failed: list[str] = []
     if output.exists():
         for line in output.read_text().splitlines():
             try:
-                failed_row = json.loads(line)["error"] is not None
+                (failed if json.loads(line)["error"] is not None else answered).append(line)
             except (ValueError, KeyError, TypeError):
-                continue    # a cut last line: the engine cuts it off before resuming
-            done += not failed_row
-            failed += failed_row
-    return done, failed
+                continue
+    return answered, failed
+
+
+def counts(output: Path) -> tuple[int, int]:
+    """(rows answered, rows written with an error) in the engine's `output` (results())."""
+    answered, failed = results(output)
+    return len(answered), len(failed)
 
 
 def run(folder: Path) -> int:

@@ -42,6 +42,7 @@ from ..slurm import Scheduler
 from ..state import StateDir, write_private
 from .objects import (COMPLETION_WINDOWS, ENDPOINTS, FINAL, APIError, batch_object, check_input, check_metadata,
                       file_object, page)
+from . import runner
 from .store import OWNER, Store
 
 #: The header HAProxy sets to the caller's key name.
@@ -235,15 +236,7 @@ class BatchAPI:
     def _finish(self, row: dict, status: str, now: int, errors: list[dict] | None = None) -> dict[str, object]:
         """The fields of a batch that ends with `status`: its output lines split into an output
         file (answered) and an error file (with an error), each recorded when not empty."""
-        output = self.store.run_dir(row["id"]) / "output.jsonl"
-        answered: list[str] = []
-        failed: list[str] = []
-        if output.exists():
-            for line in output.read_text().splitlines():
-                try:
-                    (failed if json.loads(line)["error"] is not None else answered).append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue
+        answered, failed = runner.results(self.store.run_dir(row["id"]) / "output.jsonl")
         fields: dict[str, object] = {"status": status, f"{status}_at": now, "completed": len(answered),
                                      "failed": len(failed)}
         for name, lines in (("output_file_id", answered), ("error_file_id", failed)):
