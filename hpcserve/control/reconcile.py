@@ -180,7 +180,7 @@ class Reconciler:
             if applied != written:
                 self.state.write_step(applied)
         self.state.write_desired(desired)
-        self._keep_batches_service(change)
+        self._keep_batches_service(haproxy, change)
         try:   # access logs rotated out since the last step: their totals into the usage ledger
             ledger.fold(self.deployment)
         except OSError as e:   # they wait in logs/expired/ and count from there meanwhile
@@ -190,11 +190,11 @@ class Reconciler:
             self._report(line)
         return outcome
 
-    def _keep_batches_service(self, change: str) -> None:
+    def _keep_batches_service(self, haproxy: HAProxy, change: str) -> None:
         """The Batch API service runs while HAProxy does and batches.enabled says so (started,
         or restarted with a changed deployment file); else it is stopped. Its failure to start is
         reported, not raised: the pool serves chats without it (HAProxy answers 503 there)."""
-        if self.deployment.batches.enabled and change != "stopped" and self._haproxy_running():
+        if self.deployment.batches.enabled and change != "stopped" and haproxy.running():
             try:
                 if batches_service.ensure(self.deployment):
                     self._report("Batch API service started")
@@ -203,9 +203,6 @@ class Reconciler:
         elif batches_service.service_pid(self.deployment) is not None:
             batches_service.stop(self.deployment)
             self._report("Batch API service stopped")
-
-    def _haproxy_running(self) -> bool:
-        return self._make_haproxy(self.deployment, "").running()
 
     def locked_step(self, change: Change = keep, drain_timeout: float | None = None,
                     lock_timeout: float = 600.0) -> Outcome:
