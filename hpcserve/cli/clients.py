@@ -151,6 +151,11 @@ def _batch_api(ctx: Context) -> batch_api.BatchAPI:
     return batch_api.BatchAPI(ctx.deployment, ctx.scheduler)
 
 
+def _admin_view(row: dict) -> dict:
+    """A batch as the admin sees it: OpenAI's Batch object with the key that made it and its job."""
+    return {**batch_objects.batch_object(row), "key": row["owner"], "job_id": row["job_id"]}
+
+
 @batches.command("list")
 @late_options
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="Newest batches shown.")
@@ -160,8 +165,7 @@ def batches_list(ctx: Context, limit: int) -> None:
     api = _batch_api(ctx)
     rows = api.refresh(api.store.batches(None, limit))[:limit]
     if ctx.as_json:
-        click.echo(json.dumps([{**batch_objects.batch_object(r), "key": r["owner"], "job_id": r["job_id"]}
-                               for r in rows], indent=2))
+        click.echo(json.dumps([_admin_view(r) for r in rows], indent=2))
         return
     if not rows:
         out.print("no batches")
@@ -184,8 +188,7 @@ def batches_show(ctx: Context, batch_id: str) -> None:
         row = api.refresh([api.store.batch(batch_id, batch_store.OWNER)])[0]
     except batch_objects.APIError as exc:
         raise HpcserveError(str(exc)) from None
-    click.echo(json.dumps({**batch_objects.batch_object(row), "key": row["owner"], "job_id": row["job_id"],
-                           "run_dir": str(api.store.run_dir(batch_id))}, indent=2))
+    click.echo(json.dumps({**_admin_view(row), "run_dir": str(api.store.run_dir(batch_id))}, indent=2))
 
 
 @batches.command("cancel")
