@@ -14,7 +14,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -140,6 +140,19 @@ def _wait_gone(pgids: list[int], timeout: float) -> list[int]:
             break
         time.sleep(0.2)
     return pgids
+
+
+def pid_from_file(pid_file: Path, matches: Callable[[list[str]], bool]) -> int | None:
+    """The pid in `pid_file` (its first word) if that process runs, is no zombie and its command
+    line `matches` (a pid the kernel gave to another program since is not taken for ours); else None."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        process = psutil.Process(pid)
+        if matches(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+            return pid
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass
+    return None
 
 
 def started_at(pid: int) -> float | None:

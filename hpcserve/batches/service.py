@@ -403,17 +403,8 @@ def _files(deployment: Deployment) -> tuple[Path, Path, Path]:
 
 def service_pid(deployment: Deployment) -> int | None:
     """The pid of the deployment's Batch API service if it runs, else None."""
-    _, pid_file, _ = _files(deployment)
-    try:
-        pid = int(pid_file.read_text().split()[0])
-        process = psutil.Process(pid)
-        argv = process.cmdline()
-        if "hpcserve.batches.service" in argv and str(deployment.state_dir) in argv \
-                and process.status() != psutil.STATUS_ZOMBIE:
-            return pid
-    except (OSError, ValueError, IndexError, psutil.Error):
-        pass
-    return None
+    return proc.pid_from_file(_files(deployment)[1], lambda argv: "hpcserve.batches.service" in argv
+                              and str(deployment.state_dir) in argv)
 
 
 def ensure(deployment: Deployment, timeout: float = 30.0) -> bool:

@@ -135,16 +135,9 @@ def _pid_file(deployment: Deployment) -> Path:
 def writer_pid(deployment: Deployment) -> int | None:
     """The pid of this deployment's log writer if it runs, else None (a writer started before
     2026-12-07 names the access log, not the state dir, and is recognised too)."""
-    try:
-        pid = int(_pid_file(deployment).read_text().split()[0])
-        process = psutil.Process(pid)
-        argv = process.cmdline()
-        if "hpcserve.haproxy.accesslog" in argv and {str(deployment.state_dir), str(log_file(deployment))} & set(argv) \
-                and process.status() != psutil.STATUS_ZOMBIE:
-            return pid
-    except (OSError, ValueError, IndexError, psutil.Error):
-        pass
-    return None
+    names = {str(deployment.state_dir), str(log_file(deployment))}
+    return proc.pid_from_file(_pid_file(deployment), lambda argv: "hpcserve.haproxy.accesslog" in argv
+                              and bool(names & set(argv)))
 
 
 def ensure_writer(deployment: Deployment) -> bool:
