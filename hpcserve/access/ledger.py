@@ -44,16 +44,20 @@ def buckets(records: Iterable[dict]) -> list[dict]:
     """Hourly usage totals of access log `records` (pure).
 
     Returns:
-        [{"hour": epoch seconds of the hour's start (int), "key", "user", "model" (usage.model_of),
-        "requests", "ok" (ints), "errors": {kind: count}, "slot_seconds" (float),
-        "bytes_out" (int)}], sorted by hour, key, user, model.
+        [{"hour": epoch seconds of the hour's start (int), "key", "account" (Slurm's), "user",
+        "model" (usage.model_of), "server" (job<id>, "-": none; for the chargeback), "requests",
+        "ok" (ints), "errors": {kind: count}, "slot_seconds" (float), "bytes_out" (int)}], sorted
+        by hour, key, account, user, model, server.
     """
-    totals: dict[tuple[int, str, str, str], dict] = {}
+    totals: dict[tuple[int, str, str, str, str, str], dict] = {}
     for record in records:
         hour = int(float(record.get("time", 0)) // BUCKET_S * BUCKET_S)
         model = usage.model_of(record)
-        group = (hour, str(record.get("key", "-")), str(record.get("user", "-")), model)
-        bucket = totals.setdefault(group, {"hour": hour, "key": group[1], "user": group[2], "model": model,
+        server = str(record.get("server", "-"))
+        group = (hour, str(record.get("key", "-")), usage.account_of(record), str(record.get("user", "-")), model,
+                 server if server.startswith("job") else "-")
+        bucket = totals.setdefault(group, {"hour": hour, "key": group[1], "account": group[2], "user": group[3],
+                                           "model": model, "server": group[5],
                                            "requests": 0, "ok": 0, "errors": {}, "slot_seconds": 0.0,
                                            "bytes_out": 0})
         bucket["requests"] += 1

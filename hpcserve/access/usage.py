@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from ..config import Deployment
 
-GROUPINGS = ("key", "model", "user")
+GROUPINGS = ("key", "account", "model", "user")
 
 
 def kind(record: dict) -> str:
@@ -46,6 +46,11 @@ def model_of(record: dict) -> str:
     return str(record.get("model", "-"))
 
 
+def account_of(record: dict) -> str:
+    """The Slurm account the request counted for ("-": none, or a line from before accounts)."""
+    return str(record.get("account") or "-")
+
+
 def slot_seconds(record: dict) -> float:
     """Seconds the request held a backend slot (0 when it never reached one)."""
     if not str(record.get("server", "")).startswith("job"):
@@ -59,10 +64,10 @@ def slot_seconds(record: dict) -> float:
 
 @dataclasses.dataclass
 class Row:
-    """Usage of one key, model or user.
+    """Usage of one key, Slurm account, model or user.
 
     Attributes:
-        name: the key name, model name or OpenWebUI user ("-": none).
+        name: the key name, account, model name or OpenWebUI user ("-": none).
         requests: requests received (answered or not).
         ok: requests answered successfully (status < 400, not cut).
         errors: error kind -> count (see kind()).
@@ -95,7 +100,7 @@ def _percentile(values: list[int], q: int) -> float | None:
 def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
               since: float | None = None, until: float | None = None,
               archived: Iterable[dict] = ()) -> list[Row]:
-    """Usage rows grouped `by` "key", "model" or "user", for requests that started in
+    """Usage rows grouped `by` "key", "account", "model" or "user", for requests that started in
     [since, until) (epoch seconds; None: unbounded), sorted by GPU-hours then name.
 
     Args:
@@ -117,7 +122,7 @@ def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
 
     def add(group: dict, model: str, requests: int, ok: int, errors: dict[str, int], held: float,
             bytes_out: int) -> Row:
-        name = model if by == "model" else str(group.get(by, "-"))
+        name = model if by == "model" else account_of(group) if by == "account" else str(group.get(by, "-"))
         row = rows.setdefault(name, Row(name))
         row.requests += requests
         row.ok += ok

@@ -48,6 +48,9 @@ def _key_options(command):
                          help="Requests in service or queued at once [default: haproxy.max_requests_per_client]."),
             click.option("--rate", callback=_rate, metavar="R/min",
                          help="Requests per minute (600, 600/min or 10/s); 0 = no limit [default: 0]."),
+            click.option("--account", metavar="ACCOUNT",
+                         help="Slurm account the key's requests count for (fair share, quotas, usage), checked "
+                              "against slurmdbd [default: slurm.account, else your default account]."),
             pass_ctx]):
         command = option(command)
     return command
@@ -81,17 +84,18 @@ def _locked(ctx: Context, change):
 def _describe(key: keys_mod.Key, ctx: Context) -> dict:
     return {"name": key.name, "class": key.priority_class, "max_concurrent": key.limit(ctx.deployment),
             "rate_per_minute": key.rate_per_minute or None, "source": key.source, "created": key.created,
-            "forwards_users": key.forwards_users}
+            "forwards_users": key.forwards_users, "account": key.account}
 
 
 @keys.command("add")
 @_key_options
 def keys_add(ctx: Context, name: str, priority_class: str | None, max_concurrent: int | None,
-             rate: int | None) -> None:
+             rate: int | None, account: str | None) -> None:
     """Make a key called NAME and print it: the only time it is shown."""
     registry = _registry(ctx)
+    account = keys_mod.check_account(ctx.deployment, account)
     (entry, secret), where = _locked(ctx, lambda: registry.add(name, priority_class or "interactive",
-                                                               max_concurrent, rate or 0))
+                                                               max_concurrent, rate or 0, account))
     if ctx.as_json:
         click.echo(json.dumps({**_describe(entry, ctx), "key": secret}, indent=2))
         return
@@ -102,10 +106,12 @@ def keys_add(ctx: Context, name: str, priority_class: str | None, max_concurrent
 @keys.command("set")
 @_key_options
 def keys_set(ctx: Context, name: str, priority_class: str | None, max_concurrent: int | None,
-             rate: int | None) -> None:
-    """Change the class or limits of the key NAME (the key itself stays)."""
+             rate: int | None, account: str | None) -> None:
+    """Change the class, limits or account of the key NAME (the key itself stays)."""
     registry = _registry(ctx)
-    entry, where = _locked(ctx, lambda: registry.change(name, priority_class, max_concurrent, rate))
+    if account is not None:
+        account = keys_mod.check_account(ctx.deployment, account)
+    entry, where = _locked(ctx, lambda: registry.change(name, priority_class, max_concurrent, rate, account))
     _print_key(ctx, entry, f"key {name}: {_limits(entry, ctx)}, {where}")
 
 
@@ -138,9 +144,10 @@ def keys_list(ctx: Context) -> None:
     if ctx.as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("NAME", "CLASS", "MAX CONCURRENT", "RATE/MIN", "SOURCE", "CREATED", box=None)
+    table = Table("NAME", "CLASS", "MAX CONCURRENT", "RATE/MIN", "ACCOUNT", "SOURCE", "CREATED", box=None)
     for row in rows:
         table.add_row(row["name"], row["class"], str(row["max_concurrent"]), str(row["rate_per_minute"] or "-"),
+                      row["account"] or "-",
                       row["source"] + (" (names its users)" if row["forwards_users"] else ""),
                       row["created"] or "-")
     out.print(table)
@@ -148,7 +155,8 @@ def keys_list(ctx: Context) -> None:
 
 def _limits(key: keys_mod.Key, ctx: Context) -> str:
     rate = f", at most {key.rate_per_minute} per minute" if key.rate_per_minute else ""
-    return f"{key.priority_class}, at most {key.limit(ctx.deployment)} requests at once{rate}"
+    account = f", account {key.account}" if key.account else ", no Slurm account"
+    return f"{key.priority_class}, at most {key.limit(ctx.deployment)} requests at once{rate}{account}"
 
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
@@ -173,7 +181,7 @@ def _when(_ctx, param, value: str | None) -> float | None:
 @click.option("--since", callback=_when, help="From this time (2026-11-01, 2026-11-01T08:00, or 24h, 7d ago).")
 @click.option("--until", callback=_when, help="Until this time (same forms) [default: now].")
 @click.option("--by", type=click.Choice(usage_mod.GROUPINGS), default="key", show_default=True,
-              help="Group by API key, model, or OpenWebUI user.")
+              help="Group by API key, Slurm account, model, or OpenWebUI user.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV (one row per group) for spreadsheets.")
 @pass_ctx
 def usage(ctx: Context, since: float | None, until: float | None, by: str, as_csv: bool) -> None:

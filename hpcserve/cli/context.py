@@ -20,6 +20,7 @@ from ..config import Deployment
 from ..slurm.local import LocalScheduler
 from ..control.reconcile import Outcome, Reconciler, summary
 from ..slurm import Scheduler, pyslurm_adapter
+from ..slurm.accounting import Accounting
 from ..state import StateDir
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is never wrapped
@@ -55,7 +56,8 @@ class Context:
 
     def reconciler(self) -> Reconciler:
         """The deployment's Reconciler; each change a step makes is said on stderr."""
-        return Reconciler(self.deployment, self.scheduler(), report=self.say)
+        accounting = Accounting() if self.deployment.scheduler == "slurm" else None
+        return Reconciler(self.deployment, self.scheduler(), report=self.say, accounting=accounting)
 
     def say(self, line: str) -> None:
         """Progress and changes go to stderr, so --json output on stdout stays clean."""

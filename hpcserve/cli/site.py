@@ -132,9 +132,9 @@ _STYLE = {check_mod.PASS: "[green]PASS[/]", check_mod.FAIL: "[red]FAIL[/]", chec
 @pass_ctx
 def check(ctx: Context, with_job: bool, timeout: float) -> None:
     """Check the deployment before a real job waits in the queue: every job script through
-    `sbatch --test-only`, HAProxy's release, config and ports, the GGUF files, the state directory;
-    with --job, from a compute node: the setup lines, the model files, llama-server --version, the
-    state directory, and the node's address from here.
+    `sbatch --test-only`, Slurm accounting (slurmdbd), HAProxy's release, config and ports, the GGUF
+    files, the state directory; with --job, from a compute node: the setup lines, the model files,
+    llama-server --version, the state directory, and the node's address from here.
 
     \b
     Exit code: the number of failed checks (0: all passed; warnings do not count).

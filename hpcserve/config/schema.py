@@ -402,6 +402,21 @@ class Batches(_Strict):
     concurrency: int = Field(default=8, ge=1, le=4096, description="requests in flight per batch job")
 
 
+class Accounting(_Strict):
+    """Slurm accounts (slurmdbd) in the pool: keys belong to accounts (`hpcserve keys add --account`),
+    and accounts are served in the order of their Slurm fair share (core/fairshare.py)."""
+
+    fair_share_delay: float | None = Field(
+        default=None, ge=0, le=262,
+        description="seconds: requests of an account whose Slurm fair-share factor is 0 are queued as if they "
+                    "arrived this much later than those of an account with factor 1 (linear between); 0 = "
+                    "fair share off; must be shorter than haproxy.batch_delay; default: half of it")
+
+    def fair_share_delay_or_default(self, haproxy: HAProxy) -> float:
+        """`fair_share_delay` in seconds, or half of haproxy.batch_delay (its default included)."""
+        return self.fair_share_delay if self.fair_share_delay is not None else haproxy.batch_delay_or_default / 2
+
+
 class Deployment(_Strict):
     """A whole deployment file, validated; paths are absolute."""
 
@@ -415,6 +430,7 @@ class Deployment(_Strict):
     local: Local = Field(default_factory=Local)
     webui: WebUI = Field(default_factory=WebUI)
     batches: Batches = Field(default_factory=Batches)
+    accounting: Accounting = Field(default_factory=Accounting)
     templates_dir: Path | None = Field(default=None, description="site templates that override ours")
 
     @model_validator(mode="after")
@@ -423,6 +439,10 @@ class Deployment(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
+        if self.accounting.fair_share_delay and self.accounting.fair_share_delay >= self.haproxy.batch_delay_or_default:
+            raise ValueError(f"accounting.fair_share_delay ({self.accounting.fair_share_delay:g} s) must be shorter "
+                             f"than haproxy.batch_delay ({self.haproxy.batch_delay_or_default:g} s), or a batch request "
+                             "could go before an interactive one")
         return self
 
     def model(self, name: str) -> Model:

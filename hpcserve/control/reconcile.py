@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from ..access import ledger
+from ..access import accounts, ledger
 from ..batches import service as batches_service
 from ..access.keys import serving_haproxy
 from ..slurm import jobscript
@@ -39,6 +39,7 @@ from ..core.pool import Desired, Health, Replica
 from .observe import observe
 from ..haproxy.process import HAProxy
 from ..slurm import Scheduler
+from ..slurm.accounting import Accounting
 from ..errors import HpcserveError, WaitTimeout
 from ..state import StateDir, StepRecord, write_private
 
@@ -86,13 +87,16 @@ class Reconciler:
         haproxy: makes the deployment's HAProxy from (deployment, backend key);
             access.keys.serving_haproxy (HAProxy with the key map) unless a test records the calls.
         report: gets one human line per change a step made (describe()); the CLI prints them.
+        accounting: Slurm's accounting, whose fair share each step brings into HAProxy's queue
+            (access/accounts.py); None: no fair share (a pool of local processes, a test).
     """
 
     def __init__(self, deployment: Deployment, scheduler: Scheduler,
                  haproxy: Callable[[Deployment, str], HAProxy] = serving_haproxy,
-                 report: Callable[[str], None] = _ignore):
+                 report: Callable[[str], None] = _ignore, accounting: Accounting | None = None):
         self.deployment = deployment
         self.scheduler = scheduler
+        self.accounting = accounting
         self.state = StateDir(deployment.state_dir)
         self._make_haproxy = haproxy
         self._report = report
@@ -181,6 +185,10 @@ class Reconciler:
                 self.state.write_step(applied)
         self.state.write_desired(desired)
         self._keep_batches_service(haproxy, change)
+        if self.accounting and accounts.enabled(self.deployment) and change != "stopped" and haproxy.running():
+            shares = accounts.refresh(self.deployment, haproxy, self.accounting)
+            if shares.error and shares.failing_since == shares.attempted:   # said once, when it starts
+                self._report(f"warning: fair share not refreshed, HAProxy keeps the last order: {shares.error}")
         try:   # access logs rotated out since the last step: their totals into the usage ledger
             ledger.fold(self.deployment)
         except OSError as e:   # they wait in logs/expired/ and count from there meanwhile

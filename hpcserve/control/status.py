@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import autoscaler
+from ..access import accounts
 from ..batches import service as batches_service, store as batches_store
 from ..clients import webui
 from ..config import Deployment
@@ -112,6 +113,9 @@ class PoolStatus:
         auth: {"mode": "open"}, or {"mode": "keys", "owner_key", "owner_key_file", "api_keys_file"}
             (the owner key is None before the first `up`; api_keys_file None when not configured).
         haproxy, webui, batches: see HAProxyStatus, WebUIStatus, BatchesStatus.
+        fair_share: the last fair-share refresh (access.accounts.FairShareState as a dict: updated,
+            delays {account: ms}, error, failing_since, attempted, slurmdbd_error); None when fair
+            share is off.
         models: model name -> ModelStatus, in the deployment file's order.
         replicas: the jobs that have not ended, by job id; [] when Slurm did not answer.
         slurm_error: Slurm's error when it did not answer, else None.
@@ -129,6 +133,7 @@ class PoolStatus:
     last_autoscale: dict[str, dict]
     webui: WebUIStatus
     batches: BatchesStatus
+    fair_share: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `hpcserve status --json` document: these fields, nested as plain JSON objects, and
@@ -184,7 +189,9 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
                       batches=BatchesStatus(enabled=deployment.batches.enabled,
                                             pid=batches_service.service_pid(deployment),
                                             running=len(batches_store.Store(deployment).active_tokens())
-                                            if deployment.batches.enabled else 0))
+                                            if deployment.batches.enabled else 0),
+                      fair_share=dataclasses.asdict(accounts.read_state(deployment))
+                      if accounts.enabled(deployment) and deployment.scheduler == "slurm" else None)
 
 
 def up_message(deployment: Deployment, desired: Desired, replicas: tuple[Replica, ...]) -> str:
@@ -232,6 +239,7 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
     if b.enabled:
         out.print(f"  Batch API: {'running (pid %s)' % b.pid if b.pid else 'not running'}, "
                   f"{b.running} batch(es) not ended")
+    _print_fair_share(report.fair_share, out, err)
     for name, m in report.models.items():
         out.print(f"  model {name}: {m.ready} ready of {m.jobs} job(s), {m.desired} wanted")
         last = report.last_autoscale.get(name)
@@ -257,6 +265,25 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
     for r in report.replicas:
         if r.refusal:
             err.print(f"[red]job {r.job_id} refused:[/] {escape(r.refusal)}", highlight=False)
+
+
+def _print_fair_share(fair: dict[str, Any] | None, out: Console, err: Console) -> None:
+    """The fair-share line of `status`: each account's queue delay, and what is stale or down."""
+    if fair is None:
+        return
+    if fair["updated"]:
+        when = time.strftime("%H:%M:%S", time.localtime(fair["updated"]))
+        delays = ", ".join(f"{a} +{ms / 1000:g} s" for a, ms in sorted(fair["delays"].items())) or "no accounts"
+        out.print(f"  fair share (from sshare at {when}): {delays}", markup=False)
+    else:
+        out.print("  fair share: not read yet (at the next `hpcserve reconcile`)")
+    if fair["error"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fair["failing_since"]))
+        err.print(f"[yellow]fair share:[/] not refreshed since {since}, HAProxy keeps the last order: "
+                  f"{escape(fair['error'])}")
+    if fair["slurmdbd_error"]:
+        err.print(f"[yellow]accounting unavailable:[/] {escape(fair['slurmdbd_error'])} (keys cannot get accounts "
+                  "and `usage --chargeback` cannot read sacct; serving and fair share go on)")
 
 
 def _dash(value: int | None) -> str:

@@ -103,6 +103,14 @@ def buffer_size(deployment: Deployment) -> int:
     return deployment.haproxy.max_header_bytes + deployment.max_request_body + 1 + MAXREWRITE
 
 
+def fair_share_delay_ms(deployment: Deployment) -> int:
+    """The queue delay of an account of fair-share factor 0, ms (accounting.fair_share_delay); 0 when
+    fair share is off: explicitly, or with an open pool (no key, so no account)."""
+    if deployment.haproxy.auth != "keys":
+        return 0
+    return round(deployment.accounting.fair_share_delay_or_default(deployment.haproxy) * 1000)
+
+
 def render(deployment: Deployment, servers: list[Server]) -> str:
     """haproxy.cfg text for `deployment` with `servers` in rotation.
 
@@ -123,6 +131,8 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             admin_socket=p.admin_socket, server_state_file=p.server_state_file,
                             keys_map=p.keys_map_file if deployment.haproxy.auth == "keys" else None,
                             leaving_map=p.leaving_map_file,
+                            fair_share_map=p.fair_share_map_file if fair_share_delay_ms(deployment) else None,
+                            fair_share_delay_ms=fair_share_delay_ms(deployment),
                             access_log_fifo=deployment.haproxy.access_log,
                             batch_delay_ms=round(deployment.haproxy.batch_delay_or_default * 1000),
                             models_file=p.models_file,

@@ -248,8 +248,9 @@ class HAProxy:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
         _write_if_changed(self.paths.models_file, models_list(self.deployment))
         self._write_key_map()
-        if self.deployment.haproxy.affinity_header and not self.paths.leaving_map_file.exists():
-            write_private(self.paths.leaving_map_file, "")
+        for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file):
+            if not runtime_map.exists():    # the config matches them (when affinity, fair share are on)
+                write_private(runtime_map, "")
         # Older hpcserve kept the keys ("Bearer KEY" lines), then their hashes, in these: gone now.
         for old in ("frontend-keys.lst", "frontend-key-hashes.lst"):
             (self.paths.root / old).unlink(missing_ok=True)
@@ -284,23 +285,44 @@ class HAProxy:
             ConfigError: the api_keys_file cannot be read; HpcserveError: keys.json is unreadable.
         """
         entries = self._write_key_map()
-        if entries is None or not self.running():
+        if entries is None:
+            return 0
+        return self._sync_map(self.paths.keys_map_file, entries, table=KEY_TABLE)
+
+    def sync_fair_share(self, delays: dict[str, int]) -> int:
+        """Make the fair-share map (Slurm account -> queue delay in ms, core.fairshare.delays) hold
+        `delays`, in its file and in every running worker, old ones included: no reload. Returns
+        the number of runtime commands sent.
+
+        Raises:
+            HAProxyError: the runtime API refused a change.
+        """
+        entries = {account: str(ms) for account, ms in sorted(delays.items())}
+        _write_if_changed(self.paths.fair_share_map_file, map_text(entries))
+        return self._sync_map(self.paths.fair_share_map_file, entries)
+
+    def _sync_map(self, path: Path, entries: dict[str, str], table: str | None = None) -> int:
+        """Bring the map `path` of every running worker (old ones too) to `entries`, and with
+        `table` that stick table's entries to the map's values (table_commands); the number of
+        runtime commands sent. A worker whose config has no such map is left alone."""
+        if not self.running():
             return 0
         info = runtime.show_proc(self.paths.master_socket)
         sent = 0
         for pid in info.workers + info.old_workers:
             target = f"@!{pid} "
-            live = runtime.show_map(self.paths.master_socket, self.paths.keys_map_file, prefix=target)
+            live = runtime.show_map(self.paths.master_socket, path, prefix=target)
             if live is None:
-                continue  # this worker's config has no key map (auth was open)
-            commands = map_commands(str(self.paths.keys_map_file), live, entries)
-            tracked = runtime.show_table(self.paths.master_socket, KEY_TABLE, prefix=target)
-            commands += table_commands(KEY_TABLE, tracked, entries)
+                continue  # this worker's config has no such map (auth was open, fair share off)
+            commands = map_commands(str(path), live, entries)
+            if table:
+                tracked = runtime.show_table(self.paths.master_socket, table, prefix=target)
+                commands += table_commands(table, tracked, entries)
             for line in commands:
                 answer = runtime.command(self.paths.master_socket, target + line).strip()
                 sent += 1
                 if answer and pid in info.workers:
-                    raise HAProxyError(f"HAProxy refused to change the key map: {answer.splitlines()[0]}")
+                    raise HAProxyError(f"HAProxy refused to change {path.name}: {answer.splitlines()[0]}")
         return sent
 
     def apply(self, text: str) -> bool:

@@ -33,6 +33,7 @@ from ..llama import builds
 from ..control.observe import resolve
 from ..slurm import Scheduler, jobscript
 from ..slurm import layout as layout_mod
+from ..slurm.accounting import Accounting, AccountingUnavailable
 from ..state import StateDir, write_private
 
 PASS, FAIL, WARN = "pass", "fail", "warn"
@@ -68,7 +69,8 @@ def preflight(deployment: Deployment, scheduler: Scheduler) -> list[Check]:
     """The checks that need no job (module docstring), the state directory's listed last. It is
     made first: the HAProxy check writes the files its config names there."""
     state = state_dir_check(deployment)
-    checks = [*slurm_release(deployment), *job_scripts(deployment, scheduler), *model_files(deployment)]
+    checks = [*slurm_release(deployment), *accounting_check(deployment), *job_scripts(deployment, scheduler),
+              *model_files(deployment)]
     if os.path.isdir(deployment.state_dir):
         checks += haproxy_checks(deployment)
     return [*checks, state]
@@ -98,6 +100,25 @@ def slurm_release(deployment: Deployment) -> list[Check]:
         return [Check("slurm", WARN, f"Slurm {releases.text(release, slurm=True)}: hpcserve is tested on {tested} and newer",
                       "expect to find differences first; report them with `hpcserve check --json`")]
     return [Check("slurm", PASS, f"Slurm {releases.text(release, slurm=True)} (tested on {tested} and newer)")]
+
+
+def accounting_check(deployment: Deployment, accounting: Accounting | None = None) -> list[Check]:
+    """Whether slurmdbd answers, and so whether keys' accounts, fair share by account and the
+    chargeback can work: a warning when not (serving needs none of them); nothing for the
+    workstation launcher."""
+    if deployment.scheduler != "slurm":
+        return []
+    try:
+        known = (accounting or Accounting()).accounts()
+    except AccountingUnavailable as exc:
+        return [Check("accounting", WARN, f"{exc}; keys get no Slurm account, so fair share by account and "
+                                          "`usage --chargeback` are off (serving is not affected)",
+                      "run slurmdbd (AccountingStorageType=accounting_storage/slurmdbd in slurm.conf) to use them",
+                      kind="slurm")]
+    fair = haproxy_config.fair_share_delay_ms(deployment)
+    order = f"fair share orders the queue (up to {fair / 1000:g} s)" if fair else "fair share off"
+    listed = ", ".join(known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+    return [Check("accounting", PASS, f"slurmdbd answers: {len(known)} account(s) ({listed}); {order}")]
 
 
 def job_scripts(deployment: Deployment, scheduler: Scheduler) -> list[Check]:

@@ -28,7 +28,7 @@ def test_registry_keeps_digests_and_refuses_bad_names(tmp_path, gguf):
     entry, secret = registry.add("alice", "batch", 8, 600)
     assert entry.sha256 == keys.digest(secret) and secret not in registry.file.read_text()
     assert registry.file.stat().st_mode & 0o077 == 0
-    assert entry.map_value(d) == "alice|batch|8|600|0|1"
+    assert entry.map_value(d) == "alice|batch|8|600|0|1|-"
     for name in ("owner", "openwebui", "file-1234", "a b", "a|b", "a;b", "", "-x", "x" * 64, "al\nice"):
         with pytest.raises(ConfigError, match="NAME"):
             registry.add(name)
@@ -36,7 +36,7 @@ def test_registry_keeps_digests_and_refuses_bad_names(tmp_path, gguf):
         registry.add("alice")
     with pytest.raises(ConfigError, match="--class"):
         registry.add("bob", "urgent")
-    assert registry.change("alice", rate_per_minute=0).map_value(d) == "alice|batch|8|0|0|1"
+    assert registry.change("alice", rate_per_minute=0).map_value(d) == "alice|batch|8|0|0|1|-"
     assert registry.change("alice", priority_class="interactive").max_concurrent == 8
     with pytest.raises(ConfigError, match="no named key 'owner'.*own keys"):
         registry.revoke("owner")
@@ -53,7 +53,7 @@ def test_rates_and_retry_after():
         with pytest.raises(ValueError):
             keys.parse_rate(bad)
     key = keys.Key("k", "0" * 64, rate_per_minute=7)
-    assert key.map_value(deployment_stub()).endswith("|7|0|9")   # ceil(60 / 7)
+    assert key.map_value(deployment_stub()).endswith("|7|0|9|-")   # ceil(60 / 7)
 
 
 def deployment_stub():
@@ -159,8 +159,12 @@ def test_gpu_hours_by_hand(tmp_path, gguf):
     assert rows["alice"].queue_p50_ms == 150 / 2 and rows["alice"].queue_p99_ms == pytest.approx(148.5)
     by_model = {r.name: r for r in usage.summarize(records, d, by="model")}
     assert set(by_model) == {"m", "cpu", "-"} and by_model["cpu"].gpu_hours == 0
+    # By Slurm account: a line without one (from before accounts) counts as "-".
+    records[1]["account"] = "physics"
+    by_account = {r.name: r for r in usage.summarize(records, d, by="account", since=0, until=2000)}
+    assert by_account["physics"].gpu_hours == pytest.approx(0.25) and set(by_account) == {"physics", "-"}
     with pytest.raises(ValueError):
-        usage.summarize(records, d, by="account")
+        usage.summarize(records, d, by="project")
 
 
 def test_records_read_rotated_files_oldest_first_and_skip_broken_lines(tmp_path, gguf):

@@ -1,0 +1,83 @@
+"""Slurm's accounting, read through its commands: the accounts and associations slurmdbd keeps
+(sacctmgr), their fair share (sshare) and the GPU time the pool's jobs were charged (sacct).
+
+Facts it relies on (verified on Slurm 22.05 with slurmdbd on MariaDB, scripts/local-slurm.sh):
+`sacctmgr -nP show assoc format=...` prints one "|"-separated line per association, an account's
+own line with an empty user; with slurmdbd down sacctmgr exits 1 ("failed to open persistent
+connection"), while `sshare` keeps answering from slurmctld's copy. `sshare -a -n -P -o
+Account,User,NormShares,EffectvUsage` prints the tree, an account's line with an empty user, its
+name indented by its depth (sshare(1)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .. import proc
+from ..core.fairshare import Share
+from ..errors import CommandError, SlurmError
+
+
+class AccountingUnavailable(SlurmError):
+    """slurmdbd is not configured, not running or not answering: accounts, quotas by account and
+    chargeback cannot be checked; serving goes on."""
+
+
+class Accounting:
+    """sacctmgr, sshare and sacct for one deployment's user.
+
+    Args:
+        env: environment of the commands (SLURM_CONF), or None to inherit ours.
+        timeout: seconds one command may take (slurmdbd may be slow or hanging).
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None, timeout: float = 20.0):
+        self._env = env
+        self._timeout = timeout
+
+    def _run(self, argv: list[str]) -> str:
+        try:
+            return proc.run(argv, env=self._env, timeout=self._timeout).stdout
+        except CommandError as exc:
+            raise AccountingUnavailable(f"Slurm accounting (slurmdbd) is unavailable: {exc}") from exc
+
+    def accounts(self, user: str | None = None) -> list[str]:
+        """The accounts with an association in slurmdbd (of `user`, or of anyone), sorted.
+
+        Raises:
+            AccountingUnavailable: sacctmgr failed (no slurmdbd, slurmdbd down, timeout).
+        """
+        where = ["where", f"users={user}"] if user else []
+        out = self._run(["sacctmgr", "-nP", "show", "assoc", *where, "format=account"])
+        return sorted({line.strip() for line in out.splitlines() if line.strip()})
+
+    def default_account(self, user: str) -> str | None:
+        """`user`'s default account in slurmdbd, or None when the user is not known there.
+
+        Raises:
+            AccountingUnavailable: sacctmgr failed.
+        """
+        out = self._run(["sacctmgr", "-nP", "show", "user", user, "format=defaultaccount"])
+        lines = [line.strip() for line in out.splitlines() if line.strip()]
+        return lines[0] if lines else None
+
+    def shares(self) -> list[Share]:
+        """Every account's normalized shares and effective usage (sshare -a), from slurmctld.
+
+        Raises:
+            AccountingUnavailable: sshare failed or printed a line that is not sshare's.
+        """
+        out = self._run(["sshare", "-a", "-n", "-P", "-o", "Account,User,NormShares,EffectvUsage"])
+        shares: list[Share] = []
+        for line in out.splitlines():
+            fields = line.split("|")
+            if len(fields) != 4:
+                raise AccountingUnavailable(f"sshare printed an unexpected line: {line!r}")
+            account, user, norm, usage = (field.strip() for field in fields)
+            if user or not account or account == "root":
+                continue        # users' lines, and the tree's root
+            try:
+                shares.append(Share(account, float(norm), float(usage)))
+            except ValueError:
+                raise AccountingUnavailable(f"sshare printed an unexpected line: {line!r}") from None
+        return shares

@@ -1,0 +1,164 @@
+"""Slurm accounts in the pool, on the local cluster's real slurmdbd (MariaDB) and real HAProxy over
+simulated backends: keys belong to accounts slurmdbd knows, HAProxy's queue serves accounts in
+the order of Slurm's fair share, and a stopped slurmdbd stops nothing but what needs it.
+
+The local cluster (scripts/local-slurm.sh) has the accounts physics and chemistry; physics is the
+default account of the user that runs the tests, so every job of the suite charges it, and
+chemistry is left unused: physics's fair-share factor is the lower one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hpcserve.access import accounts
+from hpcserve.haproxy import runtime
+from hpcserve.slurm.accounting import Accounting, AccountingUnavailable
+from tests.conftest import ROOT, missing
+from tests.integration.test_institute import pool
+
+pytestmark = [pytest.mark.haproxy, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def slurmdbd(slurm_env) -> Accounting:
+    """The local cluster's accounting, answering (its accounts as local-slurm.sh makes them)."""
+    accounting = Accounting(env=slurm_env)
+    try:
+        known = accounting.accounts()
+    except AccountingUnavailable as exc:
+        missing(f"slurmdbd of the local cluster (scripts/local-slurm.sh start): {exc}")
+    if not {"physics", "chemistry"} <= set(known):
+        missing(f"the accounts physics and chemistry in slurmdbd (scripts/local-slurm.sh start), found {known}")
+    return accounting
+
+
+def _usage(accounting: Accounting) -> dict[str, float]:
+    return {share.account: share.effective_usage for share in accounting.shares()}
+
+
+def physics_has_used_more(accounting: Accounting, slurm_env: dict[str, str], timeout: float = 150) -> None:
+    """Wait until sshare shows physics's usage above chemistry's. Slurm adds a running job's usage
+    at each PriorityCalcPeriod (1 minute on the local cluster), so when the suite's jobs have not
+    charged physics yet, a job of physics runs across one such tick."""
+    usage = _usage(accounting)
+    if usage["physics"] > usage["chemistry"]:
+        return
+    job = subprocess.run(["sbatch", "--parsable", "--account=physics", "--partition=cpu", "-c", "1", "--mem=100",
+                          "-J", "hpcserve-test-usage", "--time=5", "--wrap", "sleep 200"],
+                         env=slurm_env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + timeout
+        while usage["physics"] <= usage["chemistry"]:
+            assert time.monotonic() < deadline, f"sshare showed no usage of physics's job {job}: {usage}"
+            time.sleep(2)
+            usage = _usage(accounting)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, check=False)
+
+
+def test_keys_belong_to_accounts_that_slurmdbd_knows(tmp_path, gguf, slurmdbd):
+    with pool(tmp_path, gguf) as p:
+        phys = p.add_key("phys", "--account", "physics")
+        p.add_key("plain")          # no --account: the owner's default account in slurmdbd
+        listed = {k["name"]: k for k in json.loads(p.hpcserve("keys", "list", "--json").stdout)}
+        assert listed["phys"]["account"] == "physics" and listed["plain"]["account"] == "physics"
+        # An account slurmdbd does not have: refused, naming the option and the accounts there are.
+        refused = p.hpcserve("keys", "add", "typo", "--account", "physiks")
+        assert refused.returncode == 2 and "--account" in refused.stderr and "chemistry" in refused.stderr
+        assert "Traceback" not in refused.stderr and "typo" not in p.hpcserve("keys", "list").stdout
+        assert p.hpcserve("keys", "add", "bad", "--account", "a|b").returncode == 2   # never into the map
+        # Changed at runtime, like the class and limits: the next request counts for chemistry.
+        changed = p.hpcserve("keys", "set", "phys", "--account", "chemistry", "--json")
+        assert changed.returncode == 0 and json.loads(changed.stdout)["account"] == "chemistry"
+        reply = httpx.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {phys}"},
+                           json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200
+        (line,) = p.records(1)
+        assert (line["key"], line["account"]) == ("phys", "chemistry")
+        rows = json.loads(p.hpcserve("usage", "--by", "account", "--json").stdout)["rows"]
+        assert [(r["name"], r["requests"]) for r in rows] == [("chemistry", 1)]
+
+
+def test_the_account_that_used_less_is_served_first(tmp_path, gguf, slurmdbd, slurm_env, capsys):
+    """Two accounts' keys saturate one server of 2 slots together; chemistry, which has used
+    nothing, waits less in HAProxy's queue than physics, and no physics request waits beyond
+    the bound (its delay over chemistry's, plus the backlog one slot turnover drains)."""
+    physics_has_used_more(slurmdbd, slurm_env)
+    with pool(tmp_path, gguf, servers=1, slots=2, token_rate=20, batch_delay=20, timeout_queue=60) as p:
+        keys = {"physics": p.add_key("phys", "--account", "physics"),
+                "chemistry": p.add_key("chem", "--account", "chemistry")}
+        deployment = p.proxy.deployment
+        state = accounts.refresh(deployment, p.proxy, slurmdbd, force=True)
+        assert state.error is None and state.delays["physics"] > state.delays["chemistry"], state
+        live = runtime.show_map(p.proxy.paths.admin_socket, p.proxy.paths.fair_share_map_file)
+        assert {account: int(ms) for account, ms in live.items()} == state.delays
+        assert p.proxy.paths.fair_share_map_file.read_text().split() == [
+            word for account, ms in sorted(state.delays.items()) for word in (account, str(ms))]
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+                stop = time.monotonic() + 12
+
+                async def client_of(key: str) -> list[int]:
+                    codes = []
+                    while time.monotonic() < stop:
+                        r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                              json={"model": "m", "max_tokens": 4,
+                                                    "messages": [{"role": "user", "content": "x"}]})
+                        codes.append(r.status_code)
+                    return codes
+
+                runs = await asyncio.gather(*(client_of(keys[a]) for a in ("physics", "chemistry") for _ in range(8)))
+                return [c for codes in runs for c in codes]
+
+        codes = asyncio.run(load())
+        assert set(codes) == {200}
+        records = p.records(len(codes))
+        waits = {a: [r["Tw"] / 1000 for r in records if r["account"] == a] for a in ("physics", "chemistry")}
+        turnover = max(r["Ta"] - r["TR"] - r["Tw"] - r["Tc"] for r in records) / 1000
+        extra = (state.delays["physics"] - state.delays["chemistry"]) / 1000
+        with capsys.disabled():
+            print(f"\n  fair share: delay physics {state.delays['physics']} ms, chemistry {state.delays['chemistry']} ms; "
+                  + "; ".join(f"{a} {len(w)} requests, queue wait p50 {statistics.median(w):.2f} s, max {max(w):.2f} s"
+                              for a, w in waits.items()) + f" (slot turnover {turnover:.2f} s)")
+        assert statistics.median(waits["chemistry"]) < statistics.median(waits["physics"])
+        # The bound: a physics request is overtaken only by chemistry requests that arrived less
+        # than `extra` after it; 16 clients on 2 slots keep at most 16 requests ahead of it.
+        assert max(waits["physics"]) <= extra + 8 * turnover + 1, (max(waits["physics"]), extra, turnover)
+
+
+def test_with_slurmdbd_stopped_the_pool_serves_and_says_accounting_is_unavailable(tmp_path, gguf, slurmdbd,
+                                                                                     slurm_env):
+    with pool(tmp_path, gguf) as p:
+        phys = p.add_key("phys", "--account", "physics")
+        script = ROOT / "scripts" / "local-slurm.sh"
+        subprocess.run([str(script), "stop-dbd"], check=True, capture_output=True)
+        try:
+            reply = httpx.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {phys}"},
+                               json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 200
+            # Fair share goes on from slurmctld's copy; slurmdbd's absence is recorded and shown.
+            state = accounts.refresh(p.proxy.deployment, p.proxy, slurmdbd, force=True)
+            assert state.error is None and state.slurmdbd_error and "slurmdbd" in state.slurmdbd_error
+            status = json.loads(p.hpcserve("status", "--json").stdout)
+            assert status["fair_share"]["slurmdbd_error"] == state.slurmdbd_error
+            assert "accounting unavailable" in p.hpcserve("status").stderr
+            check = p.hpcserve("check", "--json")
+            (line,) = [c for c in json.loads(check.stdout)["checks"] if c["name"] == "accounting"]
+            assert line["status"] == "warn" and "slurmdbd" in line["detail"]
+            # What needs slurmdbd says so, changes nothing, and exits 3 (Slurm).
+            refused = p.hpcserve("keys", "add", "later", "--account", "chemistry")
+            assert refused.returncode == 3 and "cannot check account" in refused.stderr
+            assert "Traceback" not in refused.stderr and "later" not in p.hpcserve("keys", "list").stdout
+        finally:
+            subprocess.run([str(script), "start"], check=True, capture_output=True)
+        assert accounts.refresh(p.proxy.deployment, p.proxy, slurmdbd, force=True).slurmdbd_error is None
