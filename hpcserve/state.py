@@ -106,6 +106,12 @@ class HAProxyFiles:
         return self.root / "models.json"
 
     @property
+    def quota_map_file(self) -> Path:
+        """Slurm account -> "OVER|RESET|REMAINING|RESET_ISO" for each quota (core/quota.py), kept by
+        the access log writer as lines arrive and by `hpcserve quota`."""
+        return self.root / "quota.map"
+
+    @property
     def keys_map_file(self) -> Path:
         """HAProxy's map of accepted API keys, SHA-256 -> name and limits (keys.key_map); no key in it."""
         return self.root / "keys.map"
@@ -197,6 +203,18 @@ class StateDir:
     def decisions_file(self) -> Path:
         """Autoscale decisions, one JSON object per line."""
         return self.root / "decisions.jsonl"
+
+    @property
+    def quotas_file(self) -> Path:
+        """The GPU-hour quotas per account and the models' GPUs per slot (`hpcserve quota`; read
+        by the access log writer: haproxy/quotas.py)."""
+        return self.root / "quotas.json"
+
+    @property
+    def quota_counts_file(self) -> Path:
+        """What each account used in the current day, week and month (core.quota.Counts), kept by
+        the access log writer."""
+        return self.logs_dir / "quota-counts.json"
 
     @property
     def keys_file(self) -> Path:

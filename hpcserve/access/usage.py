@@ -1,10 +1,5 @@
-"""Usage accounting from the access log (pure: records in, report rows out).
-
-A request that reached a backend held one of the `parallel` slots of a job that holds `gpus.count`
-GPUs, from the moment HAProxy connected to it until the response ended: its GPU-seconds are that
-time x gpus.count / parallel. The time comes from HAProxy's timers in the access log (HAProxy 2.6
-configuration manual 8.4 "Timing events"): Ta (whole request, first header byte to last response
-byte) minus TR (receiving the request, body included), Tw (queue) and Tc (connect), all in ms.
+"""Usage accounting from the access log (pure: records in, report rows out). What one request
+costs (its slot-seconds and GPU-seconds) is core/billing.py's, which the quotas count with too.
 """
 
 from __future__ import annotations
@@ -14,6 +9,9 @@ import statistics
 from collections.abc import Iterable
 
 from ..config import Deployment
+from ..core.billing import account_of, model_of, slot_seconds
+
+__all__ = ["GROUPINGS", "Row", "account_of", "gpus_per_slot", "kind", "model_of", "slot_seconds", "summarize"]
 
 GROUPINGS = ("key", "account", "model", "user")
 
@@ -34,32 +32,6 @@ def kind(record: dict) -> str:
     return {401: "unauthorized", 429: "rate_limited", 408: "timeout", 413: "too_large", 400: "invalid",
             404: "invalid", 405: "invalid", 503: "unavailable", 502: "backend_error",
             504: "backend_error"}.get(status, f"error_{status}")
-
-
-def model_of(record: dict) -> str:
-    """The model that served the request (its backend "model_NAME"), else the model it named, else "-"."""
-    backend = str(record.get("backend", ""))
-    if backend.startswith("model_"):
-        return backend[len("model_"):]
-    if backend.startswith("wake_"):
-        return backend[len("wake_"):]
-    return str(record.get("model", "-"))
-
-
-def account_of(record: dict) -> str:
-    """The Slurm account the request counted for ("-": none, or a line from before accounts)."""
-    return str(record.get("account") or "-")
-
-
-def slot_seconds(record: dict) -> float:
-    """Seconds the request held a backend slot (0 when it never reached one)."""
-    if not str(record.get("server", "")).startswith("job"):
-        return 0.0
-    times = [int(record.get(k, -1)) for k in ("Ta", "TR", "Tw", "Tc")]
-    if any(t < 0 for t in times):
-        return 0.0
-    total, received, queued, connect = times
-    return max(0, total - received - queued - connect) / 1000
 
 
 @dataclasses.dataclass
@@ -97,6 +69,12 @@ def _percentile(values: list[int], q: int) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def gpus_per_slot(deployment: Deployment) -> dict[str, float]:
+    """Model name -> GPUs one slot of it holds (gpus.count / parallel): core.billing.gpu_seconds's
+    factors for this deployment."""
+    return {m.name: m.gpus.count / m.parallel for m in deployment.models}
+
+
 def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
               since: float | None = None, until: float | None = None,
               archived: Iterable[dict] = ()) -> list[Row]:
@@ -113,7 +91,7 @@ def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
     """
     if by not in GROUPINGS:
         raise ValueError(f"expected one of {', '.join(GROUPINGS)}, got {by!r}")
-    models = {m.name: m for m in deployment.models}
+    factors = gpus_per_slot(deployment)
     rows: dict[str, Row] = {}
     waits: dict[str, list[int]] = {}
 
@@ -129,9 +107,7 @@ def summarize(records: Iterable[dict], deployment: Deployment, by: str = "key",
         for outcome, count in errors.items():
             row.errors[outcome] = row.errors.get(outcome, 0) + count
         row.slot_seconds += held
-        if model in models and held:
-            m = models[model]
-            row.gpu_hours += held * m.gpus.count / m.parallel / 3600
+        row.gpu_hours += held * factors.get(model, 0.0) / 3600
         row.bytes_out += bytes_out
         return row
 

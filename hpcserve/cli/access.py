@@ -20,7 +20,8 @@ from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
 from ..haproxy import accesslog
-from ..access import keys as keys_mod, ledger, metrics as metrics_mod, usage as usage_mod
+from ..access import keys as keys_mod, ledger, metrics as metrics_mod, quotas as quotas_mod, usage as usage_mod
+from ..core import quota as quota_core
 from .context import Context, deployment_lock, late_options, out, pass_ctx
 from ..control.observe import observe
 from ..errors import ConfigError, HAProxyError, SlurmError
@@ -225,6 +226,73 @@ def usage(ctx: Context, since: float | None, until: float | None, by: str, as_cs
                       _ms(r.queue_p50_ms), _ms(r.queue_p99_ms), f"{r.slot_seconds:.1f}", f"{r.gpu_hours:.4f}",
                       str(r.bytes_out))
     out.print(table)
+
+
+@click.group(invoke_without_command=True)
+@late_options
+@pass_ctx
+@click.pass_context
+def quota(click_ctx: click.Context, ctx: Context) -> None:
+    """GPU-hour quotas per Slurm account: without a subcommand, each quota with what its account
+    used in the current period (UTC days, weeks from Monday, months), what is left, and when it
+    renews. Over its quota, an account's requests get 429 insufficient_quota until then; each
+    answer tells a key holder what is left (X-Quota-Remaining-GPU-Hours).
+    """
+    if click_ctx.invoked_subcommand is not None:
+        return
+    rows = quotas_mod.report(ctx.deployment)
+    if ctx.as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return
+    if not rows:
+        out.print("no quotas (set one with `hpcserve quota set ACCOUNT 200h --per month`)")
+        return
+    table = Table("ACCOUNT", "QUOTA", "USED", "LEFT", "RENEWS (UTC)", box=None)
+    for r in rows:
+        renews = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.resets))
+        table.add_row(r.account, f"{r.quota_gpu_hours:g} GPU-h per {r.period}", f"{r.used_gpu_hours:.4f}",
+                      "[red]0 (over)[/]" if r.over else f"{r.remaining_gpu_hours:.4f}", renews)
+    out.print(table)
+
+
+def _gpu_time(_ctx, _param, value: str) -> float:
+    try:
+        return quota_core.parse_gpu_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@quota.command("set")
+@late_options
+@click.argument("account")
+@click.argument("amount", metavar="GPU_TIME", callback=_gpu_time)
+@click.option("--per", "period", type=click.Choice(quota_core.PERIODS), default="month", show_default=True,
+              help="The period the quota renews each (UTC).")
+@pass_ctx
+def quota_set(ctx: Context, account: str, amount: float, period: str) -> None:
+    """Give ACCOUNT (a Slurm account) a quota of GPU_TIME (200h, 90m, 30s; a bare number is hours)
+    per period; in effect from the next request."""
+    with deployment_lock(ctx, timeout=60):
+        entry = quotas_mod.set_quota(ctx.deployment, account, amount, period)
+    _print_quota(ctx, entry, f"quota of {entry.account}: {entry.gpu_seconds / 3600:g} GPU-hours per {entry.period}")
+
+
+@quota.command("unset")
+@late_options
+@click.argument("account")
+@pass_ctx
+def quota_unset(ctx: Context, account: str) -> None:
+    """Remove ACCOUNT's quota; in effect from the next request."""
+    with deployment_lock(ctx, timeout=60):
+        entry = quotas_mod.unset_quota(ctx.deployment, account)
+    _print_quota(ctx, entry, f"quota of {entry.account} removed")
+
+
+def _print_quota(ctx: Context, entry: quota_core.Quota, line: str) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps(dataclasses.asdict(entry), indent=2))
+    else:
+        out.print(line)
 
 
 def _errors(errors: dict[str, int], sep: str) -> str:

@@ -220,6 +220,7 @@ def main() -> None:
 
 # The commands of the pool's clients (batch, webui), of a shared pool (keys, usage, metrics) and of
 # day one at a site (init, check) live in modules of their own.
-for _command in (clients.batch, clients.batches, clients.webui, access.keys, access.usage, access.metrics,
+for _command in (clients.batch, clients.batches, clients.webui, access.keys, access.usage, access.quota,
+                 access.metrics,
                  site_cli.init, site_cli.check, site_cli.render):
     cli.add_command(_command)

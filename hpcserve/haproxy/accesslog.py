@@ -44,6 +44,7 @@ import psutil
 
 from .. import proc
 from ..config import Deployment
+from . import quotas
 from .config import paths
 from ..state import StateDir
 
@@ -202,6 +203,7 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
                                                    encoding="utf-8")
     for handler in (served, unbilled):
         handler.setFormatter(logging.Formatter("%(message)s"))
+    keeper = quotas.Keeper(state_dir, (r for path in _billed_files(state) for r in read_file(path)))
     running = True
 
     def stop(_signum, _frame):
@@ -220,6 +222,7 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
                 except InterruptedError:
                     continue
                 if not ready:
+                    keeper.idle()    # a changed quota file, a period that ended
                     if _haproxy_alive(haproxy_pid_file):
                         last_seen = time.monotonic()
                     elif time.monotonic() - last_seen > ORPHAN_GRACE:
@@ -230,6 +233,7 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
                 except BlockingIOError:
                     continue
                 *lines, pending = pending.split(b"\n")
+                billed = []
                 for raw in lines:
                     line = raw.decode("utf-8", errors="replace")
                     if line.startswith("{"):
@@ -239,9 +243,12 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
                             record = None   # a site template's own format: kept with the billed lines
                         handler = unbilled if isinstance(record, dict) and not reached_replica(record) else served
                         handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
+                        if handler is served and isinstance(record, dict):
+                            billed.append(record)
                     elif line:
                         alerts.write(raw + b"\n")
                 alerts.flush()
+                keeper.count(billed)
     finally:
         served.close()
         unbilled.close()
@@ -251,8 +258,11 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
 def expired_files(deployment: Deployment) -> list[Path]:
     """The access logs rotated past access_log_files and not yet folded into the usage ledger
     (STATE_DIR/logs/expired/access-<ns>.log), the oldest first."""
-    folder = StateDir(deployment.state_dir).expired_logs_dir
-    return sorted(folder.glob("access-*.log"), key=lambda p: (len(p.name), p.name))
+    return _expired(StateDir(deployment.state_dir))
+
+
+def _expired(state: StateDir) -> list[Path]:
+    return sorted(state.expired_logs_dir.glob("access-*.log"), key=lambda p: (len(p.name), p.name))
 
 
 def read_file(path: Path) -> Iterator[dict]:
@@ -271,13 +281,18 @@ def read_file(path: Path) -> Iterator[dict]:
         return
 
 
+def _billed_files(state: StateDir) -> list[Path]:
+    """The files of billed lines: expired ones not yet folded, access.log.N ... access.log."""
+    return _expired(state) + _rotated(state.access_log)
+
+
 def records(deployment: Deployment) -> Iterator[dict]:
     """The access log's requests as dicts with the keys of the log-format in haproxy.cfg.j2: those
     that reached a replica (the expired files not yet in the ledger, then access.log.N ...
     access.log), then those HAProxy answered itself (unbilled.log.N ... unbilled.log); each file's
     lines in the order they were written."""
     state = StateDir(deployment.state_dir)
-    for path in expired_files(deployment) + _rotated(state.access_log) + _rotated(state.unbilled_log):
+    for path in _billed_files(state) + _rotated(state.unbilled_log):
         yield from read_file(path)
 
 

@@ -26,7 +26,7 @@ import psutil
 from . import accesslog
 from .. import proc, releases
 from ..config import Deployment
-from ..core.membership import map_commands, map_text, within_slots
+from ..core.membership import map_text, within_slots
 from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError, HpcserveError
 from ..state import HAProxyFiles, write_private
@@ -248,7 +248,7 @@ class HAProxy:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
         _write_if_changed(self.paths.models_file, models_list(self.deployment))
         self._write_key_map()
-        for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file):
+        for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file, self.paths.quota_map_file):
             if not runtime_map.exists():    # the config matches them (when affinity, fair share are on)
                 write_private(runtime_map, "")
         # Older hpcserve kept the keys ("Bearer KEY" lines), then their hashes, in these: gone now.
@@ -302,28 +302,16 @@ class HAProxy:
         return self._sync_map(self.paths.fair_share_map_file, entries)
 
     def _sync_map(self, path: Path, entries: dict[str, str], table: str | None = None) -> int:
-        """Bring the map `path` of every running worker (old ones too) to `entries`, and with
-        `table` that stick table's entries to the map's values (table_commands); the number of
-        runtime commands sent. A worker whose config has no such map is left alone."""
+        """runtime.sync_map on this HAProxy, and with `table` that stick table's entries made for
+        the map's key names (table_commands); the number of runtime commands sent (0: not running)."""
         if not self.running():
             return 0
-        info = runtime.show_proc(self.paths.master_socket)
-        sent = 0
-        for pid in info.workers + info.old_workers:
-            target = f"@!{pid} "
-            live = runtime.show_map(self.paths.master_socket, path, prefix=target)
-            if live is None:
-                continue  # this worker's config has no such map (auth was open, fair share off)
-            commands = map_commands(str(path), live, entries)
-            if table:
-                tracked = runtime.show_table(self.paths.master_socket, table, prefix=target)
-                commands += table_commands(table, tracked, entries)
-            for line in commands:
-                answer = runtime.command(self.paths.master_socket, target + line).strip()
-                sent += 1
-                if answer and pid in info.workers:
-                    raise HAProxyError(f"HAProxy refused to change {path.name}: {answer.splitlines()[0]}")
-        return sent
+
+        def entries_of_table(target: str) -> list[str]:
+            if table is None:
+                return []
+            return table_commands(table, runtime.show_table(self.paths.master_socket, table, prefix=target), entries)
+        return runtime.sync_map(self.paths.master_socket, path, entries, also=entries_of_table)
 
     def apply(self, text: str) -> bool:
         """Make `text` the running config: validate it, then start HAProxy or reload it.

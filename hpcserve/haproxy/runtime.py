@@ -13,10 +13,12 @@ import io
 import logging
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import tenacity
 
+from ..core.membership import map_commands
 from ..errors import HAProxyError
 
 log = logging.getLogger(__name__)
@@ -342,3 +344,32 @@ def _int(value: str | None) -> int:
         return int(value) if value else 0
     except ValueError:
         return 0
+
+
+def sync_map(master_socket: Path, path: Path, entries: dict[str, str],
+             also: Callable[[str], list[str]] = lambda _target: []) -> int:
+    """Bring the map `path` (its name in the config) of every worker, old ones included (they
+    answer the requests of their open connections after a reload), to `entries` (key -> value),
+    through the master CLI: `add map`, `set map`, `del map` (HAProxy 2.6 management guide 9.3,
+    9.4; core.membership.map_commands). `also(target)` gives more commands for the worker whose
+    master CLI prefix is `target` ("@!PID "). A worker whose config has no such map is left alone.
+
+    Returns:
+        the number of commands sent.
+    Raises:
+        HAProxyError: the master did not answer, or a current worker refused a change (an old one
+            may have stopped meanwhile: its answer is ignored).
+    """
+    info = show_proc(master_socket)
+    sent = 0
+    for pid in info.workers + info.old_workers:
+        target = f"@!{pid} "
+        live = show_map(master_socket, path, prefix=target)
+        if live is None:
+            continue
+        for line in map_commands(str(path), live, entries) + also(target):
+            answer = command(master_socket, target + line).strip()
+            sent += 1
+            if answer and pid in info.workers:
+                raise HAProxyError(f"HAProxy refused to change {path.name}: {answer.splitlines()[0]}")
+    return sent

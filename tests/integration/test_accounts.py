@@ -10,6 +10,7 @@ chemistry is left unused: physics's fair-share factor is the lower one.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import statistics
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from hpcserve.access import accounts
+from hpcserve.core.billing import slot_seconds
 from hpcserve.haproxy import runtime
 from hpcserve.slurm.accounting import Accounting, AccountingUnavailable
 from tests.conftest import ROOT, missing
@@ -162,3 +164,59 @@ def test_with_slurmdbd_stopped_the_pool_serves_and_says_accounting_is_unavailabl
         finally:
             subprocess.run([str(script), "start"], check=True, capture_output=True)
         assert accounts.refresh(p.proxy.deployment, p.proxy, slurmdbd, force=True).slurmdbd_error is None
+
+
+def test_a_quota_that_runs_out_refuses_the_accounts_next_requests_until_raised(tmp_path, gguf, slurmdbd):
+    """A quota of 2 GPU-seconds a day for physics; each request holds a slot of a 1-GPU, 2-slot
+    server about 0.5 s (0.25 GPU-s). Requests one after the other: the header counts down, the
+    quota runs out, physics gets 429 insufficient_quota with the renewal time while chemistry is
+    served; raised, physics is served from the next request, without a reload."""
+    with pool(tmp_path, gguf, servers=1, slots=2, token_rate=20) as p:
+        phys = p.add_key("phys", "--account", "physics")
+        chem = p.add_key("chem", "--account", "chemistry")
+        result = p.hpcserve("quota", "set", "physics", "2s", "--per", "day", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"account": "physics", "gpu_seconds": 2.0, "period": "day"}
+        assert p.hpcserve("quota", "set", "physics", "2 parsecs").returncode == 2
+        assert p.hpcserve("quota", "set", "nosuch", "2h").returncode == 2
+        reloads = p.reloads()
+
+        def ask(key: str) -> httpx.Response:
+            return httpx.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                              json={"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+
+        served, remaining = 0, []
+        for _ in range(40):
+            reply = ask(phys)
+            if reply.status_code != 200:
+                break
+            served += 1
+            remaining.append(float(reply.headers["X-Quota-Remaining-GPU-Hours"]))
+        assert reply.status_code == 429, reply.text
+        error = reply.json()["error"]
+        assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+        renews = datetime.datetime.now(datetime.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) \
+            + datetime.timedelta(days=1)
+        assert renews.strftime("%Y-%m-%dT%H:%M:%SZ") in error["message"] == error["message"]
+        assert reply.headers["X-Quota-Reset"] == renews.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert abs(int(reply.headers["Retry-After"]) - (renews.timestamp() - time.time())) < 5
+        assert remaining[0] > remaining[-1] and remaining == sorted(remaining, reverse=True)
+        # The overshoot: requests are admitted until the line that used the quota up arrives; one
+        # after the other, at most the one sent as that line was counted.
+        lines = p.records(served + 1)                 # the 200s and the 429
+        used = sum(slot_seconds(r) for r in lines if r["key"] == "phys") / 2   # 1 GPU, 2 slots
+        per_request = used / served
+        assert 2.0 <= used <= 2.0 + per_request + 0.05, (used, per_request, served)
+        assert ask(chem).status_code == 200        # another account is served
+        report = {r["account"]: r for r in json.loads(p.hpcserve("quota", "--json").stdout)}
+        assert report["physics"]["over"] and report["physics"]["used_gpu_hours"] == pytest.approx(used / 3600, abs=1e-6)
+        # The writer's own count (what HAProxy's map follows) is `usage`'s, line for line.
+        counts = json.loads((p.proxy.paths.root / "logs" / "quota-counts.json").read_text())
+        assert sum(counts["used"]["day"]["physics"].values()) / 2 == pytest.approx(used, abs=1e-6)
+        raised = p.hpcserve("quota", "set", "physics", "1h", "--per", "day")
+        assert raised.returncode == 0, raised.stderr
+        again = ask(phys)
+        assert again.status_code == 200 and 0.99 < float(again.headers["X-Quota-Remaining-GPU-Hours"]) < 1
+        assert p.hpcserve("quota", "unset", "physics").returncode == 0
+        assert "X-Quota-Remaining-GPU-Hours" not in ask(phys).headers
+        assert p.reloads() == reloads

@@ -4,10 +4,14 @@ and HAProxy: tests/integration/test_accounts.py)."""
 
 from __future__ import annotations
 
+import datetime
+import json
+
 import pytest
 
 from hpcserve import config
 from hpcserve.access import accounts
+from hpcserve.core import quota
 from hpcserve.core.fairshare import Share, delays, factor
 from hpcserve.errors import ConfigError
 from hpcserve.haproxy.config import render
@@ -79,3 +83,54 @@ def test_a_failed_refresh_keeps_the_last_order_and_says_since_when(tmp_path, ggu
     assert still.failing_since == 1040 and accounts.read_state(d) == still
     back = accounts.refresh(d, proxy, Answering([Share("physics", 0.5, 0.0)]), now=1120)
     assert back.error is None and back.failing_since is None and back.delays == {"physics": 0}
+
+
+def utc(text: str) -> float:
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def test_quota_periods_are_utc_days_weeks_from_monday_and_months():
+    now = utc("2026-12-31T23:59:59")                   # a Thursday
+    assert quota.period_start(now, "day") == utc("2026-12-31T00:00:00")
+    assert quota.period_start(now, "week") == utc("2026-12-28T00:00:00")
+    assert quota.period_start(now, "month") == utc("2026-12-01T00:00:00")
+    assert quota.next_reset(now, "month") == utc("2027-01-01T00:00:00")
+    assert quota.next_reset(utc("2028-02-10T12:00:00"), "month") == utc("2028-03-01T00:00:00")   # leap year
+    assert quota.next_reset(now, "week") == utc("2027-01-04T00:00:00")
+    with pytest.raises(ValueError):
+        quota.period_start(now, "year")
+
+
+def test_gpu_time_is_read_in_hours_minutes_or_seconds():
+    assert quota.parse_gpu_time("200h") == 720000 and quota.parse_gpu_time("200") == 720000
+    assert quota.parse_gpu_time("1.5 GPU-h") == 5400 and quota.parse_gpu_time("90m") == 5400
+    assert quota.parse_gpu_time("30s") == 30
+    for bad in ("-1h", "2 parsecs", "", "1e9h", "h"):
+        with pytest.raises(ValueError):
+            quota.parse_gpu_time(bad)
+
+
+def line(started: float, held_ms: int, account: str = "physics", model: str = "m") -> dict:
+    return {"time": started, "account": account, "backend": f"model_{model}", "server": "job7",
+            "Ta": held_ms + 30, "TR": 10, "Tw": 15, "Tc": 5}
+
+
+def test_counts_bill_like_usage_and_start_again_each_period():
+    counts = quota.Counts()
+    day = utc("2026-12-09T10:00:00")          # a Wednesday
+    assert counts.add(line(day, 4000), now=day + 5) == "physics"
+    assert counts.add({**line(day, 4000), "server": "<NOSRV>"}, now=day + 5) is None     # HAProxy answered it
+    counts.add(line(day - 86400, 2000), now=day + 6)     # started yesterday: this week's and month's, not today's
+    factors = {"m": 0.5}                                   # 1 GPU, 2 slots
+    assert counts.gpu_seconds("physics", "day", factors) == 2.0
+    assert counts.gpu_seconds("physics", "week", factors) == 3.0
+    assert quota.Counts.from_json(json.loads(json.dumps(counts.to_json()))) == counts
+    quotas = [quota.Quota("physics", 2.5, "day"), quota.Quota("chemistry", 3600, "month")]
+    entries = quota.quota_map(quotas, counts, factors, now=day + 7)
+    assert entries["physics"] == f"0|{int(utc('2026-12-10T00:00:00'))}|0.0001|2026-12-10T00:00:00Z"
+    counts.add(line(day + 10, 1000), now=day + 12)        # 0.5 GPU-s more: the quota is used up
+    assert quota.quota_map(quotas, counts, factors, now=day + 12)["physics"].startswith("1|")
+    assert quota.quota_map(quotas, counts, factors, now=day + 12)["chemistry"].startswith("0|")
+    # The next day the day's count starts from zero; the week's goes on.
+    assert quota.quota_map(quotas, counts, factors, now=day + 86400)["physics"].startswith("0|")
+    assert counts.gpu_seconds("physics", "week", factors) == 3.5
