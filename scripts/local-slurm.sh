@@ -156,6 +156,7 @@ start_accounting() {
         # A new database numbers the cluster anew: slurmctld, finding the old number in its state,
         # would stop ("CLUSTER ID MISMATCH"); its jobs are kept, the number is taken from slurmdbd.
         rm -f "$dir/spool/ctld/clustername"
+        seed_usage=1
     fi
     if ! pgrep -f "mariadbd --no-defaults --datadir=$dir/mariadb/data" >/dev/null; then
         log "starting MariaDB"
@@ -208,6 +209,13 @@ start() {
         local idle
         idle=$(sinfo --noheader -N -t idle,mixed,allocated -o '%N' 2>/dev/null | sort -u | wc -l || true)
         if [ "$idle" -ge "$nodes" ]; then
+            if [ -n "${seed_usage:-}" ]; then
+                # A site's accounts have a history: physics gets one CPU for 75 s, across one of
+                # Slurm's fair-share ticks (PriorityCalcPeriod, a minute), so that its fair share is
+                # below chemistry's from the start (tests/integration/test_accounts.py).
+                sbatch --account=physics --partition=cpu -c 1 --mem=100 --time=3 -J local-slurm-usage \
+                    --output=/dev/null --wrap "sleep 75" >/dev/null
+            fi
             log "ready: $nodes nodes gpu[1-$nodes], 8 a100 gres each; export SLURM_CONF=$conf"
             return
         fi

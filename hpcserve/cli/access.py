@@ -20,6 +20,7 @@ from prometheus_client import generate_latest, write_to_textfile
 from rich.table import Table
 
 from ..haproxy import accesslog
+from ..access import chargeback as chargeback_mod
 from ..access import keys as keys_mod, ledger, metrics as metrics_mod, quotas as quotas_mod, usage as usage_mod
 from ..core import quota as quota_core
 from .context import Context, deployment_lock, late_options, out, pass_ctx
@@ -184,8 +185,12 @@ def _when(_ctx, param, value: str | None) -> float | None:
 @click.option("--by", type=click.Choice(usage_mod.GROUPINGS), default="key", show_default=True,
               help="Group by API key, Slurm account, model, or OpenWebUI user.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV (one row per group) for spreadsheets.")
+@click.option("--chargeback", is_flag=True,
+              help="Split the GPU time sacct charged for the pool's jobs across the Slurm accounts whose requests "
+                   "held their slots, idle time on its own line (sreport's columns) [--since default: the month's "
+                   "start, UTC].")
 @pass_ctx
-def usage(ctx: Context, since: float | None, until: float | None, by: str, as_csv: bool) -> None:
+def usage(ctx: Context, since: float | None, until: float | None, by: str, as_csv: bool, chargeback: bool) -> None:
     """Requests, errors, queue waits, busy slot-seconds and GPU-hours, from the access log.
 
     \b
@@ -200,6 +205,11 @@ def usage(ctx: Context, since: float | None, until: float | None, by: str, as_cs
         ledger.fold(deployment)
     except OSError as e:   # the expired files then count from where they are
         ctx.say(f"warning: the usage ledger was not updated: {e}")
+    if chargeback:
+        _print_chargeback(ctx, chargeback_mod.chargeback(
+            deployment, since if since is not None else quota_core.period_start(time.time(), "month"), until),
+            as_csv)
+        return
     with ledger.reading(deployment) as (archived, records):
         rows = usage_mod.summarize(records, deployment, by, since, until, archived)
     data = [dataclasses.asdict(r) for r in rows]
@@ -293,6 +303,26 @@ def _print_quota(ctx: Context, entry: quota_core.Quota, line: str) -> None:
         click.echo(json.dumps(dataclasses.asdict(entry), indent=2))
     else:
         out.print(line)
+
+
+def _print_chargeback(ctx: Context, split: chargeback_mod.Chargeback, as_csv: bool) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps(dataclasses.asdict(split), indent=2))
+        return
+    if as_csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(chargeback_mod.COLUMNS)
+        writer.writerows(split.rows())
+        click.echo(buffer.getvalue(), nl=False)
+        return
+    window = " to ".join(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) for t in (split.since, split.until))
+    out.print(f"chargeback {window}: {split.charged_gpu_seconds / 3600:.4f} GPU-hours charged by Slurm to "
+              f"{split.pool_account or '(no job)'} for {len(split.jobs)} job(s)")
+    table = Table(*chargeback_mod.COLUMNS, box=None)
+    for row in split.rows():
+        table.add_row(*row)
+    out.print(table)
 
 
 def _errors(errors: dict[str, int], sep: str) -> str:

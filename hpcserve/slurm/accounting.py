@@ -11,6 +11,9 @@ name indented by its depth (sshare(1)).
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import re
 from collections.abc import Mapping
 
 from .. import proc
@@ -81,3 +84,48 @@ class Accounting:
             except ValueError:
                 raise AccountingUnavailable(f"sshare printed an unexpected line: {line!r}") from None
         return shares
+
+    def job_runs(self, user: str, since: float, until: float) -> list[JobRun]:
+        """`user`'s jobs that ran in [since, until) (epoch seconds), one line each (sacct -X),
+        pending ones left out. sacct prints local times ("2026-12-07T17:42:46"), "Unknown" as
+        the end of a running job.
+
+        Raises:
+            AccountingUnavailable: sacct failed, or printed a line that is not sacct's.
+        """
+        def local(epoch: float) -> str:
+            return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%dT%H:%M:%S")
+
+        out = self._run(["sacct", "-X", "-n", "-P", f"--user={user}", "-S", local(since), "-E", local(until),
+                         "-o", "JobID,JobName,Account,Start,End,AllocTRES,Cluster"])
+        runs = []
+        for line in out.splitlines():
+            fields = line.split("|")
+            if len(fields) != 7:
+                raise AccountingUnavailable(f"sacct printed an unexpected line: {line!r}")
+            job_id, name, account, start, end, tres, cluster = fields
+            try:
+                began = datetime.datetime.fromisoformat(start).timestamp()
+            except ValueError:
+                continue        # "Unknown", "None": it never started
+            try:
+                ended: float | None = datetime.datetime.fromisoformat(end).timestamp()
+            except ValueError:
+                ended = None    # still running
+            gpus = re.search(r"gres/gpu(?::[^=,]*)?=(\d+)", tres)
+            runs.append(JobRun(job_id, name, account, began, ended, int(gpus.group(1)) if gpus else 0, cluster))
+        return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRun:
+    """One job as sacct reports it: id, name, the account charged, when it started and ended
+    (epoch seconds; end None while it runs), the GPUs allocated (AllocTRES gres/gpu), its cluster."""
+
+    job_id: str
+    name: str
+    account: str
+    start: float
+    end: float | None
+    gpus: int
+    cluster: str = ""

@@ -14,7 +14,9 @@ import datetime
 import json
 import statistics
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,9 +24,10 @@ import pytest
 
 from hpcserve.access import accounts
 from hpcserve.core.billing import slot_seconds
+from hpcserve.core.pool import Server
 from hpcserve.haproxy import runtime
 from hpcserve.slurm.accounting import Accounting, AccountingUnavailable
-from tests.conftest import ROOT, missing
+from tests.conftest import ROOT, free_port, haproxy_for, minimal, missing, write_deployment
 from tests.integration.test_institute import pool
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.slurm]
@@ -88,54 +91,6 @@ def test_keys_belong_to_accounts_that_slurmdbd_knows(tmp_path, gguf, slurmdbd):
         assert (line["key"], line["account"]) == ("phys", "chemistry")
         rows = json.loads(p.hpcserve("usage", "--by", "account", "--json").stdout)["rows"]
         assert [(r["name"], r["requests"]) for r in rows] == [("chemistry", 1)]
-
-
-def test_the_account_that_used_less_is_served_first(tmp_path, gguf, slurmdbd, slurm_env, capsys):
-    """Two accounts' keys saturate one server of 2 slots together; chemistry, which has used
-    nothing, waits less in HAProxy's queue than physics, and no physics request waits beyond
-    the bound (its delay over chemistry's, plus the backlog one slot turnover drains)."""
-    physics_has_used_more(slurmdbd, slurm_env)
-    with pool(tmp_path, gguf, servers=1, slots=2, token_rate=20, batch_delay=20, timeout_queue=60) as p:
-        keys = {"physics": p.add_key("phys", "--account", "physics"),
-                "chemistry": p.add_key("chem", "--account", "chemistry")}
-        deployment = p.proxy.deployment
-        state = accounts.refresh(deployment, p.proxy, slurmdbd, force=True)
-        assert state.error is None and state.delays["physics"] > state.delays["chemistry"], state
-        live = runtime.show_map(p.proxy.paths.admin_socket, p.proxy.paths.fair_share_map_file)
-        assert {account: int(ms) for account, ms in live.items()} == state.delays
-        assert p.proxy.paths.fair_share_map_file.read_text().split() == [
-            word for account, ms in sorted(state.delays.items()) for word in (account, str(ms))]
-
-        async def load() -> list[int]:
-            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
-                stop = time.monotonic() + 12
-
-                async def client_of(key: str) -> list[int]:
-                    codes = []
-                    while time.monotonic() < stop:
-                        r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                                              json={"model": "m", "max_tokens": 4,
-                                                    "messages": [{"role": "user", "content": "x"}]})
-                        codes.append(r.status_code)
-                    return codes
-
-                runs = await asyncio.gather(*(client_of(keys[a]) for a in ("physics", "chemistry") for _ in range(8)))
-                return [c for codes in runs for c in codes]
-
-        codes = asyncio.run(load())
-        assert set(codes) == {200}
-        records = p.records(len(codes))
-        waits = {a: [r["Tw"] / 1000 for r in records if r["account"] == a] for a in ("physics", "chemistry")}
-        turnover = max(r["Ta"] - r["TR"] - r["Tw"] - r["Tc"] for r in records) / 1000
-        extra = (state.delays["physics"] - state.delays["chemistry"]) / 1000
-        with capsys.disabled():
-            print(f"\n  fair share: delay physics {state.delays['physics']} ms, chemistry {state.delays['chemistry']} ms; "
-                  + "; ".join(f"{a} {len(w)} requests, queue wait p50 {statistics.median(w):.2f} s, max {max(w):.2f} s"
-                              for a, w in waits.items()) + f" (slot turnover {turnover:.2f} s)")
-        assert statistics.median(waits["chemistry"]) < statistics.median(waits["physics"])
-        # The bound: a physics request is overtaken only by chemistry requests that arrived less
-        # than `extra` after it; 16 clients on 2 slots keep at most 16 requests ahead of it.
-        assert max(waits["physics"]) <= extra + 8 * turnover + 1, (max(waits["physics"]), extra, turnover)
 
 
 def test_with_slurmdbd_stopped_the_pool_serves_and_says_accounting_is_unavailable(tmp_path, gguf, slurmdbd,
@@ -220,3 +175,143 @@ def test_a_quota_that_runs_out_refuses_the_accounts_next_requests_until_raised(t
         assert p.hpcserve("quota", "unset", "physics").returncode == 0
         assert "X-Quota-Remaining-GPU-Hours" not in ask(phys).headers
         assert p.reloads() == reloads
+
+
+def test_the_chargeback_adds_up_to_what_sacct_charged(tmp_path, gguf, slurmdbd, slurm_env):
+    """A replica job of the pool (a real Slurm job holding 1 GPU, running the simulator) serves
+    keys of physics and chemistry; after it ends, `usage --chargeback` splits the GPU-seconds sacct
+    charged for it: the accounts' lines are their requests' slot time, idle the rest, and the lines
+    add up to sacct's Elapsed x GPUs."""
+    raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "keys"})
+    raw["models"][0].update(parallel=2, gpus={"count": 1})
+    file = write_deployment(tmp_path, raw)
+    proxy = haproxy_for(raw, tmp_path, key="backend-key")
+    deployment = proxy.deployment
+    port = free_port()
+    since = time.time() - 1
+    job = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name=hpcserve:{deployment.name}:m", "--gres=gpu:a100:1", "-c", "1",
+         "--mem=500", "--time=10", f"--output={tmp_path}/job.out",
+         "--wrap", f"exec {sys.executable} -m hpcserve.llama.simulator --port {port} --parallel 2 "
+                   "--sim-load-time 0 --sim-token-rate 20 --sim-prefill-rate 1000000 --alias m"],
+        env={**slurm_env, "LLAMA_API_KEY": "backend-key"}, capture_output=True, text=True, check=True,
+    ).stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else job
+            time.sleep(0.2)
+        assert proxy.update([Server("m", job, "127.0.0.1", port)]) == "started"
+
+        def hpcserve(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(file), *args], capture_output=True,
+                                  text=True, env=slurm_env)
+
+        keys = {}
+        for name, account in (("phys", "physics"), ("chem", "chemistry")):
+            added = hpcserve("keys", "add", name, "--account", account, "--json")
+            assert added.returncode == 0, added.stderr
+            keys[account] = json.loads(added.stdout)["key"]
+
+        def ask(key: str, tokens: int) -> int:
+            return httpx.post(f"http://127.0.0.1:{deployment.haproxy.port}/v1/chat/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "m", "max_tokens": tokens, "messages": [{"role": "user", "content": "x"}]}
+                              ).status_code
+
+        with ThreadPoolExecutor(4) as pool_:
+            codes = list(pool_.map(lambda args: ask(*args), [(keys["physics"], 20)] * 6 + [(keys["chemistry"], 10)] * 4))
+        assert codes == [200] * 10
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, check=False)
+        proxy.stop(timeout=5)
+    deadline = time.monotonic() + 60
+    while True:   # the job's end reaches slurmdbd a moment after it ended
+        sacct = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "ElapsedRaw,AllocTRES,Start,End,Account"],
+                               env=slurm_env, capture_output=True, text=True).stdout.strip()
+        if sacct and sacct.split("|")[3] not in ("Unknown", ""):
+            break
+        assert time.monotonic() < deadline, sacct
+        time.sleep(0.5)
+    elapsed, tres, started, ended, pool_account = sacct.split("|")
+    # sacct's times are whole seconds: slot time past its End (the last requests' final
+    # milliseconds, the job cancelled right after) is not in what Slurm charged.
+    run = [datetime.datetime.fromisoformat(t).timestamp() for t in (started, ended)]
+    assert "gres/gpu=1" in tres
+    until = time.time() + 1
+    window = [datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds") for t in (since, until)]
+    result = subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(file), "usage", "--chargeback",
+                             "--since", window[0], "--until", window[1], "--json"],
+                            capture_output=True, text=True, env=slurm_env)
+    assert result.returncode == 0, result.stderr
+    split = json.loads(result.stdout)
+    assert list(split["jobs"]) == [job] and split["pool_account"] == pool_account
+    assert split["charged_gpu_seconds"] == pytest.approx(int(elapsed) * 1, abs=1e-6)    # sacct's, to the second
+    assert sum(split["accounts"].values()) == pytest.approx(int(elapsed), abs=1e-6)
+    lines = [json.loads(line) for line in (deployment.state_dir / "logs" / "access.log").read_text().splitlines()]
+    for account in ("physics", "chemistry"):
+        held = sum(max(0.0, min(r["time"] + r["Ta"] / 1000, run[1])
+                       - max(r["time"] + (r["TR"] + r["Tw"] + r["Tc"]) / 1000, run[0]))
+                   for r in lines if r["account"] == account and slot_seconds(r))
+        assert split["accounts"][account] == pytest.approx(held / 2, abs=0.002)     # 1 GPU over 2 slots
+    assert split["accounts"]["physics"] > split["accounts"]["chemistry"] > 0 and split["accounts"]["(idle)"] > 0
+    csv_out = subprocess.run([sys.executable, "-m", "hpcserve", "-f", str(file), "usage", "--chargeback",
+                              "--since", window[0], "--until", window[1], "--csv"],
+                             capture_output=True, text=True, env=slurm_env).stdout.splitlines()
+    assert csv_out[0] == "Cluster,Account,TRES Name,Used,Used (hours)"
+    assert [row.split(",")[1] for row in csv_out[1:]] == ["physics", "chemistry", "(idle)"]
+
+
+# Last in the file: on a fresh cluster (a release root) physics's first usage reaches sshare at the
+# first fair-share tick after the cluster started (scripts/local-slurm.sh), while the tests above run.
+def test_the_account_that_used_less_is_served_first(tmp_path, gguf, slurmdbd, slurm_env, capsys):
+    """Two accounts' keys saturate one server of 2 slots together; chemistry, which has used
+    nothing, waits less in HAProxy's queue than physics, and no physics request waits beyond
+    the bound (its delay over chemistry's, plus the backlog one slot turnover drains)."""
+    physics_has_used_more(slurmdbd, slurm_env)
+    with pool(tmp_path, gguf, servers=1, slots=2, token_rate=20, batch_delay=20, timeout_queue=60) as p:
+        keys = {"physics": p.add_key("phys", "--account", "physics"),
+                "chemistry": p.add_key("chem", "--account", "chemistry")}
+        deployment = p.proxy.deployment
+        state = accounts.refresh(deployment, p.proxy, slurmdbd, force=True)
+        assert state.error is None and state.delays["physics"] > state.delays["chemistry"], state
+        live = runtime.show_map(p.proxy.paths.admin_socket, p.proxy.paths.fair_share_map_file)
+        assert {account: int(ms) for account, ms in live.items()} == state.delays
+        assert p.proxy.paths.fair_share_map_file.read_text().split() == [
+            word for account, ms in sorted(state.delays.items()) for word in (account, str(ms))]
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+                stop = time.monotonic() + 12
+
+                async def client_of(key: str) -> list[int]:
+                    codes = []
+                    while time.monotonic() < stop:
+                        r = await client.post(f"{p.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                              json={"model": "m", "max_tokens": 4,
+                                                    "messages": [{"role": "user", "content": "x"}]})
+                        codes.append(r.status_code)
+                    return codes
+
+                runs = await asyncio.gather(*(client_of(keys[a]) for a in ("physics", "chemistry") for _ in range(8)))
+                return [c for codes in runs for c in codes]
+
+        codes = asyncio.run(load())
+        assert set(codes) == {200}
+        records = p.records(len(codes))
+        waits = {a: [r["Tw"] / 1000 for r in records if r["account"] == a] for a in ("physics", "chemistry")}
+        turnover = max(r["Ta"] - r["TR"] - r["Tw"] - r["Tc"] for r in records) / 1000
+        extra = (state.delays["physics"] - state.delays["chemistry"]) / 1000
+        with capsys.disabled():
+            print(f"\n  fair share: delay physics {state.delays['physics']} ms, chemistry {state.delays['chemistry']} ms; "
+                  + "; ".join(f"{a} {len(w)} requests, queue wait p50 {statistics.median(w):.2f} s, max {max(w):.2f} s"
+                              for a, w in waits.items()) + f" (slot turnover {turnover:.2f} s)")
+        assert statistics.median(waits["chemistry"]) < statistics.median(waits["physics"])
+        # The bound: a physics request is overtaken only by chemistry requests that arrived less
+        # than `extra` after it; 16 clients on 2 slots keep at most 16 requests ahead of it.
+        assert max(waits["physics"]) <= extra + 8 * turnover + 1, (max(waits["physics"]), extra, turnover)

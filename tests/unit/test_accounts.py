@@ -11,7 +11,7 @@ import pytest
 
 from hpcserve import config
 from hpcserve.access import accounts
-from hpcserve.core import quota
+from hpcserve.core import chargeback, quota
 from hpcserve.core.fairshare import Share, delays, factor
 from hpcserve.errors import ConfigError
 from hpcserve.haproxy.config import render
@@ -134,3 +134,24 @@ def test_counts_bill_like_usage_and_start_again_each_period():
     # The next day the day's count starts from zero; the week's goes on.
     assert quota.quota_map(quotas, counts, factors, now=day + 86400)["physics"].startswith("0|")
     assert counts.gpu_seconds("physics", "week", factors) == 3.5
+
+
+def test_the_chargeback_splits_each_jobs_charge_and_the_rest_is_idle():
+    # Job 7: 2 GPUs, 4 slots, ran 100-200 s; the window is [150, 300): 50 s x 2 GPUs = 100 GPU-s.
+    job = chargeback.JobCharge("7", "pool", 100.0, 200.0, gpus=2, slots=4)
+
+    def held(start: float, seconds: float, account: str, server: str = "job7") -> dict:
+        return {"time": start, "account": account, "server": server, "Ta": int(seconds * 1000), "TR": 0, "Tw": 0,
+                "Tc": 0}
+    records = [held(160, 10, "physics"),        # inside: 10 s x 2/4 = 5 GPU-s
+               held(140, 20, "physics"),        # half before the window: 10 s count, 5 GPU-s
+               held(195, 10, "chemistry"),      # half after the job ended: 5 s count, 2.5 GPU-s
+               held(170, 10, "physics", "job8"),            # another job's: not this one's
+               {**held(170, 10, "physics"), "server": "<NOSRV>"}]   # held no slot
+    buckets = [{"hour": 3600, "account": "physics", "server": "job7", "slot_seconds": 8.0},   # outside the window
+               {"hour": 180, "account": "chemistry", "server": "job7", "slot_seconds": 4.0}]  # inside: 2 GPU-s
+    charges = chargeback.split([job], records, buckets, since=150, until=300)
+    assert charges["7"]["physics"] == 10 and charges["7"]["chemistry"] == 4.5
+    assert charges["7"][chargeback.IDLE] == 100 - 14.5
+    assert sum(charges["7"].values()) == 100
+    assert chargeback.by_account({"7": charges["7"], "9": {"physics": 1.0}})["physics"] == 11
