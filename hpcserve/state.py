@@ -106,6 +106,11 @@ class HAProxyFiles:
         return self.root / "models.json"
 
     @property
+    def webui_accounts_map_file(self) -> Path:
+        """OpenWebUI user (e-mail, lower case) -> Slurm account (accounting.webui_accounts)."""
+        return self.root / "webui-accounts.map"
+
+    @property
     def quota_map_file(self) -> Path:
         """Slurm account -> "OVER|RESET|REMAINING|RESET_ISO" for each quota (core/quota.py), kept by
         the access log writer as lines arrive and by `hpcserve quota`."""

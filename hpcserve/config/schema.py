@@ -412,6 +412,21 @@ class Accounting(_Strict):
                     "arrived this much later than those of an account with factor 1 (linear between); 0 = "
                     "fair share off; must be shorter than haproxy.batch_delay; default: half of it")
 
+    webui_accounts: dict[str, str] = Field(
+        default_factory=dict,
+        description="OpenWebUI users (e-mail) -> the Slurm account their requests count for (fair share, quotas, "
+                    "usage); other users count for OpenWebUI's key's account (slurm.account)")
+
+    @field_validator("webui_accounts")
+    @classmethod
+    def _webui_accounts(cls, value: dict[str, str]) -> dict[str, str]:
+        for email, account in value.items():
+            if not re.fullmatch(EMAIL_PATTERN, email):
+                raise ValueError(f"expected e-mail addresses such as ann@example.org as keys, got {email!r}")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", account):
+                raise ValueError(f"expected a Slurm account name for {email}, got {account!r}")
+        return {email.lower(): account.lower() for email, account in value.items()}
+
     def fair_share_delay_or_default(self, haproxy: HAProxy) -> float:
         """`fair_share_delay` in seconds, or half of haproxy.batch_delay (its default included)."""
         return self.fair_share_delay if self.fair_share_delay is not None else haproxy.batch_delay_or_default / 2

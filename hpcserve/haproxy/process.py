@@ -247,6 +247,7 @@ class HAProxy:
     def _write_served_files(self) -> None:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
         _write_if_changed(self.paths.models_file, models_list(self.deployment))
+        _write_if_changed(self.paths.webui_accounts_map_file, map_text(self.deployment.accounting.webui_accounts))
         self._write_key_map()
         for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file, self.paths.quota_map_file):
             if not runtime_map.exists():    # the config matches them (when affinity, fair share are on)

@@ -28,7 +28,7 @@ from hpcserve.core.pool import Server
 from hpcserve.haproxy import runtime
 from hpcserve.slurm.accounting import Accounting, AccountingUnavailable
 from tests.conftest import ROOT, free_port, haproxy_for, minimal, missing, write_deployment
-from tests.integration.test_institute import pool
+from tests.integration.test_institute import _with_webui_key, pool
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.slurm]
 
@@ -91,6 +91,25 @@ def test_keys_belong_to_accounts_that_slurmdbd_knows(tmp_path, gguf, slurmdbd):
         assert (line["key"], line["account"]) == ("phys", "chemistry")
         rows = json.loads(p.hpcserve("usage", "--by", "account", "--json").stdout)["rows"]
         assert [(r["name"], r["requests"]) for r in rows] == [("chemistry", 1)]
+
+
+def test_an_openwebui_user_counts_for_the_account_the_admin_gave(tmp_path, gguf, slurmdbd):
+    """accounting.webui_accounts: Ann's chats (OpenWebUI's key naming her) count for chemistry, Bob's
+    for OpenWebUI's key's account; a user named by another key is not believed."""
+    with pool(tmp_path, gguf, accounting={"webui_accounts": {"Ann@Example.org": "chemistry"}}) as p:
+        webui_key = _with_webui_key(p)
+        other = p.add_key("mallory", "--account", "physics")
+
+        def ask(key: str, user: str) -> int:
+            return httpx.post(f"{p.url}/v1/chat/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {key}", "X-OpenWebUI-User-Email": user},
+                              json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+                              ).status_code
+        assert [ask(webui_key, "ann@example.org"), ask(webui_key, "bob@example.org"),
+                ask(other, "ann@example.org")] == [200] * 3
+        lines = p.records(3)
+        assert [(r["user"], r["account"]) for r in lines] == [("ann@example.org", "chemistry"),
+                                                              ("bob@example.org", "-"), ("-", "physics")]
 
 
 def test_with_slurmdbd_stopped_the_pool_serves_and_says_accounting_is_unavailable(tmp_path, gguf, slurmdbd,

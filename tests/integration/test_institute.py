@@ -70,11 +70,12 @@ class Pool:
 
 @contextlib.contextmanager
 def pool(tmp_path: Path, gguf: Path, servers: int = 1, slots: int = 4, token_rate: float = 200,
-         gpus: int = 1, webui: dict | None = None, **haproxy):
+         gpus: int = 1, webui: dict | None = None, accounting: dict | None = None, **haproxy):
     """HAProxy (auth: keys) over `servers` simulators of `slots` slots, started the way a reconcile
     step starts it (HAProxy.update); the deployment file is written for the CLI."""
+    sections = {"webui": webui, "accounting": accounting}
     raw = minimal(gguf, tmp_path, haproxy={"port": free_port(), "stats_port": free_port(), "auth": "keys",
-                                           **haproxy}, **({"webui": webui} if webui else {}))
+                                           **haproxy}, **{name: value for name, value in sections.items() if value})
     raw["models"][0].update(parallel=slots, gpus={"count": gpus})
     path = write_deployment(tmp_path, raw)
     proxy = haproxy_for(raw, tmp_path, key=KEY)

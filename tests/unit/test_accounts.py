@@ -16,6 +16,7 @@ from hpcserve.core.fairshare import Share, delays, factor
 from hpcserve.errors import ConfigError
 from hpcserve.haproxy.config import render
 from hpcserve.haproxy.process import HAProxy
+from hpcserve.site import check
 from hpcserve.slurm.accounting import AccountingUnavailable
 from tests.conftest import minimal
 
@@ -155,3 +156,17 @@ def test_the_chargeback_splits_each_jobs_charge_and_the_rest_is_idle():
     assert charges["7"][chargeback.IDLE] == 100 - 14.5
     assert sum(charges["7"].values()) == 100
     assert chargeback.by_account({"7": charges["7"], "9": {"physics": 1.0}})["physics"] == 11
+
+
+def test_openwebui_users_accounts_are_checked_in_the_file_and_against_slurmdbd(tmp_path, gguf):
+    d = deployment(tmp_path, gguf, accounting={"webui_accounts": {"Ann@Example.org": "Chemistry"}})
+    assert d.accounting.webui_accounts == {"ann@example.org": "chemistry"}
+    for bad in ({"not-an-email": "physics"}, {"ann@example.org": "a|b"}):
+        with pytest.raises(ConfigError, match="accounting.webui_accounts"):
+            deployment(tmp_path, gguf, accounting={"webui_accounts": bad})
+    (line,) = check.accounting_check(d, Answering([Share("physics", 1.0, 0.0)]))
+    assert line.status == check.FAIL and "chemistry" in line.detail and "physics" in line.fix
+    (line,) = check.accounting_check(d, Answering([Share("chemistry", 1.0, 0.0)]))
+    assert line.status == check.PASS
+    (line,) = check.accounting_check(d, Failing())
+    assert line.status == check.WARN and "slurmdbd" in line.detail
