@@ -218,13 +218,14 @@ def _check(name: str, priority_class: str, max_concurrent: int | None, rate: int
 
 
 def check_account(deployment: Deployment, account: str | None,
-                  accounting: Accounting | None = None) -> str | None:
+                  accounting: Accounting | None = None, field: str = "--account") -> str | None:
     """The Slurm account a new or changed key gets: `account` if slurmdbd has associations under it;
     with None, the pool's (slurm.account, else the owner's default account in slurmdbd; None when
     accounting is unavailable: the key has no account, NO_ACCOUNT).
 
     Raises:
-        ConfigError: `account` is malformed or unknown to slurmdbd (the message lists the accounts).
+        ConfigError: `account` is malformed or unknown to slurmdbd (the message names `field` and
+            lists the accounts).
         AccountingUnavailable: `account` was given but slurmdbd cannot be asked (not configured, down).
     """
     accounting = accounting or Accounting()
@@ -236,13 +237,13 @@ def check_account(deployment: Deployment, account: str | None,
         except AccountingUnavailable:
             return None
     if not re.fullmatch(SLURM_ACCOUNT_PATTERN, account):
-        raise ConfigError(f"--account: expected a Slurm account name (letters, digits, '.', '_' or '-'), got {account!r}")
+        raise ConfigError(f"{field}: expected a Slurm account name (letters, digits, '.', '_' or '-'), got {account!r}")
     try:
         known = accounting.accounts()
     except AccountingUnavailable as exc:
-        raise AccountingUnavailable(f"--account: cannot check account {account!r}: {exc}") from None
+        raise AccountingUnavailable(f"{field}: cannot check account {account!r}: {exc}") from None
     if account.lower() not in known:   # slurmdbd keeps account names in lower case
-        raise ConfigError(f"--account: slurmdbd has no account {account!r}; expected one of: {', '.join(known)} "
+        raise ConfigError(f"{field}: slurmdbd has no account {account!r}; expected one of: {', '.join(known)} "
                           "(an admin adds one with `sacctmgr add account`)")
     return account.lower()
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 
 from ..config import Deployment
 from ..core.quota import PERIODS, Counts, Quota, next_reset, period_start, quota_map
 from ..errors import ConfigError
 from ..haproxy import quotas as haproxy_quotas
-from ..slurm.accounting import Accounting, AccountingUnavailable
+from ..slurm.accounting import Accounting
 from ..state import StateDir, write_private
 from . import ledger, usage
-from .keys import SLURM_ACCOUNT_PATTERN
+from .keys import check_account
 
 
 def read(deployment: Deployment) -> list[Quota]:
@@ -77,15 +76,9 @@ def set_quota(deployment: Deployment, account: str, gpu_seconds: float, period: 
     _check_pool(deployment)
     if period not in PERIODS:
         raise ConfigError(f"--per: expected one of {', '.join(PERIODS)}, got {period!r}")
-    if not re.fullmatch(SLURM_ACCOUNT_PATTERN, account):
-        raise ConfigError(f"ACCOUNT: expected a Slurm account name (letters, digits, '.', '_' or '-'), got {account!r}")
-    try:
-        known = (accounting or Accounting()).accounts()
-    except AccountingUnavailable as exc:
-        raise AccountingUnavailable(f"ACCOUNT: cannot check account {account!r}: {exc}") from None
-    if account.lower() not in known:
-        raise ConfigError(f"ACCOUNT: slurmdbd has no account {account!r}; expected one of: {', '.join(known)}")
-    quota = Quota(account.lower(), gpu_seconds, period)
+    checked = check_account(deployment, account, accounting, field="ACCOUNT")
+    assert checked is not None      # an account was given
+    quota = Quota(checked, gpu_seconds, period)
     write(deployment, [q for q in read(deployment) if q.account != quota.account] + [quota])
     return quota
 
