@@ -34,7 +34,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .. import proc, templates
-from ..access.keys import digest, serving_haproxy
+from ..access.keys import accepted_keys, digest, serving_haproxy
 from ..config import Deployment
 from ..core.jobs import JobState
 from ..errors import HpcserveError, SlurmError
@@ -136,7 +136,8 @@ class BatchAPI:
             self._sync_keys()      # HAProxy takes the token before the job's first request
             script = templates.render("batch.sbatch.j2", self.deployment.templates_dir, deployment=self.deployment,
                                       batches=self.deployment.batches, slurm=self.deployment.slurm,
-                                      batch_id=batch_id, run_dir=folder, python=self.python)
+                                      account=self._account_of(owner), batch_id=batch_id, run_dir=folder,
+                                      python=self.python)
             job_id = self._scheduler().submit(script)
         except HpcserveError as exc:
             row = self.store.update_batch(batch_id, status="failed", failed_at=int(time.time()), errors=json.dumps(
@@ -145,6 +146,14 @@ class BatchAPI:
             return batch_object(row)
         return batch_object(self.store.update_batch(batch_id, status="in_progress", job_id=job_id,
                                                     in_progress_at=int(time.time())))
+
+    def _account_of(self, key: str) -> str | None:
+        """The Slurm account a batch of key `key` is charged to: the key's (`keys add --account`),
+        else the pool's (slurm.account; None: the submitting user's default)."""
+        for entry in accepted_keys(self.deployment):
+            if entry.name == key and entry.source != "batch":
+                return entry.account or self.deployment.slurm.account
+        return self.deployment.slurm.account
 
     def batch(self, key: str, batch_id: str) -> dict:
         """The Batch object, its counts and status brought up to date first."""

@@ -31,7 +31,8 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "concurrency": 4}
     pool.write(pool.raw)
     pool.ok("up", "--timeout", "120")
-    keys = {name: json.loads(pool.ok("keys", "add", name, "--json").stdout)["key"] for name in ("alice", "bob")}
+    keys = {name: json.loads(pool.ok("keys", "add", name, "--account", "chemistry", "--json").stdout)["key"]
+            for name in ("alice", "bob")}
     alice = openai.OpenAI(base_url=pool.url, api_key=keys["alice"], max_retries=0, timeout=60)
     bob = openai.OpenAI(base_url=pool.url, api_key=keys["bob"], max_retries=0, timeout=60)
 
@@ -48,10 +49,11 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     assert "Batch API service started" in pool.ok("reconcile").stderr
     # The job is Slurm's, on the CPU partition, under a name the pool's reconcile leaves alone.
-    jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%i %j %P %T %N"], capture_output=True,
+    # Charged to alice's Slurm account (keys add --account), not the pool's.
+    jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%i %j %P %T %N %a"], capture_output=True,
                           text=True, env=pool.env, check=True).stdout.splitlines()
     [job] = [line.split() for line in jobs if f" hpcserve-batch:{pool.name}:{batch.id} " in line]
-    assert job[2] == "cpu" and job[3] in ("PENDING", "RUNNING"), job
+    assert job[2] == "cpu" and job[3] in ("PENDING", "RUNNING") and job[-1] == "chemistry", job
     # Killed and requeued midway (as after a node failure or preemption): the job starts again and
     # sends only the rows that have no line yet.
     deadline = time.monotonic() + 60

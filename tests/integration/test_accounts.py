@@ -293,7 +293,7 @@ def test_the_account_that_used_less_is_served_first(tmp_path, gguf, slurmdbd, sl
     nothing, waits less in HAProxy's queue than physics, and no physics request waits beyond
     the bound (its delay over chemistry's, plus the backlog one slot turnover drains)."""
     physics_has_used_more(slurmdbd, slurm_env)
-    with pool(tmp_path, gguf, servers=1, slots=2, token_rate=20, batch_delay=20, timeout_queue=60) as p:
+    with pool(tmp_path, gguf, servers=1, slots=2, token_rate=20, batch_delay=8, timeout_queue=60) as p:
         keys = {"physics": p.add_key("phys", "--account", "physics"),
                 "chemistry": p.add_key("chem", "--account", "chemistry")}
         deployment = p.proxy.deployment
@@ -306,7 +306,7 @@ def test_the_account_that_used_less_is_served_first(tmp_path, gguf, slurmdbd, sl
 
         async def load() -> list[int]:
             async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
-                stop = time.monotonic() + 12
+                stop = time.monotonic() + 8
 
                 async def client_of(key: str) -> list[int]:
                     codes = []

@@ -123,7 +123,7 @@ def test_a_bad_file_is_refused_naming_its_first_bad_line(service, text, message)
 def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service):
     from hpcserve.access import keys
     api, slurm, client = service
-    keys.KeyRegistry(api.deployment).add("alice", max_concurrent=5)
+    keys.KeyRegistry(api.deployment).add("alice", max_concurrent=5, account="chemistry")
     alice = {KEY_HEADER: "alice"}
     file_id = upload(client, "alice", line("a") + line("b") + line("c")).json()["id"]
     made = client.post("/v1/batches", headers=alice, json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
@@ -137,6 +137,7 @@ def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service)
     folder = api.store.run_dir(batch["id"])
     assert f"#SBATCH --job-name=hpcserve-batch:t:{batch['id']}" in script and "#SBATCH --requeue" in script
     assert f"exec /opt/venv/bin/python -m hpcserve.batches.runner {folder}" in script
+    assert "#SBATCH --account=chemistry" in script        # the key's Slurm account, not the pool's
     token = (folder / "token").read_text().strip()
     assert token not in script and folder.joinpath("token").stat().st_mode & 0o077 == 0
     # The token is accepted as alice's, at batch priority and within her limits, while the batch runs.
