@@ -250,6 +250,7 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
                 alerts.flush()
                 keeper.count(billed)
     finally:
+        keeper.flush()
         served.close()
         unbilled.close()
         os.close(fd)

@@ -28,6 +28,11 @@ from . import runtime
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two saves of the counts while lines arrive (each save is an atomic, synced file
+#: write); the map follows every line regardless. A writer killed (-9) loses at most this much of
+#: counting, which its successor does not see.
+SAVE_INTERVAL_S = 1.0
+
 
 def read_quotas(file: Path) -> tuple[list[Quota], dict[str, float]]:
     """The quotas and the GPUs per slot of each model in `file` (STATE_DIR/quotas.json); none when
@@ -91,6 +96,8 @@ class Keeper:
         self.quotas: list[Quota] = []
         self.gpus_per_slot: dict[str, float] = {}
         self._last_map: dict[str, str] | None = None
+        self._dirty = False          # counts not saved yet
+        self._saved = 0.0            # time.monotonic() of the last save
         counts = read_counts(self.state.quota_counts_file)
         if counts is None:
             counts = Counts()
@@ -131,18 +138,32 @@ class Keeper:
             if account:
                 touched.add(account)
         changed = self.reload_quotas()
-        if touched:
-            try:
-                self._save(self.counts)
-            except OSError as exc:
-                log.warning("quota counts not saved: %s", exc)
+        self._dirty = self._dirty or bool(touched)
+        if self._dirty and time.monotonic() - self._saved >= SAVE_INTERVAL_S:
+            self.save()
         if changed or touched & {q.account for q in self.quotas}:
             self.sync(now)
 
     def idle(self) -> None:
-        """Between lines: a changed quota file, or a period that ended (its accounts freed)."""
+        """Between lines: counts not saved yet, a changed quota file, or a period that ended (its
+        accounts freed)."""
+        self.flush()
         if self.reload_quotas() or self.quotas:
             self.sync()
+
+    def flush(self) -> None:
+        """Save counts not saved yet (the writer stopping)."""
+        if self._dirty:
+            self.save()
+
+    def save(self) -> None:
+        """Write the counts (STATE_DIR/logs/quota-counts.json); a failure is logged and retried."""
+        try:
+            self._save(self.counts)
+            self._dirty = False
+        except OSError as exc:
+            log.warning("quota counts not saved: %s", exc)
+        self._saved = time.monotonic()
 
     def sync(self, now: float | None = None) -> None:
         """Write HAProxy's quota map from the counts (a failure is logged: the next line tries again)."""
