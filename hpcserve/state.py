@@ -210,6 +210,11 @@ class StateDir:
         return self.root / "decisions.jsonl"
 
     @property
+    def fair_share_file(self) -> Path:
+        """What the pool's fair share last did (access/accounts.py FairShareState)."""
+        return self.root / "fairshare.json"
+
+    @property
     def quotas_file(self) -> Path:
         """The GPU-hour quotas per account and the models' GPUs per slot (`hpcserve quota`; read
         by the access log writer: haproxy/quotas.py)."""
@@ -513,6 +518,13 @@ def _startups(data: object) -> dict[str, list]:
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path` atomically with mode 0600 (see write_atomic)."""
     write_atomic(path, text, 0o600)
+
+
+def write_private_if_changed(path: Path, text: str) -> None:
+    """write_private, unless `path` holds `text` already: HAProxy reads its map and list files at
+    each reload, and an unchanged file keeps its time."""
+    if not path.exists() or path.read_text() != text:
+        write_private(path, text)
 
 
 def write_atomic(path: Path, text: str, mode: int) -> None:

@@ -49,14 +49,10 @@ class FairShareState:
     slurmdbd_error: str | None = None
 
 
-def _file(deployment: Deployment):
-    return StateDir(deployment.state_dir).root / "fairshare.json"
-
-
 def read_state(deployment: Deployment) -> FairShareState:
     """The last refresh's record; an empty one when there is none or it is unreadable."""
     try:
-        data = json.loads(_file(deployment).read_text())
+        data = json.loads(StateDir(deployment.state_dir).fair_share_file.read_text())
         return FairShareState(float(data["updated"]), {str(k): int(v) for k, v in data["delays"].items()},
                               data.get("error"), data.get("failing_since"), float(data.get("attempted", 0)),
                               data.get("slurmdbd_error"))
@@ -93,5 +89,5 @@ def refresh(deployment: Deployment, haproxy: HAProxy, accounting: Accounting,
     except (AccountingUnavailable, HAProxyError) as exc:
         state = dataclasses.replace(state, error=str(exc), failing_since=state.failing_since or now, attempted=now,
                                     slurmdbd_error=slurmdbd_error)
-    write_private(_file(deployment), json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+    write_private(StateDir(deployment.state_dir).fair_share_file, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
     return state

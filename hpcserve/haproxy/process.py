@@ -29,7 +29,7 @@ from ..config import Deployment
 from ..core.membership import map_text, within_slots
 from ..core.pool import Server, job_id_of
 from ..errors import CommandError, HAProxyError, HpcserveError
-from ..state import HAProxyFiles, write_private
+from ..state import HAProxyFiles, write_private, write_private_if_changed
 from . import runtime
 from .membership import Membership
 from .config import models_list, paths, render
@@ -165,7 +165,7 @@ class HAProxy:
         text = render(self.deployment, servers)
         base = render(self.deployment, [])
         if self.deployment.haproxy.affinity_header:   # what a new worker loads (Membership.sync: the running one)
-            _write_if_changed(self.paths.leaving_map_file, map_text(self.membership.leaving_map(servers)))
+            write_private_if_changed(self.paths.leaving_map_file, map_text(self.membership.leaving_map(servers)))
         try:
             accesslog.ensure_writer(self.deployment)
         except OSError as exc:
@@ -246,8 +246,8 @@ class HAProxy:
 
     def _write_served_files(self) -> None:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
-        _write_if_changed(self.paths.models_file, models_list(self.deployment))
-        _write_if_changed(self.paths.webui_accounts_map_file, map_text(self.deployment.accounting.webui_accounts))
+        write_private_if_changed(self.paths.models_file, models_list(self.deployment))
+        write_private_if_changed(self.paths.webui_accounts_map_file, map_text(self.deployment.accounting.webui_accounts))
         self._write_key_map()
         for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file, self.paths.quota_map_file):
             if not runtime_map.exists():    # the config matches them (when affinity, fair share are on)
@@ -263,7 +263,7 @@ class HAProxy:
             raise HpcserveError(f"internal: HAProxy of {self.deployment.name} made without its key map")
         entries = self._key_map()
         if entries is not None:
-            _write_if_changed(self.paths.keys_map_file, map_text(entries))
+            write_private_if_changed(self.paths.keys_map_file, map_text(entries))
         return entries
 
     def sync_keys(self) -> int:
@@ -299,7 +299,7 @@ class HAProxy:
             HAProxyError: the runtime API refused a change.
         """
         entries = {account: str(ms) for account, ms in sorted(delays.items())}
-        _write_if_changed(self.paths.fair_share_map_file, map_text(entries))
+        write_private_if_changed(self.paths.fair_share_map_file, map_text(entries))
         return self._sync_map(self.paths.fair_share_map_file, entries)
 
     def _sync_map(self, path: Path, entries: dict[str, str], table: str | None = None) -> int:
@@ -497,13 +497,6 @@ class HAProxy:
 def streams(show_sess: str) -> int:
     """Streams in a `show sess` answer, less the CLI's own (frontend GLOBAL)."""
     return sum(1 for line in show_sess.splitlines() if line.startswith("0x") and " fe=GLOBAL " not in line)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write `text` to `path` (0600, atomically) unless it holds that already: HAProxy reads these
-    files at each reload, and an unchanged file keeps its time."""
-    if not path.exists() or path.read_text() != text:
-        write_private(path, text)
 
 
 KEY_TABLE = "openai"  # the frontend whose stick table counts per key (templates/haproxy.cfg.j2)

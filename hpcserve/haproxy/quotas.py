@@ -23,7 +23,7 @@ from typing import Any
 from ..core.membership import map_text
 from ..core.quota import Counts, Quota, quota_map
 from ..errors import HAProxyError
-from ..state import StateDir, write_private
+from ..state import StateDir, write_private, write_private_if_changed
 from . import runtime
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,7 @@ def write_map(state: StateDir, entries: dict[str, str]) -> int:
         HAProxyError: a running worker refused a change.
     """
     files = state.haproxy
-    text = map_text(entries)
-    try:
-        unchanged = files.quota_map_file.read_text() == text
-    except FileNotFoundError:
-        unchanged = False
-    if not unchanged:
-        write_private(files.quota_map_file, text)
+    write_private_if_changed(files.quota_map_file, map_text(entries))
     try:
         runtime.show_proc(files.master_socket)
     except HAProxyError:
