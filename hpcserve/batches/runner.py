@@ -1,28 +1,74 @@
-"""One batch's Slurm job: every row of its input through the pool, each answer a line of its output.
+"""One batch's Slurm job: every row of its input sent for an answer, each answer a line of its output.
 
-Run as `python -m hpcserve.batches.runner RUN_DIR` by the job script (templates/batch.sbatch.j2).
-RUN_DIR holds run.json ({"input", "url", "model", "concurrency", "timeout_s", "retries"}) and the
-batch's token (store.py); the job writes output.jsonl through the `hpcserve batch` engine
-(clients/batch.py: one line per row, appended as each row ends, so a job killed, preempted or
-requeued resumes where it stopped and no row gets two lines), progress.json while it runs
-({"completed", "failed"}: rows with a line, answered or not) and done.json once every row has its
-line. The rows go at batch priority (X-Priority-Class: batch) with the token, which HAProxy
-accounts to the key that made the batch.
+Run by the job script as `python -m hpcserve.batches.runner RUN_DIR` (templates/batch.sbatch.j2:
+the rows go through the pool) or, in each element of a job array that brings its own GPUs
+(templates/batch-gpu.sbatch.j2), `... RUN_DIR --shard INDEX --url http://127.0.0.1:PORT`: the rows
+of shard INDEX of run.json's "shards" go to the element's own llama-server, with the key in
+RUN_DIR/server-key. RUN_DIR holds run.json ({"input", "url", "model", "concurrency", "timeout_s",
+"retries", "shards"}) and the batch's token (store.py). The job writes its output through the
+`hpcserve batch` engine (clients/batch.py: one line per row, appended as each row ends, so a job
+killed, preempted or requeued resumes where it stopped and no row gets two lines), its progress
+({"completed", "failed"}: rows with a line, answered or not) while it runs and a done file once
+every row has its line: output.jsonl, progress.json and done.json, or output-INDEX.jsonl,
+progress-INDEX.json and done-INDEX.json per shard (Shard). Through the pool the rows go at batch
+priority (X-Priority-Class: batch) with the token, which HAProxy accounts to the key that made the
+batch.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from ..clients import batch as engine
+from ..errors import HpcserveError
 from ..state import read_secret, write_private
 
 #: Seconds between two writes of progress.json.
 PROGRESS_EVERY_S = 1.0
+#: Seconds an element waits for its llama-server to load the model (/health 200).
+READY_TIMEOUT_S = 1800.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """The files of one shard of a batch's run folder: `index` None for a batch through the pool
+    (output.jsonl, ...), else the element's index (output-INDEX.jsonl, ...)."""
+
+    folder: Path
+    index: int | None = None
+
+    def _path(self, stem: str, ext: str) -> Path:
+        return self.folder / (f"{stem}{ext}" if self.index is None else f"{stem}-{self.index}{ext}")
+
+    @property
+    def output(self) -> Path:
+        return self._path("output", ".jsonl")
+
+    @property
+    def progress(self) -> Path:
+        return self._path("progress", ".json")
+
+    @property
+    def done(self) -> Path:
+        return self._path("done", ".json")
+
+
+def shards(folder: Path) -> list[Shard]:
+    """The shards of the run in `folder`: one (no index) for a batch through the pool, run.json's
+    "shards" for a batch on its own GPUs."""
+    try:
+        count = json.loads((folder / "run.json").read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        count = None
+    return [Shard(folder)] if not count else [Shard(folder, i) for i in range(int(count))]
 
 
 def results(output: Path) -> tuple[list[str], list[str]]:
@@ -46,19 +92,45 @@ def counts(output: Path) -> tuple[int, int]:
     return len(answered), len(failed)
 
 
-def run(folder: Path) -> int:
-    """Run the batch of `folder` to its end; returns the exit code (0: every row has its line).
+def wait_ready(url: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait until the llama-server at `url` has loaded its model: GET /health answers 200 (503 while
+    loading; llama.cpp tools/server/README.md, GET /health).
 
     Raises:
-        HpcserveError, ConfigError: the input or the output is not what the service wrote.
+        HpcserveError: not ready within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=10, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise HpcserveError(f"llama-server at {url} was not ready within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def run(folder: Path, shard: int | None = None, url: str | None = None) -> int:
+    """Run the batch of `folder` (its shard `shard` against the llama-server at `url`, or all of it
+    through the pool) to its end; returns the exit code (0: every row has its line).
+
+    Raises:
+        HpcserveError, ConfigError: the input or the output is not what the service wrote, or the
+        own llama-server did not get ready (wait_ready).
     """
     spec = json.loads((folder / "run.json").read_text())
-    token = read_secret(folder / "token")
-    output = folder / "output.jsonl"
-    work = engine.workload(Path(spec["input"]), output, template=None, model=spec["model"], max_tokens=None,
-                           id_field="custom_id")
-    completed, failed = counts(output)
-    print(f"hpcserve-batch start: {work.todo} of {work.total} rows to send to {spec['url']}", flush=True)
+    files = Shard(folder, shard)
+    if shard is None:
+        token, base = read_secret(folder / "token"), spec["url"]
+    else:
+        token, base = read_secret(folder / "server-key"), str(url)
+    work = engine.workload(Path(spec["input"]), files.output, template=None, model=spec["model"], max_tokens=None,
+                           id_field="custom_id", shard=None if shard is None else (shard, int(spec["shards"])))
+    completed, failed = counts(files.output)
+    print(f"hpcserve-batch start: {work.todo} of {work.total} rows to send to {base}", flush=True)
+    if shard is not None and work.todo:
+        wait_ready(base)
     last = 0.0
 
     def on_done(ok: bool) -> None:
@@ -66,21 +138,38 @@ def run(folder: Path) -> int:
         completed, failed = completed + ok, failed + (not ok)
         if time.monotonic() - last >= PROGRESS_EVERY_S:
             last = time.monotonic()
-            write_private(folder / "progress.json", json.dumps({"completed": completed, "failed": failed}))
+            write_private(files.progress, json.dumps({"completed": completed, "failed": failed}))
 
-    write_private(folder / "progress.json", json.dumps({"completed": completed, "failed": failed}))
-    asyncio.run(engine.run(work.rows(), spec["url"], output, concurrency=int(spec["concurrency"]), api_key=token,
+    write_private(files.progress, json.dumps({"completed": completed, "failed": failed}))
+    asyncio.run(engine.run(work.rows(), base, files.output,
+                           concurrency=int(spec["concurrency"]), api_key=token,
                            retries=int(spec.get("retries", 5)), timeout=float(spec.get("timeout_s", 600)),
-                           on_done=on_done))
-    completed, failed = counts(output)
-    write_private(folder / "progress.json", json.dumps({"completed": completed, "failed": failed}))
+                           on_done=on_done, priority_class="batch" if shard is None else "interactive"))
+    completed, failed = counts(files.output)
+    write_private(files.progress, json.dumps({"completed": completed, "failed": failed}))
     if completed + failed < work.total:
         print(f"hpcserve batch: {completed + failed} of {work.total} rows have a line", file=sys.stderr)
         return 1
-    write_private(folder / "done.json", json.dumps({"completed": completed, "failed": failed,
-                                                    "total": work.total}))
+    write_private(files.done, json.dumps({"completed": completed, "failed": failed, "total": work.total}))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hpcserve.batches.runner RUN_DIR [--shard INDEX --url URL]`."""
+    parser = argparse.ArgumentParser(prog="python -m hpcserve.batches.runner",
+                                     description="Send a batch's rows (or one shard of them) for their answers.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--shard", type=int, help="the job array element's index (SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--url", help="the element's own llama-server, http://127.0.0.1:PORT")
+    args = parser.parse_args(argv)
+    if (args.shard is None) != (args.url is None):
+        parser.error("--shard and --url go together")
+    try:
+        return run(args.run_dir, args.shard, args.url)
+    except HpcserveError as exc:
+        print(f"hpcserve batch: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(run(Path(sys.argv[1])))
+    sys.exit(main())

@@ -15,6 +15,7 @@ the one ensure() wrote to STATE_DIR/batches/deployment.json).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -125,19 +126,33 @@ class BatchAPI:
         if summary.endpoint != endpoint:
             raise APIError(400, f"endpoint: the input file's requests go to {summary.endpoint}", param="endpoint")
         batch_id = self.store.new_batch_id()
-        token = secrets.token_urlsafe(32)
         owner = source["owner"] if key == OWNER else key
-        row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window, metadata,
-                                   summary.rows, digest(token))
-        folder = self.store.write_run(batch_id, {
-            "input": str(self.store.file_path(file_id)), "url": self._pool_url(), "model": sorted(summary.models)[0],
-            "concurrency": self.deployment.batches.concurrency}, token)
+        model = self.deployment.model(sorted(summary.models)[0])
+        own = self.deployment.batches.own_capacity
+        run: dict[str, object] = {"input": str(self.store.file_path(file_id)), "model": model.name}
+        key_secret = secrets.token_urlsafe(32)
+        if own is not None and summary.rows >= own.min_rows:
+            # Its own GPUs: a job array, each element one llama-server and a shard of the rows.
+            run.update(shards=min(own.jobs, summary.rows), concurrency=model.parallel)
+            row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window,
+                                       metadata, summary.rows, None)
+            folder = self.store.write_run(batch_id, run, key_secret, key_file="server-key")
+            slurm = self.deployment.slurm.model_copy(update={
+                "account": self._account_of(owner), "partition": own.partition or self.deployment.slurm.partition})
+            template, context = "batch-gpu.sbatch.j2", {
+                "model": model, "slurm": slurm, "shards": run["shards"],
+                "time_limit": own.time_limit or self.deployment.batches.time_limit}
+        else:
+            run.update(url=self._pool_url(), concurrency=self.deployment.batches.concurrency)
+            row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window,
+                                       metadata, summary.rows, digest(key_secret))
+            folder = self.store.write_run(batch_id, run, key_secret)
+            template, context = "batch.sbatch.j2", {"batches": self.deployment.batches, "slurm": self.deployment.slurm,
+                                                    "account": self._account_of(owner)}
         try:
             self._sync_keys()      # HAProxy takes the token before the job's first request
-            script = templates.render("batch.sbatch.j2", self.deployment.templates_dir, deployment=self.deployment,
-                                      batches=self.deployment.batches, slurm=self.deployment.slurm,
-                                      account=self._account_of(owner), batch_id=batch_id, run_dir=folder,
-                                      python=self.python)
+            script = templates.render(template, self.deployment.templates_dir, deployment=self.deployment,
+                                      batch_id=batch_id, run_dir=folder, python=self.python, **context)
             job_id = self._scheduler().submit(script)
         except HpcserveError as exc:
             row = self.store.update_batch(batch_id, status="failed", failed_at=int(time.time()), errors=json.dumps(
@@ -177,6 +192,16 @@ class BatchAPI:
         row = self.store.update_batch(batch_id, status="cancelling", cancelling_at=int(time.time()))
         return batch_object(self.refresh([row])[0])
 
+    def through_pool(self) -> list[dict]:
+        """The batches still running whose rows go through the pool (not on GPUs of their own),
+        brought up to date first: what a stopped pool would fail (`hpcserve down` asks).
+
+        Raises:
+            SlurmError: squeue did not answer.
+        """
+        return [r for r in self.refresh() if r["status"] not in FINAL
+                and runner.shards(self.store.run_dir(r["id"]))[0].index is None]
+
     def refresh(self, rows: list[dict] | None = None) -> list[dict]:
         """Bring running batches (`rows`, or all of them) up to date: counts from progress.json;
         completed once the job wrote done.json; cancelled once a cancelled job has ended; expired
@@ -191,18 +216,21 @@ class BatchAPI:
         running = [r for r in rows if r["status"] not in FINAL]
         if not running:
             return rows
-        states = {job.job_id: job.state for job in self._scheduler().jobs(job_name_prefix(self.deployment))}
+        jobs = self._scheduler().jobs(job_name_prefix(self.deployment))
         now = int(time.time())
         changed: dict[str, dict] = {}
         ended = False
         for row in running:
             folder = self.store.run_dir(row["id"])
-            progress = _read_json(folder / "progress.json") or {}
-            fields: dict[str, object] = {k: int(progress[k]) for k in ("completed", "failed") if k in progress}
-            state = states.get(row["job_id"])
-            present = state is not None and (state.active or state in (JobState.COMPLETING, JobState.UNKNOWN))
+            parts = runner.shards(folder)
+            counted: collections.Counter[str] = collections.Counter()
+            for shard in parts:
+                progress = _read_json(shard.progress) or {}
+                counted.update({k: int(progress[k]) for k in ("completed", "failed") if k in progress})
+            fields: dict[str, object] = dict(counted)
+            state, present = _job_state(jobs, row["job_id"])
             end: tuple[str, list[dict] | None] | None = None
-            if (folder / "done.json").exists():
+            if all(shard.done.exists() for shard in parts):
                 end = "completed", None
             elif row["status"] == "cancelling" and not present:
                 end = "cancelled", None
@@ -212,7 +240,8 @@ class BatchAPI:
                 end = "expired", None
             elif row["status"] in ("in_progress", "finalizing") and self._job_gone(folder, present, state, now):
                 end = "failed", [{"code": "job_ended", "message": f"Slurm job {row['job_id']} ended before every "
-                                  f"request had its answer (see {folder}/job-{row['job_id']}.out)",
+                                  f"request had its answer (see {folder}/job-{row['job_id']}"
+                                  f"{'_*' if parts[0].index is not None else ''}.out)",
                                   "param": None, "line": None}]
             if end is not None and self.store.claim_end(row["id"]):
                 fields.update(self._finish(row, end[0], now, errors=end[1]))
@@ -245,7 +274,12 @@ class BatchAPI:
     def _finish(self, row: dict, status: str, now: int, errors: list[dict] | None = None) -> dict[str, object]:
         """The fields of a batch that ends with `status`: its output lines split into an output
         file (answered) and an error file (with an error), each recorded when not empty."""
-        answered, failed = runner.results(self.store.run_dir(row["id"]) / "output.jsonl")
+        answered: list[str] = []
+        failed: list[str] = []
+        for shard in runner.shards(self.store.run_dir(row["id"])):
+            ok, bad = runner.results(shard.output)
+            answered += ok
+            failed += bad
         fields: dict[str, object] = {"status": status, f"{status}_at": now, "completed": len(answered),
                                      "failed": len(failed)}
         for name, lines in (("output_file_id", answered), ("error_file_id", failed)):
@@ -269,6 +303,15 @@ class BatchAPI:
     def _sync_keys(self) -> None:
         with contextlib.suppress(HpcserveError):   # HAProxy not running: the next step writes the map
             serving_haproxy(self.deployment, "").sync_keys()
+
+
+def _job_state(jobs: list, job_id: str | None) -> tuple[JobState | None, bool]:
+    """(a state of job `job_id` in `jobs` (squeue's), whether it is still there): for a job array,
+    its elements ("ID_INDEX", and "ID_[...]" while pending) taken together: present while any one
+    is active (a requeue passes through COMPLETING; UNKNOWN counts as present)."""
+    states = [job.state for job in jobs if job_id and (job.job_id == job_id or job.job_id.startswith(f"{job_id}_"))]
+    present = [s for s in states if s.active or s in (JobState.COMPLETING, JobState.UNKNOWN)]
+    return (present or states or [None])[0], bool(present)
 
 
 def _read_json(path: Path) -> dict | None:

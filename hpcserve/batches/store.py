@@ -6,12 +6,15 @@ STATE_DIR/batches/
     files/FILE_ID.jsonl   the uploaded input files and the output and error files made from runs
     runs/BATCH_ID/        one batch's run: run.json (what the job does), token (its 0600 key),
                           output.jsonl (the engine's result lines, appended), progress.json,
-                          done.json (written once every row has its line), job-%j.out
+                          done.json (written once every row has its line), job-%j.out; for a
+                          batch on its own GPUs server-key (its llama-servers' 0600 key) and
+                          per element output-I.jsonl, progress-I.json, done-I.json (runner.py)
 
-A batch runs under a token of its own: a random key whose SHA-256 is kept here and put in
-HAProxy's key map under the name of the key that made the batch, in the batch class
+A batch through the pool runs under a token of its own: a random key whose SHA-256 is kept here and
+put in HAProxy's key map under the name of the key that made the batch, in the batch class
 (access/keys.py accepted_keys), so its requests are that key's in the access log, in `hpcserve
 usage` and in its limits, and queue as batch. The token is accepted while the batch is not final.
+A batch on its own GPUs has no token: its requests never reach the pool.
 """
 
 from __future__ import annotations
@@ -145,8 +148,9 @@ class Store:
         return self.runs_dir / batch_id
 
     def add_batch(self, batch_id: str, owner: str, input_file_id: str, endpoint: str, window_s: int,
-                  completion_window: str, metadata: dict | None, total: int, token_sha256: str) -> dict:
-        """Record a new batch (status validating); returns its row."""
+                  completion_window: str, metadata: dict | None, total: int, token_sha256: str | None) -> dict:
+        """Record a new batch (status validating); returns its row. `token_sha256` None: a batch
+        on its own GPUs, whose requests never reach the pool."""
         now = int(time.time())
         with self._db() as db:
             db.execute("INSERT INTO batches (id, owner, input_file_id, endpoint, completion_window, metadata, "
@@ -229,10 +233,11 @@ class Store:
                 f"SELECT owner, token_sha256 FROM batches WHERE token_sha256 IS NOT NULL AND {_NOT_FINAL} "
                 "ORDER BY seq", _FINAL)]
 
-    def write_run(self, batch_id: str, run: dict, token: str) -> Path:
-        """Make batch `batch_id`'s run folder with run.json and its token (both 0600)."""
+    def write_run(self, batch_id: str, run: dict, key: str, key_file: str = "token") -> Path:
+        """Make batch `batch_id`'s run folder with run.json and `key` in `key_file` ("token": the
+        batch's pool token; "server-key": its own llama-servers' key), both 0600."""
         folder = self.run_dir(batch_id)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(folder / "token", token + "\n")
+        write_private(folder / key_file, key + "\n")
         write_private(folder / "run.json", json.dumps(run, indent=2) + "\n")
         return folder

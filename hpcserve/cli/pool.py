@@ -18,6 +18,8 @@ from pathlib import Path
 import click
 
 from .. import __version__
+from ..batches import service as batch_service
+from ..batches.store import OWNER
 from ..control import autoscaler
 from . import access, clients, site as site_cli
 from ..site import check as check_mod
@@ -120,15 +122,45 @@ def scale(ctx: Context, replicas: int, model_name: str | None, wait: bool, timeo
               help="Seconds to wait for the jobs to end after scancel.")
 @drain_option
 @click.option("--now", is_flag=True, help="Do not drain: cancel at once, cutting requests in flight.")
+@click.option("--cancel-batches", is_flag=True,
+              help="Cancel the Batch API's batches that send their rows through the pool (their finished rows "
+                   "are kept); without it, down refuses while there are any.")
 @pass_ctx
-def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool) -> None:
-    """Stop the pool: drain the servers, stop HAProxy, cancel every job, wait until they have ended."""
+def down(ctx: Context, timeout: float, drain_timeout: float | None, now: bool, cancel_batches: bool) -> None:
+    """Stop the pool: drain the servers, stop HAProxy, cancel every job, wait until they have ended.
+
+    Batches of the Batch API that go through the pool would fail their rows while it is down: down
+    refuses (exit 1, naming them) unless --cancel-batches cancels them first. Batches on GPUs of
+    their own (batches.own_capacity) go on.
+    """
     drain_timeout = 0 if now else drain_timeout
+    if ctx.deployment.batches.enabled:
+        _stop_batches_through_pool(ctx, cancel_batches)
     outcome = ctx.reconciler().locked_step(lambda current: Desired(up=False, replicas=current.replicas),
                                             drain_timeout)
     outcome = ctx.finish_drains(outcome, drain_timeout)
     ctx.reconciler().wait_ended(timeout)
     ctx.print_summary(outcome, "pool is down: no job and no HAProxy left")
+
+
+def _stop_batches_through_pool(ctx: Context, cancel: bool) -> None:
+    """Cancel (`cancel`) the running batches whose rows go through the pool, or refuse naming them.
+
+    Raises:
+        HpcserveError: there are such batches and `cancel` is False (nothing was changed).
+    """
+    api = batch_service.BatchAPI(ctx.deployment, ctx.scheduler)
+    running = api.through_pool()
+    if running and not cancel:
+        listed = ", ".join(f"{r['id']} of key {r['owner']} ({r['completed'] + r['failed']}/{r['total']} rows)"
+                           for r in running)
+        raise HpcserveError(f"{len(running)} batch(es) send their rows through the pool, which would fail while it "
+                            f"is down: {listed}. Cancel them (`hpcserve batches cancel ID`, or down --cancel-batches: "
+                            "their finished rows are kept), or let them finish")
+    for row in running:
+        api.cancel(OWNER, row["id"])
+        ctx.say(f"batch {row['id']} of key {row['owner']} cancelled: {row['completed'] + row['failed']} of "
+                f"{row['total']} rows have their line")
 
 
 @cli.command()

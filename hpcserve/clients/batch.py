@@ -155,8 +155,10 @@ class Workload:
     """The rows of one `hpcserve batch` run.
 
     Attributes:
-        total: rows in the input file.
+        total: rows in the input file (in its shard when `shard` is set).
         todo: rows not yet in the output file (the ones rows() yields).
+        shard: (index, count): only the rows whose place in the file (0-based) modulo count is
+            index (the element `index` of a job array of `count`: batches/runner.py); None: all.
     """
 
     input: Path
@@ -168,28 +170,43 @@ class Workload:
     total: int
     todo: int
     done: frozenset[str]
+    shard: tuple[int, int] | None = None
 
     def rows(self) -> Iterator[Row]:
         """The rows still to send, read from the input again (a 500k-row file is never held in memory)."""
-        return (row for row in read_rows(self.input, template=self.template, model=self.model,
-                                         max_tokens=self.max_tokens, id_field=self.id_field)
+        return (row for row in _sharded(read_rows(self.input, template=self.template, model=self.model,
+                                                  max_tokens=self.max_tokens, id_field=self.id_field), self.shard)
                 if row.custom_id not in self.done)
 
 
+def _sharded(rows: Iterable[Row], shard: tuple[int, int] | None) -> Iterator[Row]:
+    """The rows of `shard` (index, count): every count-th from the index-th; all when None."""
+    if shard is None:
+        yield from rows
+        return
+    index, count = shard
+    for place, row in enumerate(rows):
+        if place % count == index:
+            yield row
+
+
 def workload(input_path: Path, output_path: Path, *, template: str | None, model: str,
-             max_tokens: int | None, id_field: str) -> Workload:
+             max_tokens: int | None, id_field: str, shard: tuple[int, int] | None = None) -> Workload:
     """Validate every line of `input_path` (before anything is sent) and find what `output_path`
-    already holds (a partial last line is cut off: finished_ids).
+    already holds (a partial last line is cut off: finished_ids). `shard`: see Workload.
 
     Raises:
-        ConfigError: a malformed input line (read_rows); HpcserveError: the output is no batch result file.
+        ConfigError: a malformed input line (read_rows), or a shard index outside 0..count-1;
+        HpcserveError: the output is no batch result file.
     """
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ConfigError(f"shard: expected an index from 0 to {shard[1] - 1}, got {shard[0]}")
     rows = functools.partial(read_rows, input_path, template=template, model=model, max_tokens=max_tokens,
                              id_field=id_field)
-    total = sum(1 for _ in rows())
+    total = sum(1 for _ in _sharded(rows(), shard))
     done = frozenset(finished_ids(output_path))
-    todo = total - sum(1 for row in rows() if row.custom_id in done)
-    return Workload(input_path, output_path, template, model, max_tokens, id_field, total, todo, done)
+    todo = total - sum(1 for row in _sharded(rows(), shard) if row.custom_id in done)
+    return Workload(input_path, output_path, template, model, max_tokens, id_field, total, todo, done, shard)
 
 
 def default_concurrency(deployment: Deployment, model: Model) -> int:

@@ -384,6 +384,21 @@ class WebUI(_Strict):
         return _command_line(value, "the open-webui program")
 
 
+class OwnCapacity(_Strict):
+    """Large batches bring their own GPUs: a Slurm job array whose elements each start llama-server
+    of the batch's model (as a replica would, on its GPUs: slurm.partition, gres) and send their
+    shard of the rows to it, not to the pool (hpcserve/batches/runner.py)."""
+
+    min_rows: int = Field(ge=1, le=50_000_000,
+                          description="batches with at least this many rows run on their own GPUs")
+    jobs: int = Field(default=4, ge=1, le=1024, description="elements of the job array (--array), each one "
+                                                            "llama-server and a shard of the rows")
+    partition: str | None = Field(default=None, pattern=SLURM_NAMES_PATTERN,
+                                  description="partition of the array (default: slurm.partition, the replicas')")
+    time_limit: str | None = Field(default=None, pattern=TIME_LIMIT_PATTERN,
+                                   description="--time of each element (default: batches.time_limit)")
+
+
 class Batches(_Strict):
     """The OpenAI Batch API (`/v1/files`, `/v1/batches`) behind the frontend, each batch a Slurm
     job (hpcserve/batches/)."""
@@ -400,6 +415,9 @@ class Batches(_Strict):
     time_limit: str = Field(default="1-00:00:00", pattern=TIME_LIMIT_PATTERN,
                             description="--time of a batch job (the completion window is 24 h)")
     concurrency: int = Field(default=8, ge=1, le=4096, description="requests in flight per batch job")
+    own_capacity: OwnCapacity | None = Field(
+        default=None, description="large batches run on GPUs of their own (a job array), not through the pool; "
+                                  "default: every batch goes through the pool")
 
 
 class Accounting(_Strict):

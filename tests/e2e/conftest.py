@@ -116,7 +116,7 @@ class Pool:
         return stats
 
     def cleanup(self) -> None:
-        self.run("down", "--timeout", "60")
+        self.run("down", "--timeout", "60", "--cancel-batches")
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ def requests_file(model: str, rows: int) -> bytes:
 
 def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory):
     pool = pool_factory(replicas=1, parallel=4, simulator="--sim-token-rate 200 --sim-load-time 0")
-    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "concurrency": 4}
+    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "concurrency": 4,
+                           "own_capacity": {"min_rows": ROWS + 1, "jobs": 2}}
     pool.write(pool.raw)
     pool.ok("up", "--timeout", "120")
     keys = {name: json.loads(pool.ok("keys", "add", name, "--account", "chemistry", "--json").stdout)["key"]
@@ -54,6 +55,10 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
                           text=True, env=pool.env, check=True).stdout.splitlines()
     [job] = [line.split() for line in jobs if f" hpcserve-batch:{pool.name}:{batch.id} " in line]
     assert job[2] == "cpu" and job[3] in ("PENDING", "RUNNING") and job[-1] == "chemistry", job
+    # `down` would fail the batch's rows: it refuses, naming it, and leaves the pool as it was.
+    refused = pool.run("down")
+    assert refused.returncode == 1 and batch.id in refused.stderr and "--cancel-batches" in refused.stderr
+    assert pool.haproxy_processes() and len(pool.active_jobs()) == 1
     # Killed and requeued midway (as after a node failure or preemption): the job starts again and
     # sends only the rows that have no line yet.
     deadline = time.monotonic() + 60
@@ -109,3 +114,44 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     token = (pool.dir / "state" / "batches" / "runs" / batch.id / "token").read_text().strip()
     assert httpx.get(f"{pool.url}/models", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
+
+    # A larger batch (own_capacity.min_rows or more) brings its own GPUs: a job array on the GPU
+    # partition, each element a llama-server (here the simulator) on its node's loopback and a
+    # shard of the rows; nothing of it goes through HAProxy.
+    logged = len(served)
+    big = alice.files.create(file=("big.jsonl", io.BytesIO(requests_file(pool.model_name, ROWS + 100))), purpose="batch")
+    batch = alice.batches.create(input_file_id=big.id, endpoint="/v1/chat/completions", completion_window="24h")
+    elements: set[tuple] = set()
+    deadline = time.monotonic() + 120
+    while (batch := alice.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        jobs = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%i %j %P %a %b"], capture_output=True,
+                              text=True, env=pool.env, check=True).stdout.splitlines()
+        elements |= {tuple(line.split()) for line in jobs if f" hpcserve-batch:{pool.name}:{batch.id} " in line}
+        time.sleep(0.5)
+    assert batch.status == "completed" and batch.request_counts.completed == ROWS + 100, batch
+    running = {e for e in elements if "[" not in e[0]}          # not the pending "ID_[0-1]"
+    assert {e[0].split("_")[1] for e in running} == {"0", "1"} and len({e[0].split("_")[0] for e in running}) == 1
+    assert {e[2:] for e in running} == {("gpu", "chemistry", "gres:gpu:a100:1")}, running
+    lines = [json.loads(line) for line in alice.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(ROWS + 100))
+    assert all(line["response"]["status_code"] == 200 for line in lines)
+    run_dir = pool.dir / "state" / "batches" / "runs" / batch.id
+    logs = sorted(run_dir.glob("job-*-llama-server.log"))
+    assert len(logs) == 2 and all("listening on http://127.0.0.1:" in log.read_text() for log in logs)
+    stats = [json.loads(line.split("simulator stats: ", 1)[1]) for log in logs
+             for line in log.read_text().splitlines() if line.startswith("simulator stats: ")]
+    assert sorted(s["served"] for s in stats) == [(ROWS + 100) // 2] * 2      # each its shard; stopped after it
+    since = (pool.dir / "state" / "logs" / "access.log").read_text().splitlines()[logged:]
+    assert not [line for line in since if json.loads(line)["server"].startswith("job")]   # no row
+
+    # down --cancel-batches: a batch through the pool is cancelled (its job ended), then the pool stops.
+    batch = alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    stopped = pool.ok("down", "--cancel-batches")
+    assert f"batch {batch.id} of key alice cancelled" in stopped.stderr + stopped.stdout
+    deadline = time.monotonic() + 30       # cancelling until Slurm has ended its job
+    while (status := json.loads(pool.ok("batches", "show", batch.id, "--json").stdout)["status"]) != "cancelled":
+        assert status == "cancelling" and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert not [j for j in subprocess.run(["squeue", "--me", "-h", "-o", "%j"], capture_output=True, text=True,
+                                          env=pool.env, check=True).stdout.split() if batch.id in j]

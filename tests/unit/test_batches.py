@@ -168,6 +168,71 @@ def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service)
     assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=alice).status_code == 409
 
 
+def test_a_large_batch_runs_on_gpus_of_its_own_as_a_job_array(tmp_path, gguf):
+    """batches.own_capacity: a batch of min_rows or more is a job array (batch-gpu.sbatch.j2), each
+    element a llama-server of the model on a replica's GPUs, loopback only, behind a key of the
+    batch's own (0600, in no script) and no pool token; the elements' progress adds up, the batch
+    completes once every element is done, its output holding every shard's lines. A smaller batch
+    still goes through the pool."""
+    from hpcserve.access import keys
+    raw = minimal(gguf, tmp_path, haproxy={"auth": "keys"}, slurm={"partition": "gpu", "account": "physics"})
+    raw["models"][0]["gpus"] = {"type": "a100", "count": 2}
+    raw["batches"] = {"enabled": True, "own_capacity": {"min_rows": 3, "jobs": 2, "time_limit": "2:00:00"}}
+    deployment = config.parse(raw, base=tmp_path)
+    slurm = Slurm()
+    api = BatchAPI(deployment, lambda: slurm, python="/opt/venv/bin/python")
+    keys.KeyRegistry(deployment).add("alice", account="chemistry")
+    alice = {KEY_HEADER: "alice"}
+    with TestClient(app(api)) as client:
+        file_id = upload(client, "alice", line("a") + line("b") + line("c")).json()["id"]
+        create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        batch = client.post("/v1/batches", headers=alice, json=create).json()
+        assert batch["status"] == "in_progress", batch
+        [script] = slurm.scripts
+        folder = api.store.run_dir(batch["id"])
+        for directive in ("--array=0-1", "--gres=gpu:a100:2", "--partition=gpu", "--account=chemistry",
+                          "--time=2:00:00", "--requeue", f"--job-name=hpcserve-batch:t:{batch['id']}"):
+            assert f"#SBATCH {directive}\n" in script, directive
+        assert "--host 127.0.0.1" in script and f"key_file={folder}/server-key" in script
+        assert f'-m hpcserve.batches.runner {folder} --shard "$SLURM_ARRAY_TASK_ID"' in script
+        server_key = (folder / "server-key").read_text().strip()
+        assert server_key not in script and (folder / "server-key").stat().st_mode & 0o077 == 0
+        assert not (folder / "token").exists()
+        assert [k for k in keys.accepted_keys(deployment) if k.source == "batch"] == []    # no way into the pool
+
+        # Slurm lists the array's elements; their progress adds up; done once both are.
+        slurm.listed = [dataclasses.replace(slurm.listed[0], job_id=f"500_{i}") for i in range(2)]
+        for index, ids in ((0, "ac"), (1, "b")):
+            (folder / f"progress-{index}.json").write_text(json.dumps({"completed": len(ids), "failed": 0}))
+            (folder / f"output-{index}.jsonl").write_text("".join(json.dumps(
+                {"id": "r", "custom_id": c, "response": {"status_code": 200, "body": {}}, "error": None}) + "\n"
+                for c in ids))
+        (folder / "done-0.json").write_text("{}")
+        slurm.listed[0] = dataclasses.replace(slurm.listed[0], state=JobState.COMPLETED)
+        running = client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+        assert running["status"] == "in_progress" and running["request_counts"]["completed"] == 3
+        (folder / "done-1.json").write_text("{}")
+        done = client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+        assert done["status"] == "completed" and done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+        output = client.get(f"/v1/files/{done['output_file_id']}/content", headers=alice).text
+        assert sorted(json.loads(x)["custom_id"] for x in output.splitlines()) == ["a", "b", "c"]
+
+        # Below min_rows: through the pool, with a token.
+        small = upload(client, "alice", line("a") + line("b")).json()["id"]
+        client.post("/v1/batches", headers=alice, json={**create, "input_file_id": small})
+        assert "--array" not in slurm.scripts[1] and "-m hpcserve.batches.runner" in slurm.scripts[1]
+
+
+def test_an_array_is_there_while_any_element_is():
+    from hpcserve.batches.service import _job_state
+    def job(job_id, state):
+        return Job(job_id, "x", state, None, "", 60, 60, "None")
+    assert _job_state([job("7_[0-3]", JobState.PENDING)], "7") == (JobState.PENDING, True)
+    assert _job_state([job("7_0", JobState.COMPLETED), job("7_1", JobState.RUNNING)], "7") == (JobState.RUNNING, True)
+    assert _job_state([job("7_0", JobState.COMPLETED), job("71", JobState.RUNNING)], "7") == (JobState.COMPLETED, False)
+    assert _job_state([], "7") == (None, False)
+
+
 def test_a_cancelled_batch_keeps_what_finished_and_a_job_that_died_fails_it(service):
     api, slurm, client = service
     alice = {KEY_HEADER: "alice"}
@@ -223,50 +288,88 @@ def test_a_bad_batch_request_is_refused_naming_the_field(service, body, param):
     assert refused.json()["error"]["param"] == param and slurm.scripts == []
 
 
-def test_the_runner_sends_each_row_once_and_resumes(tmp_path):
-    """runner.run over a stand-in pool: every row gets a line; a second run (a requeued job)
-    sends nothing again and writes done.json."""
+@pytest.fixture
+def stand_in_server():
+    """A stand-in pool or llama-server: (port, the (Authorization, X-Priority-Class, message) of
+    each chat completion it answered). /health answers 503 twice (loading), then 200."""
     import http.server
     import threading
 
-    from hpcserve.batches import runner
-    seen: list[str] = []
+    seen: list[tuple] = []
+    health = iter([503, 503])
 
-    class Pool(http.server.BaseHTTPRequestHandler):
+    class Server(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.headers["Authorization"], self.headers["X-Priority-Class"], body["messages"][0]["content"]))
-            reply = json.dumps({"choices": [], "model": body["model"]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(reply)))
+            self.reply(200, json.dumps({"choices": [], "model": body["model"]}).encode())
+
+        def do_GET(self):
+            self.reply(next(health, 200) if self.path == "/health" else 404, b"{}")
+
+        def reply(self, status: int, data: bytes):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(reply)
+            self.wfile.write(data)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pool)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        rows = tmp_path / "in.jsonl"
-        rows.write_text("".join(line(f"r{i}").replace('"hi"', f'"row {i}"') for i in range(7)))
-        folder = tmp_path / "run"
-        folder.mkdir(mode=0o700)
-        (folder / "run.json").write_text(json.dumps({"input": str(rows), "url": f"http://127.0.0.1:{server.server_port}/v1",
-                                                      "model": "m", "concurrency": 3}))
-        (folder / "token").write_text("tok\n")
-        (folder / "token").chmod(0o600)
-        (folder / "output.jsonl").write_text(json.dumps({"id": "x", "custom_id": "r0", "response": None,
-                                                          "error": None}) + "\n{\"cut")   # a job killed mid-line
-        assert runner.run(folder) == 0
-        assert sorted(text for _, _, text in seen) == [f"row {i}" for i in range(1, 7)]
-        assert {(auth, cls) for auth, cls, _ in seen} == {("Bearer tok", "batch")}
-        out = [json.loads(x)["custom_id"] for x in (folder / "output.jsonl").read_text().splitlines()]
-        assert sorted(out) == [f"r{i}" for i in range(7)]
-        assert json.loads((folder / "done.json").read_text()) == {"completed": 7, "failed": 0, "total": 7}
-        assert runner.run(folder) == 0 and len(seen) == 6      # requeued after the end: nothing sent again
-    finally:
-        server.shutdown()
+    yield server.server_port, seen
+    server.shutdown()
+
+
+def test_the_runner_sends_each_row_once_and_resumes(tmp_path, stand_in_server):
+    """runner.run over a stand-in pool: every row gets a line; a second run (a requeued job)
+    sends nothing again and writes done.json."""
+    from hpcserve.batches import runner
+    port, seen = stand_in_server
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(line(f"r{i}").replace('"hi"', f'"row {i}"') for i in range(7)))
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    (folder / "run.json").write_text(json.dumps({"input": str(rows), "url": f"http://127.0.0.1:{port}/v1",
+                                                  "model": "m", "concurrency": 3}))
+    (folder / "token").write_text("tok\n")
+    (folder / "token").chmod(0o600)
+    (folder / "output.jsonl").write_text(json.dumps({"id": "x", "custom_id": "r0", "response": None,
+                                                      "error": None}) + "\n{\"cut")   # a job killed mid-line
+    assert runner.run(folder) == 0
+    assert sorted(text for _, _, text in seen) == [f"row {i}" for i in range(1, 7)]
+    assert {(auth, cls) for auth, cls, _ in seen} == {("Bearer tok", "batch")}
+    out = [json.loads(x)["custom_id"] for x in (folder / "output.jsonl").read_text().splitlines()]
+    assert sorted(out) == [f"r{i}" for i in range(7)]
+    assert json.loads((folder / "done.json").read_text()) == {"completed": 7, "failed": 0, "total": 7}
+    assert runner.run(folder) == 0 and len(seen) == 6      # requeued after the end: nothing sent again
+
+
+def test_each_element_of_an_own_capacity_batch_sends_its_shard_to_its_own_server(tmp_path, stand_in_server):
+    """runner.main with --shard and --url (an element of batch-gpu.sbatch.j2's job array): it waits
+    for the server's /health, sends only its shard's rows with the server's key and no priority
+    class; the shards together answer every row once; a requeued element resends nothing."""
+    from hpcserve.batches import runner
+    port, seen = stand_in_server
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(line(f"r{i}").replace('"hi"', f'"row {i}"') for i in range(7)))
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    (folder / "run.json").write_text(json.dumps({"input": str(rows), "model": "m", "concurrency": 2, "shards": 3}))
+    (folder / "server-key").write_text("own\n")
+    (folder / "server-key").chmod(0o600)
+    url = f"http://127.0.0.1:{port}"
+    assert runner.main([str(folder), "--shard", "1", "--url", url]) == 0
+    assert sorted(text for _, _, text in seen) == ["row 1", "row 4"] and {a for a, _, _ in seen} == {"Bearer own"}
+    assert {cls for _, cls, _ in seen} == {None}            # its own server: no pool queue to order
+    for index in (0, 2, 1):
+        assert runner.main([str(folder), "--shard", str(index), "--url", url]) == 0
+    assert sorted(text for _, _, text in seen) == sorted(f"row {i}" for i in range(7))   # each row once
+    assert [json.loads(s.done.read_text())["total"] for s in runner.shards(folder)] == [3, 2, 2]
+    with pytest.raises(SystemExit):
+        runner.main([str(folder), "--shard", "1"])            # --shard without --url
+    assert runner.main([str(folder), "--shard", "3", "--url", url]) == 1   # no such shard: said, not a traceback
 
 
 def test_check_input_counts_rows_and_names_the_endpoint():
