@@ -131,6 +131,13 @@ def _append(ledger: Path, line: bytes) -> None:
 def reading(deployment: Deployment) -> Iterator[tuple[list[dict], Iterator[dict]]]:
     """Everything the access log ever counted, consistent while the block runs: (the ledger's
     buckets, the access log's records, accesslog.records). fold() waits meanwhile."""
-    state = StateDir(deployment.state_dir)
+    with locked_buckets(StateDir(deployment.state_dir)) as found:
+        yield found, accesslog.records(deployment)
+
+
+@contextlib.contextmanager
+def locked_buckets(state: StateDir) -> Iterator[list[dict]]:
+    """The ledger's buckets (buckets()), with fold() waiting until the block ends: a file the
+    block then reads from logs/expired/ is not in them, and stays there meanwhile."""
     with _lock(state):
-        yield [b for entry in _entries(state) for b in entry["buckets"]], accesslog.records(deployment)
+        yield [b for entry in _entries(state) for b in entry["buckets"]]

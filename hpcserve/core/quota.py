@@ -109,14 +109,26 @@ class Counts:
         held = slot_seconds(record)
         if not held:
             return None
+        account = account_of(record)
+        self.add_held(account, model_of(record), float(record.get("time", now)), held, now)
+        return account
+
+    def add_bucket(self, bucket: Mapping[str, Any], now: float) -> None:
+        """Count one hourly bucket of the usage ledger (access/ledger.py: "hour", "account",
+        "model", "slot_seconds"). An hour lies inside a UTC day, week or month or outside it."""
+        self.add_held(str(bucket["account"]), str(bucket["model"]), float(bucket["hour"]),
+                      float(bucket["slot_seconds"]), now)
+
+    def add_held(self, account: str, model: str, started: float, held: float, now: float) -> None:
+        """Count `held` slot-seconds of `account` on `model` for a request that started at
+        `started` (epoch seconds) in each current period it started in."""
+        if held <= 0:
+            return
         self.roll(now)
-        started = float(record.get("time", now))
-        account, model = account_of(record), model_of(record)
         for period in PERIODS:
             if started >= self.starts[period]:
                 models = self.used[period].setdefault(account, {})
                 models[model] = models.get(model, 0.0) + held
-        return account
 
     def gpu_seconds(self, account: str, period: str, gpus_per_slot: Mapping[str, float]) -> float:
         """GPU-seconds `account` used in the current `period` (0 when it is not counted yet)."""

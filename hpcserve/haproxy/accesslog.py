@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import logging.handlers
@@ -44,6 +45,7 @@ import psutil
 
 from .. import proc
 from ..config import Deployment
+from ..core.quota import Counts
 from . import quotas
 from .config import paths
 from ..state import StateDir
@@ -203,7 +205,7 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
                                                    encoding="utf-8")
     for handler in (served, unbilled):
         handler.setFormatter(logging.Formatter("%(message)s"))
-    keeper = quotas.Keeper(state_dir, (r for path in _billed_files(state) for r in read_file(path)))
+    keeper = quotas.Keeper(state_dir, functools.partial(_seed_counts, state))
     running = True
 
     def stop(_signum, _frame):
@@ -280,6 +282,18 @@ def read_file(path: Path) -> Iterator[dict]:
                     yield record
     except FileNotFoundError:
         return
+
+
+def _seed_counts(state: StateDir, counts: Counts, now: float) -> None:
+    """The quota count of a writer that finds none: the usage ledger's hours and the billed lines
+    not folded into it, read under the ledger's lock (as `hpcserve usage` and `quota` count)."""
+    from ..access import ledger   # the ledger builds on this module: imported when first needed
+    with ledger.locked_buckets(state) as buckets:
+        for bucket in buckets:
+            counts.add_bucket(bucket, now)
+        for path in _billed_files(state):
+            for record in read_file(path):
+                counts.add(record, now)
 
 
 def _billed_files(state: StateDir) -> list[Path]:

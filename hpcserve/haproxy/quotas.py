@@ -6,8 +6,10 @@ its quota is refused from the next request HAProxy admits after the line that us
 
 The quotas and the models' GPUs per slot come from STATE_DIR/quotas.json, which `hpcserve quota`
 and each reconcile step write (access/quotas.py) and which is read again whenever it changes.
-When the counts file is missing (the first writer with quotas), the count starts from the billed
-lines the access logs hold (access.log, its rotations and the expired files not yet folded).
+When the counts file is missing (the first writer with quotas), the count starts from what
+`hpcserve usage` counts: the usage ledger's hours and the billed lines the access logs hold
+(access.log, its rotations and the expired files not yet folded), read together under the
+ledger's lock (the writer's `seed`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +83,11 @@ class Keeper:
 
     Args:
         state_dir: the deployment's state directory.
-        history: the billed lines to start the count from when no counts file exists yet.
+        seed: called with empty counts and the time when no counts file exists yet, to count
+            what was used before (the ledger and the access logs).
     """
 
-    def __init__(self, state_dir: Path, history: Iterable[dict[str, Any]] = ()):
+    def __init__(self, state_dir: Path, seed: Callable[[Counts, float], None] | None = None):
         self.state = StateDir(state_dir)
         self._stamp: tuple[int, int] | None = None
         self.quotas: list[Quota] = []
@@ -95,9 +98,8 @@ class Keeper:
         counts = read_counts(self.state.quota_counts_file)
         if counts is None:
             counts = Counts()
-            now = time.time()
-            for record in history:
-                counts.add(record, now)
+            if seed is not None:
+                seed(counts, time.time())
             self._save(counts)
         self.counts = counts
         self.reload_quotas()

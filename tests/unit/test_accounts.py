@@ -137,6 +137,37 @@ def test_counts_bill_like_usage_and_start_again_each_period():
     assert counts.gpu_seconds("physics", "week", factors) == 3.5
 
 
+def test_a_writer_without_counts_starts_from_the_ledger_and_the_logs(tmp_path):
+    """The quota count of a writer that finds no counts file (the first with quotas, or after it
+    was lost) holds what `hpcserve usage` holds: the ledger's hours (files the rotation expired and
+    reconcile folded), expired files not folded yet and the access log; what started before the
+    current periods is left out."""
+    import time
+
+    from hpcserve.access import ledger
+    from hpcserve.haproxy import accesslog
+    from hpcserve.haproxy.quotas import Keeper
+    from hpcserve.state import StateDir
+    now = time.time()
+    hour = now // 3600 * 3600
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    state.expired_logs_dir.mkdir(parents=True, exist_ok=True)
+    folded = [line(hour, 4000), line(hour, 500, account="chemistry"), line(hour - 40 * 86400, 9000)]
+    state.usage_ledger.write_text(json.dumps({"file": "access-1.log", "buckets": ledger.buckets(folded)}) + "\n")
+    (state.expired_logs_dir / "access-2.log").write_text(json.dumps(line(hour + 1, 2000)) + "\n")
+    state.access_log.write_text(json.dumps(line(hour + 2, 1000)) + "\n")
+    def seed(counts, now):
+        accesslog._seed_counts(state, counts, now)   # what the writer's main passes
+    counts = Keeper(tmp_path / "state", seed).counts
+    assert counts.gpu_seconds("physics", "day", {"m": 1.0}) == pytest.approx(7.0)
+    assert counts.gpu_seconds("physics", "month", {"m": 1.0}) == pytest.approx(7.0)   # 40 days ago: none
+    assert counts.gpu_seconds("chemistry", "day", {"m": 1.0}) == pytest.approx(0.5)
+    # Saved: the next writer goes on from the file, not from the logs again.
+    state.access_log.write_text("")
+    assert Keeper(tmp_path / "state", seed).counts == counts
+
+
 def test_the_chargeback_splits_each_jobs_charge_and_the_rest_is_idle():
     # Job 7: 2 GPUs, 4 slots, ran 100-200 s; the window is [150, 300): 50 s x 2 GPUs = 100 GPU-s.
     job = chargeback.JobCharge("7", "pool", 100.0, 200.0, gpus=2, slots=4)
