@@ -163,8 +163,9 @@ class StateDir:
     @property
     def unbilled_log(self) -> Path:
         """The access log of requests HAProxy answered itself (the model list, 429, 400, 404, 413,
-        503: no replica held a slot for them), rotated apart (unbilled.log.1 ... .N, then deleted) so that a flood
-        of refusals cannot rotate the billed lines away (accesslog.py)."""
+        503: no replica held a slot for them), rotated apart (unbilled.log.1 ... .N, then expired_logs_dir
+        and the usage ledger, as the billed ones) so that a flood of refusals cannot rotate the billed
+        lines away (accesslog.py)."""
         return self.logs_dir / "unbilled.log"
 
     @property
@@ -175,8 +176,8 @@ class StateDir:
 
     @property
     def expired_logs_dir(self) -> Path:
-        """Access logs rotated past access_log_files, each access-<ns>.log, until the usage ledger
-        has their totals (access/ledger.py)."""
+        """Access logs rotated past access_log_files, each access-<ns>.log (billed) or
+        unbilled-<ns>.log, until the usage ledger has their totals (access/ledger.py)."""
         return self.logs_dir / "expired"
 
     @property

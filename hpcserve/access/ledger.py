@@ -1,6 +1,6 @@
 """The usage ledger: what the access log's rotation would have deleted, kept as hourly totals.
 
-The access log writer never deletes a line of a request that held a slot: the file rotated past
+The access log writer never deletes a line: a file of access.log or unbilled.log rotated past
 `haproxy.access_log_files` goes to STATE_DIR/logs/expired/ (haproxy/accesslog.py). fold() sums
 each such file into buckets of (hour the request started, key, OpenWebUI user, model) and appends
 them to STATE_DIR/logs/usage-ledger.jsonl as one JSON line naming the file, then deletes the file:

@@ -9,8 +9,9 @@ to every worker through reloads. The writer started here reads the pipe and appe
 through Python's RotatingFileHandler: a request that reached a replica (its server a job, so it
 held a slot and is billed) to access.log (access.log.1 ... .N, then expired/, never deleted here:
 the usage ledger folds it, access/ledger.py); one HAProxy answered itself (the model list, 429,
-400, 404, 413, 503) to unbilled.log (unbilled.log.1 ... .N, then deleted), so that a key holder's
-flood of refusals rotates only unbilled lines away. Other lines HAProxy logs there (its alerts,
+400, 404, 413, 503) to unbilled.log (unbilled.log.1 ... .N, then expired/ and the ledger alike), so
+that a key holder's flood of refusals is kept apart from the billed lines and rotates no line away,
+a refusal included: each ends as an hourly count in the ledger. Other lines HAProxy logs there (its alerts,
 "Proxy ... stopped") go to logs/haproxy.log. A line waits in the pipe while the writer is busy or
 restarting; were the writer gone for long, the pipe would fill and HAProxy drop lines, which is
 why every step of hpcserve restarts a writer that is not running.
@@ -111,17 +112,19 @@ def reached_replica(record: dict) -> bool:
 
 class KeepingHandler(logging.handlers.RotatingFileHandler):
     """A RotatingFileHandler that moves its oldest file (FILE.N) into `expired_dir` as
-    access-<epoch ns>.log instead of deleting it (Python's handler deletes it on rollover)."""
+    PREFIX-<epoch ns>.log instead of deleting it (Python's handler deletes it on rollover).
+    `prefix`: "access" for the billed lines, "unbilled" for HAProxy's own answers."""
 
-    def __init__(self, file: Path, max_bytes: int, backups: int, expired_dir: Path):
+    def __init__(self, file: Path, max_bytes: int, backups: int, expired_dir: Path, prefix: str = "access"):
         super().__init__(file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         self.expired_dir = expired_dir
+        self.prefix = prefix
 
     def doRollover(self) -> None:   # noqa: N802 (logging's name)
         oldest = Path(f"{self.baseFilename}.{self.backupCount}")
         if oldest.exists():
             self.expired_dir.mkdir(mode=0o700, exist_ok=True)
-            os.replace(oldest, self.expired_dir / f"access-{time.time_ns()}.log")
+            os.replace(oldest, self.expired_dir / f"{self.prefix}-{time.time_ns()}.log")
         super().doRollover()
 
 
@@ -201,8 +204,7 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
     os.umask(0o077)
     state = StateDir(state_dir)
     served = KeepingHandler(state.access_log, max_bytes, backups, state.expired_logs_dir)
-    unbilled = logging.handlers.RotatingFileHandler(state.unbilled_log, maxBytes=max_bytes, backupCount=backups,
-                                                   encoding="utf-8")
+    unbilled = KeepingHandler(state.unbilled_log, max_bytes, backups, state.expired_logs_dir, prefix="unbilled")
     for handler in (served, unbilled):
         handler.setFormatter(logging.Formatter("%(message)s"))
     keeper = quotas.Keeper(state_dir, functools.partial(_seed_counts, state))
@@ -260,12 +262,13 @@ def serve(pipe: Path, state_dir: Path, max_bytes: int, backups: int, haproxy_pid
 
 def expired_files(deployment: Deployment) -> list[Path]:
     """The access logs rotated past access_log_files and not yet folded into the usage ledger
-    (STATE_DIR/logs/expired/access-<ns>.log), the oldest first."""
-    return _expired(StateDir(deployment.state_dir))
+    (STATE_DIR/logs/expired/access-<ns>.log, then unbilled-<ns>.log), the oldest first."""
+    state = StateDir(deployment.state_dir)
+    return _expired(state) + _expired(state, "unbilled")
 
 
-def _expired(state: StateDir) -> list[Path]:
-    return sorted(state.expired_logs_dir.glob("access-*.log"), key=lambda p: (len(p.name), p.name))
+def _expired(state: StateDir, prefix: str = "access") -> list[Path]:
+    return sorted(state.expired_logs_dir.glob(f"{prefix}-*.log"), key=lambda p: (len(p.name), p.name))
 
 
 def read_file(path: Path) -> Iterator[dict]:
@@ -304,10 +307,10 @@ def _billed_files(state: StateDir) -> list[Path]:
 def records(deployment: Deployment) -> Iterator[dict]:
     """The access log's requests as dicts with the keys of the log-format in haproxy.cfg.j2: those
     that reached a replica (the expired files not yet in the ledger, then access.log.N ...
-    access.log), then those HAProxy answered itself (unbilled.log.N ... unbilled.log); each file's
-    lines in the order they were written."""
+    access.log), then those HAProxy answered itself (the expired ones not yet in the ledger, then
+    unbilled.log.N ... unbilled.log); each file's lines in the order they were written."""
     state = StateDir(deployment.state_dir)
-    for path in _billed_files(state) + _rotated(state.unbilled_log):
+    for path in _billed_files(state) + _expired(state, "unbilled") + _rotated(state.unbilled_log):
         yield from read_file(path)
 
 

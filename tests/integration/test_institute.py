@@ -445,8 +445,9 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
     `hpcserve usage` totals equal the client-side counts exactly, per key, per model, per OpenWebUI
     user; requests without a valid key are counted by `metrics`, not logged. The log keeps two
     files of 64 KiB: the billed lines rotated past them are folded into the usage ledger and still
-    counted; then another key holder's 3,000 requests that HAProxy refuses (404) rotate only the
-    unbilled lines: every served request, slot-second and GPU-hour is still counted."""
+    counted; then another key holder's 3,000 requests that HAProxy refuses (404) rotate unbilled
+    lines past their files too: they are folded alike, so every request, refusals by a limit
+    included, every slot-second and GPU-hour is still counted, and the flood itself as well."""
     with pool(tmp_path, gguf, slots=4, token_rate=100, gpus=2, access_log_max_bytes=65536, access_log_files=1) as p:
         alice = p.add_key("alice")
         bob = p.add_key("bob", "--rate", "30")
@@ -505,7 +506,7 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
         csv_lines = p.hpcserve("usage", "--csv").stdout.splitlines()
         assert csv_lines[0].startswith("key,requests,ok,errors") and len(csv_lines) == 1 + len(sent)
 
-        # A key holder floods requests HAProxy answers itself: only unbilled lines rotate away.
+        # A key holder floods requests HAProxy answers itself: no line rotates away, theirs neither.
         mallory = p.add_key("mallory", "--max-concurrent", "64")
 
         def flood(count: int) -> collections.Counter:   # on one connection (httpx's async pool is slow
@@ -523,12 +524,13 @@ def test_access_log_and_usage_count_what_clients_sent(tmp_path, gguf):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         after = {r["name"]: r for r in json.loads(p.hpcserve("usage", "--json").stdout)["rows"]}
+        fields = ("requests", "ok", "errors", "slot_seconds", "gpu_hours")    # bob's 10 429s included
         for name in sent:
-            assert {k: after[name][k] for k in ("ok", "slot_seconds", "gpu_hours")} == \
-                {k: by_key[name][k] for k in ("ok", "slot_seconds", "gpu_hours")}, (name, after[name])
+            assert {k: after[name][k] for k in fields} == {k: by_key[name][k] for k in fields}, (name, after[name])
         assert [r for r in json.loads(p.hpcserve("usage", "--by", "model", "--json").stdout)["rows"]
                 if r["name"] == "m"][0] == served
-        assert after["mallory"]["requests"] < 3000    # unbilled lines rotate: two files of 64 KiB
+        assert after["mallory"]["requests"] == 3001   # past two unbilled files of 64 KiB: expired, folded
+        assert any(e["file"].startswith("unbilled-") for e in map(json.loads, (logs / "usage-ledger.jsonl").open()))
 
 
 def test_a_redispatched_request_is_one_readable_access_log_line_and_counted_by_usage(tmp_path, gguf):

@@ -183,22 +183,25 @@ def test_records_read_expired_then_billed_then_refused_files(tmp_path, gguf):
     logs = tmp_path / "state" / "logs"
     (logs / "expired").mkdir(parents=True)
     for name, t in (("expired/access-900.log", 1), ("expired/access-1000.log", 2), ("access.log.1", 3),
-                    ("access.log", 4), ("unbilled.log.1", 5), ("unbilled.log", 6), ("expired/other.log", 99)):
+                    ("access.log", 4), ("expired/unbilled-7.log", 5), ("unbilled.log.1", 6), ("unbilled.log", 7),
+                    ("expired/other.log", 99)):
         (logs / name).write_text(json.dumps(record(time=t)) + "\n")
-    assert [r["time"] for r in accesslog.records(d)] == [1, 2, 3, 4, 5, 6]
+    assert [r["time"] for r in accesslog.records(d)] == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_the_oldest_billed_log_expires_instead_of_being_deleted(tmp_path):
+@pytest.mark.parametrize("prefix", ["access", "unbilled"])
+def test_the_oldest_log_expires_instead_of_being_deleted(tmp_path, prefix):
+    """Billed lines and HAProxy's own answers (refusals) alike: a rotation never deletes a line."""
     import logging
     from hpcserve.haproxy.accesslog import KeepingHandler
-    handler = KeepingHandler(tmp_path / "access.log", 100, 1, tmp_path / "expired")
+    handler = KeepingHandler(tmp_path / f"{prefix}.log", 100, 1, tmp_path / "expired", prefix=prefix)
     for i in range(12):   # 60-byte lines, 100 bytes a file: a rollover every line or two
         handler.emit(logging.makeLogRecord({"msg": f"{i:02d}" + "x" * 57, "args": None}))
     handler.close()
-    kept = sorted(tmp_path.glob("access.log*")) + sorted((tmp_path / "expired").iterdir())
+    kept = sorted(tmp_path.glob(f"{prefix}.log*")) + sorted((tmp_path / "expired").iterdir())
     lines = sorted(line for path in kept for line in path.read_text().splitlines())
     assert [line[:2] for line in lines] == [f"{i:02d}" for i in range(12)]   # not one line deleted
-    assert len(list((tmp_path / "expired").iterdir())) >= 5
+    assert len(list((tmp_path / "expired").glob(f"{prefix}-*.log"))) >= 5
 
 
 def test_only_requests_that_reached_a_replica_are_billed_lines():
@@ -221,11 +224,14 @@ def test_the_ledger_counts_expired_logs_as_the_lines_did_exactly_once(tmp_path, 
                                             ("alice", 200, "job7")])]
     old.append(record(time=3600 * 7, key="bob", model="cpu", backend="model_cpu"))
     _expire(d, "access-1.log", old)
+    refusals = [record(time=3600 * 5 + 9, key="bob", status=429, server="<NOSRV>", Ta=1)]   # rotated unbilled.log
+    _expire(d, "unbilled-1.log", refusals)
+    old += refusals
     live = [record(time=3600 * 8, key="alice")]
     (d.state_dir / "logs" / "access.log").write_text(json.dumps(live[0]) + "\n")
     by_lines = usage.summarize(old + live, d)
 
-    assert ledger.fold(d) == 1 and not list((d.state_dir / "logs" / "expired").iterdir())
+    assert ledger.fold(d) == 2 and not list((d.state_dir / "logs" / "expired").iterdir())
     assert d.state_dir.joinpath("logs", "usage-ledger.jsonl").stat().st_mode & 0o077 == 0
     with ledger.reading(d) as (archived, records):
         by_ledger = usage.summarize(records, d, archived=archived)
@@ -234,13 +240,14 @@ def test_the_ledger_counts_expired_logs_as_the_lines_did_exactly_once(tmp_path, 
         [{k: v for k, v in dataclasses.asdict(r).items() if k not in drop} for r in by_lines]
     # A fold cut after its append, before the delete: the file comes back, it is not counted twice.
     _expire(d, "access-1.log", old)
+    _expire(d, "unbilled-1.log", refusals)
     assert ledger.fold(d) == 0 and not list((d.state_dir / "logs" / "expired").iterdir())
     with ledger.reading(d) as (archived, records):
         assert usage.summarize(records, d, archived=archived) == by_ledger
         # by the hour the requests started: [5h, 6h) holds the first four, not the 7h one
         window = {r.name: r.requests for r in usage.summarize(records, d, since=3600 * 5, until=3600 * 6,
                                                               archived=archived)}
-    assert window == {"alice": 3, "bob": 1}
+    assert window == {"alice": 3, "bob": 2}      # bob's 429 too, from the expired unbilled.log
 
 
 def test_a_ledger_line_cut_by_a_crash_is_skipped_and_its_file_folded_again(tmp_path, gguf):
