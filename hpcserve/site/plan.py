@@ -215,12 +215,17 @@ def _time_limit(partition: Partition, wanted: str | None) -> tuple[str, int]:
 
 def _association_notes(layout: Layout, partition: Partition) -> dict[str, str]:
     if layout.associations is None:
-        return {"slurm.account": "sacctmgr did not answer (no accounting database): Slurm uses your default account"}
+        return {"slurm.account": "sacctmgr did not answer (no accounting database): Slurm uses your default account",
+                "accounting": "sacctmgr did not answer (no slurmdbd): fair share, quotas and the chargeback by "
+                              "account are off until it does (`hpcserve check` says when)"}
     usable = [a for a in layout.associations if a.partition in (None, partition.name)]
     accounts = sorted({a.account for a in usable})
     qos = sorted({q for a in usable for q in a.qos})
     notes = {"slurm.account": f"your accounts: {', '.join(accounts) or 'none'}"
-                              + (f" (default {layout.default_account})" if layout.default_account else "")}
+                              + (f" (default {layout.default_account})" if layout.default_account else ""),
+             "accounting": f"slurmdbd answers: fair share and quotas by account are on; your accounts: "
+                           f"{', '.join(accounts) or 'none'}; keys without --account count for "
+                           f"{layout.default_account or 'your default account'}"}
     if qos:
         notes["slurm.qos"] = f"QOS your associations allow: {', '.join(qos)}"
     return notes

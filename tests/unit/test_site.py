@@ -93,6 +93,12 @@ def test_the_plan_renders_to_a_file_the_loader_accepts(tmp_path):
     assert deployment.models[0].gpus.gres == "gpu:1"
     assert "# your accounts: chem, physics (default physics)" in text
     assert "# QOS your associations allow: normal" in text
+    assert "# slurmdbd answers: fair share and quotas by account are on; your accounts: chem, physics" in text
+    assert deployment.accounting.webui_accounts == {}
+    without = site.render(site.plan(layout(sinfo_line("g1", "gpu*", 16, 64000, "gpu:8", "20:00")),
+                                    answers(tmp_path)), tmp_path / "hpcserve.yaml")
+    assert "# sacctmgr did not answer (no slurmdbd): fair share, quotas and the chargeback" in without
+    config.parse(config.parse_yaml(without, "x"), base=tmp_path)
 
 
 def test_answers_that_do_not_fit_are_refused_naming_the_option(tmp_path):
