@@ -503,11 +503,11 @@ def main(state_dir: str) -> None:
     """Serve the deployment that ensure() wrote to STATE_DIR/batches/deployment.json."""
     import uvicorn
 
-    from ..slurm import pyslurm_adapter
+    from ..slurm import for_deployment
     spec = Path(state_dir) / "batches" / "deployment.json"
     deployment = Deployment.model_validate_json(spec.read_text())
     os.umask(0o077)
-    uvicorn.run(app(BatchAPI(deployment, pyslurm_adapter.choose)), uds=str(socket_path(deployment)),
+    uvicorn.run(app(BatchAPI(deployment, lambda: for_deployment(deployment))), uds=str(socket_path(deployment)),
                 log_level="warning", access_log=False)
 
 

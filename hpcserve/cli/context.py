@@ -17,9 +17,9 @@ from rich.console import Console
 
 from .. import config as config_mod
 from ..config import Deployment
-from ..slurm.local import LocalScheduler
 from ..control.reconcile import Outcome, Reconciler, summary
-from ..slurm import Scheduler, pyslurm_adapter
+from .. import slurm
+from ..slurm import Scheduler
 from ..slurm.accounting import Accounting
 from ..state import StateDir
 
@@ -46,12 +46,8 @@ class Context:
     def scheduler(self) -> Scheduler:
         """The deployment's scheduler: local processes (scheduler: local), or Slurm through a
         matching pyslurm if one imports, else through Slurm's commands."""
-        deployment = self.deployment
-        if deployment.scheduler == "local":
-            return LocalScheduler(StateDir(deployment.state_dir).local_dir, deployment.local.gpus,
-                                  deployment.local.gpus_per_backend)
         if self._scheduler is None:
-            self._scheduler = pyslurm_adapter.choose(notice=self.say)
+            self._scheduler = slurm.for_deployment(self.deployment, notice=self.say)
         return self._scheduler
 
     def reconciler(self) -> Reconciler:

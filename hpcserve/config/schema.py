@@ -476,6 +476,9 @@ class Deployment(_Strict):
             raise ValueError(f"accounting.fair_share_delay ({self.accounting.fair_share_delay:g} s) must be shorter "
                              f"than haproxy.batch_delay ({self.haproxy.batch_delay_or_default:g} s), or a batch request "
                              "could go before an interactive one")
+        if self.scheduler == "local" and self.batches.own_capacity is not None:
+            raise ValueError("batches.own_capacity: a batch's own GPUs are a Slurm job array, which scheduler: local "
+                             "does not have; remove it (batches go through the pool)")
         return self
 
     def model(self, name: str) -> Model:

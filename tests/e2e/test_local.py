@@ -1,15 +1,19 @@
 """The workstation launcher (scheduler: local) end to end: no Slurm, real llama-server, the real
-model, real HAProxy: up with 2 backends, a chat through HAProxy, a killed backend replaced,
-down with nothing left."""
+model, real HAProxy: up with 2 backends, a chat through HAProxy, a batch of the Batch API as a
+local job, a killed backend replaced, down with nothing left."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import time
 
 import psutil
 import pytest
+
+from tests.e2e.test_batches import requests_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.haproxy]
 
@@ -19,6 +23,7 @@ def test_local_pool_up_chat_kill_down(tmp_path, real_model, haproxy_bin):
 
     pool = Pool(tmp_path, real_model, {**os.environ, "SLURM_CONF": "/nonexistent"}, replicas=2)
     pool.raw["scheduler"] = "local"
+    pool.raw["batches"] = {"enabled": True}
     pool.write(pool.raw)
     try:
         pool.ok("up", "--timeout", "120")
@@ -29,6 +34,18 @@ def test_local_pool_up_chat_kill_down(tmp_path, real_model, haproxy_bin):
         reply = pool.client().chat.completions.create(model=pool.model_name, max_tokens=8,
                                                       messages=[{"role": "user", "content": "Hello"}])
         assert reply.usage.completion_tokens > 0
+        # The Batch API without Slurm: the batch's job is a local process sending through the pool.
+        rows = requests_file(pool.model_name, 6)
+        uploaded = pool.client().files.create(file=("rows.jsonl", io.BytesIO(rows)), purpose="batch")
+        batch = pool.client().batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                             completion_window="24h")
+        deadline = time.monotonic() + 120
+        while (batch := pool.client().batches.retrieve(batch.id)).status not in ("completed", "failed"):
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.5)
+        assert batch.status == "completed" and batch.request_counts.completed == 6, batch
+        lines = pool.client().files.content(batch.output_file_id).text.splitlines()
+        assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(6))
 
         victim = status["replicas"][0]
         server = next(p for p in pool.llama_processes()

@@ -67,6 +67,9 @@ def test_relative_paths_are_taken_from_the_files_folder(tmp_path):
     ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--webui"]}]}, "(--no-webui)"),
     ({"models": [{"name": "m", "gguf": "X", "extra_args": ["--sleep-idle-seconds", "60"]}]}, "unloads its model"),
     ({"models": [{"name": "m", "gguf": "X", "cache_ram": 2048, "memory": "2G"}]}, "models[0]: cache_ram (2048 MiB) must be less than memory (2G)"),
+    ({"batches": {"own_capacity": {"jobs": 4}}}, "batches.own_capacity.min_rows: required key is missing"),
+    ({"batches": {"own_capacity": {"min_rows": 0}}}, "batches.own_capacity.min_rows: Input should be greater than or equal to 1"),
+    ({"scheduler": "local", "batches": {"own_capacity": {"min_rows": 10}}}, "batches.own_capacity: a batch's own GPUs are a Slurm job array"),
 ])
 def test_invalid_fields_are_named(load, gguf, tmp_path, change, expected):
     raw = minimal(gguf, tmp_path)
