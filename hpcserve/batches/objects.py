@@ -144,10 +144,35 @@ def check_metadata(metadata: object) -> dict[str, str] | None:
     return dict(metadata)
 
 
+#: Bounds of a file's expires_after seconds (OpenAI's files and batches API: 1 hour to 30 days).
+EXPIRY_RANGE_S = (3600, 2_592_000)
+
+
+def check_expiry(value: object, param: str) -> int | None:
+    """The seconds of an `expires_after` ({"anchor": "created_at", "seconds": N}, OpenAI's Files
+    API; also a batch's `output_expires_after`), None when absent.
+
+    Raises:
+        APIError: 400 naming `param` for another anchor or seconds outside EXPIRY_RANGE_S.
+    """
+    if value is None:
+        return None
+    low, high = EXPIRY_RANGE_S
+    if not isinstance(value, dict) or value.get("anchor") != "created_at":
+        raise APIError(400, f"{param}: expected {{\"anchor\": \"created_at\", \"seconds\": N}}", param=param)
+    seconds = value.get("seconds")
+    if isinstance(seconds, str) and seconds.isdigit():
+        seconds = int(seconds)       # multipart form fields are text
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not low <= seconds <= high:
+        raise APIError(400, f"{param}.seconds: expected {low} to {high} (1 hour to 30 days), got {seconds!r}",
+                       param=param)
+    return seconds
+
+
 def file_object(row: dict) -> dict:
     """OpenAI's File object of a stored file row (store.py)."""
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-            "expires_at": None, "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
+            "expires_at": row.get("expires_at"), "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
             "status_details": None}
 
 

@@ -41,8 +41,8 @@ from ..core.jobs import JobState
 from ..errors import HpcserveError, SlurmError
 from ..slurm import Scheduler
 from ..state import StateDir, write_private
-from .objects import (COMPLETION_WINDOWS, ENDPOINTS, FINAL, APIError, batch_object, check_input, check_metadata,
-                      file_object, page)
+from .objects import (COMPLETION_WINDOWS, ENDPOINTS, FINAL, APIError, batch_object, check_expiry, check_input,
+                      check_metadata, file_object, page)
 from . import runner
 from .store import OWNER, Store
 
@@ -83,8 +83,10 @@ class BatchAPI:
 
     # Files.
 
-    def add_file(self, key: str, upload: Path, filename: str, purpose: str) -> dict:
-        """Check the uploaded file at `upload` (moved into the store when valid) and record it.
+    def add_file(self, key: str, upload: Path, filename: str, purpose: str, expires_after: int | None = None) -> dict:
+        """Check the uploaded file at `upload` (moved into the store when valid) and record it, to
+        expire `expires_after` seconds from now (objects.check_expiry), else after
+        batches.file_expiry (0: never).
 
         Raises:
             APIError: 400 for a purpose other than batch or a bad line (check_input).
@@ -96,7 +98,8 @@ class BatchAPI:
         file_id = self.store.new_file_id()
         os.replace(upload, self.store.file_path(file_id))
         size = self.store.file_path(file_id).stat().st_size
-        return file_object(self.store.add_file(file_id, key, filename, purpose, size))
+        lifetime = expires_after or self.deployment.batches.file_expiry or None
+        return file_object(self.store.add_file(file_id, key, filename, purpose, size, lifetime))
 
     # Batches.
 
@@ -117,6 +120,7 @@ class BatchAPI:
         if endpoint not in ENDPOINTS:
             raise APIError(400, f"endpoint: expected one of {', '.join(ENDPOINTS)}", param="endpoint")
         metadata = check_metadata(body.get("metadata"))
+        output_expires_after = check_expiry(body.get("output_expires_after"), "output_expires_after")
         file_id = str(body.get("input_file_id", ""))
         source = self.store.file(file_id, key)
         if source["purpose"] != "batch":
@@ -135,7 +139,7 @@ class BatchAPI:
             # Its own GPUs: a job array, each element one llama-server and a shard of the rows.
             run.update(shards=min(own.jobs, summary.rows), concurrency=model.parallel)
             row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window,
-                                       metadata, summary.rows, None)
+                                       metadata, summary.rows, None, output_expires_after)
             folder = self.store.write_run(batch_id, run, key_secret, key_file="server-key")
             slurm = self.deployment.slurm.model_copy(update={
                 "account": self._account_of(owner), "partition": own.partition or self.deployment.slurm.partition})
@@ -145,7 +149,7 @@ class BatchAPI:
         else:
             run.update(url=self._pool_url(), concurrency=self.deployment.batches.concurrency)
             row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window,
-                                       metadata, summary.rows, digest(key_secret))
+                                       metadata, summary.rows, digest(key_secret), output_expires_after)
             folder = self.store.write_run(batch_id, run, key_secret)
             template, context = "batch.sbatch.j2", {"batches": self.deployment.batches, "slurm": self.deployment.slurm,
                                                     "account": self._account_of(owner)}
@@ -287,7 +291,7 @@ class BatchAPI:
                 file_id = self.store.new_file_id()
                 write_private(self.store.file_path(file_id), "\n".join(lines) + "\n")
                 self.store.add_file(file_id, row["owner"], f"{row['id']}_{name.split('_')[0]}.jsonl", "batch_output",
-                                    self.store.file_path(file_id).stat().st_size)
+                                    self.store.file_path(file_id).stat().st_size, row.get("output_expires_after"))
                 fields[name] = file_id
         if errors:
             fields["errors"] = json.dumps(errors)
@@ -348,12 +352,16 @@ def app(api: BatchAPI) -> Starlette:
         if int(request.headers.get("content-length", "0") or 0) > maximum + (1 << 20):
             raise APIError(413, f"The file is larger than this deployment accepts ({maximum} bytes).",
                            code="file_too_large")
-        async with request.form(max_files=1, max_fields=4) as form:
+        async with request.form(max_files=1, max_fields=6) as form:
             upload, purpose = form.get("file"), form.get("purpose")
             if not isinstance(upload, UploadFile):
                 raise APIError(400, "file: expected a file part named \"file\"", param="file")
             if not isinstance(purpose, str):
                 raise APIError(400, "purpose: expected \"batch\"", param="purpose")
+            # expires_after as OpenAI's clients send it in a form: expires_after[anchor], [seconds].
+            fields = {k: form.get(f"expires_after[{k}]") for k in ("anchor", "seconds")}
+            expires_after = check_expiry(fields if any(v is not None for v in fields.values()) else None,
+                                         "expires_after")
             part = api.store.files_dir / f".upload-{secrets.token_hex(8)}"
             api.store.files_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             size = 0
@@ -366,7 +374,7 @@ def app(api: BatchAPI) -> Starlette:
                                            code="file_too_large")
                         sink.write(chunk)
                 name = (upload.filename or "input.jsonl")[:255]
-                return JSONResponse(await run_in_threadpool(api.add_file, key, part, name, purpose))
+                return JSONResponse(await run_in_threadpool(api.add_file, key, part, name, purpose, expires_after))
             finally:
                 part.unlink(missing_ok=True)
 
@@ -428,6 +436,8 @@ def app(api: BatchAPI) -> Starlette:
             while True:
                 with contextlib.suppress(Exception):   # Slurm or the disk may fail for a while
                     await run_in_threadpool(api.refresh)
+                with contextlib.suppress(Exception):
+                    await run_in_threadpool(api.store.expire_files)
                 await asyncio.sleep(REFRESH_EVERY_S)
         task = asyncio.create_task(refresh_forever())
         yield

@@ -39,7 +39,8 @@ OWNER = "owner"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL,
-    filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
+    filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    expires_at INTEGER);
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL,
     input_file_id TEXT NOT NULL, endpoint TEXT NOT NULL, completion_window TEXT NOT NULL, metadata TEXT,
@@ -47,8 +48,12 @@ CREATE TABLE IF NOT EXISTS batches (
     completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, errors TEXT,
     output_file_id TEXT, error_file_id TEXT, created_at INTEGER NOT NULL, in_progress_at INTEGER,
     expires_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER, expired_at INTEGER,
-    cancelling_at INTEGER, cancelled_at INTEGER);
+    cancelling_at INTEGER, cancelled_at INTEGER, output_expires_after INTEGER);
 """
+
+#: Columns added since the first release of the store: (table, column, type), added to an older
+#: database when it is opened.
+_ADDED = (("files", "expires_at", "INTEGER"), ("batches", "output_expires_after", "INTEGER"))
 
 #: The SQL condition "the batch has not ended", with its parameters (objects.FINAL).
 _NOT_FINAL = f"status NOT IN ({', '.join('?' * len(FINAL))})"
@@ -81,6 +86,9 @@ class Store:
             connection.row_factory = sqlite3.Row
             connection.executescript(_SCHEMA)
             connection.execute("BEGIN IMMEDIATE")
+            for table, column, kind in _ADDED:
+                if column not in {r["name"] for r in connection.execute(f"PRAGMA table_info({table})")}:
+                    connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             yield connection
             connection.execute("COMMIT")
         except BaseException:
@@ -101,12 +109,30 @@ class Store:
         """A fresh file id ("file-" and 24 hex digits)."""
         return "file-" + secrets.token_hex(12)
 
-    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int) -> dict:
-        """Record file `file_id` (its content already at file_path) of key `owner`; returns its row."""
+    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int,
+                 expires_after: int | None = None) -> dict:
+        """Record file `file_id` (its content already at file_path) of key `owner`, to expire
+        `expires_after` seconds after now (None: kept until deleted); returns its row."""
+        now = int(time.time())
         with self._db() as db:
-            db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                       (file_id, owner, filename, purpose, size, int(time.time())))
+            db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (file_id, owner, filename, purpose, size, now,
+                                                        now + expires_after if expires_after else None))
             return dict(db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone())
+
+    def expire_files(self, now: float | None = None) -> list[str]:
+        """Delete the files whose time is up (their rows, then their contents), but not the input
+        of a batch that has not ended (its job reads it; it goes at the first sweep after the
+        batch ends). Returns the ids deleted. An expired file is already invisible (404) before."""
+        now = int(time.time() if now is None else now)
+        with self._db() as db:
+            gone = [r["id"] for r in db.execute(
+                f"SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? AND id NOT IN "
+                f"(SELECT input_file_id FROM batches WHERE {_NOT_FINAL})", (now, *_FINAL))]
+            db.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in gone])
+        for file_id in gone:
+            self.file_path(file_id).unlink(missing_ok=True)
+        return gone
 
     def file(self, file_id: str, key: str) -> dict:
         """The row of file `file_id` as key `key` may see it.
@@ -119,7 +145,12 @@ class Store:
     def files(self, key: str, purpose: str | None, limit: int, after: str | None) -> list[dict]:
         """Key `key`'s files (all, for the owner key), newest first, after id `after`, up to
         `limit` + 1 (the extra one says there are more)."""
-        return self._listed("files", key, limit, after, *(("purpose = ?", (purpose,)) if purpose else ()))
+        where = "(expires_at IS NULL OR expires_at > ?)"      # not expired
+        args: list[object] = [int(time.time())]
+        if purpose:
+            where += " AND purpose = ?"
+            args.append(purpose)
+        return self._listed("files", key, limit, after, where, tuple(args))
 
     def delete_file(self, file_id: str, key: str) -> None:
         """Delete file `file_id` (its row, then its content).
@@ -148,17 +179,19 @@ class Store:
         return self.runs_dir / batch_id
 
     def add_batch(self, batch_id: str, owner: str, input_file_id: str, endpoint: str, window_s: int,
-                  completion_window: str, metadata: dict | None, total: int, token_sha256: str | None) -> dict:
+                  completion_window: str, metadata: dict | None, total: int, token_sha256: str | None,
+                  output_expires_after: int | None = None) -> dict:
         """Record a new batch (status validating); returns its row. `token_sha256` None: a batch
-        on its own GPUs, whose requests never reach the pool."""
+        on its own GPUs, whose requests never reach the pool. `output_expires_after`: seconds its
+        output and error files are kept from their making (None: until deleted)."""
         now = int(time.time())
         with self._db() as db:
             db.execute("INSERT INTO batches (id, owner, input_file_id, endpoint, completion_window, metadata, "
-                       "status, token_sha256, total, created_at, expires_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
+                       "status, token_sha256, total, created_at, expires_at, output_expires_after) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?, ?)",
                        (batch_id, owner, input_file_id, endpoint, completion_window,
                         json.dumps(metadata) if metadata is not None else None, token_sha256, total, now,
-                        now + window_s))
+                        now + window_s, output_expires_after))
             return dict(db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone())
 
     def batch(self, batch_id: str, key: str) -> dict:
@@ -174,7 +207,8 @@ class Store:
         404 of not_found(`kind`, ...)."""
         with self._db() as db:
             row = db.execute(f"SELECT * FROM {table} WHERE id = ?", (ident,)).fetchone()
-        if row is None or (key != OWNER and row["owner"] != key):
+        if row is None or (key != OWNER and row["owner"] != key) or (
+                table == "files" and row["expires_at"] is not None and row["expires_at"] <= time.time()):
             raise not_found(kind, ident)
         return dict(row)
 

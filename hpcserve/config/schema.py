@@ -415,6 +415,9 @@ class Batches(_Strict):
     time_limit: str = Field(default="1-00:00:00", pattern=TIME_LIMIT_PATTERN,
                             description="--time of a batch job (the completion window is 24 h)")
     concurrency: int = Field(default=8, ge=1, le=4096, description="requests in flight per batch job")
+    file_expiry: int = Field(default=2_592_000, ge=0, le=2_592_000,
+                             description="seconds an uploaded batch input file is kept unless its upload asks for "
+                                         "less (expires_after); 0: until deleted. Default 30 days, OpenAI's")
     own_capacity: OwnCapacity | None = Field(
         default=None, description="large batches run on GPUs of their own (a job array), not through the pool; "
                                   "default: every batch goes through the pool")

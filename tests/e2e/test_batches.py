@@ -119,7 +119,9 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     # partition, each element a llama-server (here the simulator) on its node's loopback and a
     # shard of the rows; nothing of it goes through HAProxy.
     logged = len(served)
-    big = alice.files.create(file=("big.jsonl", io.BytesIO(requests_file(pool.model_name, ROWS + 100))), purpose="batch")
+    big = alice.files.create(file=("big.jsonl", io.BytesIO(requests_file(pool.model_name, ROWS + 100))), purpose="batch",
+                             expires_after={"anchor": "created_at", "seconds": 3600})
+    assert big.expires_at == big.created_at + 3600        # as the openai client sends it (a form field)
     batch = alice.batches.create(input_file_id=big.id, endpoint="/v1/chat/completions", completion_window="24h")
     elements: set[tuple] = set()
     deadline = time.monotonic() + 120

@@ -168,6 +168,65 @@ def test_a_batch_runs_as_a_job_and_ends_with_its_output_and_error_files(service)
     assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=alice).status_code == 409
 
 
+def test_files_expire_as_openais_do(service):
+    """A batch input file expires after batches.file_expiry (30 days, OpenAI's default) or what its
+    upload asks (expires_after, 1 hour to 30 days); outputs when the batch asks
+    (output_expires_after). An expired file is gone for its key at once (404, not listed) and
+    deleted by the service's sweep, unless a batch that has not ended reads it."""
+    api, slurm, client = service
+    alice = {KEY_HEADER: "alice"}
+    default = upload(client, "alice", line("a")).json()
+    assert default["expires_at"] == default["created_at"] + 30 * 86400
+    asked = client.post("/v1/files", headers=alice, files={"file": ("r.jsonl", line("a").encode())},
+                        data={"purpose": "batch", "expires_after[anchor]": "created_at",
+                              "expires_after[seconds]": "3600"}).json()
+    assert asked["expires_at"] == asked["created_at"] + 3600
+    for fields, message in (({"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}, "anchor"),
+                            ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "60"}, "3600 to 2592000")):
+        refused = client.post("/v1/files", headers=alice, files={"file": ("r.jsonl", line("a").encode())},
+                              data={"purpose": "batch", **fields})
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.json()
+    create = {"input_file_id": asked["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    bad = client.post("/v1/batches", headers=alice, json={**create, "output_expires_after": {"anchor": "created_at"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "output_expires_after"
+    batch = client.post("/v1/batches", headers=alice, json={
+        **create, "output_expires_after": {"anchor": "created_at", "seconds": 7200}}).json()
+
+    with api.store._db() as db:      # both inputs' time is up
+        db.execute("UPDATE files SET expires_at = ? WHERE id IN (?, ?)", (int(time.time()) - 1, default["id"], asked["id"]))
+    assert client.get(f"/v1/files/{default['id']}", headers=alice).status_code == 404
+    assert client.get("/v1/files", headers=alice).json()["data"] == []
+    api.store.expire_files()             # (the service's own sweep, every 15 s, may have run first)
+    assert not api.store.file_path(default["id"]).exists()
+    assert api.store.file_path(asked["id"]).exists()          # the running batch's input stays on disk
+    folder = api.store.run_dir(batch["id"])
+    (folder / "output.jsonl").write_text(json.dumps(
+        {"id": "r", "custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}) + "\n")
+    (folder / "done.json").write_text("{}")
+    done = client.get(f"/v1/batches/{batch['id']}", headers=alice).json()
+    output = client.get(f"/v1/files/{done['output_file_id']}", headers=alice).json()
+    assert output["expires_at"] == output["created_at"] + 7200
+    api.store.expire_files()
+    assert not api.store.file_path(asked["id"]).exists()      # its batch has ended
+
+
+def test_a_store_of_an_older_release_gets_the_new_columns(tmp_path, gguf):
+    import sqlite3
+
+    from hpcserve.batches.store import Store
+    deployment = config.parse(minimal(gguf, tmp_path, batches={"enabled": True}), base=tmp_path)
+    store = Store(deployment)
+    store.files_dir.mkdir(parents=True)
+    with sqlite3.connect(store.root / "batches.db") as db:     # the first release's table
+        db.execute("CREATE TABLE files (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT "
+                   "NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at "
+                   "INTEGER NOT NULL)")
+        db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) "
+                   "VALUES ('file-old', 'alice', 'r.jsonl', 'batch', 1, 1)")
+    assert store.file("file-old", "alice")["expires_at"] is None
+    assert store.add_file("file-new", "alice", "r.jsonl", "batch", 1, 3600)["expires_at"] is not None
+
+
 def test_a_large_batch_runs_on_gpus_of_its_own_as_a_job_array(tmp_path, gguf):
     """batches.own_capacity: a batch of min_rows or more is a job array (batch-gpu.sbatch.j2), each
     element a llama-server of the model on a replica's GPUs, loopback only, behind a key of the
