@@ -30,6 +30,8 @@ def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: in
 
 def test_up_chat_scale_down(pool_factory):
     pool = pool_factory(replicas=2)
+    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M"}
+    pool.write(pool.raw)
     up = pool.ok("up", "--timeout", "240")
     assert f"pool is up: http://127.0.0.1:{pool.raw['haproxy']['port']}/v1" in up.stdout
 
@@ -62,6 +64,23 @@ def test_up_chat_scale_down(pool_factory):
     # build without git, whose number only its package knows).
     assert len({b["build"] for b in backends}) == 1, backends
     assert builds.parse_build_info(backends[0]["build"]).number in (None, llama_server_build().number), backends
+
+    # The Batch API with the openai client: a batch as a Slurm job, its rows answered by the real
+    # llama-server through the pool, each once.
+    rows = "".join(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": pool.model_name, "max_tokens": 4,
+                                        "messages": [{"role": "user", "content": f"Count to {i}."}]}}) + "\n"
+                   for i in range(6))
+    batch = client.batches.create(input_file_id=client.files.create(file=("q.jsonl", rows.encode()), purpose="batch").id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    assert batch.status == "completed" and batch.request_counts.completed == 6, batch
+    answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(a["custom_id"] for a in answers) == [f"q{i}" for i in range(6)]
+    assert all(a["response"]["body"]["usage"]["completion_tokens"] > 0 for a in answers)
 
     # Scale to 1: one job leaves rotation and is cancelled; requests still succeed.
     pool.ok("scale", "1")
