@@ -4,7 +4,7 @@
     python -m benchmarks report [--out DIR]          # redraw report.md and plots from results.json
     python -m benchmarks load --url URL --model M --rate R --duration S   # your own pool
     python -m benchmarks calibrate [--parallel 4] [--out FILE]  # the simulator's profile from llama-server
-    python -m benchmarks stress [--bursts 1000] [--threads 1,2,4] [--runs 30] [--out FILE]  # exact guarantees
+    python -m benchmarks stress [--bursts 1000] [--threads 1,2,4] [--runs 30] [--flood 20000] [--out FILE]  # exact guarantees
 """
 
 from __future__ import annotations
@@ -171,9 +171,15 @@ def _numbers(text: str, name: str) -> tuple[int, ...]:
 @click.option("--runs", type=click.IntRange(min=0), default=30, show_default=True,
               help="Runs of the slots scenario per policy (0: none); about 70 s each.")
 @click.option("--policies", default="leastconn,affinity", show_default=True, help="Balance policies of the slots runs.")
+@click.option("--flood", type=click.IntRange(min=0), default=20000, show_default=True,
+              help="Requests without a key sent beside --authenticated ones with a key, per nbthread value, for "
+                   "the access log's count (0: no accounting run).")
+@click.option("--authenticated", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Requests with a key of the accounting run.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every run's record as JSON here.")
-def stress_command(bursts: int, threads: str, key_kinds: str, runs: int, policies: str, out: Path | None) -> None:
+def stress_command(bursts: int, threads: str, key_kinds: str, runs: int, policies: str, flood: int,
+                   authenticated: int, out: Path | None) -> None:
     """Repeat the pool's exact guarantees (slots, per-key limits) with the HAProxy on PATH and count
     violations from inside the backends (benchmarks/stress.py). Exit status 1 if any."""
     thread_counts = _numbers(threads, "--threads")
@@ -195,19 +201,23 @@ def stress_command(bursts: int, threads: str, key_kinds: str, runs: int, policie
                 limit_runs.append(stress.limits(folder, bursts, n, keys, kind, progress=_say))
     for policy in chosen if runs else ():
         slot_records += stress.slots(work / "slots", runs, policy, progress=_say)
-    lines = stress.summarize(limit_runs, slot_records)
+    accounting_runs = [stress.accounting(work / f"accounting-{n}", flood, authenticated, n)
+                       for n in (thread_counts if flood else ())]
+    lines = stress.summarize(limit_runs, slot_records, accounting_runs)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": {"started": stress.timestamp(), "machine": f"{platform.node()}: "
                                             f"{os.cpu_count()} CPUs", "command": "python -m benchmarks "
                                             + shlex.join(sys.argv[1:]), **provenance()},
                                    "limits": [dataclasses.asdict(r) for r in limit_runs],
-                                   "slots": slot_records, "summary": lines}, indent=1) + "\n")
+                                   "slots": slot_records, "accounting": accounting_runs, "summary": lines},
+                                  indent=1) + "\n")
     for line in lines:
         click.echo(line)
     violations = sum(r.violations for r in limit_runs) + sum(len(r["violations"]) for r in slot_records)
     failed = sum(r["summary"]["requests"] - r["summary"]["completed"] for r in slot_records)
-    sys.exit(1 if violations or failed or any(r.other for r in limit_runs) else 0)
+    inexact = sum(not r["exact"] for r in accounting_runs)
+    sys.exit(1 if violations or failed or inexact or any(r.other for r in limit_runs) else 0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,15 @@ Two guarantees, each counted from inside the backends (the simulator's own count
   rate limit when it served more than 3. Keys are "long-lived" (one key for every burst, its
   stick-table entry made once) or "fresh" (a new key for each burst, made at its first request).
 
+And one count, exact rather than rare:
+
+- accounting: every request with a key has its access log line, also under a flood without a key at
+  the same moment on a full pool. `flood` requests without a key (401 each, counted per source, not
+  logged) and `authenticated` chat completions with one, all at once, against one simulated backend
+  of 4 slots (so most of the authenticated ones queue in HAProxy): the access log must hold exactly
+  `authenticated` lines of the key, HAProxy must have dropped none (DroppedLogs), and its table of
+  unauthenticated sources must count exactly `flood`.
+
 The HAProxy is the one on PATH: `python -m benchmarks stress` here, scripts/stress.sh for the
 full grid on every release (through the Debian roots of scripts/release-root.sh).
 
@@ -142,6 +151,65 @@ def limits(folder: Path, bursts: int, threads: int, keys: str, kind: str, progre
     return run
 
 
+def accounting(folder: Path, flood: int, authenticated: int, threads: int = 1) -> dict:
+    """One accounting run (module docstring): {"release", "threads", "flood", "authenticated",
+    "statuses" (answers to the authenticated requests by code), "flood_statuses", "logged" (access
+    log lines of the key), "unauthenticated_counted" (the table's count), "dropped" (DroppedLogs),
+    "exact" (logged == authenticated, dropped 0, the flood counted whole), "seconds"}."""
+    from hpcserve.access.keys import KeyRegistry
+    from hpcserve.haproxy import accesslog, runtime
+    backend = systems.start_simulators([Backend(4, TOKEN_RATE)], folder / "sims")[0]
+    proxy, port = start_haproxy(folder / "haproxy", [systems.port_of(backend.urls[0])], parallel=4,
+                                auth="keys", threads=threads, access_log=True, timeout_queue=120)
+    accesslog.ensure_writer(proxy.deployment)       # as each reconcile step keeps it running
+    url = f"http://127.0.0.1:{port}"
+
+    async def send(key: str | None, count: int, concurrency: int) -> dict[int, int]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        codes: dict[int, int] = {}
+        pending = iter(range(count))
+        async with httpx.AsyncClient(headers=headers, timeout=180,
+                                     limits=httpx.Limits(max_connections=concurrency)) as client:
+            async def worker() -> None:
+                for _ in pending:
+                    try:
+                        r = await client.post(f"{url}/v1/chat/completions", json={
+                            "model": "m", "max_tokens": HOLD_TOKENS, "messages": [{"role": "user", "content": "x"}]})
+                        code = r.status_code
+                    except httpx.HTTPError:
+                        code = 0
+                    codes[code] = codes.get(code, 0) + 1
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return codes
+
+    async def both(key: str) -> tuple[dict[int, int], dict[int, int]]:
+        flooded, served = await asyncio.gather(send(None, flood, 64), send(key, authenticated, authenticated))
+        return served, flooded
+
+    started = time.monotonic()
+    try:
+        key = KeyRegistry(proxy.deployment).add("stress", max_concurrent=authenticated)[1]
+        proxy.sync_keys()
+        statuses, flood_statuses = asyncio.run(both(key))
+        seconds = time.monotonic() - started
+        deadline = time.monotonic() + 60    # the writer appends what the pipe holds
+        while True:
+            logged = sum(1 for r in accesslog.records(proxy.deployment) if r.get("key") == "stress")
+            if logged >= authenticated or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        dropped = proxy.dropped_log_lines()
+        table = runtime.show_table(proxy.paths.admin_socket, "unauthenticated")
+        counted = sum(c.get("http_req_cnt", 0) for c in table.values())
+    finally:
+        proxy.stop(timeout=5)
+        backend.stop()
+    return {"release": haproxy_release(), "threads": threads, "flood": flood, "authenticated": authenticated,
+            "statuses": statuses, "flood_statuses": flood_statuses, "logged": logged,
+            "unauthenticated_counted": counted, "dropped": dropped, "seconds": round(seconds, 1),
+            "exact": logged == authenticated and dropped == 0 and counted == flood}
+
+
 def slots(folder: Path, runs: int, policy: str, reload_every: int = 2, progress=print) -> list[dict]:
     """`runs` runs of the slots scenario (see the module docstring) with `policy` ("leastconn" or
     "affinity"); one record per run: churn's record plus "release", "policy" and "violations" (each
@@ -176,9 +244,13 @@ def overfills(record: dict) -> list[dict]:
     return found
 
 
-def summarize(limits_runs: list[LimitsRun], slot_records: list[dict]) -> list[str]:
+def summarize(limits_runs: list[LimitsRun], slot_records: list[dict], accounting_runs: list[dict] = ()) -> list[str]:
     """One line per configuration: runs or bursts, requests, violations."""
-    lines = [f"limits  {r.release:8} {r.kind:10} {r.keys:10} nbthread {r.threads}: {r.bursts} bursts, "
+    lines = [f"logs    {r['release']:8} nbthread {r['threads']}: {r['authenticated']} requests with a key "
+             f"({r['statuses']}) beside {r['flood']} without ({r['flood_statuses']}) in {r['seconds']} s: "
+             f"{r['logged']} logged, {r['dropped']} dropped, {r['unauthenticated_counted']} counted without a key"
+             + ("" if r["exact"] else " NOT EXACT") for r in accounting_runs]
+    lines += [f"limits  {r.release:8} {r.kind:10} {r.keys:10} nbthread {r.threads}: {r.bursts} bursts, "
              f"{r.requests} requests ({r.admitted} admitted, {r.refused} refused, {r.other} other), "
              f"{r.violations} violations" for r in limits_runs]
     by: dict[tuple[str, str], list[dict]] = {}

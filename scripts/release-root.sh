@@ -70,7 +70,10 @@ build() {  # build SUITE: the root with the suite's packages, and the venv; both
         log "installing slurmdbd and mariadb-server into $suite"
         printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
         chmod 755 "$root/usr/sbin/policy-rc.d"
-        inside "$suite" network "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        # Check-Valid-Until off: a mirror's snapshot of a suite (sid's Release is valid for a week)
+        # stays installable after its date, as the root built from it does.
+        inside "$suite" network "apt-get -o Acquire::Check-Valid-Until=false update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends slurmdbd mariadb-server >/dev/null" \
             || { log "installing slurmdbd and mariadb-server into $suite failed"; exit 1; }
     fi
