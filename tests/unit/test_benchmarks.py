@@ -591,3 +591,14 @@ def test_runs_rotate_the_order_of_systems_by_seed():
     assert orders[0] == ["haproxy-lc", "nginx-lc", "litellm", "hpcserve"]
     assert {order[0] for order in orders} == set(names)     # each system first once in 4 seeds
     assert rotated(tuple(names), 4) == names and rotated([], 3) == []
+
+
+def test_the_stress_summary_says_when_the_access_log_count_is_not_exact():
+    from benchmarks import stress
+    run = {"release": "2.6.12", "threads": 2, "flood": 20000, "authenticated": 300, "statuses": {200: 300},
+           "flood_statuses": {401: 20000}, "logged": 300, "unauthenticated_counted": 20000, "dropped": 0,
+           "seconds": 17.3, "exact": True}
+    [line] = stress.summarize([], [], [run])
+    assert line.startswith("logs    2.6.12   nbthread 2: 300 requests with a key") and "300 logged, 0 dropped" in line
+    [short] = stress.summarize([], [], [{**run, "logged": 299, "dropped": 1, "exact": False}])
+    assert short.endswith("NOT EXACT")
