@@ -92,20 +92,32 @@ def counts(output: Path) -> tuple[int, int]:
     return len(answered), len(failed)
 
 
+#: Connections refused in a row after which the element's llama-server counts as ended: it was
+#: listening when the job script read its port, so a refusal means it has exited.
+REFUSED_IN_A_ROW = 5
+
+
 def wait_ready(url: str, timeout: float = READY_TIMEOUT_S) -> None:
     """Wait until the llama-server at `url` has loaded its model: GET /health answers 200 (503 while
     loading; llama.cpp tools/server/README.md, GET /health).
 
     Raises:
-        HpcserveError: not ready within `timeout` seconds.
+        HpcserveError: not ready within `timeout` seconds, or it refused REFUSED_IN_A_ROW
+            connections in a row (it has ended: its log says why).
     """
     deadline = time.monotonic() + timeout
+    refused = 0
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=10, trust_env=False).status_code == 200:
                 return
+            refused = 0
+        except httpx.ConnectError:
+            refused += 1
+            if refused >= REFUSED_IN_A_ROW:
+                raise HpcserveError(f"llama-server at {url} refuses connections: it has ended (see its log)") from None
         except httpx.HTTPError:
-            pass
+            refused = 0
         if time.monotonic() > deadline:
             raise HpcserveError(f"llama-server at {url} was not ready within {timeout:.0f} s")
         time.sleep(0.5)

@@ -16,7 +16,7 @@ from hpcserve import config
 from hpcserve.batches import objects
 from hpcserve.batches.service import KEY_HEADER, BatchAPI, app
 from hpcserve.core.jobs import Job, JobState
-from hpcserve.errors import SlurmError
+from hpcserve.errors import HpcserveError, SlurmError
 from hpcserve.slurm import Scheduler
 from tests.conftest import minimal
 
@@ -429,6 +429,12 @@ def test_each_element_of_an_own_capacity_batch_sends_its_shard_to_its_own_server
     with pytest.raises(SystemExit):
         runner.main([str(folder), "--shard", "1"])            # --shard without --url
     assert runner.main([str(folder), "--shard", "3", "--url", url]) == 1   # no such shard: said, not a traceback
+    import socket
+    with socket.socket() as closed:      # a port nothing listens on: the element's server has ended
+        closed.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(HpcserveError, match="refuses connections: it has ended"):
+        runner.wait_ready(gone, timeout=60)
 
 
 def test_check_input_counts_rows_and_names_the_endpoint():
