@@ -146,15 +146,35 @@ def writer_pid(deployment: Deployment) -> int | None:
                               and bool(names & set(argv)))
 
 
+#: What the writer does, counted up when that changes, and written beside its pid: 1 appends and
+#: rotates; 2 also counts the quotas (2026-12-07) and expires unbilled.log into the ledger. A running
+#: writer of an older generation is replaced by ensure_writer (no line is lost: they wait in the pipe).
+WRITER_GENERATION = 2
+
+
+def writer_generation(deployment: Deployment) -> int:
+    """The generation (WRITER_GENERATION) of the running writer, from its pid file: 1 for a writer
+    that wrote none (one started before generations)."""
+    try:
+        return int(_pid_file(deployment).read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 1
+
+
 def ensure_writer(deployment: Deployment) -> bool:
-    """Start the log writer unless it runs (or the access log is off); returns True if it was started.
-    Lines HAProxy writes meanwhile wait in the pipe.
+    """Start the log writer unless it runs (or the access log is off), replacing one of an older
+    generation (WRITER_GENERATION); returns True if it was started. Lines HAProxy writes meanwhile
+    wait in the pipe.
 
     Raises:
         OSError: the pipe is not a private named pipe of this user, or the writer exited at once.
     """
-    if not deployment.haproxy.access_log or writer_pid(deployment) is not None:
+    if not deployment.haproxy.access_log:
         return False
+    if writer_pid(deployment) is not None:
+        if writer_generation(deployment) >= WRITER_GENERATION:
+            return False
+        stop_writer(deployment)       # it flushes what it read; the rest waits in the pipe
     settings = deployment.haproxy
     pipe = paths(deployment).access_log_fifo
     os.close(open_pipe(pipe))   # made (and checked) before the writer reads it
@@ -167,7 +187,7 @@ def ensure_writer(deployment: Deployment) -> bool:
     time.sleep(0.05)
     if process.poll() is not None:
         raise OSError(f"the access log writer did not start (see {error_file})")
-    _pid_file(deployment).write_text(f"{process.pid}\n")
+    _pid_file(deployment).write_text(f"{process.pid} {WRITER_GENERATION}\n")
     return True
 
 

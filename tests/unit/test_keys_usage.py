@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 import json
 
 import pytest
@@ -265,3 +267,35 @@ def test_batch_delay_must_be_shorter_than_the_queue_timeout(tmp_path, gguf):
     with pytest.raises(ConfigError, match="batch_delay"):
         deployment(tmp_path, gguf, batch_delay=60)
     assert deployment(tmp_path, gguf, batch_delay=5, timeout_queue=10).haproxy.batch_delay_or_default == 5
+
+
+def test_a_writer_of_an_older_generation_is_replaced_and_no_line_lost(tmp_path, gguf):
+    """A writer started by an older hpcserve (its pid file without a generation) does not count the
+    quotas: the next step's ensure_writer stops it and starts this one; lines written meanwhile
+    wait in the pipe and reach the log."""
+    import psutil
+
+    from hpcserve.haproxy import accesslog
+    from hpcserve.state import StateDir
+    d = deployment(tmp_path, gguf)
+    StateDir(d.state_dir).ensure()
+    assert accesslog.ensure_writer(d)
+    old = accesslog.writer_pid(d)
+    pid_file = StateDir(d.state_dir).access_writer_files[0]
+    pid_file.write_text(f"{old}\n")                      # as an older hpcserve wrote it
+    assert accesslog.writer_generation(d) == 1
+    fifo = accesslog.open_pipe(accesslog.paths(d).access_log_fifo)   # held open as HAProxy holds it
+    try:
+        assert accesslog.ensure_writer(d)                # replaced
+        new = accesslog.writer_pid(d)
+        assert new != old and (not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE)
+        assert accesslog.writer_generation(d) == accesslog.WRITER_GENERATION
+        assert not accesslog.ensure_writer(d)            # this generation: kept
+        os.write(fifo, (json.dumps(record(key="after")) + "\n").encode())
+        deadline = time.monotonic() + 10
+        while not any(r.get("key") == "after" for r in accesslog.records(d)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        accesslog.stop_writer(d)
+        os.close(fifo)
