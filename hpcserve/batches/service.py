@@ -236,7 +236,7 @@ class BatchAPI:
             end: tuple[str, list[dict] | None] | None = None
             if all(shard.done.exists() for shard in parts):
                 end = "completed", None
-            elif row["status"] == "cancelling" and not present:
+            elif row["cancelling_at"] is not None and not present:   # cancelling (or left finalizing after it)
                 end = "cancelled", None
             elif now >= row["expires_at"]:
                 if present:

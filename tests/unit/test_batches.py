@@ -330,6 +330,31 @@ def test_a_cancelled_batch_keeps_what_finished_and_a_job_that_died_fails_it(serv
     assert [b["id"] for b in after["data"]] == [second["id"], first["id"]] and not after["has_more"]
 
 
+def test_a_batch_left_finalizing_by_a_service_that_died_is_finished_by_the_next(service):
+    """A service killed while it finalized a batch leaves it "finalizing": another refresh leaves
+    it to that finalizer for 2 minutes, then finishes it as it would have ended (completed with its
+    output; a cancelled one cancelled, not failed)."""
+    api, slurm, client = service
+    alice = {KEY_HEADER: "alice"}
+    file_id = upload(client, "alice", line("a")).json()["id"]
+    create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    done, cancelled = (client.post("/v1/batches", headers=alice, json=create).json() for _ in range(2))
+    (api.store.run_dir(done["id"]) / "output.jsonl").write_text(json.dumps(
+        {"id": "r", "custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}) + "\n")
+    (api.store.run_dir(done["id"]) / "done.json").write_text("{}")
+    api.store.update_batch(cancelled["id"], cancelling_at=int(time.time()))
+    slurm.end(slurm.listed[1].job_id)
+    for batch in (done, cancelled):
+        assert api.store.claim_end(batch["id"])           # the finalizer that then died
+    assert {client.get(f"/v1/batches/{b['id']}", headers=alice).json()["status"] for b in (done, cancelled)} \
+        == {"finalizing"}                                 # another's claim is fresh: left to it
+    with api.store._db() as db:
+        db.execute("UPDATE batches SET finalizing_at = finalizing_at - 121")
+    finished = client.get(f"/v1/batches/{done['id']}", headers=alice).json()
+    assert finished["status"] == "completed" and finished["output_file_id"]
+    assert client.get(f"/v1/batches/{cancelled['id']}", headers=alice).json()["status"] == "cancelled"
+
+
 @pytest.mark.parametrize("body, param", [
     ({"endpoint": "/v1/chat/completions", "completion_window": "24h"}, None),
     ({"input_file_id": "F", "endpoint": "/v1/embeddings", "completion_window": "24h"}, "endpoint"),
