@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import ipaddress
 import json
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -97,6 +100,17 @@ def counts(output: Path) -> tuple[int, int]:
 REFUSED_IN_A_ROW = 5
 
 
+def reaches_the_pool(url: str, login_host: str | None) -> bool:
+    """Whether a job on this host reaches the pool at `url`: False when `url` is a loopback
+    address (or localhost) and this is not `login_host`, the host whose loopback it is."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return not loopback or login_host is None or login_host == socket.gethostname()
+
+
 def wait_ready(url: str, timeout: float = READY_TIMEOUT_S) -> None:
     """Wait until the llama-server at `url` has loaded its model: GET /health answers 200 (503 while
     loading; llama.cpp tools/server/README.md, GET /health).
@@ -134,6 +148,13 @@ def run(folder: Path, shard: int | None = None, url: str | None = None) -> int:
     spec = json.loads((folder / "run.json").read_text())
     files = Shard(folder, shard)
     if shard is None:
+        if not reaches_the_pool(spec["url"], spec.get("login_host")):
+            # Another user's server may listen on this node's loopback at that port: the batch's
+            # token goes nowhere but to the pool.
+            print(f"hpcserve batch: the pool listens on the loopback of {spec['login_host']}, and this job runs on "
+                  f"{socket.gethostname()}: nothing sent. Bind haproxy.bind to an address compute nodes reach "
+                  "(keep haproxy.auth: keys).", file=sys.stderr)
+            return 1
         token, base = read_secret(folder / "token"), spec["url"]
     else:
         token, base = read_secret(folder / "server-key"), str(url)

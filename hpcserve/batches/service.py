@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -147,7 +148,9 @@ class BatchAPI:
                 "model": model, "slurm": slurm, "shards": run["shards"],
                 "time_limit": own.time_limit or self.deployment.batches.time_limit}
         else:
-            run.update(url=self._pool_url(), concurrency=self.deployment.batches.concurrency)
+            # login_host: a pool on loopback is reached from this host only (runner.run checks).
+            run.update(url=self._pool_url(), concurrency=self.deployment.batches.concurrency,
+                       login_host=socket.gethostname())
             row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window,
                                        metadata, summary.rows, digest(key_secret), output_expires_after)
             folder = self.store.write_run(batch_id, run, key_secret)

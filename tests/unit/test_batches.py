@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
 
 import pytest
@@ -428,6 +429,16 @@ def test_the_runner_sends_each_row_once_and_resumes(tmp_path, stand_in_server):
     assert sorted(out) == [f"r{i}" for i in range(7)]
     assert json.loads((folder / "done.json").read_text()) == {"completed": 7, "failed": 0, "total": 7}
     assert runner.run(folder) == 0 and len(seen) == 6      # requeued after the end: nothing sent again
+
+    # A pool on loopback, the job on another node: its 127.0.0.1 may be another user's server.
+    (folder / "run.json").write_text(json.dumps({"input": str(rows), "url": f"http://127.0.0.1:{port}/v1",
+                                                  "model": "m", "concurrency": 3, "login_host": "login1"}))
+    (folder / "done.json").unlink()
+    (folder / "output.jsonl").write_text("")
+    assert runner.run(folder) == 1 and len(seen) == 6      # nothing sent: the token stays home
+    assert runner.reaches_the_pool("http://login1.cluster:8000/v1", "login1")
+    assert not runner.reaches_the_pool("http://localhost:8000/v1", "login1")
+    assert runner.reaches_the_pool("http://[::1]:8000/v1", socket.gethostname())
 
 
 def test_each_element_of_an_own_capacity_batch_sends_its_shard_to_its_own_server(tmp_path, stand_in_server):
