@@ -14,7 +14,7 @@ import click
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..batches import objects as batch_objects, service as batch_api, store as batch_store
+from ..batches import objects as batch_objects, runner as batch_runner, service as batch_api, store as batch_store
 from ..clients import batch as batch_mod
 from ..clients import webui as webui_mod
 from .context import Context, deployment_lock, err, late_options, out, pass_ctx
@@ -151,9 +151,12 @@ def _batch_api(ctx: Context) -> batch_api.BatchAPI:
     return batch_api.BatchAPI(ctx.deployment, ctx.scheduler)
 
 
-def _admin_view(row: dict) -> dict:
-    """A batch as the admin sees it: OpenAI's Batch object with the key that made it and its job."""
-    return {**batch_objects.batch_object(row), "key": row["owner"], "job_id": row["job_id"]}
+def _admin_view(api: batch_api.BatchAPI, row: dict) -> dict:
+    """A batch as the admin sees it: OpenAI's Batch object with the key that made it, its job and
+    where its rows go ("own_gpus": the elements of its job array, None through the pool)."""
+    shards = batch_runner.shards(api.store.run_dir(row["id"]))
+    return {**batch_objects.batch_object(row), "key": row["owner"], "job_id": row["job_id"],
+            "own_gpus": len(shards) if shards[0].index is not None else None}
 
 
 @batches.command("list")
@@ -165,15 +168,17 @@ def batches_list(ctx: Context, limit: int) -> None:
     api = _batch_api(ctx)
     rows = api.refresh(api.store.batches(None, limit))[:limit]
     if ctx.as_json:
-        click.echo(json.dumps([_admin_view(r) for r in rows], indent=2))
+        click.echo(json.dumps([_admin_view(api, r) for r in rows], indent=2))
         return
     if not rows:
         out.print("no batches")
         return
     table = Table("BATCH", "KEY", "STATUS", "DONE", "FAILED", "TOTAL", "JOB", "CREATED", box=None)
     for r in rows:
+        own = _admin_view(api, r)["own_gpus"]
+        job = (r["job_id"] or "-") + (f" (array of {own}, own GPUs)" if own else "")
         table.add_row(r["id"], r["owner"], r["status"], str(r["completed"]), str(r["failed"]), str(r["total"]),
-                      r["job_id"] or "-", time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])))
+                      job, time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])))
     out.print(table)
 
 
@@ -188,7 +193,7 @@ def batches_show(ctx: Context, batch_id: str) -> None:
         row = api.refresh([api.store.batch(batch_id, batch_store.OWNER)])[0]
     except batch_objects.APIError as exc:
         raise HpcserveError(str(exc)) from None
-    click.echo(json.dumps({**_admin_view(row), "run_dir": str(api.store.run_dir(batch_id))}, indent=2))
+    click.echo(json.dumps({**_admin_view(api, row), "run_dir": str(api.store.run_dir(batch_id))}, indent=2))
 
 
 @batches.command("cancel")

@@ -132,6 +132,8 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
         elements |= {tuple(line.split()) for line in jobs if f" hpcserve-batch:{pool.name}:{batch.id} " in line}
         time.sleep(0.5)
     assert batch.status == "completed" and batch.request_counts.completed == ROWS + 100, batch
+    shown = json.loads(pool.ok("batches", "show", batch.id, "--json").stdout)
+    assert shown["own_gpus"] == 2 and shown["key"] == "alice"
     running = {e for e in elements if "[" not in e[0]}          # not the pending "ID_[0-1]"
     assert {e[0].split("_")[1] for e in running} == {"0", "1"} and len({e[0].split("_")[0] for e in running}) == 1
     assert {e[2:] for e in running} == {("gpu", "chemistry", "gres:gpu:a100:1")}, running
