@@ -10,8 +10,10 @@ ledger (a fold cut between its append and the delete) is deleted without being c
 What the ledger cannot keep: queue-wait percentiles (usage reports them over the lines still in
 the access log) and the second a request started (it counts by the hour).
 
-Locking: fold() and reading() hold usage-ledger.lock (filelock), so a report never sees a file
-both in the ledger and still in expired/, or in neither.
+Locking: fold() and reading() hold usage-ledger.lock (filelock; the ledger file's lock and reader
+are accesslog.ledger_lock and ledger_entries, beside the files that end in it, so that the log
+writer counts from the ledger too), so a report never sees a file both in the ledger and still in
+expired/, or in neither.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import filelock
-
 from ..config import Deployment
 from ..haproxy import accesslog
 from ..state import StateDir
@@ -31,13 +31,6 @@ from . import usage
 
 #: Seconds in a bucket of the ledger.
 BUCKET_S = 3600
-#: Seconds a fold or a report waits for another one (a fold of one file takes well under that).
-LOCK_TIMEOUT_S = 600.0
-
-
-def _lock(state: StateDir) -> filelock.FileLock:
-    state.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return filelock.FileLock(str(state.logs_dir / "usage-ledger.lock"), timeout=LOCK_TIMEOUT_S, mode=0o600)
 
 
 def buckets(records: Iterable[dict]) -> list[dict]:
@@ -72,21 +65,7 @@ def buckets(records: Iterable[dict]) -> list[dict]:
 
 
 def _folded(state: StateDir) -> set[str]:
-    return {entry["file"] for entry in _entries(state)}
-
-
-def _entries(state: StateDir) -> Iterator[dict]:
-    try:
-        with open(state.usage_ledger, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue    # a line cut by a crash mid-append: its file is still in expired/
-                if isinstance(entry, dict) and isinstance(entry.get("buckets"), list):
-                    yield entry
-    except FileNotFoundError:
-        return
+    return {entry["file"] for entry in accesslog.ledger_entries(state)}
 
 
 def fold(deployment: Deployment) -> int:
@@ -96,10 +75,10 @@ def fold(deployment: Deployment) -> int:
         the number of files folded.
     Raises:
         OSError: the ledger or an expired file could not be written, read or deleted (what was
-            folded before stays folded); filelock.Timeout (an OSError) after LOCK_TIMEOUT_S.
+            folded before stays folded); filelock.Timeout (an OSError) after accesslog.LEDGER_LOCK_TIMEOUT_S.
     """
     state = StateDir(deployment.state_dir)
-    with _lock(state):
+    with accesslog.ledger_lock(state):
         files = accesslog.expired_files(deployment)
         if not files:
             return 0
@@ -131,13 +110,5 @@ def _append(ledger: Path, line: bytes) -> None:
 def reading(deployment: Deployment) -> Iterator[tuple[list[dict], Iterator[dict]]]:
     """Everything the access log ever counted, consistent while the block runs: (the ledger's
     buckets, the access log's records, accesslog.records). fold() waits meanwhile."""
-    with locked_buckets(StateDir(deployment.state_dir)) as found:
+    with accesslog.ledger_buckets(StateDir(deployment.state_dir)) as found:
         yield found, accesslog.records(deployment)
-
-
-@contextlib.contextmanager
-def locked_buckets(state: StateDir) -> Iterator[list[dict]]:
-    """The ledger's buckets (buckets()), with fold() waiting until the block ends: a file the
-    block then reads from logs/expired/ is not in them, and stays there meanwhile."""
-    with _lock(state):
-        yield [b for entry in _entries(state) for b in entry["buckets"]]

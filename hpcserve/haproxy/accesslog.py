@@ -26,6 +26,7 @@ Run as `python -m hpcserve.haproxy.accesslog PIPE STATE_DIR MAX_BYTES BACKUPS HA
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -42,6 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import psutil
 
 from .. import proc
@@ -307,11 +309,48 @@ def read_file(path: Path) -> Iterator[dict]:
         return
 
 
+# The usage ledger's file (STATE_DIR/logs/usage-ledger.jsonl), where the expired files end: one
+# JSON line per folded file, {"file", "buckets"} (access/ledger.py writes it; its lock keeps a fold
+# and a reader from seeing a file twice or not at all).
+
+#: Seconds a fold or a reader waits for another one (a fold of one file takes well under that).
+LEDGER_LOCK_TIMEOUT_S = 600.0
+
+
+def ledger_lock(state: StateDir) -> filelock.FileLock:
+    """The usage ledger's lock (logs/usage-ledger.lock; filelock.Timeout after LEDGER_LOCK_TIMEOUT_S)."""
+    state.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return filelock.FileLock(str(state.logs_dir / "usage-ledger.lock"), timeout=LEDGER_LOCK_TIMEOUT_S, mode=0o600)
+
+
+def ledger_entries(state: StateDir) -> Iterator[dict]:
+    """The usage ledger's entries ({"file", "buckets"}), oldest first; a line a crash cut is skipped
+    (its file is still in expired/ and is folded again)."""
+    try:
+        with open(state.usage_ledger, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("buckets"), list):
+                    yield entry
+    except FileNotFoundError:
+        return
+
+
+@contextlib.contextmanager
+def ledger_buckets(state: StateDir) -> Iterator[list[dict]]:
+    """The ledger's hourly buckets (access/ledger.py buckets()), with folds waiting until the block
+    ends: a file the block then reads from logs/expired/ is not in them, and stays there meanwhile."""
+    with ledger_lock(state):
+        yield [b for entry in ledger_entries(state) for b in entry["buckets"]]
+
+
 def _seed_counts(state: StateDir, counts: Counts, now: float) -> None:
     """The quota count of a writer that finds none: the usage ledger's hours and the billed lines
     not folded into it, read under the ledger's lock (as `hpcserve usage` and `quota` count)."""
-    from ..access import ledger   # the ledger builds on this module: imported when first needed
-    with ledger.locked_buckets(state) as buckets:
+    with ledger_buckets(state) as buckets:
         for bucket in buckets:
             counts.add_bucket(bucket, now)
         for path in _billed_files(state):
