@@ -30,7 +30,7 @@ def chat(client: openai.OpenAI, model: str, stream: bool = False, max_tokens: in
 
 def test_up_chat_scale_down(pool_factory):
     pool = pool_factory(replicas=2)
-    pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M"}
+    pool.raw["batches"] = {"enabled": True, "own_capacity": {"min_rows": 6, "jobs": 2}}
     pool.write(pool.raw)
     up = pool.ok("up", "--timeout", "240")
     assert f"pool is up: http://127.0.0.1:{pool.raw['haproxy']['port']}/v1" in up.stdout
@@ -65,8 +65,10 @@ def test_up_chat_scale_down(pool_factory):
     assert len({b["build"] for b in backends}) == 1, backends
     assert builds.parse_build_info(backends[0]["build"]).number in (None, llama_server_build().number), backends
 
-    # The Batch API with the openai client: a batch as a Slurm job, its rows answered by the real
-    # llama-server through the pool, each once.
+    # The Batch API with the openai client, a batch large enough (own_capacity.min_rows) to bring its
+    # own GPUs: a Slurm job array of 2, each element the real llama-server with the real model on
+    # its node's loopback and half of the rows; each row answered once; sacct charges the array's
+    # GPUs to the key's account.
     rows = "".join(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
                                "body": {"model": pool.model_name, "max_tokens": 4,
                                         "messages": [{"role": "user", "content": f"Count to {i}."}]}}) + "\n"
@@ -81,6 +83,15 @@ def test_up_chat_scale_down(pool_factory):
     answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(a["custom_id"] for a in answers) == [f"q{i}" for i in range(6)]
     assert all(a["response"]["body"]["usage"]["completion_tokens"] > 0 for a in answers)
+    deadline = time.monotonic() + 30       # sacct has the elements once slurmctld told slurmdbd
+    while len(elements := subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,Account,AllocTRES,State", "--name",
+             f"hpcserve-batch:{pool.name}:{batch.id}"], env=pool.env, capture_output=True, text=True,
+            check=True).stdout.split()) < 2:
+        assert time.monotonic() < deadline, elements
+        time.sleep(0.5)
+    assert sorted(e.split("|")[0].split("_")[1] for e in elements) == ["0", "1"], elements
+    assert all(e.split("|")[1] == "physics" and "gres/gpu=1" in e.split("|")[2] for e in elements), elements
 
     # Scale to 1: one job leaves rotation and is cancelled; requests still succeed.
     pool.ok("scale", "1")
