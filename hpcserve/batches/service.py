@@ -136,8 +136,9 @@ class BatchAPI:
         own = self.deployment.batches.own_capacity
         run: dict[str, object] = {"input": str(self.store.file_path(file_id)), "model": model.name}
         key_secret = secrets.token_urlsafe(32)
-        if own is not None and summary.rows >= own.min_rows:
-            # Its own GPUs: a job array, each element one llama-server and a shard of the rows.
+        if own is not None and summary.rows >= own.min_rows and len(summary.models) == 1:
+            # Its own GPUs: a job array, each element one llama-server and a shard of the rows (of
+            # one model: rows naming several go through the pool, which routes each by its model).
             run.update(shards=min(own.jobs, summary.rows), concurrency=model.parallel)
             row = self.store.add_batch(batch_id, owner, file_id, endpoint, COMPLETION_WINDOWS[window], window,
                                        metadata, summary.rows, None, output_expires_after)

@@ -237,6 +237,7 @@ def test_a_large_batch_runs_on_gpus_of_its_own_as_a_job_array(tmp_path, gguf):
     from hpcserve.access import keys
     raw = minimal(gguf, tmp_path, haproxy={"auth": "keys"}, slurm={"partition": "gpu", "account": "physics"})
     raw["models"][0]["gpus"] = {"type": "a100", "count": 2}
+    raw["models"].append({"name": "n", "gguf": str(gguf)})
     raw["batches"] = {"enabled": True, "own_capacity": {"min_rows": 3, "jobs": 2, "time_limit": "2:00:00"}}
     deployment = config.parse(raw, base=tmp_path)
     slurm = Slurm()
@@ -281,6 +282,11 @@ def test_a_large_batch_runs_on_gpus_of_its_own_as_a_job_array(tmp_path, gguf):
         small = upload(client, "alice", line("a") + line("b")).json()["id"]
         client.post("/v1/batches", headers=alice, json={**create, "input_file_id": small})
         assert "--array" not in slurm.scripts[1] and "-m hpcserve.batches.runner" in slurm.scripts[1]
+        # Rows of two models: through the pool too, which routes each row by its model (one
+        # element's llama-server would answer every row as its one model).
+        mixed = upload(client, "alice", line("a") + line("b", model="n") + line("c")).json()["id"]
+        assert client.post("/v1/batches", headers=alice, json={**create, "input_file_id": mixed}).status_code == 200
+        assert "--array" not in slurm.scripts[2]
 
 
 def test_an_array_is_there_while_any_element_is():
