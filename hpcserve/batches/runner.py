@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -74,25 +75,29 @@ def shards(folder: Path) -> list[Shard]:
     return [Shard(folder)] if not count else [Shard(folder, i) for i in range(int(count))]
 
 
-def results(output: Path) -> tuple[list[str], list[str]]:
-    """The result lines of the engine's `output` (none if missing): (answered rows, rows written
-    with an error). A line that is not a result (a cut last line, which the engine cuts off before
-    resuming) is skipped."""
-    answered: list[str] = []
-    failed: list[str] = []
-    if output.exists():
-        for line in output.read_text().splitlines():
+def results(output: Path) -> Iterator[tuple[str, bool]]:
+    """The result lines of the engine's `output` (none if missing), read line by line (a 500k-row
+    output is never held in memory): (the line without its newline, whether it was answered:
+    False for a row written with an error). A line that is not a result (a cut last line, which
+    the engine cuts off before resuming) is skipped."""
+    if not output.exists():
+        return
+    with open(output, encoding="utf-8") as lines:
+        for line in lines:
+            line = line.rstrip("\n")
             try:
-                (failed if json.loads(line)["error"] is not None else answered).append(line)
+                answered = json.loads(line)["error"] is None
             except (ValueError, KeyError, TypeError):
                 continue
-    return answered, failed
+            yield line, answered
 
 
 def counts(output: Path) -> tuple[int, int]:
     """(rows answered, rows written with an error) in the engine's `output` (results())."""
-    answered, failed = results(output)
-    return len(answered), len(failed)
+    answered = failed = 0
+    for _, ok in results(output):
+        answered, failed = answered + ok, failed + (not ok)
+    return answered, failed
 
 
 #: Connections refused in a row after which the element's llama-server counts as ended: it was

@@ -280,23 +280,33 @@ class BatchAPI:
         return now - since >= JOB_GONE_S
 
     def _finish(self, row: dict, status: str, now: int, errors: list[dict] | None = None) -> dict[str, object]:
-        """The fields of a batch that ends with `status`: its output lines split into an output
-        file (answered) and an error file (with an error), each recorded when not empty."""
-        answered: list[str] = []
-        failed: list[str] = []
-        for shard in runner.shards(self.store.run_dir(row["id"])):
-            ok, bad = runner.results(shard.output)
-            answered += ok
-            failed += bad
-        fields: dict[str, object] = {"status": status, f"{status}_at": now, "completed": len(answered),
-                                     "failed": len(failed)}
-        for name, lines in (("output_file_id", answered), ("error_file_id", failed)):
-            if lines:
-                file_id = self.store.new_file_id()
-                write_private(self.store.file_path(file_id), "\n".join(lines) + "\n")
-                self.store.add_file(file_id, row["owner"], f"{row['id']}_{name.split('_')[0]}.jsonl", "batch_output",
-                                    self.store.file_path(file_id).stat().st_size, row.get("output_expires_after"))
-                fields[name] = file_id
+        """The fields of a batch that ends with `status`: its output lines (of every shard) split
+        into an output file (answered) and an error file (with an error), copied line by line,
+        each recorded when not empty."""
+        ids = {True: self.store.new_file_id(), False: self.store.new_file_id()}
+        written = {True: 0, False: 0}
+        sinks = {ok: open(os.open(self.store.file_path(ids[ok]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                          "w", encoding="utf-8") for ok in ids}
+        try:
+            for shard in runner.shards(self.store.run_dir(row["id"])):
+                for line, ok in runner.results(shard.output):
+                    sinks[ok].write(line + "\n")
+                    written[ok] += 1
+        finally:
+            for sink in sinks.values():
+                sink.flush()
+                os.fsync(sink.fileno())
+                sink.close()
+        fields: dict[str, object] = {"status": status, f"{status}_at": now, "completed": written[True],
+                                     "failed": written[False]}
+        for ok, name in ((True, "output_file_id"), (False, "error_file_id")):
+            path = self.store.file_path(ids[ok])
+            if not written[ok]:
+                path.unlink(missing_ok=True)
+                continue
+            self.store.add_file(ids[ok], row["owner"], f"{row['id']}_{name.split('_')[0]}.jsonl", "batch_output",
+                                path.stat().st_size, row.get("output_expires_after"))
+            fields[name] = ids[ok]
         if errors:
             fields["errors"] = json.dumps(errors)
         return fields
