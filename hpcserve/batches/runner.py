@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import ipaddress
 import json
 import socket
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from ..clients import batch as engine
+from ..config import is_loopback
 from ..errors import HpcserveError
 from ..state import read_secret, write_private
 
@@ -108,11 +108,7 @@ REFUSED_IN_A_ROW = 5
 def reaches_the_pool(url: str, login_host: str | None) -> bool:
     """Whether a job on this host reaches the pool at `url`: False when `url` is a loopback
     address (or localhost) and this is not `login_host`, the host whose loopback it is."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
+    loopback = is_loopback(urllib.parse.urlsplit(url).hostname or "")
     return not loopback or login_host is None or login_host == socket.gethostname()
 
 

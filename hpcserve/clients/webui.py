@@ -11,7 +11,6 @@ secret key and admin password live in STATE_DIR/webui, private to the owner.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shlex
@@ -26,7 +25,7 @@ import httpx
 import psutil
 
 from .. import proc, templates
-from ..config import ANY_ADDRESSES, Deployment, url_host
+from ..config import ANY_ADDRESSES, Deployment, is_loopback, url_host
 from ..errors import ConfigError, HpcserveError, WaitTimeout
 from ..state import StateDir, secret_file, write_private
 
@@ -103,11 +102,7 @@ def pool_url_from_compute_nodes(deployment: Deployment) -> str:
     if bind in ANY_ADDRESSES:
         host = socket.getfqdn()
     else:
-        try:
-            loopback = ipaddress.ip_address(bind).is_loopback
-        except ValueError:
-            loopback = bind == "localhost"
-        if loopback:
+        if is_loopback(bind):
             raise ConfigError(f"haproxy.bind: {bind} is reachable from this host only, so an OpenWebUI job on a "
                               "compute node cannot reach the pool; bind the frontend to this login node's "
                               "address (keep haproxy.auth: keys), or run `hpcserve webui` here")

@@ -517,6 +517,15 @@ class Deployment(_Strict):
         return max(64 << 10, 16 * largest)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is this host's loopback only: 127.0.0.0/8, ::1, or
+    "localhost", which no other host reaches."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def url_host(host: str) -> str:
     """`host` as it stands in a URL: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
