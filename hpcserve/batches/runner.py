@@ -65,14 +65,21 @@ class Shard:
         return self._path("done", ".json")
 
 
-def shards(folder: Path) -> list[Shard]:
-    """The shards of the run in `folder`: one (no index) for a batch through the pool, run.json's
-    "shards" for a batch on its own GPUs."""
+def own_gpus(folder: Path) -> int | None:
+    """The elements of the job array of the run in `folder` (run.json's "shards") when the batch
+    runs on GPUs of its own; None for a batch through the pool."""
     try:
         count = json.loads((folder / "run.json").read_text()).get("shards")
     except (OSError, ValueError, AttributeError):
         count = None
-    return [Shard(folder)] if not count else [Shard(folder, i) for i in range(int(count))]
+    return int(count) if count else None
+
+
+def shards(folder: Path) -> list[Shard]:
+    """The shards of the run in `folder`: one (no index) for a batch through the pool, one per
+    element (own_gpus) for a batch on its own GPUs."""
+    count = own_gpus(folder)
+    return [Shard(folder)] if count is None else [Shard(folder, i) for i in range(count)]
 
 
 def results(output: Path) -> Iterator[tuple[str, bool]]:

@@ -208,7 +208,7 @@ class BatchAPI:
             SlurmError: squeue did not answer.
         """
         return [r for r in self.refresh() if r["status"] not in FINAL
-                and runner.shards(self.store.run_dir(r["id"]))[0].index is None]
+                and runner.own_gpus(self.store.run_dir(r["id"])) is None]
 
     def refresh(self, rows: list[dict] | None = None) -> list[dict]:
         """Bring running batches (`rows`, or all of them) up to date: counts from progress.json;

@@ -154,9 +154,8 @@ def _batch_api(ctx: Context) -> batch_api.BatchAPI:
 def _admin_view(api: batch_api.BatchAPI, row: dict) -> dict:
     """A batch as the admin sees it: OpenAI's Batch object with the key that made it, its job and
     where its rows go ("own_gpus": the elements of its job array, None through the pool)."""
-    shards = batch_runner.shards(api.store.run_dir(row["id"]))
     return {**batch_objects.batch_object(row), "key": row["owner"], "job_id": row["job_id"],
-            "own_gpus": len(shards) if shards[0].index is not None else None}
+            "own_gpus": batch_runner.own_gpus(api.store.run_dir(row["id"]))}
 
 
 @batches.command("list")
@@ -175,7 +174,7 @@ def batches_list(ctx: Context, limit: int) -> None:
         return
     table = Table("BATCH", "KEY", "STATUS", "DONE", "FAILED", "TOTAL", "JOB", "CREATED", box=None)
     for r in rows:
-        own = _admin_view(api, r)["own_gpus"]
+        own = batch_runner.own_gpus(api.store.run_dir(r["id"]))
         job = (r["job_id"] or "-") + (f" (array of {own}, own GPUs)" if own else "")
         table.add_row(r["id"], r["owner"], r["status"], str(r["completed"]), str(r["failed"]), str(r["total"]),
                       job, time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])))
