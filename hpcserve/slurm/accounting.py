@@ -5,20 +5,35 @@ Facts it relies on (verified on Slurm 22.05 with slurmdbd on MariaDB, scripts/lo
 `sacctmgr -nP show assoc format=...` prints one "|"-separated line per association, an account's
 own line with an empty user; with slurmdbd down sacctmgr exits 1 ("failed to open persistent
 connection"), while `sshare` keeps answering from slurmctld's copy. `sshare -a -n -P -o
-Account,User,NormShares,EffectvUsage` prints the tree, an account's line with an empty user, its
-name indented by its depth (sshare(1)).
+Account,User,FairShare,LevelFS` prints the tree depth first, an account's line with an empty user,
+its name indented by one space per level (sshare(1)); under Fair Tree (the default) an account's
+FairShare is empty and its LevelFS "inf" until it has used something (verified on 22.05, 24.11 and
+26.05).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import re
 from collections.abc import Mapping
 
 from .. import proc
 from ..core.fairshare import Share
 from ..errors import CommandError, SlurmError
+
+
+def _number(field: str) -> float | None:
+    """A number sshare printed ("inf" included), None for an empty field.
+
+    Raises:
+        ValueError: not a number, or NaN.
+    """
+    value = float(field) if field.strip() else None
+    if value is not None and math.isnan(value):
+        raise ValueError(field)
+    return value
 
 
 class AccountingUnavailable(SlurmError):
@@ -65,22 +80,25 @@ class Accounting:
         return lines[0] if lines else None
 
     def shares(self) -> list[Share]:
-        """Every account's normalized shares and effective usage (sshare -a), from slurmctld.
+        """Every account's line of the fair-share tree (sshare -a), from slurmctld, in sshare's
+        order: its depth (the name's indent), LevelFS and, under the classic algorithm, FairShare.
 
         Raises:
             AccountingUnavailable: sshare failed or printed a line that is not sshare's.
         """
-        out = self._run(["sshare", "-a", "-n", "-P", "-o", "Account,User,NormShares,EffectvUsage"])
+        out = self._run(["sshare", "-a", "-n", "-P", "-o", "Account,User,FairShare,LevelFS"])
         shares: list[Share] = []
         for line in out.splitlines():
             fields = line.split("|")
             if len(fields) != 4:
                 raise AccountingUnavailable(f"sshare printed an unexpected line: {line!r}")
-            account, user, norm, usage = (field.strip() for field in fields)
-            if user or not account or account == "root":
+            indented, user, fair_share, level_fs = fields
+            account = indented.strip()
+            if user.strip() or not account or account == "root":
                 continue        # users' lines, and the tree's root
             try:
-                shares.append(Share(account, float(norm), float(usage)))
+                shares.append(Share(account, depth=len(indented) - len(indented.lstrip(" ")),
+                                    level_fs=_number(level_fs), fair_share=_number(fair_share)))
             except ValueError:
                 raise AccountingUnavailable(f"sshare printed an unexpected line: {line!r}") from None
         return shares

@@ -47,26 +47,28 @@ def slurmdbd(slurm_env) -> Accounting:
     return accounting
 
 
-def _usage(accounting: Accounting) -> dict[str, float]:
-    return {share.account: share.effective_usage for share in accounting.shares()}
+def _level_fs(accounting: Accounting) -> dict[str, float]:
+    """Each account's Level Fairshare (its shares over its usage among its siblings; inf: unused)."""
+    return {share.account: share.level_fs for share in accounting.shares() if share.level_fs is not None}
 
 
 def physics_has_used_more(accounting: Accounting, slurm_env: dict[str, str], timeout: float = 150) -> None:
-    """Wait until sshare shows physics's usage above chemistry's. Slurm adds a running job's usage
-    at each PriorityCalcPeriod (1 minute on the local cluster), so when the suite's jobs have not
-    charged physics yet, a job of physics runs across one such tick."""
-    usage = _usage(accounting)
-    if usage["physics"] > usage["chemistry"]:
+    """Wait until sshare shows physics's Level Fairshare below chemistry's (equal shares: physics
+    used more). Slurm adds a running job's usage at each PriorityCalcPeriod (1 minute on the local
+    cluster), so when the suite's jobs have not charged physics yet, a job of physics runs across
+    one such tick."""
+    level_fs = _level_fs(accounting)
+    if level_fs["physics"] < level_fs["chemistry"]:
         return
     job = subprocess.run(["sbatch", "--parsable", "--account=physics", "--partition=cpu", "-c", "1", "--mem=100",
-                          "-J", "hpcserve-test-usage", "--time=5", "--wrap", "sleep 200"],
+                          "-J", "hpcserve-test-usage", "--time=5", "--output=/dev/null", "--wrap", "sleep 200"],
                          env=slurm_env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
     try:
         deadline = time.monotonic() + timeout
-        while usage["physics"] <= usage["chemistry"]:
-            assert time.monotonic() < deadline, f"sshare showed no usage of physics's job {job}: {usage}"
+        while level_fs["physics"] >= level_fs["chemistry"]:
+            assert time.monotonic() < deadline, f"sshare showed no usage of physics's job {job}: {level_fs}"
             time.sleep(2)
-            usage = _usage(accounting)
+            level_fs = _level_fs(accounting)
     finally:
         subprocess.run(["scancel", job], env=slurm_env, check=False)
 

@@ -6,28 +6,60 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 
 import pytest
 
 from hpcserve import config
 from hpcserve.access import accounts
 from hpcserve.core import chargeback, quota
-from hpcserve.core.fairshare import Share, delays, factor
+from hpcserve.core.fairshare import Share, delays, factors
 from hpcserve.errors import ConfigError
 from hpcserve.haproxy.config import render
 from hpcserve.haproxy.process import HAProxy
 from hpcserve.site import check
-from hpcserve.slurm.accounting import AccountingUnavailable
+from hpcserve.slurm.accounting import Accounting, AccountingUnavailable
 from tests.conftest import minimal
 
 
-def test_slurms_fair_share_factor_and_the_delay_it_gives():
-    assert factor(Share("idle", 0.5, 0.0)) == 1.0
-    assert factor(Share("fair", 0.25, 0.25)) == 0.5          # used exactly its share
-    assert factor(Share("heavy", 0.25, 1.0)) == 2.0 ** -4
-    assert factor(Share("none", 0.0, 0.1)) == 0.0            # no shares: never ahead of others
-    got = delays([Share("idle", 0.5, 0.0), Share("fair", 0.25, 0.25), Share("none", 0.0, 0.3)], 10_000)
-    assert got == {"idle": 0, "fair": 5_000, "none": 10_000}   # bounded by the delay of factor 0
+def test_fair_tree_ranks_accounts_depth_first_by_level_fairshare():
+    """Fair Tree (slurm.schedmd.com/fair_tree.html): siblings by LevelFS, sub-accounts of a higher
+    account all before those of a lower one, whatever their own LevelFS; ties share a place."""
+    tree = [Share("science", 1, level_fs=2.0), Share("physics", 2, level_fs=0.1), Share("chemistry", 2, level_fs=5.0),
+            Share("arts", 1, level_fs=0.5), Share("music", 2, level_fs=math.inf),
+            Share("idle", 1, level_fs=math.inf), Share("idle2", 1, level_fs=math.inf),
+            Share("lab", 2, level_fs=None)]         # shares "parent": in its parent idle2's place
+    got = factors(tree)
+    order = ["idle", "idle2", "lab", "science", "chemistry", "physics", "arts", "music"]
+    assert sorted(got, key=got.get, reverse=True) == order
+    assert got["idle"] == got["idle2"] == got["lab"] == 1.0 and got["science"] == 5 / 8   # ties share a place
+    assert got["music"] == 1 / 8 < got["physics"]       # unused, but under the account that used the most
+    assert delays(tree, 8_000)["music"] == 7_000 and delays(tree, 8_000)["idle"] == 0
+    # Two accounts as on the local cluster: physics used the cluster, chemistry nothing.
+    assert delays([Share("chemistry", 1, math.inf), Share("physics", 1, 0.333333)], 4_000) == {
+        "chemistry": 0, "physics": 2_000}
+    assert delays([Share("a", 1, math.inf), Share("b", 1, math.inf)], 4_000) == {"a": 0, "b": 0}
+
+
+def test_under_the_classic_algorithm_sshares_own_factor_is_used():
+    classic = [Share("idle", 1, 0.0, fair_share=1.0), Share("fair", 1, 0.0, fair_share=0.5),
+               Share("none", 1, 0.0, fair_share=0.0)]
+    assert delays(classic, 10_000) == {"idle": 0, "fair": 5_000, "none": 10_000}   # bounded by factor 0's
+    assert delays([], 10_000) == {}
+
+
+def test_sshare_lines_give_depth_level_fairshare_and_the_factor():
+    """sshare -a -n -P -o Account,User,FairShare,LevelFS as Slurm 22.05 printed it (Fair Tree)."""
+    out = ("root|||\n root|root|1.000000|inf\n chemistry|||inf\n  chemistry|root|1.000000|inf\n"
+           " physics|||0.333333\n  physics|root|0.333333|1.000000\n  quantum|||\n")
+    accounting = Accounting()
+    accounting._run = lambda argv: out
+    assert accounting.shares() == [Share("chemistry", 1, math.inf, None), Share("physics", 1, 0.333333, None),
+                                   Share("quantum", 2, None, None)]
+    for bad in ("physics||0.5\n", " physics|||nan\n", " physics|||high\n"):
+        accounting._run = lambda argv, bad=bad: bad
+        with pytest.raises(AccountingUnavailable, match="unexpected line"):
+            accounting.shares()
 
 
 def deployment(tmp_path, gguf, **sections):
@@ -71,18 +103,18 @@ def test_a_failed_refresh_keeps_the_last_order_and_says_since_when(tmp_path, ggu
     d = deployment(tmp_path, gguf)
     d.state_dir.mkdir(mode=0o700)
     proxy = HAProxy(d, "k", key_map=lambda: {})          # not running: the map file only
-    first = accounts.refresh(d, proxy, Answering([Share("physics", 0.5, 1.0), Share("chemistry", 0.5, 0.0)]), now=1000)
-    assert first.delays == {"physics": 11250, "chemistry": 0} and first.error is None
-    assert proxy.paths.fair_share_map_file.read_text() == "chemistry 0\nphysics 11250\n"
+    first = accounts.refresh(d, proxy, Answering([Share("physics", 1, 0.5), Share("chemistry", 1, math.inf)]), now=1000)
+    assert first.delays == {"physics": 7500, "chemistry": 0} and first.error is None
+    assert proxy.paths.fair_share_map_file.read_text() == "chemistry 0\nphysics 7500\n"
     # Within REFRESH_S nothing is asked again.
     assert accounts.refresh(d, proxy, Failing(), now=1010) == first
     failed = accounts.refresh(d, proxy, Failing(), now=1040)
     assert failed.delays == first.delays and failed.updated == 1000 and failed.failing_since == 1040
     assert "Unable to contact" in failed.error and "slurmdbd" in failed.slurmdbd_error
-    assert proxy.paths.fair_share_map_file.read_text() == "chemistry 0\nphysics 11250\n"   # kept
+    assert proxy.paths.fair_share_map_file.read_text() == "chemistry 0\nphysics 7500\n"   # kept
     still = accounts.refresh(d, proxy, Failing(), now=1080)
     assert still.failing_since == 1040 and accounts.read_state(d) == still
-    back = accounts.refresh(d, proxy, Answering([Share("physics", 0.5, 0.0)]), now=1120)
+    back = accounts.refresh(d, proxy, Answering([Share("physics")]), now=1120)
     assert back.error is None and back.failing_since is None and back.delays == {"physics": 0}
 
 
@@ -195,9 +227,9 @@ def test_openwebui_users_accounts_are_checked_in_the_file_and_against_slurmdbd(t
     for bad in ({"not-an-email": "physics"}, {"ann@example.org": "a|b"}):
         with pytest.raises(ConfigError, match="accounting.webui_accounts"):
             deployment(tmp_path, gguf, accounting={"webui_accounts": bad})
-    (line,) = check.accounting_check(d, Answering([Share("physics", 1.0, 0.0)]))
+    (line,) = check.accounting_check(d, Answering([Share("physics")]))
     assert line.status == check.FAIL and "chemistry" in line.detail and "physics" in line.fix
-    (line,) = check.accounting_check(d, Answering([Share("chemistry", 1.0, 0.0)]))
+    (line,) = check.accounting_check(d, Answering([Share("chemistry")]))
     assert line.status == check.PASS
     (line,) = check.accounting_check(d, Failing())
     assert line.status == check.WARN and "slurmdbd" in line.detail
