@@ -30,7 +30,7 @@ class PoolCollector(Collector):
         desired: its desired state.
         backends: its jobs as observed (control.observe.observe), or None when Slurm did not answer.
         table: the frontend stick table (runtime.show_table): key name (or source address with
-            auth: open) -> {"use", "http_req_cnt", "http_err_cnt", "gpc0_rate(60000)"}; {} when
+            auth: open) -> {"use", "http_req_cnt", "http_err_cnt", "gpc0_rate(60000)", "gpc1_rate(60000)"}; {} when
             HAProxy does not run.
         dropped_log_lines: access log lines HAProxy's current worker dropped
             (HAProxy.dropped_log_lines); None when unknown (no series then).
@@ -81,7 +81,8 @@ class PoolCollector(Collector):
             in_flight.add_metric([name, key], counters.get("use", 0))
             requests.add_metric([name, key], counters.get("http_req_cnt", 0))
             errors.add_metric([name, key], counters.get("http_err_cnt", 0))
-            admitted.add_metric([name, key], counters.get("gpc0_rate(60000)", 0))
+            # gpc1: what the worker before a reload had admitted (HAProxy.reload carries it).
+            admitted.add_metric([name, key], counters.get("gpc0_rate(60000)", 0) + counters.get("gpc1_rate(60000)", 0))
         yield from (in_flight, requests, errors, admitted)
         if self.dropped_log_lines is not None:
             dropped = CounterMetricFamily("hpcserve_access_log_dropped_lines",

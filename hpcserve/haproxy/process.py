@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import re
 import os
 import shlex
 import signal
@@ -424,6 +425,7 @@ class HAProxy:
                                "hpcserve); not reloaded: `hpcserve down` and `hpcserve up` start it with the pipe")
         before = runtime.show_proc(self.paths.master_socket)
         self.save_server_state()
+        counts = self._rate_counts(before.workers)
         runtime.command(self.paths.master_socket, "reload")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -435,8 +437,37 @@ class HAProxy:
             if now.failed_reloads > before.failed_reloads:
                 raise HAProxyError(f"haproxy reload failed, the previous config stays (see {self.log_file})")
             if now.reloads > before.reloads and now.workers:
+                self._carry_rates(counts, now.workers)
                 return
         raise HAProxyError(f"haproxy did not reload within {timeout:g} s (see {self.log_file})")
+
+    def _rate_counts(self, workers: tuple[int, ...]) -> dict[str, dict[str, int]]:
+        """What the current workers admitted per key and per OpenWebUI user in the last minute
+        (RATE_TABLES: table -> name -> gpc0_rate + gpc1_rate), read before a reload; {} where a
+        table is missing or the worker does not answer (the counts then start over, as before)."""
+        counts: dict[str, dict[str, int]] = {}
+        for pid in workers:
+            for table in RATE_TABLES:
+                try:
+                    entries = runtime.show_table(self.paths.master_socket, table, prefix=f"@!{pid} ")
+                except HAProxyError:
+                    continue
+                for name, counters in entries.items():
+                    admitted = counters.get("gpc0_rate(60000)", 0) + counters.get("gpc1_rate(60000)", 0)
+                    if admitted > 0:
+                        counts.setdefault(table, {})[name] = counts.get(table, {}).get(name, 0) + admitted
+        return counts
+
+    def _carry_rates(self, counts: dict[str, dict[str, int]], workers: tuple[int, ...]) -> None:
+        """Give the new workers' rate counters what the old worker admitted (rate_carry_commands),
+        best effort: a refused command leaves that count at 0, as it was before this existed."""
+        for pid in workers:
+            for table, admitted in counts.items():
+                for line in rate_carry_commands(table, admitted):
+                    try:
+                        runtime.command(self.paths.master_socket, f"@!{pid} {line}")
+                    except HAProxyError:
+                        break
 
     def _try_reload(self) -> None:
         try:
@@ -500,6 +531,31 @@ def streams(show_sess: str) -> int:
 
 
 KEY_TABLE = "openai"  # the frontend whose stick table counts per key (templates/haproxy.cfg.j2)
+#: The stick tables whose gpc0_rate(60s) counts admitted requests per name for a rate limit:
+#: per key (the frontend's) and per OpenWebUI user (templates/haproxy.cfg.j2).
+RATE_TABLES = (KEY_TABLE, "openwebui_users")
+#: Names a runtime API command can carry as one word (key names; e-mails).
+_CARRIED_NAME = re.compile(r"[A-Za-z0-9@._+:-]{1,256}")
+
+
+def rate_carry_commands(table: str, admitted: Mapping[str, int]) -> list[str]:
+    """Runtime API commands that set each name's carried count (gpc1_rate, which the rate limits
+    add to gpc0_rate) in a new worker's stick table `table` to what the old worker admitted.
+
+    HAProxy's `set table <t> key <k> data.<rate> <v>` sets a rate counter's current period to v
+    (and its previous to 0: src/stick_table.c, "We set both the current and previous values"),
+    so a carried count holds for a full period from the reload and fades out over the next: a
+    key may wait up to a minute longer than without the reload, never less. Names that are not
+    one plain word are left out (their counts start over).
+
+    Args:
+        table: the stick table's name (RATE_TABLES).
+        admitted: name -> requests admitted in the last minute (gpc0_rate + gpc1_rate).
+    Returns:
+        one command per name with a count above 0, sorted by name.
+    """
+    return [f"set table {table} key {name} data.gpc1_rate {count}"
+            for name, count in sorted(admitted.items()) if count > 0 and _CARRIED_NAME.fullmatch(name)]
 
 
 def table_commands(table: str, tracked: Mapping[str, object], wanted: dict[str, str]) -> list[str]:

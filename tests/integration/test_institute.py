@@ -290,6 +290,14 @@ def test_per_key_limits_hold_exactly_and_change_at_runtime(tmp_path, gguf):
         assert samples[("hpcserve_key_requests_in_flight", "capped")] == 0
         assert samples[("hpcserve_key_admitted_per_minute", "rated")] == 7
         assert samples[("hpcserve_replicas", "desired")] == 0 and samples[("hpcserve_scheduler_up", None)] == 1
+        # A reload carries each key's count of the last minute into the new worker (a new worker's
+        # stick table starts empty): the rate still holds, and the metric still says 7.
+        reloads = p.reloads()
+        p.proxy.reload()
+        assert p.reloads() == reloads + 1
+        assert chat(p.url, rated).status_code == 429
+        after = p.hpcserve("metrics").stdout
+        assert 'hpcserve_key_admitted_per_minute{deployment="t",key="rated"} 7.0' in after, after
         textfile = tmp_path / "hpcserve.prom"
         assert p.hpcserve("metrics", "--textfile", str(textfile)).returncode == 0
         assert "hpcserve_key_requests_total" in textfile.read_text()
@@ -411,7 +419,7 @@ def test_each_openwebui_user_has_limits_of_their_own_and_batch_users_queue_as_ba
     """Ann holds webui.user_max_concurrent (3) streams open through OpenWebUI's key: her 4th
     request gets 429 naming the OpenWebUI user, while Ben's is served at the same moment (before,
     one user could take everything OpenWebUI's key may have, and every other user got 429). With
-    3 requests a minute, Ben's 4th gets 429 and Cy is still served; Dee, marked batch, is logged as
+    3 requests a minute, Ben's 4th gets 429, and after a reload still does, while Cy is served; Dee, marked batch, is logged as
     batch. Only OpenWebUI's key may name a user: another key's header is ignored."""
     webui = {"user_max_concurrent": 3, "user_requests_per_minute": 3, "batch_users": ["dee@example.org"]}
     with pool(tmp_path, gguf, slots=8, token_rate=20, webui=webui) as p:
@@ -428,13 +436,15 @@ def test_each_openwebui_user_has_limits_of_their_own_and_batch_users_queue_as_ba
             assert as_user("ben@example.org").status_code == 200
             assert [f.result().status_code for f in held] == [200, 200, 200]
         assert [as_user("ben@example.org").status_code for _ in range(3)] == [200, 200, 429]   # 4 in the minute
+        p.proxy.reload()                      # the new worker gets Ben's count of the minute
+        assert as_user("ben@example.org").status_code == 429
         assert as_user("cy@example.org").status_code == 200
         assert as_user("dee@example.org").status_code == 200
         alice = p.add_key("alice")
         assert [chat(p.url, alice, **{"X-OpenWebUI-User-Email": "ben@example.org"}).status_code
                 for _ in range(2)] == [200, 200]                                    # not Ben's limit
-        records = p.records(12)
-        assert len(records) == 12, len(records)   # 4 of Ann, 4 of Ben, Cy, Dee, 2 of alice
+        records = p.records(13)
+        assert len(records) == 13, len(records)   # 4 of Ann, 5 of Ben, Cy, Dee, 2 of alice
         assert {(r["user"], r["class"]) for r in records if r["user"] == "dee@example.org"} == {("dee@example.org", "batch")}
         assert {r["class"] for r in records if r["user"] == "cy@example.org"} == {"interactive"}
         assert [r["status"] for r in records if r["user"] == "ann@example.org"].count(429) == 1

@@ -299,3 +299,12 @@ def test_a_writer_of_an_older_generation_is_replaced_and_no_line_lost(tmp_path, 
     finally:
         accesslog.stop_writer(d)
         os.close(fifo)
+
+
+def test_a_reload_carries_each_names_count_as_one_word_commands():
+    from hpcserve.haproxy.process import rate_carry_commands
+    got = rate_carry_commands("openai", {"rated": 7, "idle": 0, "ann@example.org": 2, "two words": 3,
+                                         "semi;colon": 1, "x" * 257: 1})
+    # Nothing a client named can add a command: names that are not one plain word start over.
+    assert got == ["set table openai key ann@example.org data.gpc1_rate 2",
+                   "set table openai key rated data.gpc1_rate 7"]
