@@ -123,6 +123,28 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
                              expires_after={"anchor": "created_at", "seconds": 3600})
     assert big.expires_at == big.created_at + 3600        # as the openai client sends it (a form field)
     batch = alice.batches.create(input_file_id=big.id, endpoint="/v1/chat/completions", completion_window="24h")
+    run_dir = pool.dir / "state" / "batches" / "runs" / batch.id
+    # Element 1 requeued midway (a node failure, a preemption): it starts its llama-server again,
+    # on another node, and sends only the rows of its shard that have no line yet.
+    shard_output = run_dir / "output-1.jsonl"
+    deadline = time.monotonic() + 60
+    while not shard_output.exists() or shard_output.read_bytes().count(b"\n") < 50:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [element] = [line.split() for line in subprocess.run(
+        ["squeue", "--me", "-h", "-o", "%i %j %T %N"], capture_output=True, text=True, env=pool.env,
+        check=True).stdout.splitlines() if line.split()[0].endswith("_1") and batch.id in line]
+    assert element[2] == "RUNNING", element
+    subprocess.run(["scontrol", "requeue", element[0]], env=pool.env, check=True, capture_output=True)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["squeue", "-h", "-j", element[0], "-o", "%T"], env=pool.env, capture_output=True,
+                         text=True).stdout.strip() != "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    lines_before = shard_output.read_bytes().count(b"\n")    # whole lines: a cut last one is not a row's
+    assert lines_before < (ROWS + 100) // 2            # midway
+    subprocess.run(["scontrol", "update", f"JobId={element[0]}", f"ExcNodeList={element[3]}", "StartTime=now"],
+                   env=pool.env, check=True, capture_output=True)
     elements: set[tuple] = set()
     deadline = time.monotonic() + 120
     while (batch := alice.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
@@ -140,12 +162,14 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
     lines = [json.loads(line) for line in alice.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(ROWS + 100))
     assert all(line["response"]["status_code"] == 200 for line in lines)
-    run_dir = pool.dir / "state" / "batches" / "runs" / batch.id
     logs = sorted(run_dir.glob("job-*-llama-server.log"))
     assert len(logs) == 2 and all("listening on http://127.0.0.1:" in log.read_text() for log in logs)
     stats = [json.loads(line.split("simulator stats: ", 1)[1]) for log in logs
              for line in log.read_text().splitlines() if line.startswith("simulator stats: ")]
-    assert sorted(s["served"] for s in stats) == [(ROWS + 100) // 2] * 2      # each its shard; stopped after it
+    # Element 0 served its whole shard; element 1's second server exactly the rows that had no line
+    # when it was killed (its log starts anew), and each row has one line in the output (above).
+    served = sorted(s["served"] for s in stats)
+    assert served == sorted([(ROWS + 100) // 2, (ROWS + 100) // 2 - lines_before]), (served, lines_before)
     since = (pool.dir / "state" / "logs" / "access.log").read_text().splitlines()[logged:]
     assert not [line for line in since if json.loads(line)["server"].startswith("job")]   # no row
 
