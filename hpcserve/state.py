@@ -106,6 +106,12 @@ class HAProxyFiles:
         return self.root / "models.json"
 
     @property
+    def webui_batch_map_file(self) -> Path:
+        """OpenWebUI user (e-mail, lower case) -> "batch": webui.batch_users and the members of
+        webui.batch_groups (access/webui_groups.py), refreshed by each reconcile."""
+        return self.root / "webui-batch.map"
+
+    @property
     def webui_accounts_map_file(self) -> Path:
         """OpenWebUI user (e-mail, lower case) -> Slurm account (accounting.webui_accounts)."""
         return self.root / "webui-accounts.map"
@@ -209,6 +215,11 @@ class StateDir:
     def decisions_file(self) -> Path:
         """Autoscale decisions, one JSON object per line."""
         return self.root / "decisions.jsonl"
+
+    @property
+    def webui_groups_file(self) -> Path:
+        """What the last read of OpenWebUI's batch groups found (access/webui_groups.py)."""
+        return self.root / "webui-groups.json"
 
     @property
     def fair_share_file(self) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -26,8 +27,9 @@ import psutil
 
 from .. import proc, templates
 from ..config import ANY_ADDRESSES, Deployment, is_loopback, url_host
+from ..config.schema import EMAIL_PATTERN
 from ..errors import ConfigError, HpcserveError, WaitTimeout
-from ..state import StateDir, secret_file, write_private
+from ..state import StateDir, read_secret, secret_file, write_private
 
 
 def folder(deployment: Deployment) -> Path:
@@ -127,6 +129,66 @@ def find_program(command: str) -> str | None:
 def url(deployment: Deployment) -> str:
     """Where OpenWebUI answers, e.g. http://127.0.0.1:8080."""
     return f"http://{deployment.webui.host}:{deployment.webui.port}"
+
+
+def group_members(deployment: Deployment, names: list[str], timeout: float = 10.0) -> dict[str, list[str]]:
+    """The e-mails (lower case) of the members of OpenWebUI's groups `names`, asked of OpenWebUI's
+    API as its admin (the account hpcserve made). OpenWebUI forwards a user's name, id, e-mail and
+    role with each request, not their groups (open_webui/utils/headers.py, 0.12.4), so a group is
+    turned into its members here.
+
+    API (open_webui/routers/auths.py, groups.py, 0.12.4): POST /api/v1/auths/signin {email,
+    password} -> {token}; GET /api/v1/groups/ -> [{id, name}]; POST /api/v1/groups/id/ID/users ->
+    [{email}] (admin only). The admin's token is kept in STATE_DIR/webui/admin-token (0600, beside
+    the admin password) and a new one asked for only when OpenWebUI refuses it: OpenWebUI allows
+    15 sign-ins of one e-mail in 3 minutes (auths.py, signin_rate_limiter), and each reconcile
+    step reads the groups.
+
+    Args:
+        names: group names as OpenWebUI shows them (webui.batch_groups); a group OpenWebUI does
+            not have has no members.
+        timeout: seconds for each call.
+    Returns:
+        group name -> its members' e-mails, sorted, for every name given.
+    Raises:
+        HpcserveError: OpenWebUI is not answering, refused the admin's sign-in, or answered
+            something that is not its API's; ConfigError: a secret file is not private.
+    """
+    root = folder(deployment)
+    password = read_secret(root / "admin-password")
+    if password is None:
+        raise HpcserveError("OpenWebUI has no admin password yet (`hpcserve webui` makes it)")
+    base = url(deployment)
+    try:
+        with httpx.Client(base_url=base, timeout=timeout) as client:
+            def sign_in() -> str:
+                answer = client.post("/api/v1/auths/signin",
+                                     json={"email": deployment.webui.admin_email, "password": password})
+                answer.raise_for_status()
+                token = str(answer.json()["token"])
+                write_private(root / "admin-token", token + "\n")
+                return token
+
+            token = read_secret(root / "admin-token") or sign_in()
+            listed = client.get("/api/v1/groups/", headers={"Authorization": f"Bearer {token}"})
+            if listed.status_code == 401:          # expired, or OpenWebUI's secret key changed
+                token = sign_in()
+                listed = client.get("/api/v1/groups/", headers={"Authorization": f"Bearer {token}"})
+            listed.raise_for_status()
+            ids = {group["name"]: group["id"] for group in listed.json()}
+            members: dict[str, list[str]] = {}
+            for name in names:
+                if name not in ids:
+                    members[name] = []
+                    continue
+                users = client.post(f"/api/v1/groups/id/{ids[name]}/users", headers={"Authorization": f"Bearer {token}"})
+                users.raise_for_status()
+                emails = {str(user["email"]).strip().lower() for user in users.json()}
+                # Only plain addresses: each becomes a word of a runtime API command (add map).
+                members[name] = sorted(e for e in emails if re.fullmatch(EMAIL_PATTERN, e))
+            return members
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise HpcserveError(f"OpenWebUI's groups could not be read at {base}: {exc}") from exc
 
 
 def answers(address: str) -> bool:

@@ -364,6 +364,9 @@ class WebUI(_Strict):
                                           description="requests one OpenWebUI user may send per minute (0: no limit)")
     batch_users: list[str] = Field(default_factory=list,
                                    description="e-mails of OpenWebUI users whose requests queue as batch")
+    batch_groups: list[str] = Field(default_factory=list,
+                                    description="OpenWebUI groups whose members' requests queue as batch (read "
+                                                "from OpenWebUI's API as its admin by each reconcile)")
 
     @field_validator("batch_users")
     @classmethod
@@ -371,6 +374,14 @@ class WebUI(_Strict):
         for item in value:
             if not re.fullmatch(EMAIL_PATTERN, item):
                 raise ValueError(f"expected e-mail addresses such as ann@example.org, got {item!r}")
+        return value
+
+    @field_validator("batch_groups")
+    @classmethod
+    def _group_names(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.strip() or len(item) > 255 or any(ord(c) < 32 for c in item):
+                raise ValueError(f"expected OpenWebUI group names (1 to 255 printable characters), got {item!r}")
         return value
 
     @field_validator("host")

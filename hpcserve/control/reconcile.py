@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from ..access import accounts, ledger, quotas
+from ..access import accounts, ledger, quotas, webui_groups
 from ..batches import service as batches_service
 from ..access.keys import serving_haproxy
 from ..slurm import jobscript
@@ -189,6 +189,10 @@ class Reconciler:
             shares = accounts.refresh(self.deployment, haproxy, self.accounting)
             if shares.error and shares.failing_since == shares.attempted:   # said once, when it starts
                 self._report(f"warning: fair share not refreshed, HAProxy keeps the last order: {shares.error}")
+        if webui_groups.enabled(self.deployment) and change != "stopped" and haproxy.running():
+            groups = webui_groups.refresh(self.deployment, haproxy)
+            if groups.error and groups.failing_since == groups.attempted:   # said once, when it starts
+                self._report(f"warning: OpenWebUI's batch groups not read, HAProxy keeps their last members: {groups.error}")
         quotas.keep_models_current(self.deployment)   # the writer bills quotas by the models' GPUs per slot
         try:   # access logs rotated out since the last step: their totals into the usage ledger
             ledger.fold(self.deployment)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import autoscaler
-from ..access import accounts
+from ..access import accounts, webui_groups
 from ..batches import service as batches_service, store as batches_store
 from ..clients import webui
 from ..config import Deployment
@@ -116,6 +116,9 @@ class PoolStatus:
         fair_share: the last fair-share refresh (access.accounts.FairShareState as a dict: updated,
             delays {account: ms}, error, failing_since, attempted, slurmdbd_error); None when fair
             share is off.
+        webui_groups: the last read of OpenWebUI's batch groups (access.webui_groups.GroupsState as
+            a dict: updated, members {group: [e-mail]}, error, failing_since, attempted); None when
+            webui.batch_groups is empty.
         models: model name -> ModelStatus, in the deployment file's order.
         replicas: the jobs that have not ended, by job id; [] when Slurm did not answer.
         slurm_error: Slurm's error when it did not answer, else None.
@@ -134,6 +137,7 @@ class PoolStatus:
     webui: WebUIStatus
     batches: BatchesStatus
     fair_share: dict[str, Any] | None = None
+    webui_groups: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `hpcserve status --json` document: these fields, nested as plain JSON objects, and
@@ -191,7 +195,9 @@ def collect(deployment: Deployment, scheduler: Scheduler) -> PoolStatus:
                                             running=len(batches_store.Store(deployment).active_tokens())
                                             if deployment.batches.enabled else 0),
                       fair_share=dataclasses.asdict(accounts.read_state(deployment))
-                      if accounts.enabled(deployment) and deployment.scheduler == "slurm" else None)
+                      if accounts.enabled(deployment) and deployment.scheduler == "slurm" else None,
+                      webui_groups=dataclasses.asdict(webui_groups.read_state(deployment))
+                      if webui_groups.enabled(deployment) else None)
 
 
 def up_message(deployment: Deployment, desired: Desired, replicas: tuple[Replica, ...]) -> str:
@@ -240,6 +246,7 @@ def print_report(report: PoolStatus, out: Console, err: Console) -> None:
         out.print(f"  Batch API: {'running (pid %s)' % b.pid if b.pid else 'not running'}, "
                   f"{b.running} batch(es) not ended")
     _print_fair_share(report.fair_share, out, err)
+    _print_webui_groups(report.webui_groups, out, err)
     for name, m in report.models.items():
         out.print(f"  model {name}: {m.ready} ready of {m.jobs} job(s), {m.desired} wanted")
         last = report.last_autoscale.get(name)
@@ -284,6 +291,22 @@ def _print_fair_share(fair: dict[str, Any] | None, out: Console, err: Console) -
     if fair["slurmdbd_error"]:
         err.print(f"[yellow]accounting unavailable:[/] {escape(fair['slurmdbd_error'])} (keys cannot get accounts "
                   "and `usage --chargeback` cannot read sacct; serving and fair share go on)")
+
+
+def _print_webui_groups(groups: dict[str, Any] | None, out: Console, err: Console) -> None:
+    """The line of `status` on OpenWebUI's batch groups: members per group, and a failing read."""
+    if groups is None:
+        return
+    if groups["updated"]:
+        when = time.strftime("%H:%M:%S", time.localtime(groups["updated"]))
+        counts = ", ".join(f"{g} {len(m)}" for g, m in sorted(groups["members"].items()))
+        out.print(f"  OpenWebUI batch groups (read at {when}): {counts} member(s)", markup=False)
+    else:
+        out.print("  OpenWebUI batch groups: not read yet (at the next `hpcserve reconcile` while OpenWebUI runs)")
+    if groups["error"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(groups["failing_since"]))
+        err.print(f"[yellow]OpenWebUI batch groups:[/] not read since {since}, HAProxy keeps their last members: "
+                  f"{escape(groups['error'])}")
 
 
 def _dash(value: int | None) -> str:

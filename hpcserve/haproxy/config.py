@@ -132,6 +132,8 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             keys_map=p.keys_map_file if deployment.haproxy.auth == "keys" else None,
                             leaving_map=p.leaving_map_file,
                             fair_share_map=p.fair_share_map_file if fair_share_delay_ms(deployment) else None,
+                            webui_batch_map=p.webui_batch_map_file if deployment.haproxy.auth == "keys"
+                            and (deployment.webui.batch_users or deployment.webui.batch_groups) else None,
                             webui_accounts_map=p.webui_accounts_map_file
                             if deployment.haproxy.auth == "keys" and deployment.accounting.webui_accounts else None,
                             quota_map=p.quota_map_file

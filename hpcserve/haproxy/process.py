@@ -249,6 +249,9 @@ class HAProxy:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
         write_private_if_changed(self.paths.models_file, models_list(self.deployment))
         write_private_if_changed(self.paths.webui_accounts_map_file, map_text(self.deployment.accounting.webui_accounts))
+        if not self.deployment.webui.batch_groups or not self.paths.webui_batch_map_file.exists():
+            # With batch_groups, access/webui_groups.py keeps it (batch_users and the groups' members).
+            write_private_if_changed(self.paths.webui_batch_map_file, batch_map_text(self.deployment.webui.batch_users))
         self._write_key_map()
         for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file, self.paths.quota_map_file):
             if not runtime_map.exists():    # the config matches them (when affinity, fair share are on)
@@ -302,6 +305,17 @@ class HAProxy:
         entries = {account: str(ms) for account, ms in sorted(delays.items())}
         write_private_if_changed(self.paths.fair_share_map_file, map_text(entries))
         return self._sync_map(self.paths.fair_share_map_file, entries)
+
+    def sync_webui_batch(self, emails: list[str]) -> int:
+        """Make the map of OpenWebUI users whose requests queue as batch hold `emails` (lower case),
+        in its file and in every running worker, old ones included: no reload. Returns the number
+        of runtime commands sent.
+
+        Raises:
+            HAProxyError: the runtime API refused a change.
+        """
+        write_private_if_changed(self.paths.webui_batch_map_file, batch_map_text(emails))
+        return self._sync_map(self.paths.webui_batch_map_file, {email.lower(): "batch" for email in emails})
 
     def _sync_map(self, path: Path, entries: dict[str, str], table: str | None = None) -> int:
         """runtime.sync_map on this HAProxy, and with `table` that stick table's entries made for
@@ -536,6 +550,11 @@ KEY_TABLE = "openai"  # the frontend whose stick table counts per key (templates
 RATE_TABLES = (KEY_TABLE, "openwebui_users")
 #: Names a runtime API command can carry as one word (key names; e-mails).
 _CARRIED_NAME = re.compile(r"[A-Za-z0-9@._+:-]{1,256}")
+
+
+def batch_map_text(emails: list[str]) -> str:
+    """The batch map's text: one "EMAIL batch" line per OpenWebUI user (lower case, sorted)."""
+    return map_text({email.lower(): "batch" for email in sorted(emails)})
 
 
 def rate_carry_commands(table: str, admitted: Mapping[str, int]) -> list[str]:

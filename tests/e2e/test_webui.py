@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from hpcserve.haproxy import runtime
+from hpcserve.state import HAProxyFiles
 from tests.conftest import ARTIFACTS, ROOT, free_port, missing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.haproxy]
@@ -37,19 +38,21 @@ def sign_in(base: str, env: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def assert_chat_served(pool, base: str, auth: dict[str, str], user: str) -> None:
+def assert_chat_served(pool, base: str, auth: dict[str, str], user: str, klass: str = "interactive") -> None:
     """A chat sent to OpenWebUI's API is answered, by a backend of the pool (HAProxy counted it),
-    and the access log accounts it to OpenWebUI's key and to the signed-in `user` (e-mail)."""
+    and the access log accounts it to OpenWebUI's key and to the signed-in `user` (e-mail), queued
+    as `klass` (interactive or batch)."""
+    log = pool.dir / "state" / "logs" / "access.log"
+    logged = len(log.read_text().splitlines()) if log.exists() else 0
     before = served(pool)
     reply = httpx.post(f"{base}/api/chat/completions", headers=auth, timeout=120, json={
         "model": pool.model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
         "stream": False}).json()
     assert reply["model"] == pool.model_name and reply["usage"]["completion_tokens"] > 0
     assert served(pool) == before + 1
-    log = pool.dir / "state" / "logs" / "access.log"
     deadline = time.monotonic() + 10
-    while not any((r["key"], r["user"], r["status"]) == ("openwebui", user, 200) and r["server"].startswith("job")
-                  for r in map(json.loads, log.read_text().splitlines())):
+    while not any((r["key"], r["user"], r["status"], r["class"]) == ("openwebui", user, 200, klass)
+                  and r["server"].startswith("job") for r in map(json.loads, log.read_text().splitlines()[logged:])):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.2)
 
@@ -60,7 +63,8 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     pool = pool_factory(replicas=1)
     # No webui.command: `hpcserve webui` finds the OpenWebUI scripts/setup.sh put in .venv-webui.
-    pool.raw["webui"] = {"host": "127.0.0.1", "port": free_port(), "admin_email": "admin@example.org"}
+    pool.raw["webui"] = {"host": "127.0.0.1", "port": free_port(), "admin_email": "admin@example.org",
+                         "batch_groups": ["bulk work"]}
     pool.write(pool.raw)
     pool.ok("up", "--timeout", "240")
     env = {k: shlex.split(v)[0] for k, v in (line.split("=", 1) for line in pool.ok("webui", "--env").stdout.splitlines())}
@@ -75,6 +79,24 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         auth = sign_in(base, env)
         assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
         assert_chat_served(pool, base, auth, env["WEBUI_ADMIN_EMAIL"])
+
+        # An OpenWebUI group marked batch (webui.batch_groups): from the next reconcile step its
+        # members' chats queue as batch, without a reload; one taken out of it is interactive again.
+        ann = httpx.post(f"{base}/api/v1/auths/add", headers=auth, json={
+            "name": "Ann", "email": "Ann@example.org", "password": "a-password-of-ann", "role": "user"}).json()
+        group = httpx.post(f"{base}/api/v1/groups/create", headers=auth,
+                           json={"name": "bulk work", "description": "batch"}).json()
+        members = f"{base}/api/v1/groups/id/{group['id']}/users"
+        httpx.post(f"{members}/add", headers=auth, json={"user_ids": [ann["id"]]}).raise_for_status()
+        reloads = runtime.show_proc(HAProxyFiles(pool.dir / "state").master_socket).reloads
+        pool.ok("reconcile")
+        assert pool.status()["webui_groups"]["members"] == {"bulk work": ["ann@example.org"]}
+        as_ann = {"Authorization": f"Bearer {ann['token']}"}
+        assert_chat_served(pool, base, as_ann, "ann@example.org", "batch")
+        httpx.post(f"{members}/remove", headers=auth, json={"user_ids": [ann["id"]]}).raise_for_status()
+        pool.ok("reconcile")
+        assert_chat_served(pool, base, as_ann, "ann@example.org", "interactive")
+        assert runtime.show_proc(HAProxyFiles(pool.dir / "state").master_socket).reloads == reloads
 
         # A person in a browser.
         ARTIFACTS.mkdir(exist_ok=True)

@@ -155,3 +155,32 @@ def test_webui_stop_leaves_alone_a_process_that_reused_the_pid(deployment):
     finally:
         other.kill()
         other.wait()
+
+
+def test_batch_groups_are_checked_and_a_failed_read_keeps_the_last_members(tmp_path, gguf, monkeypatch):
+    from hpcserve.access import webui_groups
+    from hpcserve.errors import ConfigError, HpcserveError
+    for bad in ([""], ["a\nb"], ["x" * 256]):
+        with pytest.raises(ConfigError, match="webui.batch_groups"):
+            config.parse(minimal(gguf, tmp_path, webui={"batch_groups": bad}), base=tmp_path)
+    d = config.parse(minimal(gguf, tmp_path, webui={"batch_groups": ["bulk work"], "batch_users": ["Dee@example.org"]}),
+                     base=tmp_path)
+    assert webui_groups.enabled(d)
+    StateDir(d.state_dir).ensure()
+
+    class Proxy:
+        synced: list = []
+
+        def sync_webui_batch(self, emails):
+            self.synced.append(emails)
+
+    monkeypatch.setattr(webui, "group_members", lambda deployment, names: {"bulk work": ["ann@example.org"]})
+    first = webui_groups.refresh(d, Proxy(), now=100)
+    assert first.error is None and Proxy.synced == [["ann@example.org", "dee@example.org"]]
+
+    def unreachable(deployment, names):
+        raise HpcserveError("OpenWebUI's groups could not be read at http://127.0.0.1:8080: refused")
+    monkeypatch.setattr(webui, "group_members", unreachable)
+    failed = webui_groups.refresh(d, Proxy(), now=160)
+    assert failed.members == first.members and failed.failing_since == 160 and "refused" in failed.error
+    assert len(Proxy.synced) == 1 and webui_groups.batch_users(d) == ["ann@example.org", "dee@example.org"]
