@@ -278,16 +278,8 @@ def _print_fair_share(fair: dict[str, Any] | None, out: Console, err: Console) -
     """The fair-share line of `status`: each account's queue delay, and what is stale or down."""
     if fair is None:
         return
-    if fair["updated"]:
-        when = time.strftime("%H:%M:%S", time.localtime(fair["updated"]))
-        delays = ", ".join(f"{a} +{ms / 1000:g} s" for a, ms in sorted(fair["delays"].items())) or "no accounts"
-        out.print(f"  fair share (from sshare at {when}): {delays}", markup=False)
-    else:
-        out.print("  fair share: not read yet (at the next `hpcserve reconcile`)")
-    if fair["error"]:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fair["failing_since"]))
-        err.print(f"[yellow]fair share:[/] not refreshed since {since}, HAProxy keeps the last order: "
-                  f"{escape(fair['error'])}")
+    delays = ", ".join(f"{a} +{ms / 1000:g} s" for a, ms in sorted(fair["delays"].items())) or "no accounts"
+    _print_refreshed(fair, "fair share", "from sshare at", delays, "the last order", out, err)
     if fair["slurmdbd_error"]:
         err.print(f"[yellow]accounting unavailable:[/] {escape(fair['slurmdbd_error'])} (keys cannot get accounts "
                   "and `usage --chargeback` cannot read sacct; serving and fair share go on)")
@@ -297,16 +289,23 @@ def _print_webui_groups(groups: dict[str, Any] | None, out: Console, err: Consol
     """The line of `status` on OpenWebUI's batch groups: members per group, and a failing read."""
     if groups is None:
         return
-    if groups["updated"]:
-        when = time.strftime("%H:%M:%S", time.localtime(groups["updated"]))
-        counts = ", ".join(f"{g} {len(m)}" for g, m in sorted(groups["members"].items()))
-        out.print(f"  OpenWebUI batch groups (read at {when}): {counts} member(s)", markup=False)
+    counts = ", ".join(f"{g} {len(m)}" for g, m in sorted(groups["members"].items()))
+    _print_refreshed(groups, "OpenWebUI batch groups", "read at", f"{counts} member(s)", "their last members", out, err)
+
+
+def _print_refreshed(record: dict[str, Any], label: str, source: str, summary: str, kept: str,
+                     out: Console, err: Console) -> None:
+    """A runtime map's status line, "LABEL (SOURCE HH:MM:SS): SUMMARY" from its last refresh or
+    "not read yet", and since when a failing refresh has left HAProxy with `kept`. `record`:
+    {"updated", "error", "failing_since"} (epoch seconds; updated 0: never)."""
+    if record["updated"]:
+        when = time.strftime("%H:%M:%S", time.localtime(record["updated"]))
+        out.print(f"  {label} ({source} {when}): {summary}", markup=False)
     else:
-        out.print("  OpenWebUI batch groups: not read yet (at the next `hpcserve reconcile` while OpenWebUI runs)")
-    if groups["error"]:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(groups["failing_since"]))
-        err.print(f"[yellow]OpenWebUI batch groups:[/] not read since {since}, HAProxy keeps their last members: "
-                  f"{escape(groups['error'])}")
+        out.print(f"  {label}: not read yet (at the next `hpcserve reconcile`)")
+    if record["error"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["failing_since"]))
+        err.print(f"[yellow]{label}:[/] not refreshed since {since}, HAProxy keeps {kept}: {escape(record['error'])}")
 
 
 def _dash(value: int | None) -> str:
