@@ -1,14 +1,13 @@
-"""OpenWebUI users an admin marked batch, by e-mail (webui.batch_users) or by OpenWebUI group
-(webui.batch_groups): the map HAProxy classes their requests by, kept up to date by each
-reconcile step.
+"""OpenWebUI's groups in the pool: users an admin marked batch, by e-mail (webui.batch_users) or by
+OpenWebUI group (webui.batch_groups), and the Slurm account a group's members count for
+(accounting.webui_group_accounts): the maps HAProxy reads, kept up to date by each reconcile step.
 
 OpenWebUI forwards each request's user (X-OpenWebUI-User-Email), not the user's groups, so each
 step reads the groups' members from OpenWebUI's API as its admin (clients/webui.group_members:
-two calls and one per group, on a kept token) and changes HAProxy's map at runtime: a user added
+two calls and one per group, on a kept token) and changes HAProxy's maps at runtime: a user added
 to or removed from a group counts from the next request after that step (cron: within a minute),
-no reload. When OpenWebUI does not
-answer, the map keeps the members last read and STATE_DIR/webui-groups.json says since when and
-why (`hpcserve status`).
+no reload. When OpenWebUI does not answer, the maps keep the members last read and
+STATE_DIR/webui-groups.json says since when and why (`hpcserve status`).
 """
 
 from __future__ import annotations
@@ -62,14 +61,32 @@ def batch_users(deployment: Deployment, state: GroupsState | None = None) -> lis
     return sorted(emails)
 
 
+def user_accounts(deployment: Deployment, state: GroupsState | None = None) -> dict[str, str]:
+    """OpenWebUI user (e-mail, lower case) -> Slurm account: accounting.webui_accounts, and the
+    members last read of each group accounting.webui_group_accounts names; a user's own entry wins,
+    then the group listed first."""
+    state = read_state(deployment) if state is None else state
+    entries: dict[str, str] = {}
+    for group, account in deployment.accounting.webui_group_accounts.items():   # the file's order
+        for email in state.members.get(group, []):
+            entries.setdefault(email, account)
+    return entries | deployment.accounting.webui_accounts
+
+
+def groups(deployment: Deployment) -> list[str]:
+    """The OpenWebUI groups the deployment names (batch_groups, then webui_group_accounts), once each."""
+    return list(dict.fromkeys([*deployment.webui.batch_groups, *deployment.accounting.webui_group_accounts]))
+
+
 def enabled(deployment: Deployment) -> bool:
-    """OpenWebUI's groups are read: API keys (only OpenWebUI's key names users) and batch_groups."""
-    return deployment.haproxy.auth == "keys" and bool(deployment.webui.batch_groups)
+    """OpenWebUI's groups are read: API keys (only OpenWebUI's key names users) and a group named."""
+    return deployment.haproxy.auth == "keys" and bool(groups(deployment))
 
 
 def refresh(deployment: Deployment, haproxy: HAProxy, now: float | None = None) -> GroupsState:
-    """Read the members of webui.batch_groups from OpenWebUI and bring HAProxy's batch map to them.
-    A failure is recorded, never raised: the map keeps the members last read.
+    """Read the members of the groups named (`groups`) from OpenWebUI and bring HAProxy's batch map
+    and OpenWebUI users' account map to them and to the deployment file's own entries. A failure is
+    recorded, never raised: the maps keep the members last read.
 
     Returns:
         the new record (also written to STATE_DIR/webui-groups.json).
@@ -77,11 +94,13 @@ def refresh(deployment: Deployment, haproxy: HAProxy, now: float | None = None) 
     now = time.time() if now is None else now
     state = read_state(deployment)
     try:
-        members = webui.group_members(deployment, list(deployment.webui.batch_groups))
-        fresh = GroupsState(now, members, attempted=now)
-        haproxy.sync_webui_batch(batch_users(deployment, fresh))
-        state = fresh
-    except HpcserveError as exc:      # OpenWebUI not answering or refusing; HAProxyError
+        state = GroupsState(now, webui.group_members(deployment, groups(deployment)), attempted=now)
+    except HpcserveError as exc:      # OpenWebUI not answering or refusing
         state = dataclasses.replace(state, error=str(exc), failing_since=state.failing_since or now, attempted=now)
+    try:   # also on a failed read: the deployment file's own entries may have changed
+        haproxy.sync_webui_batch(batch_users(deployment, state))
+        haproxy.sync_webui_accounts(user_accounts(deployment, state))
+    except HpcserveError as exc:      # HAProxyError: the runtime API refused
+        state = dataclasses.replace(state, error=str(exc), failing_since=state.failing_since or now)
     write_private(StateDir(deployment.state_dir).webui_groups_file, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
     return state

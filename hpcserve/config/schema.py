@@ -344,6 +344,18 @@ class Local(_Strict):
     gpus_per_backend: int = Field(default=1, ge=1)
 
 
+def _group_name(name: str) -> None:
+    """Raise ValueError unless `name` can be an OpenWebUI group's name (1 to 255 printable characters)."""
+    if not name.strip() or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"expected OpenWebUI group names (1 to 255 printable characters), got {name!r}")
+
+
+def _account_name(account: str, owner: str) -> None:
+    """Raise ValueError unless `account` is a Slurm account name (what sacctmgr accepts), naming `owner`."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", account):
+        raise ValueError(f"expected a Slurm account name for {owner}, got {account!r}")
+
+
 class WebUI(_Strict):
     """OpenWebUI in front of the pool (`hpcserve webui`)."""
 
@@ -380,8 +392,7 @@ class WebUI(_Strict):
     @classmethod
     def _group_names(cls, value: list[str]) -> list[str]:
         for item in value:
-            if not item.strip() or len(item) > 255 or any(ord(c) < 32 for c in item):
-                raise ValueError(f"expected OpenWebUI group names (1 to 255 printable characters), got {item!r}")
+            _group_name(item)
         return value
 
     @field_validator("host")
@@ -449,15 +460,31 @@ class Accounting(_Strict):
         description="OpenWebUI users (e-mail) -> the Slurm account their requests count for (fair share, quotas, "
                     "usage); other users count for OpenWebUI's key's account (slurm.account)")
 
+    webui_group_accounts: dict[str, str] = Field(
+        default_factory=dict,
+        description="OpenWebUI groups -> the Slurm account their members' requests count for (read from OpenWebUI "
+                    "by each reconcile); a user's own entry in webui_accounts wins, then the first group listed")
+
     @field_validator("webui_accounts")
     @classmethod
     def _webui_accounts(cls, value: dict[str, str]) -> dict[str, str]:
         for email, account in value.items():
             if not re.fullmatch(EMAIL_PATTERN, email):
                 raise ValueError(f"expected e-mail addresses such as ann@example.org as keys, got {email!r}")
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", account):
-                raise ValueError(f"expected a Slurm account name for {email}, got {account!r}")
+            _account_name(account, email)
         return {email.lower(): account.lower() for email, account in value.items()}
+
+    @field_validator("webui_group_accounts")
+    @classmethod
+    def _webui_group_accounts(cls, value: dict[str, str]) -> dict[str, str]:
+        for group, account in value.items():
+            _group_name(group)
+            _account_name(account, group)
+        return {group: account.lower() for group, account in value.items()}
+
+    def accounts_named(self) -> set[str]:
+        """Every Slurm account this section names (for `hpcserve check` against slurmdbd)."""
+        return set(self.webui_accounts.values()) | set(self.webui_group_accounts.values())
 
     def fair_share_delay_or_default(self, haproxy: HAProxy) -> float:
         """`fair_share_delay` in seconds, or half of haproxy.batch_delay (its default included)."""

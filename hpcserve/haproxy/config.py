@@ -135,7 +135,9 @@ def render(deployment: Deployment, servers: list[Server]) -> str:
                             webui_batch_map=p.webui_batch_map_file if deployment.haproxy.auth == "keys"
                             and (deployment.webui.batch_users or deployment.webui.batch_groups) else None,
                             webui_accounts_map=p.webui_accounts_map_file
-                            if deployment.haproxy.auth == "keys" and deployment.accounting.webui_accounts else None,
+                            if deployment.haproxy.auth == "keys" and (deployment.accounting.webui_accounts
+                                                                      or deployment.accounting.webui_group_accounts)
+                            else None,
                             quota_map=p.quota_map_file
                             if deployment.haproxy.auth == "keys" and deployment.haproxy.access_log else None,
                             fair_share_delay_ms=fair_share_delay_ms(deployment),

@@ -248,9 +248,11 @@ class HAProxy:
     def _write_served_files(self) -> None:
         """The files the config makes HAProxy serve or match: the models list, the key map."""
         write_private_if_changed(self.paths.models_file, models_list(self.deployment))
-        write_private_if_changed(self.paths.webui_accounts_map_file, map_text(self.deployment.accounting.webui_accounts))
+        # With OpenWebUI groups named, access/webui_groups.py keeps these two (the groups' members too).
+        if not self.deployment.accounting.webui_group_accounts or not self.paths.webui_accounts_map_file.exists():
+            write_private_if_changed(self.paths.webui_accounts_map_file,
+                                     map_text(self.deployment.accounting.webui_accounts))
         if not self.deployment.webui.batch_groups or not self.paths.webui_batch_map_file.exists():
-            # With batch_groups, access/webui_groups.py keeps it (batch_users and the groups' members).
             write_private_if_changed(self.paths.webui_batch_map_file, batch_map_text(self.deployment.webui.batch_users))
         self._write_key_map()
         for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file, self.paths.quota_map_file):
@@ -316,6 +318,16 @@ class HAProxy:
         """
         write_private_if_changed(self.paths.webui_batch_map_file, batch_map_text(emails))
         return self._sync_map(self.paths.webui_batch_map_file, {email.lower(): "batch" for email in emails})
+
+    def sync_webui_accounts(self, accounts: dict[str, str]) -> int:
+        """Make the map of OpenWebUI users' Slurm accounts (e-mail -> account) hold `accounts`, in
+        its file and in every running worker: no reload. Returns the number of runtime commands sent.
+
+        Raises:
+            HAProxyError: the runtime API refused a change.
+        """
+        write_private_if_changed(self.paths.webui_accounts_map_file, map_text(accounts))
+        return self._sync_map(self.paths.webui_accounts_map_file, accounts)
 
     def _sync_map(self, path: Path, entries: dict[str, str], table: str | None = None) -> int:
         """runtime.sync_map on this HAProxy, and with `table` that stick table's entries made for

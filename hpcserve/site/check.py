@@ -115,9 +115,10 @@ def accounting_check(deployment: Deployment, accounting: Accounting | None = Non
                                           "`usage --chargeback` are off (serving is not affected)",
                       "run slurmdbd (AccountingStorageType=accounting_storage/slurmdbd in slurm.conf) to use them",
                       kind="slurm")]
-    unknown = sorted({a for a in deployment.accounting.webui_accounts.values() if a not in known})
+    unknown = sorted(deployment.accounting.accounts_named() - set(known))
     if unknown:
-        return [Check("accounting", FAIL, f"accounting.webui_accounts names account(s) slurmdbd does not have: "
+        return [Check("accounting", FAIL, f"accounting.webui_accounts or webui_group_accounts names account(s) "
+                                          f"slurmdbd does not have: "
                                           f"{', '.join(unknown)}", f"one of: {', '.join(known)}")]
     fair = haproxy_config.fair_share_delay_ms(deployment)
     order = f"fair share orders the queue (up to {fair / 1000:g} s)" if fair else "fair share off"

@@ -38,10 +38,11 @@ def sign_in(base: str, env: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def assert_chat_served(pool, base: str, auth: dict[str, str], user: str, klass: str = "interactive") -> None:
+def assert_chat_served(pool, base: str, auth: dict[str, str], user: str, klass: str = "interactive",
+                       account: str | None = None) -> None:
     """A chat sent to OpenWebUI's API is answered, by a backend of the pool (HAProxy counted it),
     and the access log accounts it to OpenWebUI's key and to the signed-in `user` (e-mail), queued
-    as `klass` (interactive or batch)."""
+    as `klass` (interactive or batch), and (when given) counted for Slurm `account`."""
     log = pool.dir / "state" / "logs" / "access.log"
     logged = len(log.read_text().splitlines()) if log.exists() else 0
     before = served(pool)
@@ -52,7 +53,8 @@ def assert_chat_served(pool, base: str, auth: dict[str, str], user: str, klass: 
     assert served(pool) == before + 1
     deadline = time.monotonic() + 10
     while not any((r["key"], r["user"], r["status"], r["class"]) == ("openwebui", user, 200, klass)
-                  and r["server"].startswith("job") for r in map(json.loads, log.read_text().splitlines()[logged:])):
+                  and r["account"] == (account or r["account"]) and r["server"].startswith("job")
+                  for r in map(json.loads, log.read_text().splitlines()[logged:])):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.2)
 
@@ -65,6 +67,7 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
     # No webui.command: `hpcserve webui` finds the OpenWebUI scripts/setup.sh put in .venv-webui.
     pool.raw["webui"] = {"host": "127.0.0.1", "port": free_port(), "admin_email": "admin@example.org",
                          "batch_groups": ["bulk work"]}
+    pool.raw["accounting"] = {"webui_group_accounts": {"bulk work": "chemistry"}}
     pool.write(pool.raw)
     pool.ok("up", "--timeout", "240")
     env = {k: shlex.split(v)[0] for k, v in (line.split("=", 1) for line in pool.ok("webui", "--env").stdout.splitlines())}
@@ -80,8 +83,10 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         assert [m["id"] for m in httpx.get(f"{base}/api/models", headers=auth).json()["data"]] == [pool.model_name]
         assert_chat_served(pool, base, auth, env["WEBUI_ADMIN_EMAIL"])
 
-        # An OpenWebUI group marked batch (webui.batch_groups): from the next reconcile step its
-        # members' chats queue as batch, without a reload; one taken out of it is interactive again.
+        # An OpenWebUI group marked batch (webui.batch_groups) and given a Slurm account
+        # (accounting.webui_group_accounts): from the next reconcile step its members' chats queue
+        # as batch and count for that account, without a reload; one taken out of it is back (to
+        # OpenWebUI's key's account: "-" here, no slurm.account).
         ann = httpx.post(f"{base}/api/v1/auths/add", headers=auth, json={
             "name": "Ann", "email": "Ann@example.org", "password": "a-password-of-ann", "role": "user"}).json()
         group = httpx.post(f"{base}/api/v1/groups/create", headers=auth,
@@ -92,10 +97,10 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         pool.ok("reconcile")
         assert pool.status()["webui_groups"]["members"] == {"bulk work": ["ann@example.org"]}
         as_ann = {"Authorization": f"Bearer {ann['token']}"}
-        assert_chat_served(pool, base, as_ann, "ann@example.org", "batch")
+        assert_chat_served(pool, base, as_ann, "ann@example.org", "batch", account="chemistry")
         httpx.post(f"{members}/remove", headers=auth, json={"user_ids": [ann["id"]]}).raise_for_status()
         pool.ok("reconcile")
-        assert_chat_served(pool, base, as_ann, "ann@example.org", "interactive")
+        assert_chat_served(pool, base, as_ann, "ann@example.org", "interactive", account="-")
         assert runtime.show_proc(HAProxyFiles(pool.dir / "state").master_socket).reloads == reloads
 
         # A person in a browser.

@@ -163,9 +163,15 @@ def test_batch_groups_are_checked_and_a_failed_read_keeps_the_last_members(tmp_p
     for bad in ([""], ["a\nb"], ["x" * 256]):
         with pytest.raises(ConfigError, match="webui.batch_groups"):
             config.parse(minimal(gguf, tmp_path, webui={"batch_groups": bad}), base=tmp_path)
-    d = config.parse(minimal(gguf, tmp_path, webui={"batch_groups": ["bulk work"], "batch_users": ["Dee@example.org"]}),
+    for bad in ({"bulk": "no spaces"}, {"": "physics"}):
+        with pytest.raises(ConfigError, match="accounting.webui_group_accounts"):
+            config.parse(minimal(gguf, tmp_path, accounting={"webui_group_accounts": bad}), base=tmp_path)
+    d = config.parse(minimal(gguf, tmp_path, webui={"batch_groups": ["bulk work"], "batch_users": ["Dee@example.org"]},
+                             accounting={"webui_accounts": {"cy@example.org": "physics"},
+                                         "webui_group_accounts": {"chem lab": "Chemistry", "bulk work": "biology"}}),
                      base=tmp_path)
-    assert webui_groups.enabled(d)
+    assert webui_groups.enabled(d) and webui_groups.groups(d) == ["bulk work", "chem lab"]
+    assert d.accounting.accounts_named() == {"physics", "chemistry", "biology"}
     StateDir(d.state_dir).ensure()
 
     class Proxy:
@@ -174,13 +180,22 @@ def test_batch_groups_are_checked_and_a_failed_read_keeps_the_last_members(tmp_p
         def sync_webui_batch(self, emails):
             self.synced.append(emails)
 
-    monkeypatch.setattr(webui, "group_members", lambda deployment, names: {"bulk work": ["ann@example.org"]})
+        def sync_webui_accounts(self, accounts):
+            self.synced.append(accounts)
+
+    monkeypatch.setattr(webui, "group_members", lambda deployment, names: {
+        "bulk work": ["ann@example.org", "cy@example.org"], "chem lab": ["ann@example.org", "bo@example.org"]})
     first = webui_groups.refresh(d, Proxy(), now=100)
-    assert first.error is None and Proxy.synced == [["ann@example.org", "dee@example.org"]]
+    # Ann is in both groups: the group listed first in webui_group_accounts; Cy's own entry wins.
+    assert first.error is None and Proxy.synced == [
+        ["ann@example.org", "cy@example.org", "dee@example.org"],
+        {"ann@example.org": "chemistry", "bo@example.org": "chemistry", "cy@example.org": "physics"}]
 
     def unreachable(deployment, names):
         raise HpcserveError("OpenWebUI's groups could not be read at http://127.0.0.1:8080: refused")
     monkeypatch.setattr(webui, "group_members", unreachable)
     failed = webui_groups.refresh(d, Proxy(), now=160)
     assert failed.members == first.members and failed.failing_since == 160 and "refused" in failed.error
-    assert len(Proxy.synced) == 1 and webui_groups.batch_users(d) == ["ann@example.org", "dee@example.org"]
+    # The maps keep the members last read (and follow the deployment file's own entries).
+    assert Proxy.synced[2:] == Proxy.synced[:2] and webui_groups.batch_users(d) == [
+        "ann@example.org", "cy@example.org", "dee@example.org"]
