@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import re
 import os
+import re
 import shlex
 import signal
 import socket
