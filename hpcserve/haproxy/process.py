@@ -253,7 +253,8 @@ class HAProxy:
             write_private_if_changed(self.paths.webui_accounts_map_file,
                                      map_text(self.deployment.accounting.webui_accounts))
         if not self.deployment.webui.batch_groups or not self.paths.webui_batch_map_file.exists():
-            write_private_if_changed(self.paths.webui_batch_map_file, batch_map_text(self.deployment.webui.batch_users))
+            write_private_if_changed(self.paths.webui_batch_map_file,
+                                     map_text(batch_entries(self.deployment.webui.batch_users)))
         self._write_key_map()
         for runtime_map in (self.paths.leaving_map_file, self.paths.fair_share_map_file, self.paths.quota_map_file):
             if not runtime_map.exists():    # the config matches them (when affinity, fair share are on)
@@ -316,8 +317,9 @@ class HAProxy:
         Raises:
             HAProxyError: the runtime API refused a change.
         """
-        write_private_if_changed(self.paths.webui_batch_map_file, batch_map_text(emails))
-        return self._sync_map(self.paths.webui_batch_map_file, {email.lower(): "batch" for email in emails})
+        entries = batch_entries(emails)
+        write_private_if_changed(self.paths.webui_batch_map_file, map_text(entries))
+        return self._sync_map(self.paths.webui_batch_map_file, entries)
 
     def sync_webui_accounts(self, accounts: dict[str, str]) -> int:
         """Make the map of OpenWebUI users' Slurm accounts (e-mail -> account) hold `accounts`, in
@@ -564,9 +566,9 @@ RATE_TABLES = (KEY_TABLE, "openwebui_users")
 _CARRIED_NAME = re.compile(r"[A-Za-z0-9@._+:-]{1,256}")
 
 
-def batch_map_text(emails: list[str]) -> str:
-    """The batch map's text: one "EMAIL batch" line per OpenWebUI user (lower case, sorted)."""
-    return map_text({email.lower(): "batch" for email in sorted(emails)})
+def batch_entries(emails: list[str]) -> dict[str, str]:
+    """The batch map's entries: e-mail (lower case) -> "batch", one per OpenWebUI user."""
+    return {email.lower(): "batch" for email in emails}
 
 
 def rate_carry_commands(table: str, admitted: Mapping[str, int]) -> list[str]:

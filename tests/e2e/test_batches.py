@@ -26,6 +26,25 @@ def requests_file(model: str, rows: int) -> bytes:
                    for i in range(rows)).encode()
 
 
+def requeue(pool, job_id: str) -> None:
+    """`scontrol requeue` the job (as after a node failure or a preemption), and wait until Slurm
+    has ended its run: the job is PENDING again."""
+    subprocess.run(["scontrol", "requeue", job_id], env=pool.env, check=True, capture_output=True)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=pool.env, capture_output=True,
+                         text=True).stdout.strip() != "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def start_elsewhere(pool, job_id: str, node: str) -> None:
+    """Let a requeued job start at once on another node than `node`. Slurm holds a requeued job back
+    for AuthInfo's cred_expire (120 s): the node it ran on refuses the job id until then ("Job
+    credential revoked"; slurm.conf(5)). As after a node failure, it moves to another node."""
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={node}", "StartTime=now"],
+                   env=pool.env, check=True, capture_output=True)
+
+
 def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory):
     pool = pool_factory(replicas=1, parallel=4, simulator="--sim-token-rate 200 --sim-load-time 0")
     pool.raw["batches"] = {"enabled": True, "partition": "cpu", "memory": "300M", "concurrency": 4,
@@ -67,17 +86,8 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
             or alice.batches.retrieve(batch.id).request_counts.completed < 100:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job[0]], env=pool.env, check=True, capture_output=True)
-    # Slurm holds a requeued job back for AuthInfo's cred_expire (120 s): the node it ran on refuses
-    # the job id until then ("Job credential revoked"; slurm.conf(5)). As after a node failure, it
-    # moves to another node, at once.
-    deadline = time.monotonic() + 30
-    while subprocess.run(["squeue", "-h", "-j", job[0], "-o", "%T"], env=pool.env, capture_output=True,
-                         text=True).stdout.strip() != "PENDING":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job[0]}", f"ExcNodeList={running[1]}", "StartTime=now"],
-                   env=pool.env, check=True, capture_output=True)
+    requeue(pool, job[0])
+    start_elsewhere(pool, job[0], running[1])
 
     # Another key: no sight of alice's file or batch, no cancel.
     for call in (lambda: bob.batches.retrieve(batch.id), lambda: bob.files.retrieve(uploaded.id),
@@ -135,16 +145,10 @@ def test_a_batch_runs_as_a_slurm_job_and_each_key_sees_only_its_own(pool_factory
         ["squeue", "--me", "-h", "-o", "%i %j %T %N"], capture_output=True, text=True, env=pool.env,
         check=True).stdout.splitlines() if line.split()[0].endswith("_1") and batch.id in line]
     assert element[2] == "RUNNING", element
-    subprocess.run(["scontrol", "requeue", element[0]], env=pool.env, check=True, capture_output=True)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["squeue", "-h", "-j", element[0], "-o", "%T"], env=pool.env, capture_output=True,
-                         text=True).stdout.strip() != "PENDING":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    requeue(pool, element[0])
     lines_before = shard_output.read_bytes().count(b"\n")    # whole lines: a cut last one is not a row's
     assert lines_before < (ROWS + 100) // 2            # midway
-    subprocess.run(["scontrol", "update", f"JobId={element[0]}", f"ExcNodeList={element[3]}", "StartTime=now"],
-                   env=pool.env, check=True, capture_output=True)
+    start_elsewhere(pool, element[0], element[3])
     elements: set[tuple] = set()
     deadline = time.monotonic() + 120
     while (batch := alice.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
