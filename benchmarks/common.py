@@ -92,8 +92,10 @@ def provenance() -> dict[str, object]:
 
 
 def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_delay: bool = True,
-                  without: tuple[str, ...] = (), **haproxy_settings) -> tuple[HAProxy, int]:
+                  without: tuple[str, ...] = (), accounting: dict | None = None,
+                  **haproxy_settings) -> tuple[HAProxy, int]:
     """HAProxy rendered from hpcserve's template over `backend_ports`, all servers UP; (proxy, port).
+    `haproxy_settings` and `accounting` are the deployment file's sections of those names.
 
     Ablations for the comparison: no_delay=False drops `option http-no-delay`; `without` names
     directives to take out: "maxconn" (the per-server slot cap of default-server), "leastconn"
@@ -106,7 +108,8 @@ def start_haproxy(folder: Path, backend_ports: list[int], parallel: int = 1, no_
                                "models": [{"name": "m", "gguf": str(folder / "unused.gguf"), "parallel": parallel}],
                                # Loopback only, for the comparison: no API keys (the peers have none).
                                "haproxy": {"port": port, "stats_port": free_port(), "auth": "open",
-                                           **haproxy_settings}},
+                                           **haproxy_settings},
+                               **({"accounting": accounting} if accounting else {})},
                               base=folder, check_files=False)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     servers = [haproxy_config.Server("m", str(i + 1), "127.0.0.1", p) for i, p in enumerate(backend_ports)]

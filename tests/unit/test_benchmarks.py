@@ -602,3 +602,14 @@ def test_the_stress_summary_says_when_the_access_log_count_is_not_exact():
     assert line.startswith("logs    2.6.12   nbthread 2: 300 requests with a key") and "300 logged, 0 dropped" in line
     [short] = stress.summarize([], [], [{**run, "logged": 299, "dropped": 1, "exact": False}])
     assert short.endswith("NOT EXACT")
+
+
+def test_the_fair_share_benchmark_names_a_bad_account_list_and_reports_an_account_never_served():
+    from click.testing import CliRunner
+
+    from benchmarks import fairshare
+    result = CliRunner().invoke(fairshare.main, ["--accounts", "physics"])
+    assert result.exit_code == 2 and "--accounts" in result.output and "two accounts" in result.output
+    assert fairshare._figures([]) == {"served": 0, "ttft_p50": None, "ttft_p99": None, "ttft_max": None}
+    assert fairshare._figures([1.0, 3.0])["ttft_max"] == 3.0
+    assert fairshare._cell([1.0, None]) == "-" and fairshare._cell([1.0, 2.0, 4.0]) == "2.00 [1.00-4.00]"
