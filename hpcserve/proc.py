@@ -89,10 +89,40 @@ def terminate(processes: list[psutil.Process], timeout: float = 5.0) -> None:
     A process that ended after the caller last saw it alive (a worker finishing its last stream
     just as the caller's wait timed out) is skipped, not an error: psutil raises NoSuchProcess for it.
     """
-    _, alive = psutil.wait_procs(_signal_each(processes, signal.SIGTERM), timeout=timeout)
-    _, alive = psutil.wait_procs(_signal_each(alive, signal.SIGKILL), timeout=KILL_WAIT)
+    alive = wait_ended(_signal_each(processes, signal.SIGTERM), timeout)
+    alive = wait_ended(_signal_each(alive, signal.SIGKILL), KILL_WAIT)
     for process in alive:
         log.warning("process %d still runs %g s after SIGKILL", process.pid, KILL_WAIT)
+
+
+def wait_ended(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to `timeout` s (polling every 0.05 s) until each process has ended; returns those
+    still running. A zombie has ended: it is reaped here when it is our child, and otherwise left
+    to its parent. psutil.wait_procs counts a zombie that is not our child as running until its
+    parent reaps it, and a daemon's (HAProxy's master after `-D`) parent is PID 1, which on these
+    VMs reaped it 1-1.5 s later (measured 2026-12-08: every HAProxy stop waited that long)."""
+    deadline = time.monotonic() + timeout
+    alive = list(processes)
+    while True:
+        alive = [process for process in alive if _running(process)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        if not process.is_running():       # ended, and reaped (or its pid reused since)
+            return False
+        if process.status() != psutil.STATUS_ZOMBIE:
+            return True
+        try:
+            process.wait(0)                 # reaps it if it is our child
+        except psutil.Error:
+            pass
+        return False
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:

@@ -535,7 +535,7 @@ class HAProxy:
         deadline = time.monotonic() + timeout
         alive = family
         while alive and time.monotonic() < deadline:
-            _, alive = psutil.wait_procs(alive, timeout=min(0.25, max(0.0, deadline - time.monotonic())))
+            alive = proc.wait_ended(alive, min(0.1, max(0.0, deadline - time.monotonic())))
             if alive and self._streams_in_flight() == 0:
                 break
         proc.terminate(alive)

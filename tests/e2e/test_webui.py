@@ -92,16 +92,25 @@ def test_openwebui_chats_with_the_pool_in_a_browser(pool_factory):
         group = httpx.post(f"{base}/api/v1/groups/create", headers=auth,
                            json={"name": "bulk work", "description": "batch"}).json()
         members = f"{base}/api/v1/groups/id/{group['id']}/users"
-        httpx.post(f"{members}/add", headers=auth, json={"user_ids": [ann["id"]]}).raise_for_status()
-        reloads = runtime.show_proc(HAProxyFiles(pool.dir / "state").master_socket).reloads
+        # OpenWebUI takes any e-mail that starts like one (utils/misc.py validate_email_format:
+        # re.match), so a user may be called so that, as a word of a runtime API command, it would
+        # be a second command or another map entry: such members are left out, nothing else changes.
+        hostile = [httpx.post(f"{base}/api/v1/auths/add", headers=auth, json={
+            "name": "Eve", "email": email, "password": "a-password-of-eve", "role": "user"}).json()["id"]
+            for email in ("eve@example.org\nclear map #0", "eve@example.org batch;x", "mallory x@example.org")]
+        httpx.post(f"{members}/add", headers=auth, json={"user_ids": [ann["id"], *hostile]}).raise_for_status()
+        files = HAProxyFiles(pool.dir / "state")
+        reloads = runtime.show_proc(files.master_socket).reloads
         pool.ok("reconcile")
-        assert pool.status()["webui_groups"]["members"] == {"bulk work": ["ann@example.org"]}
+        assert pool.status()["webui_groups"] == {**pool.status()["webui_groups"], "error": None,
+                                                "members": {"bulk work": ["ann@example.org"]}}
+        assert runtime.show_map(files.admin_socket, files.webui_batch_map_file) == {"ann@example.org": "batch"}
         as_ann = {"Authorization": f"Bearer {ann['token']}"}
         assert_chat_served(pool, base, as_ann, "ann@example.org", "batch", account="chemistry")
         httpx.post(f"{members}/remove", headers=auth, json={"user_ids": [ann["id"]]}).raise_for_status()
         pool.ok("reconcile")
         assert_chat_served(pool, base, as_ann, "ann@example.org", "interactive", account="-")
-        assert runtime.show_proc(HAProxyFiles(pool.dir / "state").master_socket).reloads == reloads
+        assert runtime.show_proc(files.master_socket).reloads == reloads
 
         # A person in a browser.
         ARTIFACTS.mkdir(exist_ok=True)

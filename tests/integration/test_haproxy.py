@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from hpcserve import proc
 from hpcserve.errors import HAProxyError
 from hpcserve.haproxy import config as haproxy_config
 from hpcserve.haproxy import runtime
@@ -45,7 +46,7 @@ def test_start_reload_stop(proxy):
 
     pid = proxy.pid()
     proxy.stop(timeout=5)
-    assert not proxy.running() and not psutil.pid_exists(pid)
+    assert not proxy.running() and proc.started_at(pid) is None    # gone, or a zombie: no longer runs
 
 
 def test_stop_skips_a_process_that_ends_just_as_its_wait_times_out(proxy, monkeypatch):
@@ -54,15 +55,15 @@ def test_stop_skips_a_process_that_ends_just_as_its_wait_times_out(proxy, monkey
     2026-12-03, raised psutil.NoSuchProcess here)."""
     assert proxy.apply(haproxy_config.render(proxy.deployment, []))
     pid = proxy.pid()
-    real_wait = psutil.wait_procs
+    real_wait = proc.wait_ended
 
-    def late_wait(procs, timeout=None):
+    def late_wait(procs, timeout):
         real_wait(procs, timeout=10)    # they end ...
-        return [], list(procs)          # ... but the wait reports them alive, as a timeout just before
+        return list(procs)              # ... but the wait reports them alive, as a timeout just before
 
-    monkeypatch.setattr(psutil, "wait_procs", late_wait)
-    proxy.stop(timeout=5)
-    assert not psutil.pid_exists(pid) and not proxy.paths.pid_file.exists()
+    monkeypatch.setattr(proc, "wait_ended", late_wait)
+    proxy.stop(timeout=1)
+    assert proc.started_at(pid) is None and not proxy.paths.pid_file.exists()
 
 
 def test_stop_lets_streams_finish_but_does_not_wait_for_idle_keep_alive_clients(proxy, tmp_path):

@@ -55,6 +55,29 @@ def test_terminate_returns_only_once_the_killed_process_has_ended():
             _kill_session(session)
 
 
+def test_a_zombie_that_is_not_our_child_has_ended():
+    """Its parent (here a `sleep` that never reaps; for HAProxy's daemonized master, PID 1) may
+    reap it late: waiting for the reaping made every HAProxy stop take 1-1.5 s on these VMs."""
+    parent = subprocess.Popen(["bash", "-c", "sleep 0.1 & exec sleep 300"])
+    try:
+        deadline = time.monotonic() + 10
+        while not (children := psutil.Process(parent.pid).children()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        child = children[0]
+        while child.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert psutil.wait_procs([child], timeout=0.3)[1] == [child]     # psutil: still running
+        started = time.monotonic()
+        assert proc.wait_ended([child], timeout=5) == []
+        assert time.monotonic() - started < 1
+        assert proc.wait_ended([psutil.Process(parent.pid)], timeout=0.2) != []   # a live one runs
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_terminate_groups_leaves_other_groups_and_skips_ended_ones():
     ours, other = _session("sleep 300 & wait"), _session("sleep 300 & wait")
     try:
