@@ -81,11 +81,11 @@ def _figures(ttfts: list[float]) -> dict:
             "ttft_p99": round(percentile(ttfts, 99), 3), "ttft_max": round(max(ttfts), 3)}
 
 
-def _cell(values: list[float | None]) -> str:
+def _cell(values: list[float | None], digits: int = 2) -> str:
     known = [v for v in values if v is not None]
     if len(known) < len(values):
         return "-"
-    return f"{statistics.median(known):.2f} [{min(known):.2f}-{max(known):.2f}]"
+    return f"{statistics.median(known):.{digits}f} [{min(known):.{digits}f}-{max(known):.{digits}f}]"
 
 
 @click.command()
@@ -153,7 +153,8 @@ def main(accounts: str, clients: int, window: float, repeats: int, out: Path) ->
                f"{'TTFT p99 s':>18} {'TTFT max s':>18}")
     for case, runs in results.items():
         for a in names:
-            cells = [_cell([run[a][q] for run in runs]) for q in ("served", "ttft_p50", "ttft_p99", "ttft_max")]
+            cells = [_cell([run[a][q] for run in runs], 0 if q == "served" else 2)
+                     for q in ("served", "ttft_p50", "ttft_p99", "ttft_max")]
             click.echo(f"{case + ' s':>16} {a:>10} {runs[0]['delays_ms'][a]:>9} " + " ".join(f"{c:>18}" for c in cells))
     click.echo(f"wrote {out / 'fairshare.json'}")
 

@@ -613,3 +613,4 @@ def test_the_fair_share_benchmark_names_a_bad_account_list_and_reports_an_accoun
     assert fairshare._figures([]) == {"served": 0, "ttft_p50": None, "ttft_p99": None, "ttft_max": None}
     assert fairshare._figures([1.0, 3.0])["ttft_max"] == 3.0
     assert fairshare._cell([1.0, None]) == "-" and fairshare._cell([1.0, 2.0, 4.0]) == "2.00 [1.00-4.00]"
+    assert fairshare._cell([93, 91, 93], 0) == "93 [91-93]"
