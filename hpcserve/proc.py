@@ -123,6 +123,8 @@ def _running(process: psutil.Process) -> bool:
         return False
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:    # another user's now: running, as far as we can tell
+        return True
 
 
 def _signal_each(processes: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
