@@ -132,13 +132,12 @@ def main(accounts: str, clients: int, window: float, repeats: int, out: Path) ->
         for r in range(repeats):
             for delay in DELAYS_S[r % len(DELAYS_S):] + DELAYS_S[:r % len(DELAYS_S)]:   # rotated per repeat
                 wanted = fairshare.delays(shares, round(delay * 1000))
-                proxy.sync_fair_share({a: wanted[a] for a in names})
-                ttfts = asyncio.run(run_case(url, keys, clients, window))
-                results[f"{delay:g}"].append({
-                    "delays_ms": {a: wanted[a] for a in names},
-                    **{a: _figures(t) for a, t in ttfts.items()}})
+                case_delays = {a: wanted[a] for a in names}
+                proxy.sync_fair_share(case_delays)
+                figures = {a: _figures(t) for a, t in asyncio.run(run_case(url, keys, clients, window)).items()}
+                results[f"{delay:g}"].append({"delays_ms": case_delays, **figures})
                 click.echo(f"repeat {r + 1}, fair_share_delay {delay:g} s: " + "; ".join(
-                    f"{a} {len(t)} served, TTFT p50 {_figures(t)['ttft_p50']} s" for a, t in ttfts.items()), err=True)
+                    f"{a} {f['served']} served, TTFT p50 {f['ttft_p50']} s" for a, f in figures.items()), err=True)
     finally:
         if proxy is not None:
             proxy.stop(timeout=5)
